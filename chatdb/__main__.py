@@ -1,0 +1,3 @@
+from chatdb.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""Choosing the database, masking secrets, and the one engine factory.
+
+Order of precedence: ``--database-url`` > ``CHATDB_DATABASE_URL`` > ``DATABASE_URL`` >
+the embedded PostgreSQL (see ``chatdb.embedded``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+from chatdb.errors import ConnectError, UsageError
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+_ACCEPTED_SCHEMES = {"postgres", "postgresql", "postgresql+psycopg"}
+_DRIVER = "postgresql+psycopg"
+
+# libpq messages for failures worth waiting out (a server starting, restarting or
+# waking up); anything else (wrong password, unknown database, TLS) fails at once.
+_TRANSIENT = (
+    "connection refused",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "no such file or directory",  # a Unix socket not created yet
+    "timeout expired",
+    "server closed the connection unexpectedly",
+    "could not receive data from server",
+    "too many connections",
+)
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where chatdb connects, and how it was chosen (for the one-line announcement)."""
+
+    url: URL
+    source: str  # "--database-url", "CHATDB_DATABASE_URL", "DATABASE_URL" or "embedded"
+
+    @property
+    def display(self) -> str:
+        return mask_url(self.url)
+
+
+def parse_url(raw: str) -> URL:
+    """Parse a PostgreSQL URL as hosting providers print it, for the psycopg 3 driver."""
+    raw = raw.strip()
+    if not raw:
+        raise UsageError("the database URL is empty")
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise UsageError(
+            f"malformed database URL: {mask_text(raw)} "
+            "(expected postgresql://user:password@host:port/dbname)"
+        ) from None
+    except ValueError as exc:  # e.g. a non-numeric port
+        raise UsageError(f"malformed database URL: {mask_text(raw)} ({exc})") from None
+    if url.drivername not in _ACCEPTED_SCHEMES:
+        raise UsageError(
+            f"unsupported database URL scheme {url.drivername!r}: "
+            "use postgresql:// (or postgres://)"
+        )
+    return url.set(drivername=_DRIVER)
+
+
+def resolve_database(cli_url: str | None) -> Database:
+    """Pick the database by precedence. Starting the embedded server is left to the caller."""
+    for source, value in (
+        ("--database-url", cli_url),
+        ("CHATDB_DATABASE_URL", os.environ.get("CHATDB_DATABASE_URL")),
+        ("DATABASE_URL", os.environ.get("DATABASE_URL")),
+    ):
+        if value:
+            return Database(parse_url(value), source)
+    from chatdb import embedded
+
+    return Database(embedded.ensure_running(), "embedded")
+
+
+def mask_url(url: URL | str) -> str:
+    """The URL with its password (in the userinfo or the query) replaced by ***."""
+    if isinstance(url, str):
+        return mask_text(url)
+    shown = url.set(drivername="postgresql")
+    if "password" in shown.query:
+        shown = shown.update_query_dict({"password": "***"})
+    return shown.render_as_string(hide_password=True)
+
+
+_USERINFO_PASSWORD = re.compile(r"(?P<head>[a-z0-9+.-]+://[^:/@\s]*:)(?P<secret>[^@\s]*)@", re.I)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&\s]*)", re.I)
+
+
+def mask_text(message: str, url: URL | None = None) -> str:
+    """Remove any password from a message: URL userinfo, ``password=`` parameters, and the
+    literal password of ``url`` (raw and percent-encoded) wherever it appears."""
+    message = _USERINFO_PASSWORD.sub(lambda m: m["head"] + "***@", message)
+    message = _QUERY_PASSWORD.sub(lambda m: m["head"] + "***", message)
+    if url is not None:
+        secrets = [url.password, url.query.get("password")]
+        for secret in secrets:
+            if isinstance(secret, str) and secret:
+                for form in {secret, quote(secret, safe=""), unquote(secret)}:
+                    message = message.replace(form, "***")
+    return message
+
+
+def create(database: Database, *, application_name: str = "chatdb") -> Engine:
+    """The one engine factory. No server-side prepared statements, so that chatdb also
+    works through a transaction-pooling PgBouncer."""
+    connect_args: dict[str, object] = {"prepare_threshold": None}
+    if "application_name" not in database.url.query:
+        connect_args["application_name"] = application_name[:63]
+    return create_engine(database.url, connect_args=connect_args, pool_pre_ping=False)
+
+
+def connect(
+    database: Database,
+    *,
+    application_name: str = "chatdb",
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> Engine:
+    """Create the engine and prove the server answers, retrying transient failures with
+    backoff for up to ``connect_timeout`` seconds. Raises ConnectError otherwise."""
+    engine = create(database, application_name=application_name)
+    deadline = time.monotonic() + max(connect_timeout, 0.0)
+    delay = 0.2
+    while True:
+        try:
+            with engine.connect() as connection:
+                # A pooler accepts a login while the server is down: only a query proves it.
+                connection.exec_driver_sql("SELECT 1")
+            return engine
+        except DBAPIError as exc:
+            message = describe_connect_error(exc, database.url)
+            remaining = deadline - time.monotonic()
+            if not is_transient(exc) or remaining <= 0:
+                engine.dispose()
+                waited = f" (gave up after {connect_timeout:g}s)" if is_transient(exc) else ""
+                raise ConnectError(
+                    f"cannot connect to {database.display}: {message}{waited}"
+                ) from None
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 2.0)
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower()
+    return any(marker in text for marker in _TRANSIENT)
+
+
+def describe_connect_error(exc: DBAPIError, url: URL) -> str:
+    """libpq's message, reduced to one line, with any secret removed."""
+    text = str(exc.orig).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # libpq repeats "connection to server at ... failed:" per address; keep the reason.
+    reasons = []
+    for line in lines:
+        reason = line.split("failed:", 1)[-1].strip() if "failed:" in line else line
+        reason = reason.removeprefix("FATAL:").strip()
+        if reason and reason not in reasons:
+            reasons.append(reason)
+    return mask_text("; ".join(reasons) or "unknown error", url)

@@ -1,0 +1,39 @@
+"""The one error type users can act on, and the exit codes of DESIGN.md."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1  # a check found problems, or the database is not in a usable state
+EXIT_USAGE = 2  # bad usage or input
+EXIT_CONNECT = 3  # the database cannot be reached or refused the login
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class ChatdbError(Exception):
+    """A problem the user can fix. The CLI prints the message on one line and exits."""
+
+    exit_code = EXIT_PROBLEM
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(ChatdbError):
+    """Bad input: a malformed URL, an unknown revision, an impossible request."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConnectError(ChatdbError):
+    """The server did not answer in time, or refused the login."""
+
+    exit_code = EXIT_CONNECT
+
+
+class StateError(ChatdbError):
+    """The database is not in a state the command can work on."""
+
+    exit_code = EXIT_PROBLEM

@@ -1,0 +1,350 @@
+"""Schema migrations: a plain Python API over chatdb's Alembic chain.
+
+Every function takes an Engine (or nothing, for the offline ones), returns a small result
+object and never prints. The chain is linear; revisions are addressed by id, by a unique
+prefix of an id, by ``head``/``base``, or relative to the current revision (``-1``).
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
+
+from alembic import command
+from chatdb import catalog
+from chatdb.errors import StateError, UsageError
+from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, VERSION_TABLE
+
+BASE = "base"
+_OWNED = tuple(table.name for table in CHATDB_TABLES)
+
+
+@dataclass(frozen=True)
+class Revision:
+    id: str
+    down: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    current: str | None
+    head: str
+    pending: list[Revision]
+    known: bool  # False when the database is at a revision this chatdb does not know
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.known and not self.pending
+
+
+@dataclass(frozen=True)
+class MigrateResult:
+    previous: str | None
+    current: str | None
+    applied: list[str]
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class TableDrop:
+    table: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class ColumnDrop:
+    table: str
+    column: str
+    values: int  # rows holding a non-null value, lost with the column
+
+
+@dataclass(frozen=True)
+class DowngradePlan:
+    current: str
+    target: str | None
+    revisions: list[str]
+    tables: list[TableDrop] = field(default_factory=list)
+    columns: list[ColumnDrop] = field(default_factory=list)
+
+
+# --- the chain --------------------------------------------------------------------------
+
+
+def script_location() -> Path:
+    """The migration scripts: inside the installed package, or at the top of a checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_alembic", package.parent / "alembic"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise StateError(f"chatdb's migration scripts are missing (looked in {package})")
+
+
+def _config(connection: Connection | None = None, **attributes: object) -> Config:
+    config = Config(output_buffer=io.StringIO())
+    config.set_main_option("script_location", str(script_location()))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    config.attributes.update(attributes)
+    return config
+
+
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config())
+
+
+def chain() -> list[Revision]:
+    """Every revision, oldest first."""
+    revisions = []
+    for script in reversed(list(_script().walk_revisions())):
+        message = (script.doc or "").strip().splitlines()[0] if script.doc else ""
+        revisions.append(Revision(script.revision, script.down_revision, message))
+    return revisions
+
+
+def head() -> str:
+    return chain()[-1].id
+
+
+def resolve(spec: str, current: str | None = None) -> str | None:
+    """An absolute revision id (None for base) from an id, a unique prefix, ``head``,
+    ``base`` or ``-N``/``+N`` relative to ``current``."""
+    ids = [revision.id for revision in chain()]
+    spec = spec.strip()
+    if spec == BASE:
+        return None
+    if spec == "head":
+        return ids[-1]
+    if spec[:1] in "+-" and spec[1:].isdigit():
+        position = ids.index(current) + 1 if current in ids else 0
+        target = position + int(spec)
+        if not 0 <= target <= len(ids):
+            raise UsageError(
+                f"revision {spec} is out of range (the chain has {len(ids)} revisions)"
+            )
+        return ids[target - 1] if target else None
+    matches = [rev for rev in ids if rev == spec] or [rev for rev in ids if rev.startswith(spec)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UsageError(f"revision {spec!r} is ambiguous: {', '.join(matches)}")
+    raise UsageError(f"unknown revision {spec!r}; `chatdb migrate history` lists them")
+
+
+def _position(revision: str | None) -> int:
+    return 0 if revision is None else [r.id for r in chain()].index(revision) + 1
+
+
+# --- reading the database ----------------------------------------------------------------
+
+
+def current_revision(connection: Connection) -> str | None:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    heads = context.get_current_heads()
+    return heads[0] if heads else None
+
+
+def status(engine: Engine) -> MigrationStatus:
+    with engine.connect() as connection:
+        current = current_revision(connection)
+    revisions = chain()
+    ids = [revision.id for revision in revisions]
+    if current is not None and current not in ids:
+        return MigrationStatus(current, ids[-1], [], known=False)
+    pending = revisions[_position(current) :]
+    return MigrationStatus(current, ids[-1], pending, known=True)
+
+
+def _unknown(current: str) -> StateError:
+    return StateError(
+        f"the database is at revision {current!r}, which this chatdb does not know "
+        "(was it migrated by a newer chatdb?)",
+        hint="upgrade chatdb, or check that --database-url points at the right database",
+    )
+
+
+def require_head(engine: Engine) -> None:
+    """Raise StateError unless the database is migrated to this chatdb's head."""
+    state = status(engine)
+    if not state.known:
+        raise _unknown(state.current or "")
+    if state.current is None:
+        raise StateError("the database has no chatdb schema yet", hint="run `chatdb migrate` first")
+    if state.pending:
+        raise StateError(
+            f"the database is at revision {state.current}, behind head {state.head}",
+            hint="run `chatdb migrate` first",
+        )
+
+
+# --- changing the database ---------------------------------------------------------------
+
+
+def _run(engine: Engine, action, target: str) -> None:
+    with engine.connect() as connection:
+        try:
+            action(_config(connection), target)
+        except CommandError as exc:
+            raise StateError(f"migration failed: {exc}") from None
+        except DBAPIError as exc:
+            raise StateError(f"migration failed: {_one_line(exc)}") from None
+
+
+def upgrade(engine: Engine, target: str = "head") -> MigrateResult:
+    """Upgrade to ``target``; a no-op when the database is already there."""
+    started = time.perf_counter()
+    before = status(engine)
+    if not before.known:
+        raise _unknown(before.current or "")
+    goal = resolve(target, before.current)
+    if _position(goal) < _position(before.current):
+        raise UsageError(
+            f"{goal or BASE} is below the current revision {before.current}; "
+            f"use `chatdb migrate down {target}`"
+        )
+    if goal != before.current:
+        _run(engine, command.upgrade, goal or BASE)
+    after = status(engine)
+    applied = [r.id for r in chain()[_position(before.current) : _position(after.current)]]
+    return MigrateResult(before.current, after.current, applied, time.perf_counter() - started)
+
+
+def plan_downgrade(engine: Engine, target: str) -> DowngradePlan:
+    """What ``downgrade(target)`` would do: revisions undone, tables dropped with their row
+    counts, columns dropped with the number of values they hold."""
+    state = status(engine)
+    if not state.known:
+        raise _unknown(state.current or "")
+    if state.current is None:
+        raise StateError("the database has no chatdb schema to downgrade")
+    goal = resolve(target, state.current)
+    if _position(goal) > _position(state.current):
+        raise UsageError(
+            f"{goal} is above the current revision {state.current}; use `chatdb migrate --to {goal}`"
+        )
+    undone = [r.id for r in chain()[_position(goal) : _position(state.current)]]
+    plan = DowngradePlan(state.current, goal, list(reversed(undone)))
+    if not undone:
+        return plan
+    with engine.connect() as connection:
+        target_tables = schema_at(connection, goal)
+        live = catalog.snapshot(connection, (*_OWNED, "users"))
+        for name, table in live.tables.items():
+            if name == "users" and table.comment != USERS_CREATED_BY_CHATDB:
+                continue  # the application's table: never dropped
+            if name not in target_tables.tables:
+                plan.tables.append(TableDrop(name, _count(connection, name)))
+                continue
+            kept = {column[0] for column in target_tables.tables[name].columns}
+            for column in table.columns:
+                if column[0] not in kept:
+                    plan.columns.append(
+                        ColumnDrop(name, column[0], _count(connection, name, column[0]))
+                    )
+        connection.rollback()
+    return plan
+
+
+def downgrade(engine: Engine, target: str) -> MigrateResult:
+    started = time.perf_counter()
+    plan = plan_downgrade(engine, target)
+    if plan.revisions:
+        _run(engine, command.downgrade, plan.target or BASE)
+    after = status(engine)
+    return MigrateResult(plan.current, after.current, plan.revisions, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class StampResult:
+    previous: str | None
+    current: str | None
+    compared_tables: list[str]
+
+
+def stamp(engine: Engine, target: str) -> StampResult:
+    """Record ``target`` as the database's revision without running migrations, after
+    proving that the live tables are exactly what the chain builds at ``target``."""
+    with engine.connect() as connection:
+        previous = current_revision(connection)
+        if previous is not None and previous not in [r.id for r in chain()]:
+            raise _unknown(previous)
+        goal = resolve(target, previous)
+        expected = schema_at(connection, goal)
+        # users is the application's table when adopting; its own columns are its business.
+        names = sorted((set(expected.tables) | set(_OWNED)) - {"users"})
+        expected_owned = catalog.Snapshot({n: t for n, t in expected.tables.items() if n in names})
+        live = catalog.snapshot(connection, names)
+        problems = expected_owned.differences(live)
+        if goal is not None and "users" not in catalog.table_names(connection):
+            problems.insert(0, "missing table users (the foreign keys need it)")
+        connection.rollback()
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise StateError(
+            f"the live schema does not match revision {goal or BASE}: {shown}",
+            hint="stamp the revision the tables really match, or migrate instead",
+        )
+    _run(engine, command.stamp, goal or BASE)
+    return StampResult(previous, goal, sorted(live.tables))
+
+
+def schema_at(connection: Connection, revision: str | None) -> catalog.Snapshot:
+    """The schema the chain builds at ``revision``, built in a scratch schema inside a
+    transaction that is rolled back: nothing is left behind and no live table is locked."""
+    if revision is None:
+        return catalog.Snapshot()
+    scratch = f"chatdb_scratch_{secrets.token_hex(6)}"
+    if connection.in_transaction():
+        connection.rollback()
+    transaction = connection.begin()
+    try:
+        connection.execute(text(f'CREATE SCHEMA "{scratch}"'))
+        connection.execute(text("SELECT set_config('search_path', :path, true)"), {"path": scratch})
+        command.upgrade(_config(connection, concurrently=False), revision)
+        names = catalog.table_names(connection, scratch) - {VERSION_TABLE}
+        return catalog.snapshot(connection, names, scratch)
+    except DBAPIError as exc:
+        raise StateError(
+            f"could not build revision {revision} for comparison: {_one_line(exc)}"
+        ) from None
+    finally:
+        transaction.rollback()
+
+
+def offline_sql(start: str | None = None, end: str = "head") -> str:
+    """The SQL a DBA reviews: applied with ``psql -f`` to a database at ``start`` it gives
+    the same schema as ``chatdb migrate --to end``. Downgrade SQL when ``end`` is below."""
+    first = resolve(start) if start else None
+    last = resolve(end, first)
+    config = _config()
+    if _position(last) >= _position(first):
+        span = f"{first}:{last or BASE}" if first else (last or BASE)
+        command.upgrade(config, span, sql=True)
+    else:
+        command.downgrade(config, f"{first}:{last or BASE}", sql=True)
+    return config.output_buffer.getvalue()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _count(connection: Connection, table: str, column: str | None = None) -> int:
+    quote = connection.dialect.identifier_preparer.quote
+    what = f"count({quote(column)})" if column else "count(*)"
+    return int(connection.execute(text(f"SELECT {what} FROM {quote(table)}")).scalar_one())
+
+
+def _one_line(exc: DBAPIError) -> str:
+    return " ".join(str(exc.orig).split())

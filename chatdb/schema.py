@@ -1,0 +1,286 @@
+"""The schema at head: every table, constraint and index chatdb expects.
+
+This module is the single source of truth. The Alembic chain under ``alembic/versions``
+must build exactly this (a test compares the two on the catalog), and
+``verify-indexes`` reads its expectations from here.
+
+Column order follows the migration history (columns added by later revisions come
+last), because the catalog comparison includes column order.
+
+Every index names the query pattern it serves (see ``chatdb.patterns``):
+
+1. a user's recent active conversations
+2. a conversation's history, newest first
+3. retention and archive scans: ``updated_at < cutoff``, oldest first
+4. soft-deleted rows past their grace period: ``deleted_at < cutoff``
+5. a user's messages, and deleting a user (``messages.user_id = ?``)
+6. the latest lifecycle runs (``chatdb status``), and the one-run-at-a-time guard
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+
+metadata = MetaData()
+
+#: chatdb's own Alembic version table, so it can live beside the application's.
+VERSION_TABLE = "chatdb_alembic_version"
+
+#: The comment chatdb puts on a ``users`` table it created itself. A ``users`` table
+#: without it belongs to the application and is never altered or dropped.
+USERS_CREATED_BY_CHATDB = "created by chatdb"
+
+ROLES = ("user", "assistant", "system")
+STATUSES = ("active", "archived")
+RUN_OUTCOMES = ("running", "succeeded", "failed", "interrupted")
+USER_MESSAGE_MAX_CHARS = 1000
+
+
+def _tz() -> TIMESTAMP:
+    return TIMESTAMP(timezone=True)
+
+
+def _now() -> text:
+    return text("now()")
+
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(255), nullable=False),
+    Column("email", String(255), nullable=True),
+    Column("name", String(255), nullable=True),
+    Column("created_at", _tz(), nullable=False, server_default=_now()),
+    PrimaryKeyConstraint("id", name="users_pkey"),
+    comment=USERS_CREATED_BY_CHATDB,
+)
+
+
+def _conversation_columns() -> list[Column]:
+    return [
+        Column("id", UUID(as_uuid=True), nullable=False, server_default=text("gen_random_uuid()")),
+        Column("user_id", String(255), nullable=False),
+        Column("status", String(20), nullable=False, server_default=text("'active'")),
+        Column("created_at", _tz(), nullable=False, server_default=_now()),
+        # Last activity: bumped in the same transaction that adds a message.
+        Column("updated_at", _tz(), nullable=False, server_default=_now()),
+        Column("title", String(200), nullable=True),
+        Column("metadata", JSONB, nullable=True),
+        # Soft delete, set by the application; purge removes the row after a grace period.
+        Column("deleted_at", _tz(), nullable=True),
+    ]
+
+
+def _message_columns() -> list[Column]:
+    return [
+        Column("id", UUID(as_uuid=True), nullable=False, server_default=text("gen_random_uuid()")),
+        Column("conversation_id", UUID(as_uuid=True), nullable=False),
+        Column("user_id", String(255), nullable=False),
+        Column("role", String(20), nullable=False),
+        Column("content", Text, nullable=False),
+        Column("metadata", JSONB, nullable=True),
+        Column("created_at", _tz(), nullable=False, server_default=_now()),
+        Column("tool_calls", JSONB, nullable=True),
+        Column("tool_results", JSONB, nullable=True),
+        Column("deleted_at", _tz(), nullable=True),
+    ]
+
+
+_STATUS_CHECK = "status IN ('active', 'archived')"
+_ROLE_CHECK = "role IN ('user', 'assistant', 'system')"
+# length() of text counts characters, not bytes.
+_LENGTH_CHECK = "role != 'user' OR length(content) <= 1000"
+
+
+conversations = Table(
+    "conversations",
+    metadata,
+    *_conversation_columns(),
+    PrimaryKeyConstraint("id", name="conversations_pkey"),
+    ForeignKeyConstraint(
+        ["user_id"], ["users.id"], name="conversations_user_id_fkey", ondelete="CASCADE"
+    ),
+    CheckConstraint(_STATUS_CHECK, name="chk_conversation_status"),
+    # Target of the messages' (conversation_id, user_id) foreign key: the database
+    # refuses a message whose user is not the owner of its conversation.
+    UniqueConstraint("id", "user_id", name="uq_conversations_id_user"),
+)
+
+# Pattern 1; its leading user_id also covers the foreign key to users.
+Index(
+    "idx_conversations_user_status_updated",
+    conversations.c.user_id,
+    conversations.c.status,
+    conversations.c.updated_at.desc(),
+)
+# Pattern 3: keyset scans in (updated_at, id) order, oldest first.
+Index("idx_conversations_updated_id", conversations.c.updated_at, conversations.c.id)
+# Pattern 4: few rows are soft-deleted, so the partial index stays small.
+Index(
+    "idx_conversations_deleted_id",
+    conversations.c.deleted_at,
+    conversations.c.id,
+    postgresql_where=text("deleted_at IS NOT NULL"),
+)
+
+
+messages = Table(
+    "messages",
+    metadata,
+    *_message_columns(),
+    PrimaryKeyConstraint("id", name="messages_pkey"),
+    ForeignKeyConstraint(
+        ["user_id"], ["users.id"], name="messages_user_id_fkey", ondelete="CASCADE"
+    ),
+    ForeignKeyConstraint(
+        ["conversation_id", "user_id"],
+        ["conversations.id", "conversations.user_id"],
+        name="fk_messages_conversation_owner",
+        ondelete="CASCADE",
+    ),
+    CheckConstraint(_ROLE_CHECK, name="chk_message_role"),
+    CheckConstraint(_LENGTH_CHECK, name="chk_user_message_length"),
+)
+
+# Pattern 2 (newest first, as seeds 000/001 declare it); also covers the foreign key
+# to conversations.
+Index(
+    "idx_messages_conversation_created",
+    messages.c.conversation_id,
+    messages.c.created_at.desc(),
+)
+# Pattern 5; also covers the foreign key to users (seed 003's name and definition).
+Index("ix_messages_user_id_created_at", messages.c.user_id, messages.c.created_at)
+# Pattern 4.
+Index(
+    "idx_messages_deleted_id",
+    messages.c.deleted_at,
+    messages.c.id,
+    postgresql_where=text("deleted_at IS NOT NULL"),
+)
+
+
+conversations_archive = Table(
+    "conversations_archive",
+    metadata,
+    *_conversation_columns(),
+    Column("archived_at", _tz(), nullable=False, server_default=_now()),
+    PrimaryKeyConstraint("id", name="conversations_archive_pkey"),
+    ForeignKeyConstraint(
+        ["user_id"], ["users.id"], name="conversations_archive_user_id_fkey", ondelete="CASCADE"
+    ),
+    CheckConstraint(_STATUS_CHECK, name="chk_conversations_archive_status"),
+    UniqueConstraint("id", "user_id", name="uq_conversations_archive_id_user"),
+)
+
+# Restoring a user's archive, and deleting a user; covers the foreign key to users.
+Index("idx_conversations_archive_user_id", conversations_archive.c.user_id)
+# Pattern 3 on the archive: purge ages archived conversations by updated_at too.
+Index(
+    "idx_conversations_archive_updated_id",
+    conversations_archive.c.updated_at,
+    conversations_archive.c.id,
+)
+# Pattern 4 on the archive.
+Index(
+    "idx_conversations_archive_deleted_id",
+    conversations_archive.c.deleted_at,
+    conversations_archive.c.id,
+    postgresql_where=text("deleted_at IS NOT NULL"),
+)
+
+
+messages_archive = Table(
+    "messages_archive",
+    metadata,
+    *_message_columns(),
+    Column("archived_at", _tz(), nullable=False, server_default=_now()),
+    PrimaryKeyConstraint("id", name="messages_archive_pkey"),
+    # Archived messages belong to archived conversations, with the same owner; deleting
+    # a user reaches them through conversations_archive.
+    ForeignKeyConstraint(
+        ["conversation_id", "user_id"],
+        ["conversations_archive.id", "conversations_archive.user_id"],
+        name="fk_messages_archive_conversation_owner",
+        ondelete="CASCADE",
+    ),
+    CheckConstraint(_ROLE_CHECK, name="chk_messages_archive_role"),
+    CheckConstraint(_LENGTH_CHECK, name="chk_messages_archive_user_message_length"),
+)
+
+# Pattern 2 on the archive (export and restore read a conversation's messages); covers
+# the foreign key to conversations_archive.
+Index(
+    "idx_messages_archive_conversation_created",
+    messages_archive.c.conversation_id,
+    messages_archive.c.created_at.desc(),
+)
+# Pattern 4 on the archive.
+Index(
+    "idx_messages_archive_deleted_id",
+    messages_archive.c.deleted_at,
+    messages_archive.c.id,
+    postgresql_where=text("deleted_at IS NOT NULL"),
+)
+
+
+chatdb_runs = Table(
+    "chatdb_runs",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), nullable=False),
+    Column("command", String(40), nullable=False),
+    Column("arguments", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("cutoff", _tz(), nullable=True),
+    Column("db_user", String(255), nullable=False, server_default=text("CURRENT_USER")),
+    Column("client_host", String(255), nullable=True),
+    Column("client_pid", Integer, nullable=True),
+    Column("started_at", _tz(), nullable=False, server_default=_now()),
+    # The lease: renewed every batch; a run not renewed for a minute may be taken over.
+    Column("heartbeat_at", _tz(), nullable=False, server_default=_now()),
+    Column("finished_at", _tz(), nullable=True),
+    Column("outcome", String(20), nullable=False, server_default=text("'running'")),
+    Column("counts", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("error", Text, nullable=True),
+    PrimaryKeyConstraint("id", name="chatdb_runs_pkey"),
+    CheckConstraint(
+        "outcome IN ('running', 'succeeded', 'failed', 'interrupted')",
+        name="chk_chatdb_runs_outcome",
+    ),
+)
+
+# Pattern 6: the latest runs, newest first.
+Index("idx_chatdb_runs_started_at", chatdb_runs.c.started_at.desc())
+# Pattern 6: at most one lifecycle run in progress per database.
+Index(
+    "uq_chatdb_runs_one_running",
+    text("(true)"),
+    unique=True,
+    postgresql_where=text("outcome = 'running'"),
+    _table=chatdb_runs,
+)
+
+#: The tables chatdb owns, in dependency order (parents first). ``users`` is not among
+#: them: it belongs to the application unless chatdb created it.
+CHATDB_TABLES: tuple[Table, ...] = (
+    conversations,
+    messages,
+    conversations_archive,
+    messages_archive,
+    chatdb_runs,
+)
