@@ -28,9 +28,7 @@ class TableSnapshot:
         """Human-readable differences, ``self`` being what is expected."""
         found: list[str] = []
         if self.persistence != other.persistence:
-            found.append(
-                f"{self.name}: persistence {other.persistence!r}, expected {self.persistence!r}"
-            )
+            found.append(f"{self.name}: persistence {other.persistence!r}, expected {self.persistence!r}")
         if self.comment != other.comment:
             found.append(f"{self.name}: comment {other.comment!r}, expected {self.comment!r}")
         for kind, mine, theirs in (

@@ -60,15 +60,13 @@ def parse_url(raw: str) -> URL:
         url = make_url(raw)
     except ArgumentError:
         raise UsageError(
-            f"malformed database URL: {mask_text(raw)} "
-            "(expected postgresql://user:password@host:port/dbname)"
+            f"malformed database URL: {mask_text(raw)} (expected postgresql://user:password@host:port/dbname)"
         ) from None
     except ValueError as exc:  # e.g. a non-numeric port
         raise UsageError(f"malformed database URL: {mask_text(raw)} ({exc})") from None
     if url.drivername not in _ACCEPTED_SCHEMES:
         raise UsageError(
-            f"unsupported database URL scheme {url.drivername!r}: "
-            "use postgresql:// (or postgres://)"
+            f"unsupported database URL scheme {url.drivername!r}: use postgresql:// (or postgres://)"
         )
     return url.set(drivername=_DRIVER)
 
@@ -147,9 +145,7 @@ def connect(
             if not is_transient(exc) or remaining <= 0:
                 engine.dispose()
                 waited = f" (gave up after {connect_timeout:g}s)" if is_transient(exc) else ""
-                raise ConnectError(
-                    f"cannot connect to {database.display}: {message}{waited}"
-                ) from None
+                raise ConnectError(f"cannot connect to {database.display}: {message}{waited}") from None
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 2.0)
 
@@ -166,7 +162,7 @@ def describe_connect_error(exc: DBAPIError, url: URL) -> str:
     # libpq repeats "connection to server at ... failed:" per address; keep the reason.
     reasons = []
     for line in lines:
-        reason = line.split("failed:", 1)[-1].strip() if "failed:" in line else line
+        reason = line.rsplit("failed:", 1)[-1].strip() if "failed:" in line else line
         reason = reason.removeprefix("FATAL:").strip()
         if reason and reason not in reasons:
             reasons.append(reason)

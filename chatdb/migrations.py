@@ -129,9 +129,7 @@ def resolve(spec: str, current: str | None = None) -> str | None:
         position = ids.index(current) + 1 if current in ids else 0
         target = position + int(spec)
         if not 0 <= target <= len(ids):
-            raise UsageError(
-                f"revision {spec} is out of range (the chain has {len(ids)} revisions)"
-            )
+            raise UsageError(f"revision {spec} is out of range (the chain has {len(ids)} revisions)")
         return ids[target - 1] if target else None
     matches = [rev for rev in ids if rev == spec] or [rev for rev in ids if rev.startswith(spec)]
     if len(matches) == 1:
@@ -248,9 +246,7 @@ def plan_downgrade(engine: Engine, target: str) -> DowngradePlan:
             kept = {column[0] for column in target_tables.tables[name].columns}
             for column in table.columns:
                 if column[0] not in kept:
-                    plan.columns.append(
-                        ColumnDrop(name, column[0], _count(connection, name, column[0]))
-                    )
+                    plan.columns.append(ColumnDrop(name, column[0], _count(connection, name, column[0])))
         connection.rollback()
     return plan
 
@@ -289,9 +285,7 @@ def stamp(engine: Engine, target: str) -> StampResult:
             problems.insert(0, "missing table users (the foreign keys need it)")
         connection.rollback()
     if problems:
-        shown = "; ".join(problems[:5]) + (
-            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        )
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise StateError(
             f"the live schema does not match revision {goal or BASE}: {shown}",
             hint="stamp the revision the tables really match, or migrate instead",
@@ -316,9 +310,7 @@ def schema_at(connection: Connection, revision: str | None) -> catalog.Snapshot:
         names = catalog.table_names(connection, scratch) - {VERSION_TABLE}
         return catalog.snapshot(connection, names, scratch)
     except DBAPIError as exc:
-        raise StateError(
-            f"could not build revision {revision} for comparison: {_one_line(exc)}"
-        ) from None
+        raise StateError(f"could not build revision {revision} for comparison: {_one_line(exc)}") from None
     finally:
         transaction.rollback()
 

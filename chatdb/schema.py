@@ -113,9 +113,7 @@ conversations = Table(
     metadata,
     *_conversation_columns(),
     PrimaryKeyConstraint("id", name="conversations_pkey"),
-    ForeignKeyConstraint(
-        ["user_id"], ["users.id"], name="conversations_user_id_fkey", ondelete="CASCADE"
-    ),
+    ForeignKeyConstraint(["user_id"], ["users.id"], name="conversations_user_id_fkey", ondelete="CASCADE"),
     CheckConstraint(_STATUS_CHECK, name="chk_conversation_status"),
     # Target of the messages' (conversation_id, user_id) foreign key: the database
     # refuses a message whose user is not the owner of its conversation.
@@ -145,9 +143,7 @@ messages = Table(
     metadata,
     *_message_columns(),
     PrimaryKeyConstraint("id", name="messages_pkey"),
-    ForeignKeyConstraint(
-        ["user_id"], ["users.id"], name="messages_user_id_fkey", ondelete="CASCADE"
-    ),
+    ForeignKeyConstraint(["user_id"], ["users.id"], name="messages_user_id_fkey", ondelete="CASCADE"),
     ForeignKeyConstraint(
         ["conversation_id", "user_id"],
         ["conversations.id", "conversations.user_id"],

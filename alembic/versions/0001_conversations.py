@@ -1,4 +1,6 @@
-"""conversations (seed 001, task 2), and a minimal users table when there is none
+"""conversations, and a minimal users table when there is none
+
+The conversations table of seed 001 (task 2), index names included.
 
 Revision ID: 0001_conversations
 Revises:

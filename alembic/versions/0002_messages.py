@@ -1,4 +1,6 @@
-"""messages (seed 001, task 3)
+"""messages
+
+The messages table of seed 001 (task 3), index names included.
 
 Revision ID: 0002_messages
 Revises: 0001_conversations
@@ -40,13 +42,9 @@ def upgrade() -> None:
             name="messages_conversation_id_fkey",
             ondelete="CASCADE",
         ),
-        sa.ForeignKeyConstraint(
-            ["user_id"], ["users.id"], name="messages_user_id_fkey", ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["user_id"], ["users.id"], name="messages_user_id_fkey", ondelete="CASCADE"),
         sa.CheckConstraint("role IN ('user', 'assistant')", name="chk_message_role"),
-        sa.CheckConstraint(
-            "role != 'user' OR length(content) <= 1000", name="chk_user_message_length"
-        ),
+        sa.CheckConstraint("role != 'user' OR length(content) <= 1000", name="chk_user_message_length"),
     )
     op.create_index("idx_messages_conversation_id", "messages", ["conversation_id"])
     op.create_index("idx_messages_created_at", "messages", [sa.text("created_at DESC")])

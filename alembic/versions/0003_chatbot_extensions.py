@@ -1,5 +1,7 @@
-"""chatbot extensions: titles, metadata, soft delete, tool calls, system role, owner guard,
-and indexes from the query patterns
+"""chatbot extensions, the owner guard, and indexes from the query patterns
+
+Titles, metadata, soft delete, tool calls and results, the system role; the database
+refuses a message whose user is not its conversation's owner.
 
 Revision ID: 0003_chatbot_extensions
 Revises: 0002_messages
@@ -112,7 +114,8 @@ def downgrade() -> None:
         DO $$
         BEGIN
             IF EXISTS (SELECT 1 FROM messages WHERE role = 'system') THEN
-                RAISE EXCEPTION 'cannot downgrade below 0003_chatbot_extensions: messages with role ''system'' exist';
+                RAISE EXCEPTION 'cannot downgrade below 0003_chatbot_extensions: '
+                    'messages with role ''system'' exist';
             END IF;
         END
         $$

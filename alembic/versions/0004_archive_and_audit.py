@@ -1,4 +1,6 @@
-"""archive tables (cold storage for `chatdb archive`) and the audit table of lifecycle runs
+"""archive tables and the audit table of lifecycle runs
+
+Cold storage for `chatdb archive`, and one row per archive or purge run.
 
 Revision ID: 0004_archive_and_audit
 Revises: 0003_chatbot_extensions
@@ -40,15 +42,11 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["user_id"], ["users.id"], name="conversations_archive_user_id_fkey", ondelete="CASCADE"
         ),
-        sa.CheckConstraint(
-            "status IN ('active', 'archived')", name="chk_conversations_archive_status"
-        ),
+        sa.CheckConstraint("status IN ('active', 'archived')", name="chk_conversations_archive_status"),
         sa.UniqueConstraint("id", "user_id", name="uq_conversations_archive_id_user"),
     )
     op.create_index("idx_conversations_archive_user_id", "conversations_archive", ["user_id"])
-    op.create_index(
-        "idx_conversations_archive_updated_id", "conversations_archive", ["updated_at", "id"]
-    )
+    op.create_index("idx_conversations_archive_updated_id", "conversations_archive", ["updated_at", "id"])
     op.create_index(
         "idx_conversations_archive_deleted_id",
         "conversations_archive",
@@ -76,9 +74,7 @@ def upgrade() -> None:
             name="fk_messages_archive_conversation_owner",
             ondelete="CASCADE",
         ),
-        sa.CheckConstraint(
-            "role IN ('user', 'assistant', 'system')", name="chk_messages_archive_role"
-        ),
+        sa.CheckConstraint("role IN ('user', 'assistant', 'system')", name="chk_messages_archive_role"),
         sa.CheckConstraint(
             "role != 'user' OR length(content) <= 1000",
             name="chk_messages_archive_user_message_length",
@@ -102,9 +98,7 @@ def upgrade() -> None:
         sa.Column("command", sa.String(40), nullable=False),
         sa.Column("arguments", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
         sa.Column("cutoff", _tz()),
-        sa.Column(
-            "db_user", sa.String(255), nullable=False, server_default=sa.text("CURRENT_USER")
-        ),
+        sa.Column("db_user", sa.String(255), nullable=False, server_default=sa.text("CURRENT_USER")),
         sa.Column("client_host", sa.String(255)),
         sa.Column("client_pid", sa.Integer),
         sa.Column("started_at", _tz(), nullable=False, server_default=_NOW),
@@ -121,8 +115,7 @@ def upgrade() -> None:
     )
     op.create_index("idx_chatdb_runs_started_at", "chatdb_runs", [sa.text("started_at DESC")])
     op.execute(
-        "CREATE UNIQUE INDEX uq_chatdb_runs_one_running ON chatdb_runs ((true))"
-        " WHERE outcome = 'running'"
+        "CREATE UNIQUE INDEX uq_chatdb_runs_one_running ON chatdb_runs ((true)) WHERE outcome = 'running'"
     )
 
 

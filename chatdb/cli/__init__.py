@@ -1,0 +1,179 @@
+"""The ``chatdb`` command line: one thin function per command (parse, call, render)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from chatdb import __version__, embedded
+from chatdb import status as status_module
+from chatdb.cli import migrate
+from chatdb.cli.common import (
+    ConnectTimeout,
+    DatabaseUrl,
+    JsonOutput,
+    disposing,
+    handle_errors,
+    human_bytes,
+    open_engine,
+    out,
+    print_json,
+    settings,
+    table,
+)
+
+app = typer.Typer(
+    name="chatdb",
+    help="Admin and operations CLI for the PostgreSQL store of an AI chatbot.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,  # never print locals (secrets) in a traceback
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(migrate.app, name="migrate")
+
+embedded_app = typer.Typer(help="The embedded PostgreSQL used when no URL is configured.")
+app.add_typer(embedded_app, name="embedded")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"chatdb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    database_url: DatabaseUrl = None,
+    connect_timeout: ConnectTimeout = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Admin and operations CLI for the PostgreSQL store of an AI chatbot.
+
+    Example:
+
+        chatdb migrate && chatdb status
+    """
+    state = settings(ctx)
+    state.database_url = database_url
+    state.connect_timeout = connect_timeout
+
+
+@app.command("status")
+@handle_errors
+def status(
+    ctx: typer.Context,
+    as_json: JsonOutput = False,
+    database_url: DatabaseUrl = None,
+    connect_timeout: ConnectTimeout = None,
+) -> None:
+    """Server version, schema revision against head, row counts and sizes of chatdb's
+    tables, and the latest archive/purge runs.
+
+    Example:
+
+        chatdb status --json
+    """
+    with disposing(open_engine(ctx, "status", database_url, connect_timeout)) as engine:
+        report = status_module.gather(engine)
+    migration = report.migration
+    if as_json:
+        print_json(
+            "status",
+            True,
+            server_version=report.server_version,
+            database=report.database,
+            user=report.user,
+            revision={
+                "current": migration.current,
+                "head": migration.head,
+                "pending": [r.id for r in migration.pending],
+                "known": migration.known,
+                "up_to_date": migration.up_to_date,
+            },
+            tables=report.tables,
+            runs=report.runs,
+        )
+        return
+    out.print(f"PostgreSQL {report.server_version}, database {report.database} as {report.user}")
+    if not migration.known:
+        state = f"[red]{migration.current} (unknown to this chatdb)[/red]"
+    elif migration.current is None:
+        state = "[yellow]not migrated[/yellow] (run `chatdb migrate`)"
+    elif migration.pending:
+        state = f"[yellow]{migration.current}, {len(migration.pending)} behind head[/yellow]"
+    else:
+        state = f"{migration.current} (head)"
+    out.print(f"revision: {state}")
+    if report.tables:
+        out.print(
+            table(
+                None,
+                ["table", ">rows", ">size", "owner"],
+                (
+                    (
+                        t.name,
+                        f"{t.rows:,}" if t.rows_exact else f"~{t.rows:,}",
+                        human_bytes(t.total_bytes),
+                        t.owner,
+                    )
+                    for t in report.tables
+                ),
+            )
+        )
+    if report.runs:
+        out.print(
+            table(
+                "Latest runs",
+                ["id", "command", "outcome", "started", "finished", "user"],
+                (
+                    (
+                        r.id,
+                        r.command,
+                        r.outcome,
+                        f"{r.started_at:%Y-%m-%d %H:%M:%S%z}",
+                        f"{r.finished_at:%Y-%m-%d %H:%M:%S%z}" if r.finished_at else "",
+                        r.db_user,
+                    )
+                    for r in report.runs
+                ),
+            )
+        )
+    elif migration.current is not None:
+        out.print("No archive or purge runs yet.")
+
+
+@embedded_app.command("stop")
+@handle_errors
+def embedded_stop() -> None:
+    """Stop the embedded PostgreSQL server (its data stays in CHATDB_HOME).
+
+    Example:
+
+        chatdb embedded stop
+    """
+    if embedded.stop():
+        out.print(f"Stopped the embedded PostgreSQL in {embedded.home()}.")
+    else:
+        out.print(f"The embedded PostgreSQL in {embedded.home()} is not running.")
+
+
+@embedded_app.command("url")
+@handle_errors
+def embedded_url() -> None:
+    """Start the embedded server if needed and print its URL (for psql and friends).
+
+    Example:
+
+        psql "$(chatdb embedded url)"
+    """
+    url = embedded.ensure_running()
+    typer.echo(url.set(drivername="postgresql").render_as_string(hide_password=False))
+
+
+def main() -> None:
+    app(prog_name="chatdb")

@@ -1,0 +1,249 @@
+"""What every command shares: options, consoles, the error boundary, output and prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import json
+import os
+import signal
+import sys
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from chatdb import db
+from chatdb.errors import (
+    EXIT_CONNECT,
+    EXIT_INTERRUPTED,
+    EXIT_PROBLEM,
+    EXIT_TERMINATED,
+    ChatdbError,
+    StateError,
+)
+
+# Consoles resolve sys.stdout/sys.stderr at write time, so test runners can capture them.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="PostgreSQL URL (postgresql://user:password@host:port/db). "
+        "Default: CHATDB_DATABASE_URL, then DATABASE_URL, then the embedded server.",
+        show_default=False,
+    ),
+]
+ConnectTimeout = Annotated[
+    float | None,
+    typer.Option(
+        "--connect-timeout",
+        help="Seconds to keep retrying a server that does not answer "
+        f"[default: {db.DEFAULT_CONNECT_TIMEOUT:g}]",
+        min=0,
+        show_default=False,
+    ),
+]
+JsonOutput = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")
+]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+@dataclasses.dataclass
+class Settings:
+    """Options given before the command name; options after it take precedence."""
+
+    database_url: str | None = None
+    connect_timeout: float | None = None
+    # The database in use, once resolved, so error messages can mask its password.
+    database: db.Database | None = None
+
+
+def settings(ctx: typer.Context) -> Settings:
+    root = ctx.find_root()
+    if not isinstance(root.obj, Settings):
+        root.obj = Settings()
+    return root.obj
+
+
+def open_engine(
+    ctx: typer.Context,
+    command: str,
+    database_url: str | None = None,
+    connect_timeout: float | None = None,
+) -> Engine:
+    """Resolve the database (announcing the embedded default), connect, and return the
+    engine. Connection problems raise ConnectError (exit 3)."""
+    state = settings(ctx)
+    database = db.resolve_database(database_url or state.database_url)
+    state.database = database
+    if database.source == "embedded":
+        from chatdb import embedded
+
+        err.print(
+            f"chatdb: no database URL configured; using the embedded PostgreSQL in {embedded.home()}",
+            soft_wrap=True,
+        )
+    timeout = connect_timeout if connect_timeout is not None else state.connect_timeout
+    return db.connect(
+        database,
+        application_name=f"chatdb {command}",
+        connect_timeout=db.DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout,
+    )
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the command stops where it is safe to."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _fail(message: str, code: int, hint: str | None = None) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
+    if hint:
+        err.print(f"hint: {hint}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The error boundary of every command: domain errors become one red line and the
+    exit code of DESIGN.md; Ctrl-C exits 130 and SIGTERM 143; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = next((a for a in (*args, *kwargs.values()) if isinstance(a, typer.Context)), None)
+        url = None
+        if ctx is not None and settings(ctx).database is not None:
+            url = settings(ctx).database.url
+        previous = signal.getsignal(signal.SIGTERM)
+        in_main_thread = _in_main_thread()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            return fn(*args, **kwargs)
+        except ChatdbError as exc:
+            if ctx is not None and settings(ctx).database is not None:
+                url = settings(ctx).database.url
+            raise _fail(db.mask_text(exc.message, url), exc.exit_code, exc.hint) from None
+        except DBAPIError as exc:
+            if ctx is not None and settings(ctx).database is not None:
+                url = settings(ctx).database.url
+            message = db.mask_text(" ".join(str(exc.orig).split()), url)
+            code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
+            raise _fail(f"database error: {message}", code) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", EXIT_INTERRUPTED) from None
+        except Terminated:
+            raise _fail("terminated", EXIT_TERMINATED) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("CHATDB_DEBUG"):
+                traceback.print_exc()
+            message = db.mask_text(f"{type(exc).__name__}: {exc}", url)
+            raise _fail(
+                f"internal error: {message}",
+                EXIT_PROBLEM,
+                "set CHATDB_DEBUG=1 for the traceback, and please report it",
+            ) from None
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def to_jsonable(value: Any) -> Any:
+    """The one JSON encoding: integers stay integers, times are ISO-8601."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+def print_json(command: str, ok: bool, **fields: Any) -> None:
+    payload = {"command": command, "ok": ok, **to_jsonable(fields)}
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
+    """The one table renderer. Columns named with a leading '>' are right-aligned."""
+    rendered = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
+    for column in columns:
+        numeric = column.startswith(">")
+        rendered.add_column(column.lstrip(">"), justify="right" if numeric else "left")
+    for row in rows:
+        rendered.add_row(*("" if cell is None else str(cell) for cell in row))
+    return rendered
+
+
+def human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# --- confirmation ---------------------------------------------------------------------------
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def confirm(question: str, *, yes: bool, off_terminal: str) -> None:
+    """Ask before a destructive change. ``off_terminal`` is "proceed" (cron jobs) or
+    "refuse" (changes nobody should make unattended without saying --yes)."""
+    if yes:
+        return
+    if not stdin_is_terminal():
+        if off_terminal == "proceed":
+            return
+        raise StateError("refusing to proceed without --yes when stdin is not a terminal")
+    if not typer.confirm(question, default=False, err=True):
+        raise StateError("cancelled; nothing was changed")
+
+
+@contextmanager
+def disposing(engine: Engine) -> Iterator[Engine]:
+    try:
+        yield engine
+    finally:
+        engine.dispose()

@@ -1,0 +1,291 @@
+"""``chatdb migrate``: create and evolve the schema."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from chatdb import migrations
+from chatdb.cli.common import (
+    ConnectTimeout,
+    DatabaseUrl,
+    JsonOutput,
+    Yes,
+    confirm,
+    disposing,
+    err,
+    handle_errors,
+    open_engine,
+    out,
+    print_json,
+    table,
+)
+from chatdb.errors import EXIT_PROBLEM
+
+app = typer.Typer(
+    help="Create and evolve chatdb's schema (upgrade, downgrade, status, history, offline SQL).",
+    no_args_is_help=False,
+)
+
+Target = Annotated[
+    str,
+    typer.Option("--to", help="Target revision: an id, a unique prefix of one, or head.", show_default=True),
+]
+
+
+def _show(revision: str | None) -> str:
+    return revision or "base (empty)"
+
+
+@app.callback(invoke_without_command=True)
+@handle_errors
+def migrate(
+    ctx: typer.Context,
+    to: Target = "head",
+    as_json: JsonOutput = False,
+    database_url: DatabaseUrl = None,
+    connect_timeout: ConnectTimeout = None,
+) -> None:
+    """Upgrade the database to head (or --to REV). Running it again is a no-op.
+
+    Example:
+
+        chatdb migrate
+
+        chatdb migrate --to 0003 --database-url postgresql://ops@db.internal/chat
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    _upgrade(ctx, to, as_json, database_url, connect_timeout)
+
+
+@app.command("up")
+@handle_errors
+def up(
+    ctx: typer.Context,
+    to: Target = "head",
+    as_json: JsonOutput = False,
+    database_url: DatabaseUrl = None,
+    connect_timeout: ConnectTimeout = None,
+) -> None:
+    """Upgrade to head (or --to REV); the same as a plain `chatdb migrate`.
+
+    Example:
+
+        chatdb migrate up --to 0002
+    """
+    _upgrade(ctx, to, as_json, database_url, connect_timeout)
+
+
+def _upgrade(ctx, to, as_json, database_url, connect_timeout) -> None:
+    with disposing(open_engine(ctx, "migrate", database_url, connect_timeout)) as engine:
+        result = migrations.upgrade(engine, to)
+    if as_json:
+        print_json(
+            "migrate",
+            True,
+            previous=result.previous,
+            current=result.current,
+            applied=result.applied,
+            elapsed_seconds=round(result.elapsed, 3),
+        )
+    elif result.applied:
+        out.print(
+            f"Migrated from {_show(result.previous)} to {_show(result.current)}: "
+            f"applied {', '.join(result.applied)} in {result.elapsed:.2f} s."
+        )
+    else:
+        out.print(f"Already at {_show(result.current)}; nothing to do.")
+
+
+@app.command(
+    "down",
+    context_settings={"ignore_unknown_options": True},  # so that a bare -1 is a revision
+)
+@handle_errors
+def down(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Argument(help="Target: a revision id, -1 (one step), -N, or base.")],
+    yes: Yes = False,
+    as_json: JsonOutput = False,
+    database_url: DatabaseUrl = None,
+    connect_timeout: ConnectTimeout = None,
+) -> None:
+    """Downgrade to REVISION. Shows the tables (with row counts) and columns it would drop,
+    then asks; off a terminal it refuses without --yes.
+
+    Example:
+
+        chatdb migrate down -1
+
+        chatdb migrate down base --yes
+    """
+    with disposing(open_engine(ctx, "migrate down", database_url, connect_timeout)) as engine:
+        plan = migrations.plan_downgrade(engine, revision)
+        if not plan.revisions:
+            if as_json:
+                print_json("migrate down", True, previous=plan.current, current=plan.current, undone=[])
+            else:
+                out.print(f"Already at {_show(plan.current)}; nothing to do.")
+            return
+        if not as_json:
+            _render_plan(plan)
+        rows = sum(t.rows for t in plan.tables)
+        confirm(
+            f"Downgrade from {plan.current} to {_show(plan.target)}, dropping "
+            f"{len(plan.tables)} table(s) holding {rows} row(s)?",
+            yes=yes,
+            off_terminal="refuse",
+        )
+        result = migrations.downgrade(engine, revision)
+    if as_json:
+        print_json(
+            "migrate down",
+            True,
+            previous=result.previous,
+            current=result.current,
+            undone=result.applied,
+            dropped_tables=plan.tables,
+            dropped_columns=plan.columns,
+            elapsed_seconds=round(result.elapsed, 3),
+        )
+    else:
+        out.print(
+            f"Downgraded from {_show(result.previous)} to {_show(result.current)} in {result.elapsed:.2f} s."
+        )
+
+
+def _render_plan(plan: migrations.DowngradePlan) -> None:
+    err.print(f"Downgrade from {plan.current} to {_show(plan.target)} undoes: {', '.join(plan.revisions)}")
+    if plan.tables:
+        err.print(table("Tables to drop", ["table", ">rows"], ((t.table, t.rows) for t in plan.tables)))
+    if plan.columns:
+        err.print(
+            table(
+                "Columns to drop",
+                ["table", "column", ">values"],
+                ((c.table, c.column, c.values) for c in plan.columns),
+            )
+        )
+
+
+@app.command("status")
+@handle_errors
+def status(
+    ctx: typer.Context,
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 when any revision is pending (for CI).")
+    ] = False,
+    as_json: JsonOutput = False,
+    database_url: DatabaseUrl = None,
+    connect_timeout: ConnectTimeout = None,
+) -> None:
+    """Current revision, head, and the pending revisions.
+
+    Example:
+
+        chatdb migrate status --check
+    """
+    with disposing(open_engine(ctx, "migrate status", database_url, connect_timeout)) as engine:
+        state = migrations.status(engine)
+    failed = not state.known or (check and bool(state.pending))
+    if as_json:
+        print_json(
+            "migrate status",
+            not failed,
+            current=state.current,
+            head=state.head,
+            pending=[r.id for r in state.pending],
+            known=state.known,
+            up_to_date=state.up_to_date,
+        )
+    else:
+        out.print(f"current: {_show(state.current)}")
+        out.print(f"head:    {state.head}")
+        if not state.known:
+            out.print(
+                "[red]The database is at a revision this chatdb does not know.[/red]"
+                " Was it migrated by a newer chatdb?"
+            )
+        elif state.pending:
+            out.print(
+                table(
+                    f"{len(state.pending)} pending",
+                    ["revision", "description"],
+                    ((r.id, r.message) for r in state.pending),
+                )
+            )
+        else:
+            out.print("Up to date.")
+    if failed:
+        raise typer.Exit(EXIT_PROBLEM)
+
+
+@app.command("history")
+@handle_errors
+def history(as_json: JsonOutput = False) -> None:
+    """The migration chain, oldest first. Needs no database.
+
+    Example:
+
+        chatdb migrate history
+    """
+    chain = migrations.chain()
+    if as_json:
+        print_json("migrate history", True, revisions=chain, head=chain[-1].id)
+        return
+    rows = ((r.id, r.down or "", r.message + (" (head)" if r is chain[-1] else "")) for r in chain)
+    out.print(table(None, ["revision", "down from", "description"], rows))
+
+
+@app.command("stamp")
+@handle_errors
+def stamp(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Argument(help="The revision the existing tables match.")],
+    as_json: JsonOutput = False,
+    database_url: DatabaseUrl = None,
+    connect_timeout: ConnectTimeout = None,
+) -> None:
+    """Adopt tables that an earlier application release created: prove the live schema
+    matches REVISION exactly, then record REVISION without running any migration.
+
+    Example (a database built by the application's own seed-001 migrations):
+
+        chatdb migrate stamp 0002 && chatdb migrate
+    """
+    with disposing(open_engine(ctx, "migrate stamp", database_url, connect_timeout)) as engine:
+        result = migrations.stamp(engine, revision)
+    if as_json:
+        print_json(
+            "migrate stamp",
+            True,
+            previous=result.previous,
+            current=result.current,
+            compared_tables=result.compared_tables,
+        )
+    else:
+        out.print(
+            f"The live schema matches {_show(result.current)} "
+            f"({', '.join(result.compared_tables) or 'no tables'}); stamped."
+        )
+
+
+@app.command("sql")
+@handle_errors
+def sql(
+    start: Annotated[
+        str | None,
+        typer.Option("--from", help="Revision the database is at [default: base (empty)]."),
+    ] = None,
+    end: Annotated[str, typer.Option("--to", help="Revision to reach.")] = "head",
+) -> None:
+    """Print the migration SQL for review, without touching any database. It applies with
+    `psql -v ON_ERROR_STOP=1 -f`; CREATE INDEX CONCURRENTLY stands outside a transaction.
+
+    Example:
+
+        chatdb migrate sql --from 0002 > upgrade.sql
+    """
+    typer.echo(migrations.offline_sql(start, end), nl=False)

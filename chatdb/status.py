@@ -1,0 +1,97 @@
+"""``chatdb status``: what a database holds, at which revision, and what ran lately."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select, text
+
+from chatdb import catalog, migrations
+from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, chatdb_runs
+
+#: Above this many rows (by the planner's estimate) the count is the estimate: an exact
+#: count(*) of a large table is a sequential scan nobody asked for.
+EXACT_COUNT_LIMIT = 1_000_000
+RECENT_RUNS = 10
+
+
+@dataclass(frozen=True)
+class TableStats:
+    name: str
+    rows: int
+    rows_exact: bool
+    total_bytes: int
+    owner: str  # "chatdb" or "application" (a users table chatdb did not create)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    id: int
+    command: str
+    outcome: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    cutoff: dt.datetime | None
+    db_user: str
+    counts: dict
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    server_version: str
+    database: str
+    user: str
+    migration: migrations.MigrationStatus
+    tables: list[TableStats]
+    runs: list[RunSummary]
+
+
+def gather(engine: Engine) -> StatusReport:
+    migration = migrations.status(engine)
+    with engine.connect() as connection:
+        version, database, user = connection.execute(
+            text("SELECT current_setting('server_version'), current_database(), current_user")
+        ).one()
+        names = ("users", *(table.name for table in CHATDB_TABLES))
+        present = catalog.table_names(connection)
+        quote = connection.dialect.identifier_preparer.quote
+        tables = []
+        for name in (n for n in names if n in present):
+            estimate, size, comment = connection.execute(
+                text(
+                    "SELECT c.reltuples::bigint, pg_total_relation_size(c.oid),"
+                    " obj_description(c.oid, 'pg_class')"
+                    " FROM pg_class c WHERE c.oid = to_regclass(:name)"
+                ),
+                {"name": quote(name)},
+            ).one()
+            exact = estimate < EXACT_COUNT_LIMIT  # -1 (never analysed) counts exactly too
+            rows = (
+                connection.execute(text(f"SELECT count(*) FROM {quote(name)}")).scalar_one()
+                if exact
+                else estimate
+            )
+            owner = "application" if name == "users" and comment != USERS_CREATED_BY_CHATDB else "chatdb"
+            tables.append(TableStats(name, int(rows), exact, int(size), owner))
+        runs = []
+        if chatdb_runs.name in present:
+            query = (
+                select(chatdb_runs)
+                .order_by(chatdb_runs.c.started_at.desc(), chatdb_runs.c.id.desc())
+                .limit(RECENT_RUNS)
+            )
+            for row in connection.execute(query).mappings():
+                runs.append(
+                    RunSummary(
+                        id=row["id"],
+                        command=row["command"],
+                        outcome=row["outcome"],
+                        started_at=row["started_at"],
+                        finished_at=row["finished_at"],
+                        cutoff=row["cutoff"],
+                        db_user=row["db_user"],
+                        counts=dict(row["counts"] or {}),
+                    )
+                )
+    return StatusReport(version, database, user, migration, tables, runs)
