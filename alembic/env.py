@@ -16,6 +16,8 @@ config = context.config
 #: A busy table makes a migration fail fast instead of queueing the application's
 #: queries behind the migration's lock request.
 LOCK_TIMEOUT = config.attributes.get("lock_timeout", "5s")
+if not all(part.isalnum() for part in LOCK_TIMEOUT.split()):
+    raise ValueError(f"invalid lock_timeout {LOCK_TIMEOUT!r}")
 
 
 def _configure(**kwargs) -> None:

@@ -26,6 +26,9 @@ from chatdb.errors import StateError, UsageError
 from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, VERSION_TABLE
 
 BASE = "base"
+#: How long a migration waits for a table lock before failing (instead of queueing the
+#: application's queries behind its lock request).
+DEFAULT_LOCK_TIMEOUT = "5s"
 _OWNED = tuple(table.name for table in CHATDB_TABLES)
 
 
@@ -91,6 +94,7 @@ def script_location() -> Path:
 
 
 def _config(connection: Connection | None = None, **attributes: object) -> Config:
+    attributes.setdefault("lock_timeout", DEFAULT_LOCK_TIMEOUT)
     config = Config(output_buffer=io.StringIO())
     config.set_main_option("script_location", str(script_location()))
     if connection is not None:
@@ -188,22 +192,42 @@ def require_head(engine: Engine) -> None:
 # --- changing the database ---------------------------------------------------------------
 
 
-def _run(engine: Engine, action, target: str) -> None:
+def _run(engine: Engine, action, target: str, lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> None:
     with engine.connect() as connection:
         try:
-            action(_config(connection), target)
+            action(_config(connection, lock_timeout=lock_timeout), target)
         except CommandError as exc:
             raise StateError(f"migration failed: {exc}") from None
         except DBAPIError as exc:
-            raise StateError(f"migration failed: {_one_line(exc)}") from None
+            busy = getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
+            raise StateError(
+                f"migration failed: {_one_line(exc)}",
+                hint=(
+                    f"another session held a lock on the table for longer than {lock_timeout}; "
+                    "run the migration again when the table is less busy"
+                )
+                if busy
+                else None,
+            ) from None
 
 
-def upgrade(engine: Engine, target: str = "head") -> MigrateResult:
+def upgrade(
+    engine: Engine, target: str = "head", *, lock_timeout: str = DEFAULT_LOCK_TIMEOUT
+) -> MigrateResult:
     """Upgrade to ``target``; a no-op when the database is already there."""
     started = time.perf_counter()
     before = status(engine)
     if not before.known:
         raise _unknown(before.current or "")
+    if before.current is None:
+        with engine.connect() as connection:
+            existing = sorted(catalog.table_names(connection) & set(_OWNED))
+        if existing:
+            raise StateError(
+                f"chatdb's tables already exist ({', '.join(existing)}) but carry no chatdb "
+                "revision (created by an earlier application release?)",
+                hint="adopt them with `chatdb migrate stamp REV` once it shows they match REV",
+            )
     goal = resolve(target, before.current)
     if _position(goal) < _position(before.current):
         raise UsageError(
@@ -211,7 +235,7 @@ def upgrade(engine: Engine, target: str = "head") -> MigrateResult:
             f"use `chatdb migrate down {target}`"
         )
     if goal != before.current:
-        _run(engine, command.upgrade, goal or BASE)
+        _run(engine, command.upgrade, goal or BASE, lock_timeout)
     after = status(engine)
     applied = [r.id for r in chain()[_position(before.current) : _position(after.current)]]
     return MigrateResult(before.current, after.current, applied, time.perf_counter() - started)
@@ -251,11 +275,11 @@ def plan_downgrade(engine: Engine, target: str) -> DowngradePlan:
     return plan
 
 
-def downgrade(engine: Engine, target: str) -> MigrateResult:
+def downgrade(engine: Engine, target: str, *, lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> MigrateResult:
     started = time.perf_counter()
     plan = plan_downgrade(engine, target)
     if plan.revisions:
-        _run(engine, command.downgrade, plan.target or BASE)
+        _run(engine, command.downgrade, plan.target or BASE, lock_timeout)
     after = status(engine)
     return MigrateResult(plan.current, after.current, plan.revisions, time.perf_counter() - started)
 

