@@ -98,7 +98,8 @@ def main() -> None:
     baseline = statistics.median(samples["alembic upgrade head"])
     for label, values in samples.items():
         print(
-            f"{label:22s} median {statistics.median(values):.3f} s  min {min(values):.3f} s  ({len(values)} runs)"
+            f"{label:22s} median {statistics.median(values):.3f} s"
+            f"  min {min(values):.3f} s  ({len(values)} runs)"
         )
     print(
         f"chatdb migrate, empty to head: {ours:.3f} s (aim: < 3 s); baseline/chatdb = {baseline / ours:.2f}x"
