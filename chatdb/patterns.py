@@ -1,0 +1,160 @@
+"""The application's query patterns, written once.
+
+The chatbot's backend can import these; ``verify-indexes`` runs ``EXPLAIN`` on these very
+statements, and load benchmarks drive them. Each pattern names the index that serves it
+(see ``chatdb.schema``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Select, Table, func, insert, select, tuple_, update
+
+from chatdb.schema import conversations, conversations_archive, messages
+
+
+def recent_conversations(user_id: str, limit: int = 50) -> Select:
+    """Pattern 1: a user's recent active conversations."""
+    c = conversations.c
+    return (
+        select(conversations)
+        .where(c.user_id == user_id, c.status == "active", c.deleted_at.is_(None))
+        .order_by(c.updated_at.desc())
+        .limit(limit)
+    )
+
+
+def conversation_history(conversation_id: uuid.UUID, limit: int = 20) -> Select:
+    """Pattern 2: a conversation's history, newest first (the caller reverses it)."""
+    m = messages.c
+    return (
+        select(messages)
+        .where(m.conversation_id == conversation_id, m.deleted_at.is_(None))
+        .order_by(m.created_at.desc())
+        .limit(limit)
+    )
+
+
+def idle_conversations(
+    table: Table,
+    cutoff: Any,
+    limit: int,
+    after: tuple[dt.datetime, uuid.UUID] | None = None,
+) -> Select:
+    """Pattern 3: conversations (hot or archived) idle since before ``cutoff``, oldest
+    first, one keyset page after ``after`` = (updated_at, id)."""
+    c = table.c
+    query = select(c.id, c.updated_at).where(c.updated_at < cutoff)
+    if after is not None:
+        query = query.where(tuple_(c.updated_at, c.id) > tuple_(*after))
+    return query.order_by(c.updated_at, c.id).limit(limit)
+
+
+def soft_deleted(
+    table: Table,
+    cutoff: Any,
+    limit: int,
+    after: tuple[dt.datetime, uuid.UUID] | None = None,
+) -> Select:
+    """Pattern 4: rows soft-deleted before ``cutoff``, one keyset page in (deleted_at, id)
+    order."""
+    c = table.c
+    query = select(c.id, c.deleted_at).where(c.deleted_at.is_not(None), c.deleted_at < cutoff)
+    if after is not None:
+        query = query.where(tuple_(c.deleted_at, c.id) > tuple_(*after))
+    return query.order_by(c.deleted_at, c.id).limit(limit)
+
+
+def user_messages(user_id: str, limit: int = 50) -> Select:
+    """Pattern 5: a user's messages, newest first (also what deleting a user scans)."""
+    m = messages.c
+    return select(messages).where(m.user_id == user_id).order_by(m.created_at.desc()).limit(limit)
+
+
+def add_message(
+    connection: Connection,
+    conversation_id: uuid.UUID,
+    user_id: str,
+    role: str,
+    content: str,
+    **columns: Any,
+) -> uuid.UUID:
+    """Insert a message and bump the conversation's ``updated_at`` in one transaction, the
+    way the application writes. Returns the new message's id."""
+    with connection.begin_nested() if connection.in_transaction() else connection.begin():
+        message_id = connection.execute(
+            insert(messages)
+            .values(conversation_id=conversation_id, user_id=user_id, role=role, content=content, **columns)
+            .returning(messages.c.id)
+        ).scalar_one()
+        connection.execute(
+            update(conversations)
+            .where(conversations.c.id == conversation_id, conversations.c.user_id == user_id)
+            .values(updated_at=func.now())
+        )
+    return message_id
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A query pattern, with sample arguments, and the index expected to serve it."""
+
+    name: str
+    statement: Callable[[], Select]
+    index: str
+    ordered: bool  # the pattern's ORDER BY is served by the index (no Sort node expected)
+
+
+_SAMPLE_USER = "user-0"
+_SAMPLE_ID = uuid.UUID(int=0)
+_SAMPLE_TIME = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+
+PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "recent active conversations of a user",
+        lambda: recent_conversations(_SAMPLE_USER),
+        "idx_conversations_user_status_updated",
+        ordered=True,
+    ),
+    Pattern(
+        "history of a conversation",
+        lambda: conversation_history(_SAMPLE_ID),
+        "idx_messages_conversation_created",
+        ordered=True,
+    ),
+    Pattern(
+        "idle conversations, oldest first",
+        lambda: idle_conversations(conversations, _SAMPLE_TIME, 500, (_SAMPLE_TIME, _SAMPLE_ID)),
+        "idx_conversations_updated_id",
+        ordered=True,
+    ),
+    Pattern(
+        "idle archived conversations, oldest first",
+        lambda: idle_conversations(conversations_archive, _SAMPLE_TIME, 500),
+        "idx_conversations_archive_updated_id",
+        ordered=True,
+    ),
+    Pattern(
+        "soft-deleted conversations past the grace period",
+        lambda: soft_deleted(conversations, _SAMPLE_TIME, 500),
+        "idx_conversations_deleted_id",
+        ordered=True,
+    ),
+    Pattern(
+        "soft-deleted messages past the grace period",
+        lambda: soft_deleted(messages, _SAMPLE_TIME, 500),
+        "idx_messages_deleted_id",
+        ordered=True,
+    ),
+    Pattern(
+        "messages of a user",
+        lambda: user_messages(_SAMPLE_USER),
+        "ix_messages_user_id_created_at",
+        ordered=True,
+    ),
+)

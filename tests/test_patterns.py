@@ -1,0 +1,63 @@
+"""The query patterns of chatdb.patterns run, return what they promise, and each is
+served by the index it names (EXPLAIN on the very statement, sequential scans off)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.dialects import postgresql
+
+from chatdb import patterns, schema
+
+
+def _plan_nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+@pytest.mark.parametrize("pattern", patterns.PATTERNS, ids=lambda p: p.name)
+def test_each_pattern_is_served_by_its_index(migrated_db, pattern):
+    statement = pattern.statement().compile(
+        dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+    )
+    with migrated_db.engine.begin() as connection:
+        for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
+            connection.execute(text(f"SET LOCAL {setting} = off"))
+        raw = connection.execute(text(f"EXPLAIN (FORMAT JSON) {statement}")).scalar_one()
+        connection.rollback()
+    plan = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
+    nodes = list(_plan_nodes(plan))
+    assert pattern.index in {node.get("Index Name") for node in nodes}, nodes
+    if pattern.ordered:
+        assert not any("Sort" in node["Node Type"] for node in nodes), nodes
+
+
+def test_every_named_index_exists_in_schema():
+    declared = {index.name for table in schema.metadata.tables.values() for index in table.indexes}
+    assert {pattern.index for pattern in patterns.PATTERNS} <= declared
+
+
+def test_add_message_bumps_updated_at_and_reads_back_newest_first(migrated_db):
+    migrated_db.execute("INSERT INTO users (id) VALUES ('u1')")
+    with migrated_db.engine.begin() as connection:
+        conversation_id = connection.execute(
+            text(
+                "INSERT INTO conversations (user_id, updated_at)"
+                " VALUES ('u1', now() - interval '1 day') RETURNING id"
+            )
+        ).scalar_one()
+    with migrated_db.engine.connect() as connection:
+        first = patterns.add_message(connection, conversation_id, "u1", "user", "hello")
+        second = patterns.add_message(connection, conversation_id, "u1", "assistant", "hi there")
+        history = connection.execute(patterns.conversation_history(conversation_id)).all()
+        recent = connection.execute(patterns.recent_conversations("u1")).all()
+    assert [row.id for row in history] == [second, first]
+    assert [row.id for row in recent] == [conversation_id]
+    idle_seconds = migrated_db.scalar(
+        "SELECT extract(epoch FROM now() - updated_at) FROM conversations WHERE id = :id",
+        id=conversation_id,
+    )
+    assert idle_seconds < 3600
