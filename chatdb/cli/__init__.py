@@ -9,6 +9,7 @@ import typer
 from chatdb import __version__, embedded
 from chatdb import status as status_module
 from chatdb.cli import migrate
+from chatdb.cli import seed as seed_command
 from chatdb.cli.common import (
     ConnectTimeout,
     DatabaseUrl,
@@ -31,6 +32,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(migrate.app, name="migrate")
+app.command("seed")(handle_errors(seed_command.seed))
 
 embedded_app = typer.Typer(help="The embedded PostgreSQL used when no URL is configured.")
 app.add_typer(embedded_app, name="embedded")

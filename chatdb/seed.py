@@ -1,0 +1,762 @@
+"""``chatdb seed``: realistic, deterministic fake chat data, loaded with COPY.
+
+Determinism: every row (ids included) comes from ``random.Random`` streams derived from
+``seed`` and from Faker (pinned) seeded with it; timestamps are offsets from an anchor,
+the database clock at the start of the run. Two runs with the same seed and sizes differ
+only by that anchor.
+
+Speed: rows are written as COPY text built from pre-escaped pools of content. Into empty
+tables the load takes them over (the fast path): in one transaction it drops their
+indexes and constraints, copies, rebuilds every index and constraint from
+``chatdb.schema`` and analyses. Tables that already hold rows are loaded with their
+constraints in place, taking no lock stronger than an INSERT's. Either way the whole seed
+is one transaction: interrupted, it leaves nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import json
+import math
+import queue
+import random
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from psycopg.copy import QueuedLibpqWriter
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.schema import AddConstraint, CreateIndex, DropConstraint
+from sqlalchemy.sql.schema import ForeignKeyConstraint
+
+from chatdb import migrations
+from chatdb.errors import StateError, UsageError
+from chatdb.schema import USER_MESSAGE_MAX_CHARS, conversations, messages
+
+USER_PREFIX = "seed-"
+DEFAULT_SEED = 42
+DEFAULT_USERS = 20
+DEFAULT_CONVERSATIONS = 100
+DEFAULT_MESSAGES = 1_000
+DEFAULT_DAYS = 365
+MAX_DAYS = 36_500
+
+ARCHIVED_SHARE = 0.08  # conversations the user hid in the UI (status = 'archived')
+SOFT_DELETED_SHARE = 0.04  # conversations the user deleted (deleted_at set)
+MESSAGE_SOFT_DELETED_SHARE = 0.01
+SYSTEM_FIRST_SHARE = 0.10
+_TURN_POOL = 4_000
+_CHUNK_BYTES = 1 << 20
+_CHUNK_MESSAGES = 2_500
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True)
+class SeedRequest:
+    users: int = DEFAULT_USERS
+    conversations: int = DEFAULT_CONVERSATIONS
+    messages: int = DEFAULT_MESSAGES
+    days: int = DEFAULT_DAYS
+    seed: int = DEFAULT_SEED
+
+    def validate(self) -> None:
+        for name in ("users", "conversations", "messages", "days"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be a positive whole number, not {getattr(self, name)}")
+        if self.seed < 0:
+            raise UsageError(f"--seed must be zero or positive, not {self.seed}")
+        if self.messages < self.conversations:
+            raise UsageError(
+                f"--messages ({self.messages}) must be at least --conversations "
+                f"({self.conversations}): every conversation has at least one message"
+            )
+        if self.days > MAX_DAYS:
+            raise UsageError(f"--days must be at most {MAX_DAYS}, not {self.days}")
+
+    @property
+    def user_prefix(self) -> str:
+        return f"{USER_PREFIX}{self.seed}-"
+
+    @property
+    def rows(self) -> int:
+        return self.users + self.conversations + self.messages
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    seed: int
+    users: int
+    conversations: int
+    messages: int
+    anchor: dt.datetime
+    fast_path: bool
+    elapsed: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return (self.users + self.conversations + self.messages) / self.elapsed if self.elapsed else 0.0
+
+
+@dataclass(frozen=True)
+class ResetResult:
+    users: int
+    conversations: int
+    messages: int
+
+
+# --- content ---------------------------------------------------------------------------------
+
+_TOOLS = ("add_task", "list_tasks", "complete_task", "update_task", "delete_task")
+_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini")
+_VERBS = (
+    "buy", "call", "email", "book", "pay", "fix", "clean", "schedule", "renew", "return",
+    "pick up", "water", "review", "send", "prepare", "order", "cancel", "organise",
+)  # fmt: skip
+_WHEN = ("today", "tomorrow", "tonight", "this weekend", "on Monday", "next week", "before Friday")
+_USER_AGENTS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 Version/17.5 Safari/605.1.15",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/126.0 Mobile Safari/537.36",
+)
+_SYSTEM_PROMPTS = (
+    "You are a helpful assistant that manages the user's todo list. Use the tools to add, "
+    "list, complete, update and delete tasks. Be brief and confirm every change.",
+    "You are TaskBot. Keep answers short, use the task tools for every change, and never "
+    "invent task numbers.",
+)
+
+
+def _copy_escape(value: str) -> str:
+    """Escape text for COPY's text format."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+_SYSTEM_PROMPTS_COPY = tuple(_copy_escape(prompt) for prompt in _SYSTEM_PROMPTS)
+
+
+def _json(value: object) -> str:
+    return _copy_escape(json.dumps(value, ensure_ascii=False, separators=(", ", ": ")))
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """A user message and the assistant's answer, pre-escaped for COPY."""
+
+    user: str
+    title: str
+    assistant: str
+    metadata: str  # assistant metadata, JSON
+    tool_calls: str  # JSON or \N
+    tool_results: str  # JSON or \N
+    raw: tuple  # the same, unescaped Python values (for benchmarks' naive baseline)
+
+
+def _build_turns(rng: random.Random, fake) -> list[_Turn]:
+    nouns = [fake.word() for _ in range(400)]
+    sentences = [fake.sentence(nb_words=rng.randint(6, 16)) for _ in range(1_500)]
+    turns = []
+    for number in range(_TURN_POOL):
+        task = f"{rng.choice(_VERBS)} the {rng.choice(nouns)}"
+        kind = rng.random()
+        tools: list[str] = []
+        if kind < 0.35:
+            user = f"Add a task to {task} {rng.choice(_WHEN)}"
+            tools = ["add_task"]
+            reply = f"✅ I've created a new task: '{task.capitalize()}' (Task #{rng.randint(1, 400)})."
+        elif kind < 0.55:
+            user = rng.choice(
+                ("What's on my list?", "Show me my tasks", f"What do I have {rng.choice(_WHEN)}?")
+            )
+            tools = ["list_tasks"]
+            items = [
+                f"{i + 1}. {rng.choice(_VERBS).capitalize()} the {rng.choice(nouns)}"
+                for i in range(rng.randint(1, 6))
+            ]
+            reply = "Here are your tasks:\n" + "\n".join(items)
+        elif kind < 0.68:
+            user = f"Mark '{task}' as done"
+            tools = ["list_tasks", "complete_task"]
+            reply = f"Done! '{task.capitalize()}' is marked as complete. 🎉"
+        elif kind < 0.76:
+            user = f"Delete the task about the {rng.choice(nouns)}"
+            tools = ["delete_task"]
+            reply = "I've deleted that task. " + rng.choice(sentences)
+        else:
+            # Free-form questions: longer, no tools.
+            user = " ".join(rng.choices(sentences, k=rng.choices((1, 2, 4, 8, 20), (40, 30, 18, 9, 3))[0]))
+            if rng.random() < 0.5:
+                user = user.rstrip(".") + "?"
+            reply = "\n\n".join(
+                " ".join(rng.choices(sentences, k=rng.randint(2, 6))) for _ in range(rng.randint(1, 4))
+            )
+        user = user[:USER_MESSAGE_MAX_CHARS]
+        title = user if len(user) <= 60 else user[:57].rsplit(" ", 1)[0] + "..."
+        metadata = {
+            "tools_used": tools,
+            "model": rng.choice(_MODELS),
+            "processing_time_ms": int(rng.lognormvariate(7.0, 0.5)),
+        }
+        call_list = result_list = None
+        if tools and rng.random() < 0.5:
+            call_ids = [f"call_{number:05d}{i}" for i in range(len(tools))]
+            call_list = [
+                {
+                    "id": cid,
+                    "type": "function",
+                    "function": {"name": tool, "arguments": json.dumps({"title": task})},
+                }
+                for cid, tool in zip(call_ids, tools, strict=True)
+            ]
+            result_list = [{"tool_call_id": cid, "output": {"status": "ok"}} for cid in call_ids]
+        turns.append(
+            _Turn(
+                _copy_escape(user),
+                _copy_escape(title),
+                _copy_escape(reply),
+                _json(metadata),
+                _json(call_list) if call_list else "\\N",
+                _json(result_list) if result_list else "\\N",
+                (user, title, reply, metadata, call_list, result_list),
+            )
+        )
+    return turns
+
+
+def _user_metadata_pool(rng: random.Random) -> list[dict | None]:
+    """Client details on about one user message in five, as in seed 002's example."""
+    pool: list[dict | None] = [None] * 96
+    for _ in range(24):
+        pool.append(
+            {"ip_address": f"203.0.113.{rng.randint(1, 254)}", "user_agent": rng.choice(_USER_AGENTS)}
+        )
+    return pool
+
+
+# --- time ------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Formats instants, given as microseconds before the anchor, as COPY timestamptz."""
+
+    def __init__(self, anchor: dt.datetime) -> None:
+        self.anchor_us = int(anchor.timestamp()) * 1_000_000 + anchor.microsecond
+        self.dates: dict[int, str] = {}
+        self.hms = [f"{h:02d}:{m:02d}:{s:02d}" for h in range(24) for m in range(60) for s in range(60)]
+
+    def date(self, day: int) -> str:
+        text = self.dates[day] = (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
+        return text
+
+    def __call__(self, before_us: int) -> str:
+        day, in_day = divmod(self.anchor_us - before_us, 86_400_000_000)
+        second, micros = divmod(in_day, 1_000_000)
+        date = self.dates.get(day) or self.date(day)
+        return f"{date} {self.hms[second]}.{micros:06d}+00"
+
+
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def _uuid(rng: random.Random) -> str:
+    """A version-4 UUID from ``rng`` (the message loop inlines the same formatting)."""
+    h = rng.randbytes(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+# --- the plan --------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Who owns each conversation and how long it is: heavy-tailed, exact totals."""
+
+    def __init__(self, request: SeedRequest) -> None:
+        rng = random.Random(request.seed)
+        self.request = request
+        # A few heavy users and many light ones (Zipf-like weights over shuffled users).
+        order = list(range(request.users))
+        rng.shuffle(order)
+        weights = [1.0 / (rank + 1) ** 1.07 for rank in range(request.users)]
+        cumulative = list(_accumulate(weights))
+        total = cumulative[-1]
+        owners = array("i", bytes(4 * request.conversations))
+        for index in range(request.conversations):
+            owners[index] = order[bisect.bisect_left(cumulative, rng.random() * total)]
+        self.owners = owners
+        # Lengths: one message each, the rest spread with a long tail (log-normal shares,
+        # largest remainders so the total is exact).
+        extra = request.messages - request.conversations
+        shares = [rng.lognormvariate(0.0, 1.1) for _ in range(request.conversations)]
+        scale = extra / sum(shares)
+        lengths = array("i", bytes(4 * request.conversations))
+        remainders = []
+        assigned = 0
+        for index, share in enumerate(shares):
+            exact = share * scale
+            whole = int(exact)
+            lengths[index] = 1 + whole
+            assigned += whole
+            remainders.append((exact - whole, index))
+        remainders.sort(reverse=True)
+        for _, index in remainders[: extra - assigned]:
+            lengths[index] += 1
+        self.lengths = lengths
+        self.user_seed = rng.getrandbits(64)
+        self.conversation_seed = rng.getrandbits(64)
+        self.message_seed = rng.getrandbits(64)
+
+    def conversation_rng(self, index: int) -> random.Random:
+        return random.Random(self.conversation_seed ^ (index * 0x9E3779B97F4A7C15))
+
+    def message_rng(self, index: int) -> random.Random:
+        return random.Random(self.message_seed ^ (index * 0x9E3779B97F4A7C15))
+
+
+def _accumulate(values: list[float]) -> Iterator[float]:
+    running = 0.0
+    for value in values:
+        running += value
+        yield running
+
+
+@dataclass
+class _Conversation:
+    """What the conversations row needs; messages fill in between ``first`` and ``last``."""
+
+    id: str
+    user_id: str
+    length: int
+    system_first: bool
+    first_turn: int
+    created_before: int  # microseconds before the anchor
+    first_before: int  # the first message
+    last_before: int  # the last message: updated_at
+    status: str
+    deleted_before: int | None
+    metadata: str
+
+
+# The assistant answers in seconds; the user comes back after minutes, hours or, now and
+# then, days (log-normal, median e**4.5 s = 90 s).
+_ANSWER_SECONDS = (0.5, 25.0)
+_RETURN_MU, _RETURN_SIGMA, _RETURN_CAP = 4.5, 1.8, 20 * 86_400.0
+
+
+def _conversation(plan: _Plan, index: int, turns: int, days: int) -> _Conversation:
+    """One conversation's row, in constant time (the messages' own times come later, in
+    ``_message_times``, scaled to fit between its first and last message)."""
+    rng = plan.conversation_rng(index)
+    length = plan.lengths[index]
+    system_first = length >= 2 and rng.random() < SYSTEM_FIRST_SHARE
+    answers = (length - int(system_first)) // 2
+    returns = max(length - 1 - answers, 0)
+    span_seconds = answers * 8.0 + returns * 90.0 * math.exp(rng.gauss(0.0, 1.0))
+    span = max(int(span_seconds * 1_000_000), (length - 1) * 1_000)
+    window = days * 86_400_000_000
+    span = min(span, window // 2)
+    last_before = min(int(rng.random() ** 1.6 * window), window - span)  # recent activity is denser
+    first_before = last_before + span
+    deleted_before = int(rng.random() * last_before) if rng.random() < SOFT_DELETED_SHARE else None
+    return _Conversation(
+        id=_uuid(rng),
+        user_id=f"{plan.request.user_prefix}{plan.owners[index]:07d}",
+        length=length,
+        system_first=system_first,
+        first_turn=int(rng.random() * turns),
+        created_before=first_before + int(rng.uniform(0.0, 5.0) * 1_000_000),
+        first_before=first_before,
+        last_before=last_before,
+        status="archived" if rng.random() < ARCHIVED_SHARE else "active",
+        deleted_before=deleted_before,
+        metadata=_json({"source": rng.choice(("web", "ios", "android"))}) if rng.random() < 0.5 else "\\N",
+    )
+
+
+def _message_times(c: _Conversation, rng: random.Random) -> list[int]:
+    """Each message's microseconds before the anchor, strictly decreasing (oldest first),
+    from ``first_before`` to ``last_before`` exactly."""
+    if c.length == 1:
+        return [c.first_before]
+    gaps = []
+    for position in range(1, c.length):
+        if (position - c.system_first) % 2:
+            gaps.append(_ANSWER_SECONDS[0] + rng.random() * (_ANSWER_SECONDS[1] - _ANSWER_SECONDS[0]))
+        else:
+            gaps.append(min(math.exp(rng.gauss(_RETURN_MU, _RETURN_SIGMA)), _RETURN_CAP))
+    # Scale the gaps to the span, keeping each at least a millisecond.
+    span = c.first_before - c.last_before
+    spare = span - 1_000 * len(gaps)
+    scale = spare / sum(gaps)
+    times = [c.first_before]
+    before = c.first_before
+    for gap in gaps[:-1]:
+        before -= 1_000 + int(gap * scale)
+        times.append(before)
+    times.append(c.last_before)
+    return times
+
+
+# --- the load --------------------------------------------------------------------------------
+
+
+def seeded_user_count(connection: Connection, prefix: str = USER_PREFIX) -> int:
+    return int(
+        connection.execute(
+            text("SELECT count(*) FROM users WHERE starts_with(id, :prefix)"), {"prefix": prefix}
+        ).scalar_one()
+    )
+
+
+def seed(engine: Engine, request: SeedRequest, progress: Progress | None = None) -> SeedResult:
+    """Load one seed, whole, in one transaction."""
+    request.validate()
+    migrations.require_head(engine)
+    started = time.perf_counter()
+    report = progress or (lambda phase, done, total: None)
+    with engine.connect() as connection, connection.begin():
+        if seeded_user_count(connection, request.user_prefix):
+            raise StateError(
+                f"seed {request.seed} is already loaded (users {request.user_prefix}*)",
+                hint="pass --reset to replace it, or another --seed to add different data",
+            )
+        anchor = connection.execute(text("SELECT now()")).scalar_one().astimezone(dt.UTC)
+        user_columns = _user_columns(connection)
+        connection.execute(text("SET LOCAL synchronous_commit = off"))
+        connection.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
+        fast = _take_over_if_empty(connection)
+        _load(connection, request, anchor, user_columns, report)
+        if fast:
+            report("indexes", 0, 1)
+            _rebuild(connection)
+            connection.execute(text("ANALYZE users, conversations, messages"))
+            report("indexes", 1, 1)
+    return SeedResult(
+        seed=request.seed,
+        users=request.users,
+        conversations=request.conversations,
+        messages=request.messages,
+        anchor=anchor,
+        fast_path=fast,
+        elapsed=time.perf_counter() - started,
+    )
+
+
+def _user_columns(connection: Connection) -> list[tuple[str, str]]:
+    """The users columns the seed fills: chatdb's own, and the application's usual ones.
+    A NOT NULL column without a default that the seed cannot fill is refused up front."""
+    rows = connection.execute(
+        text(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,"
+            " a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''"
+            " FROM pg_attribute a WHERE a.attrelid = to_regclass('users')"
+            " AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+        )
+    ).all()
+    fillable = {
+        "id": "id",
+        "email": "email",
+        "name": "name",
+        "created_at": "time",
+        "createdAt": "time",
+        "updated_at": "time",
+        "updatedAt": "time",
+        "email_verified": "false",
+        "emailVerified": "false",
+    }
+    chosen, missing = [], []
+    for name, type_name, not_null, has_default in rows:
+        if name in fillable and not (fillable[name] == "false" and type_name != "boolean"):
+            chosen.append((name, fillable[name]))
+        elif not_null and not has_default:
+            missing.append(f"{name} ({type_name})")
+    if missing:
+        raise StateError("the users table has required columns the seed cannot fill: " + ", ".join(missing))
+    return chosen
+
+
+def _take_over_if_empty(connection: Connection) -> bool:
+    """When the hot tables are empty, lock them and drop their indexes and constraints for
+    the load (``_rebuild`` puts them back before commit). Returns whether it did.
+
+    Tables that hold rows are never locked beyond what INSERT takes. The take-over runs
+    in a savepoint: if the tables turn out not to be empty once locked, or something
+    else depends on their keys, rolling back to it releases the lock and restores them.
+    """
+    empty = text("SELECT NOT EXISTS (SELECT 1 FROM conversations) AND NOT EXISTS (SELECT 1 FROM messages)")
+    if not connection.execute(empty).scalar_one():
+        return False
+    savepoint = connection.begin_nested()
+    try:
+        connection.execute(text("SET LOCAL lock_timeout = '10s'"))
+        connection.execute(text("LOCK TABLE conversations, messages IN ACCESS EXCLUSIVE MODE"))
+        if not connection.execute(empty).scalar_one():
+            savepoint.rollback()
+            return False
+        preparer = connection.dialect.identifier_preparer
+        for table in (messages, conversations):
+            for constraint in _droppable(table):
+                connection.execute(DropConstraint(constraint, if_exists=True))
+            for index in table.indexes:
+                connection.execute(text(f"DROP INDEX IF EXISTS {preparer.quote(index.name)}"))
+    except DBAPIError:
+        savepoint.rollback()
+        return False
+    savepoint.commit()
+    return True
+
+
+def _droppable(table):
+    """Foreign keys first, then the keys they reference."""
+    keys = [c for c in table.constraints if isinstance(c, ForeignKeyConstraint)]
+    return keys + [
+        c for c in table.constraints if c.__visit_name__ in ("primary_key_constraint", "unique_constraint")
+    ]
+
+
+def _rebuild(connection: Connection) -> None:
+    """Recreate, from chatdb.schema, what ``_take_over_if_empty`` dropped."""
+    for table in (conversations, messages):
+        for constraint in reversed(_droppable(table)):
+            if not isinstance(constraint, ForeignKeyConstraint):
+                connection.execute(AddConstraint(constraint))
+        for index in table.indexes:
+            connection.execute(CreateIndex(index))
+    for table in (conversations, messages):
+        for constraint in _droppable(table):
+            if isinstance(constraint, ForeignKeyConstraint):
+                connection.execute(AddConstraint(constraint))
+
+
+class _BoundedWriter(QueuedLibpqWriter):
+    """psycopg's queued writer with a short queue, so memory stays flat when the server
+    is the slower side."""
+
+    def __init__(self, cursor) -> None:
+        super().__init__(cursor)
+        self._queue = queue.Queue(maxsize=16)
+
+
+def _copy(connection: Connection, table: str, columns: list[str], chunks: Iterator[str]) -> None:
+    raw = connection.connection.driver_connection
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    with raw.cursor() as cursor:
+        # A writer thread sends while this thread generates the next chunk, so the server
+        # parses one chunk while Python builds the next instead of taking turns.
+        writer = _BoundedWriter(cursor)
+        with cursor.copy(f'COPY "{table}" ({quoted}) FROM STDIN', writer=writer) as copy:
+            for chunk in chunks:
+                copy.write(chunk)
+
+
+def _load(
+    connection: Connection,
+    request: SeedRequest,
+    anchor: dt.datetime,
+    user_columns: list[tuple[str, str]],
+    report: Progress,
+) -> None:
+    from faker import Faker
+
+    fake = Faker("en_US")
+    fake.seed_instance(request.seed)
+    content_rng = random.Random(request.seed ^ 0x5EED)
+    turns = _build_turns(content_rng, fake)
+    user_metadata = [_json(m) if m else "\\N" for m in _user_metadata_pool(content_rng)]
+    clock = _Clock(anchor)
+    plan = _Plan(request)
+    total = request.rows
+
+    _copy(
+        connection,
+        "users",
+        [c for c, _ in user_columns],
+        _user_rows(request, plan, fake, clock, user_columns),
+    )
+    report("users", request.users, total)
+
+    def conversation_rows() -> Iterator[str]:
+        lines: list[str] = []
+        size = 0
+        for index in range(request.conversations):
+            c = _conversation(plan, index, len(turns), request.days)
+            deleted = clock(c.deleted_before) if c.deleted_before is not None else "\\N"
+            title = turns[c.first_turn].title
+            line = (
+                f"{c.id}\t{c.user_id}\t{c.status}\t{clock(c.created_before)}\t{clock(c.last_before)}"
+                f"\t{title}\t{c.metadata}\t{deleted}\n"
+            )
+            lines.append(line)
+            size += len(line)
+            if size >= _CHUNK_BYTES:
+                yield "".join(lines)
+                lines.clear()
+                size = 0
+                report("conversations", request.users + index + 1, total)
+        yield "".join(lines)
+        report("conversations", request.users + request.conversations, total)
+
+    _copy(
+        connection,
+        "conversations",
+        ["id", "user_id", "status", "created_at", "updated_at", "title", "metadata", "deleted_at"],
+        conversation_rows(),
+    )
+
+    def message_rows() -> Iterator[str]:
+        # The hot loop: formatting is inlined (ids, timestamps) because it runs once per
+        # message.
+        lines: list[str] = []
+        append = lines.append
+        size = 0
+        written = 0
+        done_before = request.users + request.conversations
+        anchor_us, dates, hms = clock.anchor_us, clock.dates, clock.hms
+        n_turns, n_meta = len(turns), len(user_metadata)
+        for index in range(request.conversations):
+            c = _conversation(plan, index, n_turns, request.days)
+            rng = plan.message_rng(index)
+            random_ = rng.random
+            randbytes = rng.randbytes
+            prefix = f"\t{c.id}\t{c.user_id}\t"
+            times = _message_times(c, rng)
+            stamps = []
+            for before in times:
+                instant = anchor_us - before
+                day, in_day = divmod(instant, 86_400_000_000)
+                second, micros = divmod(in_day, 1_000_000)
+                date = dates.get(day) or clock.date(day)
+                stamps.append(f"{date} {hms[second]}.{micros:06d}+00")
+            position = 0
+            if c.system_first:
+                prompt = _SYSTEM_PROMPTS_COPY[int(random_() * len(_SYSTEM_PROMPTS_COPY))]
+                h = randbytes(16).hex()
+                append(
+                    f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+                    f"{prefix}system\t{prompt}\t\\N\t{stamps[0]}\t\\N\t\\N\t\\N\n"
+                )
+                position = 1
+            turn = turns[c.first_turn]
+            length = c.length
+            while position < length:
+                if random_() < MESSAGE_SOFT_DELETED_SHARE:
+                    deleted = clock(int(random_() * times[position]))
+                else:
+                    deleted = "\\N"
+                h = randbytes(16).hex()
+                append(
+                    f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+                    f"{prefix}user\t{turn.user}\t{user_metadata[int(random_() * n_meta)]}"
+                    f"\t{stamps[position]}\t\\N\t\\N\t{deleted}\n"
+                )
+                position += 1
+                if position == length:
+                    break
+                h = randbytes(16).hex()
+                append(
+                    f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+                    f"{prefix}assistant\t{turn.assistant}\t{turn.metadata}\t{stamps[position]}"
+                    f"\t{turn.tool_calls}\t{turn.tool_results}\t\\N\n"
+                )
+                position += 1
+                turn = turns[int(random_() * n_turns)]
+            written += length
+            size += length
+            if size >= _CHUNK_MESSAGES:
+                yield "".join(lines)
+                lines.clear()
+                size = 0
+                report("messages", done_before + written, total)
+        yield "".join(lines)
+        report("messages", total, total)
+
+    _copy(
+        connection,
+        "messages",
+        [
+            "id",
+            "conversation_id",
+            "user_id",
+            "role",
+            "content",
+            "metadata",
+            "created_at",
+            "tool_calls",
+            "tool_results",
+            "deleted_at",
+        ],
+        message_rows(),
+    )
+
+
+def _user_rows(
+    request: SeedRequest, plan: _Plan, fake, clock: _Clock, columns: list[tuple[str, str]]
+) -> Iterator[str]:
+    rng = random.Random(plan.user_seed)
+    firsts = [fake.first_name() for _ in range(300)]
+    lasts = [fake.last_name() for _ in range(300)]
+    domains = ("example.com", "example.org", "example.net")
+    window = request.days * 86_400_000_000
+    lines = []
+    for number in range(request.users):
+        first, last = rng.choice(firsts), rng.choice(lasts)
+        joined = clock(window + int(rng.uniform(1, 90) * 86_400_000_000))
+        values = {
+            "id": f"{request.user_prefix}{number:07d}",
+            "name": _copy_escape(f"{first} {last}"),
+            "email": _copy_escape(f"{first}.{last}.{request.seed}.{number}@{rng.choice(domains)}".lower()),
+            "time": joined,
+            "false": "f",
+        }
+        lines.append("\t".join(values[kind] for _, kind in columns) + "\n")
+        if len(lines) >= 5_000:
+            yield "".join(lines)
+            lines.clear()
+    yield "".join(lines)
+
+
+def reset(engine: Engine) -> ResetResult:
+    """Delete every seeded user (ids starting with ``seed-``) and, by cascade, everything of
+    theirs. Never touches a row of a user whose id lacks the prefix."""
+    with engine.connect() as connection, connection.begin():
+        counts = connection.execute(
+            text(
+                "SELECT (SELECT count(*) FROM users WHERE starts_with(id, :p)),"
+                " (SELECT count(*) FROM conversations WHERE starts_with(user_id, :p)),"
+                " (SELECT count(*) FROM messages WHERE starts_with(user_id, :p))"
+            ),
+            {"p": USER_PREFIX},
+        ).one()
+        # When the seed owns every conversation (hot and archived), truncating is exact
+        # and far faster than cascading row by row.
+        others = connection.execute(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM conversations WHERE NOT starts_with(user_id, :p))"
+                " OR EXISTS (SELECT 1 FROM conversations_archive WHERE NOT starts_with(user_id, :p))"
+            ),
+            {"p": USER_PREFIX},
+        ).scalar_one()
+        if not others and counts[1]:
+            connection.execute(text("SET LOCAL lock_timeout = '10s'"))
+            connection.execute(
+                text("TRUNCATE messages_archive, conversations_archive, messages, conversations")
+            )
+        connection.execute(text("DELETE FROM users WHERE starts_with(id, :p)"), {"p": USER_PREFIX})
+    return ResetResult(users=int(counts[0]), conversations=int(counts[1]), messages=int(counts[2]))
+
+
+def seeded_counts(engine: Engine) -> ResetResult:
+    """What ``reset`` would delete."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            text(
+                "SELECT (SELECT count(*) FROM users WHERE starts_with(id, :p)),"
+                " (SELECT count(*) FROM conversations WHERE starts_with(user_id, :p)),"
+                " (SELECT count(*) FROM messages WHERE starts_with(user_id, :p))"
+            ),
+            {"p": USER_PREFIX},
+        ).one()
+    return ResetResult(int(row[0]), int(row[1]), int(row[2]))
