@@ -207,12 +207,11 @@ def main() -> None:
             [sys.executable, __file__, "--messages", str(messages), "--naive", fresh("naive")]
         )
         print(f"size: {users:,} users, {conversations:,} conversations, {messages:,} messages")
-        print(
-            f"chatdb seed   {ours:7.2f} s  {messages / ours:9,.0f} messages/s  peak RSS {ours_rss / 2**20:6.0f} MB"
-        )
-        print(
-            f"naive COPY    {base:7.2f} s  {messages / base:9,.0f} messages/s  peak RSS {base_rss / 2**20:6.0f} MB"
-        )
+        for label, seconds, rss in (("chatdb seed", ours, ours_rss), ("naive COPY", base, base_rss)):
+            print(
+                f"{label:12s} {seconds:7.2f} s  {messages / seconds:9,.0f} messages/s"
+                f"  peak RSS {rss / 2**20:6.0f} MB"
+            )
         print(f"speed-up: {base / ours:.2f}x the naive baseline (target >= 3x, aim 4x)")
         if not args.skip_memory and messages > 100_000:
             _, small_rss = chatdb_seed(100_000)
