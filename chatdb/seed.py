@@ -8,7 +8,7 @@ only by that anchor.
 Speed: rows are written as COPY text built from pre-escaped pools of content. Into empty
 tables the load takes them over (the fast path): in one transaction it drops their
 indexes and constraints, copies, rebuilds every index and constraint from
-``chatdb.schema`` and analyses. Tables that already hold rows are loaded with their
+``chatdb.schema``. Tables that already hold rows are loaded with their
 constraints in place, taking no lock stronger than an INSERT's. Either way the whole seed
 is one transaction: interrupted, it leaves nothing.
 """
@@ -16,11 +16,17 @@ is one transaction: interrupted, it leaves nothing.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import math
+import os
 import queue
 import random
+import signal
+import struct
+import sys
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -428,11 +434,17 @@ def seed(engine: Engine, request: SeedRequest, progress: Progress | None = None)
         connection.execute(text("SET LOCAL synchronous_commit = off"))
         connection.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
         fast = _take_over_if_empty(connection)
-        _load(connection, request, anchor, user_columns, report)
+        # The COPY writer thread must get the GIL promptly from the generating thread,
+        # or the server waits for data while Python generates.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
+        try:
+            _load(connection, request, anchor, user_columns, report)
+        finally:
+            sys.setswitchinterval(switch_interval)
         if fast:
             report("indexes", 0, 1)
             _rebuild(connection)
-            connection.execute(text("ANALYZE users, conversations, messages"))
             report("indexes", 1, 1)
     return SeedResult(
         seed=request.seed,
@@ -540,13 +552,16 @@ class _BoundedWriter(QueuedLibpqWriter):
         self._queue = queue.Queue(maxsize=16)
 
 
-def _copy(connection: Connection, table: str, columns: list[str], chunks: Iterator[str]) -> None:
+def _copy(
+    connection: Connection, table: str, columns: list[str], chunks: Iterator, *, queued: bool = True
+) -> None:
     raw = connection.connection.driver_connection
     quoted = ", ".join(f'"{c}"' for c in columns)
     with raw.cursor() as cursor:
-        # A writer thread sends while this thread generates the next chunk, so the server
-        # parses one chunk while Python builds the next instead of taking turns.
-        writer = _BoundedWriter(cursor)
+        # With a writer thread, the server parses one chunk while Python builds the next,
+        # instead of the two taking turns. Unqueued when the chunks come from a child
+        # process (which is forked during the COPY, so no other thread may exist).
+        writer = _BoundedWriter(cursor) if queued else None
         with cursor.copy(f'COPY "{table}" ({quoted}) FROM STDIN', writer=writer) as copy:
             for chunk in chunks:
                 copy.write(chunk)
@@ -606,90 +621,134 @@ def _load(
         conversation_rows(),
     )
 
-    def message_rows() -> Iterator[str]:
-        # The hot loop: formatting is inlined (ids, timestamps) because it runs once per
-        # message.
-        lines: list[str] = []
-        append = lines.append
-        size = 0
-        written = 0
-        done_before = request.users + request.conversations
-        anchor_us, dates, hms = clock.anchor_us, clock.dates, clock.hms
-        n_turns, n_meta = len(turns), len(user_metadata)
-        for index in range(request.conversations):
-            c = _conversation(plan, index, n_turns, request.days)
-            rng = plan.message_rng(index)
-            random_ = rng.random
-            randbytes = rng.randbytes
-            prefix = f"\t{c.id}\t{c.user_id}\t"
-            times = _message_times(c, rng)
-            stamps = []
-            for before in times:
-                instant = anchor_us - before
-                day, in_day = divmod(instant, 86_400_000_000)
-                second, micros = divmod(in_day, 1_000_000)
-                date = dates.get(day) or clock.date(day)
-                stamps.append(f"{date} {hms[second]}.{micros:06d}+00")
-            position = 0
-            if c.system_first:
-                prompt = _SYSTEM_PROMPTS_COPY[int(random_() * len(_SYSTEM_PROMPTS_COPY))]
-                h = randbytes(16).hex()
-                append(
-                    f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-                    f"{prefix}system\t{prompt}\t\\N\t{stamps[0]}\t\\N\t\\N\t\\N\n"
-                )
-                position = 1
-            turn = turns[c.first_turn]
-            length = c.length
-            while position < length:
-                if random_() < MESSAGE_SOFT_DELETED_SHARE:
-                    deleted = clock(int(random_() * times[position]))
-                else:
-                    deleted = "\\N"
-                h = randbytes(16).hex()
-                append(
-                    f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-                    f"{prefix}user\t{turn.user}\t{user_metadata[int(random_() * n_meta)]}"
-                    f"\t{stamps[position]}\t\\N\t\\N\t{deleted}\n"
-                )
-                position += 1
-                if position == length:
-                    break
-                h = randbytes(16).hex()
-                append(
-                    f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-                    f"{prefix}assistant\t{turn.assistant}\t{turn.metadata}\t{stamps[position]}"
-                    f"\t{turn.tool_calls}\t{turn.tool_results}\t\\N\n"
-                )
-                position += 1
-                turn = turns[int(random_() * n_turns)]
-            written += length
-            size += length
-            if size >= _CHUNK_MESSAGES:
-                yield "".join(lines)
-                lines.clear()
-                size = 0
-                report("messages", done_before + written, total)
-        yield "".join(lines)
-        report("messages", total, total)
+    columns = ["id", "conversation_id", "user_id", "role", "content", "metadata", "created_at"]
+    columns += ["tool_calls", "tool_results", "deleted_at"]
+    done_before = request.users + request.conversations
 
-    _copy(
-        connection,
-        "messages",
-        [
-            "id",
-            "conversation_id",
-            "user_id",
-            "role",
-            "content",
-            "metadata",
-            "created_at",
-            "tool_calls",
-            "tool_results",
-            "deleted_at",
-        ],
-        message_rows(),
-    )
+    def message_rows() -> Iterator[bytes]:
+        for chunk, written in _in_child(_message_chunks(request, plan, turns, user_metadata, clock)):
+            yield chunk
+            report("messages", done_before + written, total)
+
+    _copy(connection, "messages", columns, message_rows(), queued=False)
+
+
+def _message_chunks(
+    request: SeedRequest, plan: _Plan, turns: list[_Turn], user_metadata: list[str], clock: _Clock
+) -> Iterator[tuple[bytes, int]]:
+    """COPY text of every message, in chunks, with the number of messages so far. The hot
+    loop: formatting is inlined (ids, timestamps) because it runs once per message."""
+    lines: list[str] = []
+    append = lines.append
+    size = 0
+    written = 0
+    anchor_us, dates, hms = clock.anchor_us, clock.dates, clock.hms
+    n_turns, n_meta = len(turns), len(user_metadata)
+    for index in range(request.conversations):
+        c = _conversation(plan, index, n_turns, request.days)
+        rng = plan.message_rng(index)
+        random_ = rng.random
+        randbytes = rng.randbytes
+        prefix = f"\t{c.id}\t{c.user_id}\t"
+        times = _message_times(c, rng)
+        stamps = []
+        for before in times:
+            day, in_day = divmod(anchor_us - before, 86_400_000_000)
+            second, micros = divmod(in_day, 1_000_000)
+            date = dates.get(day) or clock.date(day)
+            stamps.append(f"{date} {hms[second]}.{micros:06d}+00")
+        position = 0
+        if c.system_first:
+            prompt = _SYSTEM_PROMPTS_COPY[int(random_() * len(_SYSTEM_PROMPTS_COPY))]
+            h = randbytes(16).hex()
+            append(
+                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+                f"{prefix}system\t{prompt}\t\\N\t{stamps[0]}\t\\N\t\\N\t\\N\n"
+            )
+            position = 1
+        turn = turns[c.first_turn]
+        length = c.length
+        while position < length:
+            if random_() < MESSAGE_SOFT_DELETED_SHARE:
+                deleted = clock(int(random_() * times[position]))
+            else:
+                deleted = "\\N"
+            h = randbytes(16).hex()
+            append(
+                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+                f"{prefix}user\t{turn.user}\t{user_metadata[int(random_() * n_meta)]}"
+                f"\t{stamps[position]}\t\\N\t\\N\t{deleted}\n"
+            )
+            position += 1
+            if position == length:
+                break
+            h = randbytes(16).hex()
+            append(
+                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+                f"{prefix}assistant\t{turn.assistant}\t{turn.metadata}\t{stamps[position]}"
+                f"\t{turn.tool_calls}\t{turn.tool_results}\t\\N\n"
+            )
+            position += 1
+            turn = turns[int(random_() * n_turns)]
+        written += length
+        size += length
+        if size >= _CHUNK_MESSAGES:
+            yield "".join(lines).encode(), written
+            lines.clear()
+            size = 0
+    yield "".join(lines).encode(), written
+
+
+_FRAME = struct.Struct("<QQ")  # payload length, messages so far
+
+
+def _in_child(chunks: Iterator[tuple[bytes, int]]) -> Iterator[tuple[bytes, int]]:
+    """Run a generator in a forked child and yield what it yields, through a pipe.
+
+    The generator is CPU-bound Python; in a child it gets a core of its own while this
+    process feeds the server, instead of taking turns with the COPY for the GIL. The
+    child ignores SIGINT (this process handles Ctrl-C and stops it) and leaves with
+    ``os._exit``, touching nothing it inherited.
+    """
+    if not hasattr(os, "fork"):
+        yield from chunks
+        return
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(OSError, AttributeError):  # a bigger pipe: fewer wake-ups
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    pid = os.fork()
+    if pid == 0:  # the child
+        status = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            os.close(read_fd)
+            with open(write_fd, "wb", buffering=0, closefd=True) as pipe:
+                for chunk, written in chunks:
+                    pipe.write(_FRAME.pack(len(chunk), written) + chunk)
+                pipe.write(_FRAME.pack(0, 0))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    finished = False
+    try:
+        with open(read_fd, "rb", buffering=1 << 20, closefd=True) as pipe:
+            while True:
+                header = pipe.read(_FRAME.size)
+                if len(header) < _FRAME.size:
+                    break
+                length, written = _FRAME.unpack(header)
+                if length == 0:
+                    finished = True
+                    break
+                yield pipe.read(length), written
+    finally:
+        if not finished:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    if not finished or status != 0:
+        raise RuntimeError(f"the message generator stopped unexpectedly (status {status})")
 
 
 def _user_rows(
