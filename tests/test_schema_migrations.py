@@ -289,13 +289,12 @@ def test_0003_recovers_from_an_index_left_invalid_by_a_failed_concurrent_build(e
     empty_db.execute(
         "INSERT INTO users (id) VALUES ('u1'); INSERT INTO conversations (user_id) VALUES ('u1'), ('u1')"
     )
-    with create_engine(empty_db.url, isolation_level="AUTOCOMMIT").connect() as connection:
-        with pytest.raises(Exception, match="could not create unique index"):
-            connection.execute(
-                text(
-                    "CREATE UNIQUE INDEX CONCURRENTLY idx_conversations_updated_id ON conversations (user_id)"
-                )
-            )
+    autocommit = create_engine(empty_db.url, isolation_level="AUTOCOMMIT")
+    with autocommit.connect() as connection, pytest.raises(Exception, match="could not create unique index"):
+        connection.execute(
+            text("CREATE UNIQUE INDEX CONCURRENTLY idx_conversations_updated_id ON conversations (user_id)")
+        )
+    autocommit.dispose()
     valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_conversations_updated_id'::regclass"
     assert empty_db.scalar(valid) is False
     migrations.upgrade(empty_db.engine)
