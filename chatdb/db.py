@@ -73,12 +73,10 @@ def parse_url(raw: str) -> URL:
 
 def resolve_database(cli_url: str | None) -> Database:
     """Pick the database by precedence. Starting the embedded server is left to the caller."""
-    for source, value in (
-        ("--database-url", cli_url),
-        ("CHATDB_DATABASE_URL", os.environ.get("CHATDB_DATABASE_URL")),
-        ("DATABASE_URL", os.environ.get("DATABASE_URL")),
-    ):
-        if value:
+    if cli_url is not None:  # given, even empty: an empty option is a mistake, not a default
+        return Database(parse_url(cli_url), "--database-url")
+    for source in ("CHATDB_DATABASE_URL", "DATABASE_URL"):
+        if value := os.environ.get(source):
             return Database(parse_url(value), source)
     from chatdb import embedded
 

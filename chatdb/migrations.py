@@ -167,7 +167,7 @@ def status(engine: Engine) -> MigrationStatus:
     return MigrationStatus(current, ids[-1], pending, known=True)
 
 
-def _unknown(current: str) -> StateError:
+def unknown_revision(current: str) -> StateError:
     return StateError(
         f"the database is at revision {current!r}, which this chatdb does not know "
         "(was it migrated by a newer chatdb?)",
@@ -179,7 +179,7 @@ def require_head(engine: Engine) -> None:
     """Raise StateError unless the database is migrated to this chatdb's head."""
     state = status(engine)
     if not state.known:
-        raise _unknown(state.current or "")
+        raise unknown_revision(state.current or "")
     if state.current is None:
         raise StateError("the database has no chatdb schema yet", hint="run `chatdb migrate` first")
     if state.pending:
@@ -218,7 +218,7 @@ def upgrade(
     started = time.perf_counter()
     before = status(engine)
     if not before.known:
-        raise _unknown(before.current or "")
+        raise unknown_revision(before.current or "")
     if before.current is None:
         with engine.connect() as connection:
             existing = sorted(catalog.table_names(connection) & set(_OWNED))
@@ -246,7 +246,7 @@ def plan_downgrade(engine: Engine, target: str) -> DowngradePlan:
     counts, columns dropped with the number of values they hold."""
     state = status(engine)
     if not state.known:
-        raise _unknown(state.current or "")
+        raise unknown_revision(state.current or "")
     if state.current is None:
         raise StateError("the database has no chatdb schema to downgrade")
     goal = resolve(target, state.current)
@@ -297,7 +297,7 @@ def stamp(engine: Engine, target: str) -> StampResult:
     with engine.connect() as connection:
         previous = current_revision(connection)
         if previous is not None and previous not in [r.id for r in chain()]:
-            raise _unknown(previous)
+            raise unknown_revision(previous)
         goal = resolve(target, previous)
         expected = schema_at(connection, goal)
         # users is the application's table when adopting; its own columns are its business.

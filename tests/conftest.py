@@ -20,7 +20,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from typer.testing import CliRunner
 
-from chatdb import db, migrations
+from chatdb import db, embedded, migrations
 from chatdb.cli import app
 
 
@@ -143,11 +143,15 @@ def migrated_db(pg_server: PgServer, template_db: str) -> Iterator[TestDatabase]
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test reads the developer's database settings or writes into the checkout."""
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No test reads the developer's database settings or writes into the checkout, and
+    no embedded server a test started outlives it."""
     for variable in ("CHATDB_DATABASE_URL", "DATABASE_URL", "PGPASSWORD", "PGSERVICE"):
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("CHATDB_HOME", str(tmp_path / "chatdb-home"))
+    home = tmp_path / "chatdb-home"
+    monkeypatch.setenv("CHATDB_HOME", str(home))
+    yield
+    embedded.stop(home)
 
 
 @dataclass

@@ -26,7 +26,6 @@ from chatdb.cli.common import (
 
 app = typer.Typer(
     name="chatdb",
-    help="Admin and operations CLI for the PostgreSQL store of an AI chatbot.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # never print locals (secrets) in a traceback
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -87,7 +87,7 @@ def open_engine(
     """Resolve the database (announcing the embedded default), connect, and return the
     engine. Connection problems raise ConnectError (exit 3)."""
     state = settings(ctx)
-    database = db.resolve_database(database_url or state.database_url)
+    database = db.resolve_database(database_url if database_url is not None else state.database_url)
     state.database = database
     if database.source == "embedded":
         from chatdb import embedded

@@ -23,10 +23,7 @@ from chatdb.cli.common import (
 )
 from chatdb.errors import EXIT_PROBLEM
 
-app = typer.Typer(
-    help="Create and evolve chatdb's schema (upgrade, downgrade, status, history, offline SQL).",
-    no_args_is_help=False,
-)
+app = typer.Typer(no_args_is_help=False)
 
 Target = Annotated[
     str,
@@ -47,7 +44,8 @@ def migrate(
     database_url: DatabaseUrl = None,
     connect_timeout: ConnectTimeout = None,
 ) -> None:
-    """Upgrade the database to head (or --to REV). Running it again is a no-op.
+    """Create and evolve chatdb's schema. Without a subcommand: upgrade the database to
+    head (or --to REV); running it again is a no-op.
 
     Example:
 
@@ -203,12 +201,7 @@ def status(
     else:
         out.print(f"current: {_show(state.current)}")
         out.print(f"head:    {state.head}")
-        if not state.known:
-            out.print(
-                "[red]The database is at a revision this chatdb does not know.[/red]"
-                " Was it migrated by a newer chatdb?"
-            )
-        elif state.pending:
+        if state.pending:
             out.print(
                 table(
                     f"{len(state.pending)} pending",
@@ -218,6 +211,8 @@ def status(
             )
         else:
             out.print("Up to date.")
+    if not state.known:
+        raise migrations.unknown_revision(state.current or "")
     if failed:
         raise typer.Exit(EXIT_PROBLEM)
 
