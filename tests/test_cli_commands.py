@@ -464,7 +464,7 @@ def test_sigterm_exits_143(migrated_db):
     wait_for_copy(migrated_db)
     process.terminate()
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143
+    assert process.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "error: terminated"
     assert migrated_db.scalar("SELECT count(*) FROM users") == 0
 
@@ -475,8 +475,8 @@ def wait_for_copy(db, timeout: float = 60) -> None:
         while time.monotonic() < deadline:
             copying = connection.execute(
                 text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE application_name = 'chatdb seed' AND query LIKE 'COPY%'"
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'chatdb seed' AND state = 'active' AND query LIKE 'COPY%'"
                 )
             ).scalar()
             connection.rollback()
