@@ -142,6 +142,12 @@ def migrated_db(pg_server: PgServer, template_db: str) -> Iterator[TestDatabase]
     yield from _test_database(pg_server, template_db)
 
 
+@pytest.fixture
+def second_migrated_db(pg_server: PgServer, template_db: str) -> Iterator[TestDatabase]:
+    """Another fresh database at head, for tests that compare two."""
+    yield from _test_database(pg_server, template_db)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """No test reads the developer's database settings or writes into the checkout, and

@@ -1,0 +1,443 @@
+"""`chatdb seed`: exact counts, chat-like data, determinism, --reset, bad input, and
+all-or-nothing loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from chatdb import catalog, schema
+from chatdb import seed as seed_module
+
+CHATDB = Path(sys.executable).with_name("chatdb")
+ALL_TABLES = [table.name for table in schema.metadata.sorted_tables]
+
+
+def seed(cli, db, *args: str) -> dict:
+    result = cli("seed", "--json", "--database-url", db.cli_url, *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def one_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def snapshot(db):
+    with db.engine.connect() as connection:
+        return catalog.snapshot(connection, ALL_TABLES)
+
+
+def test_exact_counts_and_json(migrated_db, cli):
+    payload = seed(cli, migrated_db, "--users", "30", "--conversations", "200", "--messages", "3000")
+    assert payload["ok"] is True
+    assert (payload["users"], payload["conversations"], payload["messages"]) == (30, 200, 3000)
+    assert payload["seed"] == seed_module.DEFAULT_SEED
+    assert payload["anchor"].endswith("+00:00")
+    assert migrated_db.scalar("SELECT count(*) FROM users WHERE id LIKE 'seed-42-%'") == 30
+    assert migrated_db.scalar("SELECT count(*) FROM users") == 30
+    assert migrated_db.scalar("SELECT count(*) FROM conversations") == 200
+    assert migrated_db.scalar("SELECT count(*) FROM messages") == 3000
+
+
+def test_plain_seed_summary(migrated_db, cli):
+    result = cli("seed", "--database-url", migrated_db.cli_url)
+    assert result.exit_code == 0
+    assert "Seed 42 loaded" in result.stdout
+    assert migrated_db.scalar("SELECT count(*) FROM messages") == seed_module.DEFAULT_MESSAGES
+
+
+@pytest.fixture
+def seeded(migrated_db, cli):
+    payload = seed(
+        cli, migrated_db, "--users", "40", "--conversations", "500", "--messages", "6000", "--days", "90"
+    )
+    migrated_db.anchor = payload["anchor"]
+    return migrated_db
+
+
+def test_every_conversation_has_messages_strictly_ordered(seeded):
+    assert (
+        seeded.scalar(
+            "SELECT count(*) FROM conversations c WHERE NOT EXISTS"
+            " (SELECT 1 FROM messages m WHERE m.conversation_id = c.id)"
+        )
+        == 0
+    )
+    ties = seeded.scalar(
+        "SELECT count(*) FROM (SELECT created_at <= lag(created_at) OVER w AS bad FROM messages"
+        " WINDOW w AS (PARTITION BY conversation_id ORDER BY created_at, id)) s WHERE bad"
+    )
+    assert ties == 0
+
+
+def test_roles_alternate_like_a_chat(seeded):
+    rows = (
+        seeded.engine.connect()
+        .execute(
+            text(
+                "SELECT conversation_id, array_agg(role ORDER BY created_at)"
+                " FROM messages GROUP BY conversation_id"
+            )
+        )
+        .all()
+    )
+    system_first = 0
+    for _, roles in rows:
+        if roles[0] == "system":
+            system_first += 1
+            roles = roles[1:]
+        assert roles, "a system prompt alone is not a conversation"
+        expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
+        assert roles == expected
+    assert 0 < system_first < len(rows) / 4
+
+
+def test_message_contents(seeded):
+    assert seeded.scalar("SELECT max(char_length(content)) FROM messages WHERE role = 'user'") <= 1000
+    user_avg, assistant_avg = (
+        seeded.engine.connect()
+        .execute(
+            text(
+                "SELECT avg(char_length(content)) FILTER (WHERE role = 'user'),"
+                " avg(char_length(content)) FILTER (WHERE role = 'assistant') FROM messages"
+            )
+        )
+        .one()
+    )
+    assert assistant_avg > user_avg
+    bad_metadata = seeded.scalar(
+        "SELECT count(*) FROM messages WHERE role = 'assistant' AND NOT ("
+        " jsonb_typeof(metadata -> 'tools_used') = 'array'"
+        " AND jsonb_typeof(metadata -> 'model') = 'string'"
+        " AND jsonb_typeof(metadata -> 'processing_time_ms') = 'number')"
+    )
+    assert bad_metadata == 0
+    with_tools, total = (
+        seeded.engine.connect()
+        .execute(
+            text(
+                "SELECT count(*) FILTER (WHERE tool_calls IS NOT NULL AND tool_results IS NOT NULL), count(*)"
+                " FROM messages WHERE role = 'assistant'"
+            )
+        )
+        .one()
+    )
+    assert 0 < with_tools < total
+    assert (
+        seeded.scalar("SELECT count(*) FROM messages WHERE role <> 'assistant' AND tool_calls IS NOT NULL")
+        == 0
+    )
+
+
+def test_conversation_rows_match_their_messages(seeded):
+    mismatches = seeded.scalar(
+        """
+        SELECT count(*) FROM conversations c
+        JOIN LATERAL (
+            SELECT min(created_at) AS first_at, max(created_at) AS last_at,
+                   (array_agg(content ORDER BY created_at) FILTER (WHERE role = 'user'))[1] AS first_user
+            FROM messages m WHERE m.conversation_id = c.id
+        ) m ON true
+        WHERE c.created_at > m.first_at
+           OR c.updated_at <> m.last_at
+           OR NOT (c.title = m.first_user
+                   OR (c.title LIKE '%...' AND char_length(c.title) <= 60
+                       AND m.first_user LIKE left(c.title, -3) || '%'))
+        """
+    )
+    assert mismatches == 0
+
+
+def test_time_spread_and_lifecycle_shares(seeded):
+    anchor = seeded.anchor
+    outside = seeded.scalar(
+        "SELECT count(*) FROM messages WHERE created_at > CAST(:a AS timestamptz)"
+        " OR created_at < CAST(:a AS timestamptz) - interval '90 days'",
+        a=anchor,
+    )
+    assert outside == 0
+    archived, deleted, total = (
+        seeded.engine.connect()
+        .execute(
+            text(
+                "SELECT count(*) FILTER (WHERE status = 'archived'),"
+                " count(*) FILTER (WHERE deleted_at IS NOT NULL),"
+                " count(*) FROM conversations"
+            )
+        )
+        .one()
+    )
+    assert 0 < archived < total / 4
+    assert 0 < deleted < total / 4
+    assert (
+        seeded.scalar(
+            "SELECT count(*) FROM conversations"
+            " WHERE deleted_at < updated_at OR deleted_at > CAST(:a AS timestamptz)",
+            a=anchor,
+        )
+        == 0
+    )
+    assert (
+        seeded.scalar(
+            "SELECT count(*) FROM messages"
+            " WHERE deleted_at < created_at OR deleted_at > CAST(:a AS timestamptz)",
+            a=anchor,
+        )
+        == 0
+    )
+
+
+def test_heavy_and_light_users_and_a_long_tail(seeded):
+    busiest, median = (
+        seeded.engine.connect()
+        .execute(
+            text(
+                "SELECT max(n), percentile_cont(0.5) WITHIN GROUP (ORDER BY n)"
+                " FROM (SELECT count(*) AS n FROM conversations GROUP BY user_id) s"
+            )
+        )
+        .one()
+    )
+    assert busiest >= 4 * median
+    longest, mean = (
+        seeded.engine.connect()
+        .execute(
+            text("SELECT max(n), avg(n) FROM (SELECT count(*) AS n FROM messages GROUP BY conversation_id) s")
+        )
+        .one()
+    )
+    assert longest >= 4 * mean
+
+
+def test_schema_after_seeding_equals_head(migrated_db, pg_server, template_db, cli):
+    reference = pg_server.create_database("chatdb_seed_reference", template_db)
+    from sqlalchemy import create_engine
+
+    engine = create_engine(reference)
+    try:
+        with engine.connect() as connection:
+            expected = catalog.snapshot(connection, ALL_TABLES)
+    finally:
+        engine.dispose()
+        pg_server.drop_database("chatdb_seed_reference")
+    fast = seed(cli, migrated_db, "--conversations", "50", "--messages", "400")
+    assert fast["fast_path"] is True
+    assert expected.differences(snapshot(migrated_db)) == []
+    slow = seed(cli, migrated_db, "--seed", "7", "--conversations", "50", "--messages", "400")
+    assert slow["fast_path"] is False
+    assert expected.differences(snapshot(migrated_db)) == []
+    assert migrated_db.scalar("SELECT bool_and(indisvalid) FROM pg_index") is True
+
+
+CHECKSUM = """
+SELECT md5(string_agg(row_text, '|' ORDER BY row_text)) FROM (
+    SELECT concat_ws(',', id, email, name,
+                     extract(epoch FROM created_at - CAST(:a AS timestamptz))) AS row_text
+    FROM users WHERE id LIKE :p
+    UNION ALL
+    SELECT concat_ws(',', id, user_id, status, title, metadata::text,
+                     extract(epoch FROM created_at - CAST(:a AS timestamptz)),
+                     extract(epoch FROM updated_at - CAST(:a AS timestamptz)),
+                     extract(epoch FROM deleted_at - CAST(:a AS timestamptz)))
+    FROM conversations WHERE user_id LIKE :p
+    UNION ALL
+    SELECT concat_ws(',', id, conversation_id, user_id, role, md5(content), metadata::text,
+                     extract(epoch FROM created_at - CAST(:a AS timestamptz)),
+                     tool_calls::text, tool_results::text,
+                     extract(epoch FROM deleted_at - CAST(:a AS timestamptz)))
+    FROM messages WHERE user_id LIKE :p
+) rows
+"""
+
+
+def checksum(db, anchor: str, seed_value: int) -> str:
+    return db.scalar(CHECKSUM, a=anchor, p=f"seed-{seed_value}-%")
+
+
+def test_same_seed_same_rows_other_seed_other_rows(migrated_db, second_migrated_db, cli):
+    sizes = ("--users", "25", "--conversations", "120", "--messages", "1500")
+    first = seed(cli, migrated_db, *sizes, "--seed", "7")
+    second = seed(cli, second_migrated_db, *sizes, "--seed", "7")
+    assert first["anchor"] != second["anchor"]
+    assert checksum(migrated_db, first["anchor"], 7) == checksum(second_migrated_db, second["anchor"], 7)
+    # A seed beside another one, into tables that already hold rows (the slow path),
+    # gives the same rows as into empty tables.
+    beside = seed(cli, second_migrated_db, *sizes, "--seed", "8")
+    assert beside["fast_path"] is False
+    alone = seed(cli, migrated_db, *sizes, "--seed", "8")
+    assert checksum(second_migrated_db, beside["anchor"], 8) == checksum(migrated_db, alone["anchor"], 8)
+    assert checksum(migrated_db, alone["anchor"], 8) != checksum(migrated_db, first["anchor"], 7)
+
+
+def test_the_same_seed_twice_is_refused(migrated_db, cli):
+    seed(cli, migrated_db, "--conversations", "20", "--messages", "100")
+    again = cli("seed", "--conversations", "20", "--messages", "100", "--database-url", migrated_db.cli_url)
+    assert again.exit_code == 1
+    assert "already loaded" in one_error(again)
+    assert "--reset" in again.stderr and "--seed" in again.stderr
+    assert migrated_db.scalar("SELECT count(*) FROM messages") == 100
+
+
+REAL_USER = """
+INSERT INTO users (id, email) VALUES ('real-1', 'real@example.com'), ('seedling', 'not-a-seed@example.com');
+INSERT INTO conversations (id, user_id, title) VALUES
+    ('00000000-0000-4000-8000-000000000001', 'real-1', 'mine'),
+    ('00000000-0000-4000-8000-000000000002', 'seedling', 'also mine');
+INSERT INTO messages (conversation_id, user_id, role, content) VALUES
+    ('00000000-0000-4000-8000-000000000001', 'real-1', 'user', 'keep me'),
+    ('00000000-0000-4000-8000-000000000002', 'seedling', 'user', 'keep me too');
+INSERT INTO conversations_archive (id, user_id) VALUES ('00000000-0000-4000-8000-000000000003', 'real-1');
+INSERT INTO messages_archive (conversation_id, user_id, role, content)
+VALUES ('00000000-0000-4000-8000-000000000003', 'real-1', 'assistant', 'archived');
+"""
+
+REAL_ROWS = """
+SELECT md5(concat(
+    (SELECT string_agg(u::text, '|' ORDER BY id) FROM users u WHERE id NOT LIKE 'seed-%'),
+    (SELECT string_agg(c::text, '|' ORDER BY id) FROM conversations c WHERE user_id NOT LIKE 'seed-%'),
+    (SELECT string_agg(m::text, '|' ORDER BY id) FROM messages m WHERE user_id NOT LIKE 'seed-%'),
+    (SELECT string_agg(c::text, '|' ORDER BY id) FROM conversations_archive c),
+    (SELECT string_agg(m::text, '|' ORDER BY id) FROM messages_archive m)))
+"""
+
+
+def test_reset_deletes_only_seeded_rows(migrated_db, cli):
+    migrated_db.execute(REAL_USER)
+    before = migrated_db.scalar(REAL_ROWS)
+    seed(cli, migrated_db, "--conversations", "30", "--messages", "200")
+    seed(cli, migrated_db, "--conversations", "30", "--messages", "200", "--seed", "9")
+    refused = cli("seed", "--reset", "--database-url", migrated_db.cli_url)
+    assert refused.exit_code == 1
+    assert "--yes" in one_error(refused)
+    assert migrated_db.scalar("SELECT count(*) FROM users WHERE id LIKE 'seed-%'") == 40
+    payload = seed(cli, migrated_db, "--reset", "--yes", "--conversations", "30", "--messages", "200")
+    assert payload["reset"] == {"users": 40, "conversations": 60, "messages": 400}
+    assert migrated_db.scalar("SELECT count(*) FROM users WHERE id LIKE 'seed-9-%'") == 0
+    assert migrated_db.scalar("SELECT count(*) FROM messages WHERE user_id LIKE 'seed-42-%'") == 200
+    assert migrated_db.scalar(REAL_ROWS) == before
+
+
+def test_reset_truncates_when_the_seed_owns_everything(migrated_db, cli):
+    seed(cli, migrated_db, "--conversations", "30", "--messages", "200")
+    migrated_db.execute("INSERT INTO users (id) VALUES ('real-without-conversations')")
+    removed = seed_module.reset(migrated_db.engine)
+    assert (removed.users, removed.conversations, removed.messages) == (20, 30, 200)
+    assert migrated_db.scalar("SELECT count(*) FROM messages") == 0
+    assert migrated_db.scalar("SELECT count(*) FROM conversations") == 0
+    assert migrated_db.scalar("SELECT id FROM users") == "real-without-conversations"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--users", "0"],
+        ["--conversations", "-1"],
+        ["--messages", "0"],
+        ["--messages", "10", "--conversations", "20"],
+        ["--days", "0"],
+        ["--days", "100000"],
+        ["--seed", "-1"],
+        ["--messages", "ten"],
+    ],
+)
+def test_bad_input_exits_2(migrated_db, cli, args):
+    result = cli("seed", *args, "--database-url", migrated_db.cli_url)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert migrated_db.scalar("SELECT count(*) FROM users") == 0
+
+
+APP_USERS = """
+CREATE TABLE users (
+    id text PRIMARY KEY,
+    name text NOT NULL,
+    email text NOT NULL UNIQUE,
+    email_verified boolean NOT NULL,
+    image text,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    plan text NOT NULL DEFAULT 'free'
+)
+"""
+
+
+def test_an_application_users_table_is_respected(empty_db, cli):
+    empty_db.execute(APP_USERS)
+    assert cli("migrate", "--database-url", empty_db.cli_url).exit_code == 0
+    seed(cli, empty_db, "--users", "10", "--conversations", "20", "--messages", "60")
+    row = (
+        empty_db.engine.connect()
+        .execute(
+            text(
+                "SELECT count(*), bool_and(name <> ''), bool_and(email LIKE '%@example.%'),"
+                " bool_and(NOT email_verified), bool_and(plan = 'free'), bool_and(image IS NULL),"
+                " bool_and(created_at <= updated_at) FROM users"
+            )
+        )
+        .one()
+    )
+    assert tuple(row) == (10, True, True, True, True, True, True)
+
+
+def test_a_users_column_the_seed_cannot_fill_is_refused(empty_db, cli):
+    empty_db.execute(APP_USERS.replace("plan text NOT NULL DEFAULT 'free'", "tenant_id integer NOT NULL"))
+    assert cli("migrate", "--database-url", empty_db.cli_url).exit_code == 0
+    result = cli("seed", "--database-url", empty_db.cli_url)
+    assert result.exit_code == 1
+    assert "tenant_id" in one_error(result)
+    assert empty_db.scalar("SELECT count(*) FROM users") == 0
+
+
+def _wait_for_messages_copy(db, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with db.engine.connect() as connection:
+        while time.monotonic() < deadline:
+            copying = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND state = 'active' AND query LIKE 'COPY \"messages\"%'"
+                )
+            ).scalar()
+            connection.rollback()
+            if copying:
+                return
+            time.sleep(0.02)
+    raise AssertionError("the seed never started copying messages")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interruption_leaves_nothing(migrated_db, signum, code):
+    before = snapshot(migrated_db)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
+    process = subprocess.Popen(
+        [
+            *(str(CHATDB), "seed", "--messages", "400000", "--conversations", "20000", "--users", "4000"),
+            *("--database-url", migrated_db.cli_url),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_messages_copy(migrated_db)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert len([line for line in stderr.splitlines() if line.strip()]) == 1
+    for table in ("users", "conversations", "messages"):
+        assert migrated_db.scalar(f"SELECT count(*) FROM {table}") == 0
+    assert before.differences(snapshot(migrated_db)) == []
