@@ -5,10 +5,11 @@ Determinism: every row (ids included) comes from ``random.Random`` streams deriv
 the database clock at the start of the run. Two runs with the same seed and sizes differ
 only by that anchor.
 
-Speed: rows are written as COPY text built from pre-escaped pools of content. Into empty
-tables the load takes them over (the fast path): in one transaction it drops their
-indexes and constraints, copies, rebuilds every index and constraint from
-``chatdb.schema``. Tables that already hold rows are loaded with their
+Speed: rows are written as COPY text built from pre-escaped pools of content, by a forked
+child process, so that generating rows in Python and parsing them in PostgreSQL each
+have a core. Into empty tables the load takes them over (the fast path): in one
+transaction it drops their indexes and constraints, copies, and rebuilds every index and
+constraint from ``chatdb.schema``. Tables that already hold rows are loaded with their
 constraints in place, taking no lock stronger than an INSERT's. Either way the whole seed
 is one transaction: interrupted, it leaves nothing.
 """
@@ -19,6 +20,7 @@ import bisect
 import contextlib
 import datetime as dt
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -112,7 +114,13 @@ class ResetResult:
 
 # --- content ---------------------------------------------------------------------------------
 
-_TOOLS = ("add_task", "list_tasks", "complete_task", "update_task", "delete_task")
+_NOUNS = (
+    "groceries", "dentist appointment", "car insurance", "electricity bill", "library books",
+    "birthday present", "passport", "plants", "gym membership", "quarterly report", "slides",
+    "invoice", "flight", "hotel", "vet appointment", "kitchen sink", "bike", "tax return",
+    "team lunch", "photos", "recycling", "laundry", "oil change", "lease", "newsletter",
+    "budget", "garden", "printer", "meeting notes", "wedding RSVP", "parcel", "prescription",
+)  # fmt: skip
 _MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini")
 _VERBS = (
     "buy", "call", "email", "book", "pay", "fix", "clean", "schedule", "renew", "return",
@@ -159,7 +167,7 @@ class _Turn:
 
 
 def _build_turns(rng: random.Random, fake) -> list[_Turn]:
-    nouns = [fake.word() for _ in range(400)]
+    nouns = _NOUNS
     sentences = [fake.sentence(nb_words=rng.randint(6, 16)) for _ in range(1_500)]
     turns = []
     for number in range(_TURN_POOL):
@@ -283,7 +291,7 @@ class _Plan:
         order = list(range(request.users))
         rng.shuffle(order)
         weights = [1.0 / (rank + 1) ** 1.07 for rank in range(request.users)]
-        cumulative = list(_accumulate(weights))
+        cumulative = list(itertools.accumulate(weights))
         total = cumulative[-1]
         owners = array("i", bytes(4 * request.conversations))
         for index in range(request.conversations):
@@ -316,13 +324,6 @@ class _Plan:
 
     def message_rng(self, index: int) -> random.Random:
         return random.Random(self.message_seed ^ (index * 0x9E3779B97F4A7C15))
-
-
-def _accumulate(values: list[float]) -> Iterator[float]:
-    running = 0.0
-    for value in values:
-        running += value
-        yield running
 
 
 @dataclass
