@@ -3,7 +3,8 @@
     python bench/bench_seed.py                      # 1,000,000 messages / 50,000 conversations / 10,000 users
     python bench/bench_seed.py --messages 100000    # smaller sizes keep the same proportions
 
-For each size, on a fresh database migrated to head (a copy of one template), end to end
+In each round (three by default, alternating, medians reported: the machines are shared
+and noisy), on a fresh database migrated to head (a copy of one template), end to end
 with Python start included:
 
 - chatdb:   `chatdb seed --users U --conversations C --messages M` as a subprocess;
@@ -22,6 +23,7 @@ import argparse
 import datetime as dt
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,8 +77,7 @@ def naive_load(url: str, users: int, conversations: int, messages: int, seed: in
                     )
             columns = "id, user_id, status, created_at, updated_at, title, metadata, deleted_at"
             with cursor.copy(f"COPY conversations ({columns}) FROM STDIN") as copy:
-                for index in range(conversations):
-                    c = chatdb_seed._conversation(plan, index, len(turns), request.days)
+                for c in plan.conversations(len(turns)):
                     copy.write_row(
                         (
                             uuid.UUID(c.id),
@@ -93,9 +94,8 @@ def naive_load(url: str, users: int, conversations: int, messages: int, seed: in
                 "id, conversation_id, user_id, role, content, metadata, created_at, tool_calls, tool_results"
             )
             with cursor.copy(f"COPY messages ({columns}) FROM STDIN") as copy:
-                for index in range(conversations):
-                    c = chatdb_seed._conversation(plan, index, len(turns), request.days)
-                    rng = plan.message_rng(index)
+                rng = plan.message_rng()
+                for c in plan.conversations(len(turns)):
                     conversation_id = uuid.UUID(c.id)
                     turn = turns[c.first_turn].raw
                     for position, before in enumerate(chatdb_seed._message_times(c, rng)):
@@ -163,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="chatdb seed benchmark")
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--naive", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each contender; medians are reported")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 100,000-message memory run")
     args = parser.parse_args()
     messages = args.messages
@@ -189,11 +190,26 @@ def main() -> None:
         created.append(name)
         return url.set(database=name, drivername="postgresql").render_as_string(hide_password=False)
 
-    def chatdb_seed(size: int) -> tuple[float, int]:
-        target = fresh(f"chatdb_{size}")
+    def drop(target: str) -> None:
+        name = target.rsplit("/", 1)[1].split("?", 1)[0]
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    def chatdb_seed(size: int, label: str) -> tuple[float, int]:
+        target = fresh(f"chatdb_{size}_{label}")
         command = [*chatdb_command, "seed", "--database-url", target, "--seed", "7"]
         command += ["--users", str(size // 100), "--conversations", str(size // 20), "--messages", str(size)]
-        return run(command)
+        try:
+            return run(command)
+        finally:
+            drop(target)
+
+    def naive(label: str) -> tuple[float, int]:
+        target = fresh(f"naive_{label}")
+        try:
+            return run([sys.executable, __file__, "--messages", str(messages), "--naive", target])
+        finally:
+            drop(target)
 
     try:
         with admin.connect() as connection:
@@ -202,19 +218,24 @@ def main() -> None:
         migrations.upgrade(engine)
         engine.dispose()
 
-        ours, ours_rss = chatdb_seed(messages)
-        base, base_rss = run(
-            [sys.executable, __file__, "--messages", str(messages), "--naive", fresh("naive")]
-        )
+        ours_runs, base_runs = [], []
+        for number in range(args.rounds):  # alternating, so drift hits both alike
+            ours_runs.append(chatdb_seed(messages, str(number)))
+            base_runs.append(naive(str(number)))
+        ours = statistics.median(seconds for seconds, _ in ours_runs)
+        base = statistics.median(seconds for seconds, _ in base_runs)
+        ours_rss = max(rss for _, rss in ours_runs)
         print(f"size: {users:,} users, {conversations:,} conversations, {messages:,} messages")
-        for label, seconds, rss in (("chatdb seed", ours, ours_rss), ("naive COPY", base, base_rss)):
+        for label, runs in (("chatdb seed", ours_runs), ("naive COPY", base_runs)):
+            seconds = statistics.median(t for t, _ in runs)
             print(
                 f"{label:12s} {seconds:7.2f} s  {messages / seconds:9,.0f} messages/s"
-                f"  peak RSS {rss / 2**20:6.0f} MB"
+                f"  peak RSS {max(r for _, r in runs) / 2**20:6.0f} MB"
+                f"  (runs: {', '.join(f'{t:.2f}' for t, _ in runs)} s)"
             )
-        print(f"speed-up: {base / ours:.2f}x the naive baseline (target >= 3x, aim 4x)")
+        print(f"speed-up: {base / ours:.2f}x the naive baseline, medians (target >= 3x, aim 4x)")
         if not args.skip_memory and messages > 100_000:
-            _, small_rss = chatdb_seed(100_000)
+            _, small_rss = chatdb_seed(100_000, "memory")
             print(
                 f"peak RSS: {small_rss / 2**20:.0f} MB at 100,000 messages, {ours_rss / 2**20:.0f} MB at "
                 f"{messages:,} (target < 250 MB, flat)"

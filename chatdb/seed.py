@@ -315,15 +315,18 @@ class _Plan:
         for _, index in remainders[: extra - assigned]:
             lengths[index] += 1
         self.lengths = lengths
-        self.user_seed = rng.getrandbits(64)
         self.conversation_seed = rng.getrandbits(64)
         self.message_seed = rng.getrandbits(64)
 
-    def conversation_rng(self, index: int) -> random.Random:
-        return random.Random(self.conversation_seed ^ (index * 0x9E3779B97F4A7C15))
+    def conversations(self, turns: int) -> Iterator[_Conversation]:
+        """Every conversation's row, in order. Each pass over the conversations walks the
+        same random stream from its start, so every pass sees the same conversations."""
+        rng = random.Random(self.conversation_seed)
+        for index in range(self.request.conversations):
+            yield _conversation(self, index, rng, turns)
 
-    def message_rng(self, index: int) -> random.Random:
-        return random.Random(self.message_seed ^ (index * 0x9E3779B97F4A7C15))
+    def message_rng(self) -> random.Random:
+        return random.Random(self.message_seed)
 
 
 @dataclass
@@ -345,21 +348,31 @@ class _Conversation:
 
 # The assistant answers in seconds; the user comes back after minutes, hours or, now and
 # then, days (log-normal, median e**4.5 s = 90 s).
+_CONVERSATION_METADATA = tuple(_json({"source": source}) for source in ("web", "ios", "android"))
 _ANSWER_SECONDS = (0.5, 25.0)
 _RETURN_MU, _RETURN_SIGMA, _RETURN_CAP = 4.5, 1.8, 20 * 86_400.0
 
 
-def _conversation(plan: _Plan, index: int, turns: int, days: int) -> _Conversation:
+def _return_gaps() -> tuple[float, ...]:
+    """4096 draws from a fixed stream: picking from a table is cheaper than exp(gauss())
+    per gap, and as deterministic."""
+    rng = random.Random(0x6A95)
+    return tuple(min(math.exp(rng.gauss(_RETURN_MU, _RETURN_SIGMA)), _RETURN_CAP) for _ in range(4096))
+
+
+_RETURN_GAPS = _return_gaps()
+
+
+def _conversation(plan: _Plan, index: int, rng: random.Random, turns: int) -> _Conversation:
     """One conversation's row, in constant time (the messages' own times come later, in
     ``_message_times``, scaled to fit between its first and last message)."""
-    rng = plan.conversation_rng(index)
     length = plan.lengths[index]
     system_first = length >= 2 and rng.random() < SYSTEM_FIRST_SHARE
     answers = (length - int(system_first)) // 2
     returns = max(length - 1 - answers, 0)
     span_seconds = answers * 8.0 + returns * 90.0 * math.exp(rng.gauss(0.0, 1.0))
     span = max(int(span_seconds * 1_000_000), (length - 1) * 1_000)
-    window = days * 86_400_000_000
+    window = plan.request.days * 86_400_000_000
     span = min(span, window // 2)
     last_before = min(int(rng.random() ** 1.6 * window), window - span)  # recent activity is denser
     first_before = last_before + span
@@ -375,7 +388,7 @@ def _conversation(plan: _Plan, index: int, turns: int, days: int) -> _Conversati
         last_before=last_before,
         status="archived" if rng.random() < ARCHIVED_SHARE else "active",
         deleted_before=deleted_before,
-        metadata=_json({"source": rng.choice(("web", "ios", "android"))}) if rng.random() < 0.5 else "\\N",
+        metadata=_CONVERSATION_METADATA[int(rng.random() * 3)] if rng.random() < 0.5 else "\\N",
     )
 
 
@@ -384,12 +397,12 @@ def _message_times(c: _Conversation, rng: random.Random) -> list[int]:
     from ``first_before`` to ``last_before`` exactly."""
     if c.length == 1:
         return [c.first_before]
-    gaps = []
-    for position in range(1, c.length):
-        if (position - c.system_first) % 2:
-            gaps.append(_ANSWER_SECONDS[0] + rng.random() * (_ANSWER_SECONDS[1] - _ANSWER_SECONDS[0]))
-        else:
-            gaps.append(min(math.exp(rng.gauss(_RETURN_MU, _RETURN_SIGMA)), _RETURN_CAP))
+    random_ = rng.random
+    low, width = _ANSWER_SECONDS[0], _ANSWER_SECONDS[1] - _ANSWER_SECONDS[0]
+    gaps = [
+        low + random_() * width if (position - c.system_first) % 2 else _RETURN_GAPS[int(random_() * 4096)]
+        for position in range(1, c.length)
+    ]
     # Scale the gaps to the span, keeping each at least a millisecond.
     span = c.first_before - c.last_before
     spare = span - 1_000 * len(gaps)
@@ -595,22 +608,22 @@ def _all_chunks(
 
     fake = Faker("en_US")
     fake.seed_instance(request.seed)
-    content_rng = random.Random(request.seed ^ 0x5EED)
-    turns = _build_turns(content_rng, fake)
-    user_metadata = [_json(m) if m else "\\N" for m in _user_metadata_pool(content_rng)]
     clock = _Clock(anchor)
-    plan = _Plan(request)
-
+    # Users first: the parent copies them while this process builds the rest.
     done = 0
-    for chunk in _user_rows(request, plan, fake, clock, user_columns):
+    for chunk in _user_rows(request, fake, clock, user_columns):
         if chunk:
             done += chunk.count("\n")
             yield chunk.encode(), done
     yield b"", done
 
+    content_rng = random.Random(request.seed ^ 0x5EED)
+    turns = _build_turns(content_rng, fake)
+    user_metadata = [_json(m) if m else "\\N" for m in _user_metadata_pool(content_rng)]
+    plan = _Plan(request)
+
     lines: list[str] = []
-    for index in range(request.conversations):
-        c = _conversation(plan, index, len(turns), request.days)
+    for index, c in enumerate(plan.conversations(len(turns))):
         deleted = clock(c.deleted_before) if c.deleted_before is not None else "\\N"
         lines.append(
             f"{c.id}\t{c.user_id}\t{c.status}\t{clock(c.created_before)}\t{clock(c.last_before)}"
@@ -640,11 +653,10 @@ def _message_chunks(
     written = 0
     anchor_us, dates, hms = clock.anchor_us, clock.dates, clock.hms
     n_turns, n_meta = len(turns), len(user_metadata)
-    for index in range(request.conversations):
-        c = _conversation(plan, index, n_turns, request.days)
-        rng = plan.message_rng(index)
-        random_ = rng.random
-        randbytes = rng.randbytes
+    rng = plan.message_rng()
+    random_ = rng.random
+    randbytes = rng.randbytes
+    for c in plan.conversations(n_turns):
         prefix = f"\t{c.id}\t{c.user_id}\t"
         times = _message_times(c, rng)
         stamps = []
@@ -748,10 +760,8 @@ def _in_child(chunks: Iterator[tuple[bytes, int]]) -> Iterator[tuple[bytes, int]
         raise RuntimeError(f"the message generator stopped unexpectedly (status {status})")
 
 
-def _user_rows(
-    request: SeedRequest, plan: _Plan, fake, clock: _Clock, columns: list[tuple[str, str]]
-) -> Iterator[str]:
-    rng = random.Random(plan.user_seed)
+def _user_rows(request: SeedRequest, fake, clock: _Clock, columns: list[tuple[str, str]]) -> Iterator[str]:
+    rng = random.Random(request.seed ^ 0x05E25)
     firsts = [fake.first_name() for _ in range(300)]
     lasts = [fake.last_name() for _ in range(300)]
     domains = ("example.com", "example.org", "example.net")
