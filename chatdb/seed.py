@@ -146,7 +146,32 @@ def _copy_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-_SYSTEM_PROMPTS_COPY = tuple(_copy_escape(prompt) for prompt in _SYSTEM_PROMPTS)
+# COPY's binary format: each field is a 4-byte length (-1 for NULL) and the value in the
+# type's binary representation.
+_BIN_NULL = b"\xff\xff\xff\xff"
+_BIN_UUID = b"\x00\x00\x00\x10"
+_BIN_TIMESTAMP = b"\x00\x00\x00\x08"
+_BIN_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_BIN_TRAILER = b"\xff\xff"
+_POSTGRES_EPOCH_US = 946_684_800_000_000  # 2000-01-01 UTC, in Unix microseconds
+_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+
+
+def _bin_text(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack(">i", len(data)) + data
+
+
+def _bin_jsonb(value: object) -> bytes:
+    if value is None:
+        return _BIN_NULL
+    data = b"\x01" + json.dumps(value, ensure_ascii=False, separators=(", ", ": ")).encode()
+    return struct.pack(">i", len(data)) + data
+
+
+_SYSTEM_PROMPTS_BIN = tuple(_bin_text(prompt) for prompt in _SYSTEM_PROMPTS)
+_ROLES_BIN = {role: _bin_text(role) for role in ("user", "assistant", "system")}
 
 
 def _json(value: object) -> str:
@@ -155,15 +180,16 @@ def _json(value: object) -> str:
 
 @dataclass(frozen=True)
 class _Turn:
-    """A user message and the assistant's answer, pre-escaped for COPY."""
+    """A user message and the assistant's answer, as COPY binary fields (length-prefixed),
+    and the title as COPY text."""
 
-    user: str
+    user: bytes
     title: str
-    assistant: str
-    metadata: str  # assistant metadata, JSON
-    tool_calls: str  # JSON or \N
-    tool_results: str  # JSON or \N
-    raw: tuple  # the same, unescaped Python values (for benchmarks' naive baseline)
+    assistant: bytes
+    metadata: bytes  # assistant metadata, jsonb
+    tool_calls: bytes  # jsonb or NULL
+    tool_results: bytes  # jsonb or NULL
+    raw: tuple  # the same, as Python values (for benchmarks' naive baseline)
 
 
 def _build_turns(rng: random.Random, fake) -> list[_Turn]:
@@ -225,12 +251,12 @@ def _build_turns(rng: random.Random, fake) -> list[_Turn]:
             result_list = [{"tool_call_id": cid, "output": {"status": "ok"}} for cid in call_ids]
         turns.append(
             _Turn(
-                _copy_escape(user),
+                _bin_text(user),
                 _copy_escape(title),
-                _copy_escape(reply),
-                _json(metadata),
-                _json(call_list) if call_list else "\\N",
-                _json(result_list) if result_list else "\\N",
+                _bin_text(reply),
+                _bin_jsonb(metadata),
+                _bin_jsonb(call_list),
+                _bin_jsonb(result_list),
                 (user, title, reply, metadata, call_list, result_list),
             )
         )
@@ -546,10 +572,13 @@ def _rebuild(connection: Connection) -> None:
                 connection.execute(AddConstraint(constraint))
 
 
-def _copy(connection: Connection, table: str, columns: list[str], chunks: Iterator[bytes]) -> None:
+def _copy(
+    connection: Connection, table: str, columns: list[str], chunks: Iterator[bytes], *, binary: bool = False
+) -> None:
     raw = connection.connection.driver_connection
     quoted = ", ".join(f'"{c}"' for c in columns)
-    with raw.cursor() as cursor, cursor.copy(f'COPY "{table}" ({quoted}) FROM STDIN') as copy:
+    options = " (FORMAT binary)" if binary else ""
+    with raw.cursor() as cursor, cursor.copy(f'COPY "{table}" ({quoted}) FROM STDIN{options}') as copy:
         for chunk in chunks:
             copy.write(chunk)
 
@@ -595,7 +624,9 @@ def _load(
                 yield chunk
                 report(table, offset + done, request.rows)
 
-        _copy(connection, table, columns, rows())
+        # Messages travel in COPY's binary format: ids and timestamps are packed, not
+        # formatted as text by Python and parsed again by the server.
+        _copy(connection, table, columns, rows(), binary=table == "messages")
     for _ in frames:  # reach the end of the stream, and the child's exit status
         raise RuntimeError("the generator produced more tables than expected")
 
@@ -619,7 +650,7 @@ def _all_chunks(
 
     content_rng = random.Random(request.seed ^ 0x5EED)
     turns = _build_turns(content_rng, fake)
-    user_metadata = [_json(m) if m else "\\N" for m in _user_metadata_pool(content_rng)]
+    user_metadata = [_bin_jsonb(m) for m in _user_metadata_pool(content_rng)]
     plan = _Plan(request)
 
     lines: list[str] = []
@@ -643,68 +674,90 @@ def _all_chunks(
 
 
 def _message_chunks(
-    request: SeedRequest, plan: _Plan, turns: list[_Turn], user_metadata: list[str], clock: _Clock
+    request: SeedRequest, plan: _Plan, turns: list[_Turn], user_metadata: list[bytes], clock: _Clock
 ) -> Iterator[tuple[bytes, int]]:
-    """COPY text of every message, in chunks, with the number of messages so far. The hot
-    loop: formatting is inlined (ids, timestamps) because it runs once per message."""
-    lines: list[str] = []
-    append = lines.append
+    """Every message as COPY binary rows, in chunks, with the number of messages so far.
+    The hot loop: it runs once per message, so ids and timestamps are packed inline."""
+    rows: list[bytes] = [_BIN_HEADER]
+    append = rows.append
     size = 0
     written = 0
-    anchor_us, dates, hms = clock.anchor_us, clock.dates, clock.hms
+    epoch = clock.anchor_us - _POSTGRES_EPOCH_US  # the anchor, in PostgreSQL's epoch
+    pack_time = struct.Struct(">q").pack
     n_turns, n_meta = len(turns), len(user_metadata)
+    user_role, assistant_role = _ROLES_BIN["user"], _ROLES_BIN["assistant"]
     rng = plan.message_rng()
     random_ = rng.random
-    randbytes = rng.randbytes
+    bits = rng.getrandbits
+    clear, set_ = _UUID4_CLEAR, _UUID4_SET
     for c in plan.conversations(n_turns):
-        prefix = f"\t{c.id}\t{c.user_id}\t"
+        owner = _BIN_UUID + bytes.fromhex(c.id.replace("-", "")) + _bin_text(c.user_id)
         times = _message_times(c, rng)
-        stamps = []
-        for before in times:
-            day, in_day = divmod(anchor_us - before, 86_400_000_000)
-            second, micros = divmod(in_day, 1_000_000)
-            date = dates.get(day) or clock.date(day)
-            stamps.append(f"{date} {hms[second]}.{micros:06d}+00")
         position = 0
         if c.system_first:
-            prompt = _SYSTEM_PROMPTS_COPY[int(random_() * len(_SYSTEM_PROMPTS_COPY))]
-            h = randbytes(16).hex()
+            prompt = _SYSTEM_PROMPTS_BIN[int(random_() * len(_SYSTEM_PROMPTS_BIN))]
             append(
-                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-                f"{prefix}system\t{prompt}\t\\N\t{stamps[0]}\t\\N\t\\N\t\\N\n"
+                b"\x00\x0a"
+                + _BIN_UUID
+                + ((bits(128) & clear) | set_).to_bytes(16)
+                + owner
+                + _ROLES_BIN["system"]
+                + prompt
+                + _BIN_NULL
+                + _BIN_TIMESTAMP
+                + pack_time(epoch - times[0])
+                + _BIN_NULL * 3
             )
             position = 1
         turn = turns[c.first_turn]
         length = c.length
         while position < length:
+            before = times[position]
             if random_() < MESSAGE_SOFT_DELETED_SHARE:
-                deleted = clock(int(random_() * times[position]))
+                deleted = _BIN_TIMESTAMP + pack_time(epoch - int(random_() * before))
             else:
-                deleted = "\\N"
-            h = randbytes(16).hex()
+                deleted = _BIN_NULL
             append(
-                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-                f"{prefix}user\t{turn.user}\t{user_metadata[int(random_() * n_meta)]}"
-                f"\t{stamps[position]}\t\\N\t\\N\t{deleted}\n"
+                b"\x00\x0a"
+                + _BIN_UUID
+                + ((bits(128) & clear) | set_).to_bytes(16)
+                + owner
+                + user_role
+                + turn.user
+                + user_metadata[int(random_() * n_meta)]
+                + _BIN_TIMESTAMP
+                + pack_time(epoch - before)
+                + _BIN_NULL
+                + _BIN_NULL
+                + deleted
             )
             position += 1
             if position == length:
                 break
-            h = randbytes(16).hex()
             append(
-                f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
-                f"{prefix}assistant\t{turn.assistant}\t{turn.metadata}\t{stamps[position]}"
-                f"\t{turn.tool_calls}\t{turn.tool_results}\t\\N\n"
+                b"\x00\x0a"
+                + _BIN_UUID
+                + ((bits(128) & clear) | set_).to_bytes(16)
+                + owner
+                + assistant_role
+                + turn.assistant
+                + turn.metadata
+                + _BIN_TIMESTAMP
+                + pack_time(epoch - times[position])
+                + turn.tool_calls
+                + turn.tool_results
+                + _BIN_NULL
             )
             position += 1
             turn = turns[int(random_() * n_turns)]
         written += length
         size += length
         if size >= _CHUNK_MESSAGES:
-            yield "".join(lines).encode(), written
-            lines.clear()
+            yield b"".join(rows), written
+            rows.clear()
             size = 0
-    yield "".join(lines).encode(), written
+    append(_BIN_TRAILER)
+    yield b"".join(rows), written
 
 
 _FRAME = struct.Struct("<QQ")  # payload length, rows so far

@@ -35,6 +35,12 @@ def one_error(result) -> str:
     return errors[0]
 
 
+def query(db, statement, **params):
+    """The buffered result of ``statement``, on a connection that is closed again."""
+    with db.engine.connect() as connection:
+        return connection.execute(statement, params).freeze()()
+
+
 def snapshot(db):
     with db.engine.connect() as connection:
         return catalog.snapshot(connection, ALL_TABLES)
@@ -84,16 +90,13 @@ def test_every_conversation_has_messages_strictly_ordered(seeded):
 
 
 def test_roles_alternate_like_a_chat(seeded):
-    rows = (
-        seeded.engine.connect()
-        .execute(
-            text(
-                "SELECT conversation_id, array_agg(role ORDER BY created_at)"
-                " FROM messages GROUP BY conversation_id"
-            )
-        )
-        .all()
-    )
+    rows = query(
+        seeded,
+        text(
+            "SELECT conversation_id, array_agg(role ORDER BY created_at)"
+            " FROM messages GROUP BY conversation_id"
+        ),
+    ).all()
     system_first = 0
     for _, roles in rows:
         if roles[0] == "system":
@@ -107,16 +110,13 @@ def test_roles_alternate_like_a_chat(seeded):
 
 def test_message_contents(seeded):
     assert seeded.scalar("SELECT max(char_length(content)) FROM messages WHERE role = 'user'") <= 1000
-    user_avg, assistant_avg = (
-        seeded.engine.connect()
-        .execute(
-            text(
-                "SELECT avg(char_length(content)) FILTER (WHERE role = 'user'),"
-                " avg(char_length(content)) FILTER (WHERE role = 'assistant') FROM messages"
-            )
-        )
-        .one()
-    )
+    user_avg, assistant_avg = query(
+        seeded,
+        text(
+            "SELECT avg(char_length(content)) FILTER (WHERE role = 'user'),"
+            " avg(char_length(content)) FILTER (WHERE role = 'assistant') FROM messages"
+        ),
+    ).one()
     assert assistant_avg > user_avg
     bad_metadata = seeded.scalar(
         "SELECT count(*) FROM messages WHERE role = 'assistant' AND NOT ("
@@ -125,16 +125,13 @@ def test_message_contents(seeded):
         " AND jsonb_typeof(metadata -> 'processing_time_ms') = 'number')"
     )
     assert bad_metadata == 0
-    with_tools, total = (
-        seeded.engine.connect()
-        .execute(
-            text(
-                "SELECT count(*) FILTER (WHERE tool_calls IS NOT NULL AND tool_results IS NOT NULL), count(*)"
-                " FROM messages WHERE role = 'assistant'"
-            )
-        )
-        .one()
-    )
+    with_tools, total = query(
+        seeded,
+        text(
+            "SELECT count(*) FILTER (WHERE tool_calls IS NOT NULL AND tool_results IS NOT NULL), count(*)"
+            " FROM messages WHERE role = 'assistant'"
+        ),
+    ).one()
     assert 0 < with_tools < total
     assert (
         seeded.scalar("SELECT count(*) FROM messages WHERE role <> 'assistant' AND tool_calls IS NOT NULL")
@@ -169,17 +166,14 @@ def test_time_spread_and_lifecycle_shares(seeded):
         a=anchor,
     )
     assert outside == 0
-    archived, deleted, total = (
-        seeded.engine.connect()
-        .execute(
-            text(
-                "SELECT count(*) FILTER (WHERE status = 'archived'),"
-                " count(*) FILTER (WHERE deleted_at IS NOT NULL),"
-                " count(*) FROM conversations"
-            )
-        )
-        .one()
-    )
+    archived, deleted, total = query(
+        seeded,
+        text(
+            "SELECT count(*) FILTER (WHERE status = 'archived'),"
+            " count(*) FILTER (WHERE deleted_at IS NOT NULL),"
+            " count(*) FROM conversations"
+        ),
+    ).one()
     assert 0 < archived < total / 4
     assert 0 < deleted < total / 4
     assert (
@@ -201,24 +195,18 @@ def test_time_spread_and_lifecycle_shares(seeded):
 
 
 def test_heavy_and_light_users_and_a_long_tail(seeded):
-    busiest, median = (
-        seeded.engine.connect()
-        .execute(
-            text(
-                "SELECT max(n), percentile_cont(0.5) WITHIN GROUP (ORDER BY n)"
-                " FROM (SELECT count(*) AS n FROM conversations GROUP BY user_id) s"
-            )
-        )
-        .one()
-    )
+    busiest, median = query(
+        seeded,
+        text(
+            "SELECT max(n), percentile_cont(0.5) WITHIN GROUP (ORDER BY n)"
+            " FROM (SELECT count(*) AS n FROM conversations GROUP BY user_id) s"
+        ),
+    ).one()
     assert busiest >= 4 * median
-    longest, mean = (
-        seeded.engine.connect()
-        .execute(
-            text("SELECT max(n), avg(n) FROM (SELECT count(*) AS n FROM messages GROUP BY conversation_id) s")
-        )
-        .one()
-    )
+    longest, mean = query(
+        seeded,
+        text("SELECT max(n), avg(n) FROM (SELECT count(*) AS n FROM messages GROUP BY conversation_id) s"),
+    ).one()
     assert longest >= 4 * mean
 
 
@@ -378,17 +366,14 @@ def test_an_application_users_table_is_respected(empty_db, cli):
     empty_db.execute(APP_USERS)
     assert cli("migrate", "--database-url", empty_db.cli_url).exit_code == 0
     seed(cli, empty_db, "--users", "10", "--conversations", "20", "--messages", "60")
-    row = (
-        empty_db.engine.connect()
-        .execute(
-            text(
-                "SELECT count(*), bool_and(name <> ''), bool_and(email LIKE '%@example.%'),"
-                " bool_and(NOT email_verified), bool_and(plan = 'free'), bool_and(image IS NULL),"
-                " bool_and(created_at <= updated_at) FROM users"
-            )
-        )
-        .one()
-    )
+    row = query(
+        empty_db,
+        text(
+            "SELECT count(*), bool_and(name <> ''), bool_and(email LIKE '%@example.%'),"
+            " bool_and(NOT email_verified), bool_and(plan = 'free'), bool_and(image IS NULL),"
+            " bool_and(created_at <= updated_at) FROM users"
+        ),
+    ).one()
     assert tuple(row) == (10, True, True, True, True, True, True)
 
 
