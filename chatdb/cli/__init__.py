@@ -33,8 +33,19 @@ app = typer.Typer(
 app.add_typer(migrate.app, name="migrate")
 app.command("seed")(handle_errors(seed_command.seed))
 
-embedded_app = typer.Typer(help="The embedded PostgreSQL used when no URL is configured.")
+embedded_app = typer.Typer()
 app.add_typer(embedded_app, name="embedded")
+
+
+@embedded_app.callback()
+def embedded_group() -> None:
+    """The embedded PostgreSQL that chatdb uses when no database URL is configured. It
+    keeps running between commands; its data lives in CHATDB_HOME (default ./.chatdb).
+
+    Example:
+
+        chatdb embedded url && chatdb embedded stop
+    """
 
 
 def _version(value: bool) -> None:

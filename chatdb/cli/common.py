@@ -112,10 +112,18 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def _fail(message: str, code: int, hint: str | None = None) -> typer.Exit:
+def report_error(message: str, hint: str | None = None) -> None:
+    """One red line on stderr, and a hint line when there is one."""
     err.print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
     if hint:
         err.print(f"hint: {hint}", soft_wrap=True)
+
+
+def _fail(message: str, code: int, hint: str | None = None, json_command: str | None = None) -> typer.Exit:
+    """The error on stderr; with --json, also the one JSON object on stdout."""
+    report_error(message, hint)
+    if json_command is not None:
+        print_json(json_command, False, error=message, exit_code=code, hint=hint)
     return typer.Exit(code)
 
 
@@ -125,7 +133,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = next((a for a in (*args, *kwargs.values()) if isinstance(a, typer.Context)), None)
+        ctx = kwargs.get("ctx")  # every command that touches a database takes ctx
+        json_command = _command_name(ctx) if kwargs.get("as_json") else None
         url = None
         if ctx is not None and settings(ctx).database is not None:
             url = settings(ctx).database.url
@@ -138,17 +147,17 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ChatdbError as exc:
             if ctx is not None and settings(ctx).database is not None:
                 url = settings(ctx).database.url
-            raise _fail(db.mask_text(exc.message, url), exc.exit_code, exc.hint) from None
+            raise _fail(db.mask_text(exc.message, url), exc.exit_code, exc.hint, json_command) from None
         except DBAPIError as exc:
             if ctx is not None and settings(ctx).database is not None:
                 url = settings(ctx).database.url
             message = db.mask_text(" ".join(str(exc.orig).split()), url)
             code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
-            raise _fail(f"database error: {message}", code) from None
+            raise _fail(f"database error: {message}", code, json_command=json_command) from None
         except KeyboardInterrupt:
-            raise _fail("interrupted", EXIT_INTERRUPTED) from None
+            raise _fail("interrupted", EXIT_INTERRUPTED, json_command=json_command) from None
         except Terminated:
-            raise _fail("terminated", EXIT_TERMINATED) from None
+            raise _fail("terminated", EXIT_TERMINATED, json_command=json_command) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
@@ -159,12 +168,22 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 f"internal error: {message}",
                 EXIT_PROBLEM,
                 "set CHATDB_DEBUG=1 for the traceback, and please report it",
+                json_command,
             ) from None
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _command_name(ctx: typer.Context | None) -> str:
+    """The command as the user typed it, without the program name: "migrate status"."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(names)
 
 
 def _in_main_thread() -> bool:

@@ -19,9 +19,11 @@ from chatdb.cli.common import (
     open_engine,
     out,
     print_json,
+    report_error,
+    settings,
     table,
 )
-from chatdb.errors import EXIT_PROBLEM
+from chatdb.errors import EXIT_PROBLEM, UsageError
 
 app = typer.Typer(no_args_is_help=False)
 
@@ -54,6 +56,16 @@ def migrate(
         chatdb migrate --to 0003 --database-url postgresql://ops@db.internal/chat
     """
     if ctx.invoked_subcommand is not None:
+        # Options given between `migrate` and the subcommand apply to the subcommand.
+        state = settings(ctx)
+        if database_url is not None:
+            state.database_url = database_url
+        if connect_timeout is not None:
+            state.connect_timeout = connect_timeout
+        if to != "head" or as_json:
+            raise UsageError(
+                f"--to and --json go after the subcommand (`chatdb migrate {ctx.invoked_subcommand} ...`)"
+            )
         return
     _upgrade(ctx, to, as_json, database_url, connect_timeout)
 
@@ -188,6 +200,7 @@ def status(
     with disposing(open_engine(ctx, "migrate status", database_url, connect_timeout)) as engine:
         state = migrations.status(engine)
     failed = not state.known or (check and bool(state.pending))
+    problem = None if state.known else migrations.unknown_revision(state.current or "")
     if as_json:
         print_json(
             "migrate status",
@@ -197,6 +210,7 @@ def status(
             pending=[r.id for r in state.pending],
             known=state.known,
             up_to_date=state.up_to_date,
+            **({"error": problem.message} if problem else {}),
         )
     else:
         out.print(f"current: {_show(state.current)}")
@@ -209,10 +223,10 @@ def status(
                     ((r.id, r.message) for r in state.pending),
                 )
             )
-        else:
+        elif state.known:
             out.print("Up to date.")
-    if not state.known:
-        raise migrations.unknown_revision(state.current or "")
+    if problem:
+        report_error(problem.message, problem.hint)
     if failed:
         raise typer.Exit(EXIT_PROBLEM)
 
