@@ -1,0 +1,965 @@
+"""``chatdb archive`` and ``chatdb purge``: cold storage and retention, in short batches.
+
+hot tables -> archive (``archive``) -> gone (``purge``). A conversation always moves or
+goes whole, with all its messages. The rules that keep other people's data safe:
+
+- The cutoff is taken once, from the database clock, before the first batch
+  (``now() - make_interval(secs => N)``: exact seconds, whatever the session's time zone).
+- Each batch is one short transaction. Its conversations are locked with
+  ``FOR UPDATE SKIP LOCKED`` by a query whose WHERE clause PostgreSQL re-checks on the
+  newest row version once the lock is granted, so a conversation that just received a
+  message (the application bumps ``updated_at`` in the same transaction) is never taken.
+  Adding a message takes a ``FOR KEY SHARE`` lock on its conversation, which conflicts
+  with our ``FOR UPDATE``: a conversation being written to is skipped, and no message can
+  be added to one we hold.
+- Keyset iteration in index order, so a run never rescans the dead tuples of earlier
+  batches; rows skipped because another session held them are visited again by a sweep
+  from the start before the run ends.
+- ``lock_timeout`` and ``statement_timeout`` on every batch; lock timeouts, deadlocks and
+  serialization failures are retried with backoff and a smaller batch.
+- One lifecycle run per database at a time (see ``_Guard``), and an audit row in
+  ``chatdb_runs`` for every run, updated in the same transaction as each batch so that
+  its counts are exactly what was committed, even after SIGKILL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import os
+import re
+import socket
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    Connection,
+    Engine,
+    Select,
+    Table,
+    TextClause,
+    any_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.exc import DBAPIError
+
+from chatdb import db, migrations, patterns
+from chatdb.errors import StateError, UsageError
+from chatdb.schema import (
+    chatdb_runs,
+    conversations,
+    conversations_archive,
+    messages,
+    messages_archive,
+)
+
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_DELETED_GRACE = "30d"
+
+#: A batch aims at this duration; its size in conversations adapts to it.
+TARGET_BATCH_SECONDS = 0.08
+FIRST_BATCH_SIZE = 50
+LOCK_TIMEOUT = "500ms"
+STATEMENT_TIMEOUT = "60s"
+#: Attempts of one batch before a persistent lock conflict ends the run.
+MAX_ATTEMPTS = 6
+#: Sweeps that find every remaining row locked by another session before the run gives up.
+MAX_LOCKED_SWEEPS = 8
+#: A run that has not renewed its heartbeat for this long is reported as stalled.
+LEASE_SECONDS = 60
+
+#: Retried: lock_not_available, deadlock_detected, serialization_failure, query_canceled
+#: (statement_timeout; retried with a smaller batch), foreign_key_violation (a user
+#: deleted while we copied their conversation).
+_RETRYABLE = {"55P03", "40P01", "40001", "57014", "23503"}
+
+#: The advisory lock that makes a run the only one: "chat", "life".
+_GUARD_KEY = (0x63686174, 0x6C696665)
+
+
+# --- durations -----------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+_DURATION = re.compile(r"(?:\d+[a-z]+)+")
+_PART = re.compile(r"(\d+)([a-z]+)")
+MAX_DURATION_SECONDS = 36_525 * 86_400  # 100 years
+
+
+@dataclass(frozen=True)
+class Duration:
+    text: str
+    seconds: int
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_duration(raw: str, option: str = "duration") -> Duration:
+    """``90d``, ``12h``, ``1d12h``, ``2w``: whole numbers with a unit (s, m, h, d, w).
+    Units are exact: a day is 86,400 seconds."""
+    value = raw.strip().lower()
+    expected = "expected a whole number and a unit (s, m, h, d, w), such as 90d or 1d12h"
+    if not _DURATION.fullmatch(value):
+        raise UsageError(f"invalid {option} {raw!r}: {expected}")
+    seconds = 0
+    seen: set[str] = set()
+    for number, unit in _PART.findall(value):
+        if unit not in _UNITS:
+            raise UsageError(f"invalid {option} {raw!r}: unknown unit {unit!r}; {expected}")
+        if unit in seen:
+            raise UsageError(f"invalid {option} {raw!r}: the unit {unit!r} appears twice")
+        seen.add(unit)
+        seconds += int(number) * _UNITS[unit]
+    if seconds <= 0:
+        raise UsageError(f"invalid {option} {raw!r}: it must be longer than zero")
+    if seconds > MAX_DURATION_SECONDS:
+        raise UsageError(f"invalid {option} {raw!r}: more than 100 years")
+    return Duration(value, seconds)
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Rows moved or deleted: in the hot tables, and in the archive tables."""
+
+    conversations: int = 0
+    messages: int = 0
+    archive_conversations: int = 0
+    archive_messages: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.conversations += other.conversations
+        self.messages += other.messages
+        self.archive_conversations += other.archive_conversations
+        self.archive_messages += other.archive_messages
+
+    def plus(self, other: Tally) -> Tally:
+        total = Tally(**self.as_dict())
+        total.add(other)
+        return total
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "conversations": self.conversations,
+            "messages": self.messages,
+            "archive_conversations": self.archive_conversations,
+            "archive_messages": self.archive_messages,
+        }
+
+    @property
+    def rows(self) -> int:
+        return self.conversations + self.messages + self.archive_conversations + self.archive_messages
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do: its cutoffs, taken from the database clock, and (when counted)
+    exactly how many rows match them now."""
+
+    command: str
+    cutoff: dt.datetime | None = None
+    deleted_cutoff: dt.datetime | None = None
+    counts: Tally | None = None
+    # archive restore: the conversations to bring back
+    conversation_ids: tuple[uuid.UUID, ...] = ()
+    user_id: str | None = None
+
+
+@dataclass
+class RunResult:
+    command: str
+    run_id: int | None
+    plan: Plan
+    done: Tally = field(default_factory=Tally)
+    complete: bool = True
+    stopped_by: str | None = None  # "interrupted", "terminated" or "max-runtime"
+    remaining: Tally | None = None
+    batches: int = 0
+    longest_transaction_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+    exported: int = 0
+    took_over: list[int] = field(default_factory=list)  # earlier runs found dead
+
+    @property
+    def outcome(self) -> str:
+        return "interrupted" if self.stopped_by in ("interrupted", "terminated") else "succeeded"
+
+
+@dataclass
+class RunOptions:
+    """How a run proceeds. ``should_stop`` returns a reason ("interrupted", "terminated")
+    once the user asked to stop; the run ends after the batch in flight."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_runtime: Duration | None = None
+    should_stop: Callable[[], str | None] = lambda: None
+    progress: Callable[[Tally], None] | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+
+
+# --- plans ---------------------------------------------------------------------------------
+
+
+def _ids_param(ids: Sequence[uuid.UUID]):
+    return literal(list(ids), ARRAY(UUID(as_uuid=True)))
+
+
+def _cutoff(connection: Connection, duration: Duration) -> dt.datetime:
+    return connection.execute(
+        select(func.now() - func.make_interval(0, 0, 0, 0, 0, 0, literal(duration.seconds)))
+    ).scalar_one()
+
+
+def _count(connection: Connection, query: Select) -> int:
+    return int(connection.execute(select(func.count()).select_from(query.subquery())).scalar_one())
+
+
+def _archivable(cutoff: Any):
+    c = conversations.c
+    return (c.updated_at < cutoff) & c.deleted_at.is_(None)
+
+
+def _purgeable(table: Table, cutoff: Any, deleted_cutoff: Any):
+    c = table.c
+    return or_(c.updated_at < cutoff, c.deleted_at < deleted_cutoff)
+
+
+def _archive_counts(connection: Connection, cutoff: Any) -> Tally:
+    chosen = select(conversations.c.id).where(_archivable(cutoff))
+    return Tally(
+        conversations=_count(connection, chosen),
+        messages=_count(connection, select(messages.c.id).where(messages.c.conversation_id.in_(chosen))),
+    )
+
+
+def _purge_counts(connection: Connection, cutoff: Any, deleted_cutoff: Any) -> Tally:
+    found = []
+    for parent, child in ((conversations, messages), (conversations_archive, messages_archive)):
+        chosen = select(parent.c.id).where(_purgeable(parent, cutoff, deleted_cutoff))
+        found.append(_count(connection, chosen))
+        # A soft-deleted message goes with its conversation, or on its own.
+        found.append(
+            _count(
+                connection,
+                select(child.c.id).where(
+                    or_(child.c.deleted_at < deleted_cutoff, child.c.conversation_id.in_(chosen))
+                ),
+            )
+        )
+    return Tally(*found)
+
+
+def plan_archive(engine: Engine, older_than: Duration, *, count: bool = True) -> Plan:
+    """The cutoff of an archive run and, with ``count``, what it would move now."""
+    migrations.require_head(engine)
+    with engine.connect() as connection:
+        cutoff = _cutoff(connection, older_than)
+        counts = _archive_counts(connection, cutoff) if count else None
+    return Plan("archive", cutoff=cutoff, counts=counts)
+
+
+def plan_purge(engine: Engine, older_than: Duration, deleted_grace: Duration, *, count: bool = True) -> Plan:
+    """The cutoffs of a purge run and, with ``count``, what it would delete now."""
+    migrations.require_head(engine)
+    with engine.connect() as connection:
+        cutoff = _cutoff(connection, older_than)
+        deleted_cutoff = _cutoff(connection, deleted_grace)
+        counts = _purge_counts(connection, cutoff, deleted_cutoff) if count else None
+    return Plan("purge", cutoff=cutoff, deleted_cutoff=deleted_cutoff, counts=counts)
+
+
+def plan_restore(
+    engine: Engine, conversation_ids: Sequence[uuid.UUID] = (), user_id: str | None = None
+) -> Plan:
+    """What ``archive restore`` would bring back. Every named conversation must be in the
+    archive; nothing is restored otherwise."""
+    if bool(conversation_ids) == (user_id is not None):
+        raise UsageError("give either --conversation (one or more) or --user")
+    migrations.require_head(engine)
+    ids = tuple(dict.fromkeys(conversation_ids))
+    with engine.connect() as connection:
+        chosen = _restorable(ids, user_id)
+        found = set(connection.execute(chosen).scalars())
+        if ids:
+            missing = [str(i) for i in ids if i not in found]
+            if missing:
+                hot = set(
+                    connection.execute(
+                        select(conversations.c.id).where(conversations.c.id == any_(_ids_param(ids)))
+                    ).scalars()
+                )
+                where = [
+                    f"{m} ({'not archived' if uuid.UUID(m) in hot else 'not found'})" for m in missing[:5]
+                ]
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise StateError(
+                    f"{len(missing)} of the given conversations are not in the archive: "
+                    f"{', '.join(where)}{more}",
+                    hint="nothing was restored",
+                )
+        counts = Tally(
+            archive_conversations=len(found),
+            archive_messages=_count(
+                connection,
+                select(messages_archive.c.id).where(messages_archive.c.conversation_id.in_(chosen)),
+            ),
+        )
+    return Plan("archive restore", counts=counts, conversation_ids=ids, user_id=user_id)
+
+
+def _restorable(ids: Sequence[uuid.UUID], user_id: str | None) -> Select:
+    c = conversations_archive.c
+    if ids:
+        return select(c.id).where(c.id == any_(_ids_param(ids)))
+    return select(c.id).where(c.user_id == user_id)
+
+
+# --- the guard -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RunningRun:
+    id: int
+    command: str
+    started_at: dt.datetime
+    heartbeat_age: float
+    db_user: str
+    client_host: str | None
+    client_pid: int | None
+
+    def describe(self) -> str:
+        where = f" on {self.client_host}" if self.client_host else ""
+        pid = f" (pid {self.client_pid})" if self.client_pid else ""
+        return (
+            f"{self.command} run {self.id}, started {self.started_at:%Y-%m-%d %H:%M:%S%z} by "
+            f"{self.db_user}{where}{pid}, last heartbeat {self.heartbeat_age:.0f} s ago"
+        )
+
+
+class _Guard:
+    """One lifecycle run per database at a time.
+
+    The holder keeps a transaction open on a connection of its own holding a
+    transaction-level advisory lock. The lock dies with the process: on a direct
+    connection the server ends the session when the client's socket closes, and a
+    transaction pooler closes a server connection whose client left mid-transaction. It
+    needs no session state, so it works through PgBouncer in transaction mode. The
+    transaction runs no query between heartbeats (READ COMMITTED, no snapshot held, no
+    transaction id), so it does not hold back vacuum.
+
+    The ``running`` row in ``chatdb_runs`` (one at most, by a unique partial index) says
+    who holds the guard; its ``heartbeat_at`` is renewed with every batch. A run that
+    finds the lock free and a ``running`` row left behind marks that row ``interrupted``.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.connection = engine.connect()
+        self.held = False
+
+    def acquire(self, work: Connection) -> list[int]:
+        """Take the guard; return the ids of dead runs marked interrupted."""
+        guard = self.connection
+        guard.begin()
+        guard.execute(text("SELECT set_config('idle_in_transaction_session_timeout', '0', true)"))
+        if not guard.execute(text("SELECT pg_try_advisory_xact_lock(:a, :b)"), _guard_params()).scalar():
+            guard.rollback()
+            running = _running_run(work)
+            what = running.describe() if running else "another run is starting"
+            raise StateError(
+                f"another archive or purge run is in progress: {what}",
+                hint="wait for it to finish; only one lifecycle run works on a database at a time",
+            )
+        self.held = True
+        with work.begin():
+            stale = (
+                work.execute(
+                    update(chatdb_runs)
+                    .where(chatdb_runs.c.outcome == "running")
+                    .values(
+                        outcome="interrupted",
+                        finished_at=func.now(),
+                        error="the run ended without finishing (its process or connection died)",
+                    )
+                    .returning(chatdb_runs.c.id)
+                )
+                .scalars()
+                .all()
+            )
+        return list(stale)
+
+    def check(self) -> None:
+        """Prove the guard is still held (its connection alive), before a batch commits."""
+        try:
+            self.connection.execute(text("SELECT 1"))
+        except DBAPIError:
+            raise StateError(
+                "lost the connection that holds the run's guard; stopped to keep runs from overlapping",
+                hint="run the command again",
+            ) from None
+
+    def release(self) -> None:
+        try:
+            if self.held and self.connection.in_transaction():
+                self.connection.rollback()
+        except DBAPIError:
+            pass
+        finally:
+            self.held = False
+            self.connection.close()
+
+
+def _guard_params() -> dict[str, int]:
+    return {"a": _GUARD_KEY[0], "b": _GUARD_KEY[1]}
+
+
+def _running_run(connection: Connection) -> _RunningRun | None:
+    r = chatdb_runs.c
+    with connection.begin():
+        row = connection.execute(
+            select(
+                r.id,
+                r.command,
+                r.started_at,
+                func.extract("epoch", func.now() - r.heartbeat_at),
+                r.db_user,
+                r.client_host,
+                r.client_pid,
+            ).where(r.outcome == "running")
+        ).first()
+    if row is None:
+        return None
+    return _RunningRun(row[0], row[1], row[2], float(row[3]), row[4], row[5], row[6])
+
+
+# --- the export file -----------------------------------------------------------------------
+
+
+class _Export:
+    """Moved conversations as JSON lines, one per conversation with its messages, in
+    ``.jsonl`` or ``.jsonl.gz``. Each batch is appended (a gzip member of its own) and
+    fsynced before the batch commits; a batch that fails to commit is cut off again. An
+    incomplete tail left by a crash is cut off when the file is opened."""
+
+    def __init__(self, path: Path) -> None:
+        name = path.name.lower()
+        if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
+            raise UsageError(f"--export {path}: the file name must end in .jsonl or .jsonl.gz")
+        self.path = path
+        self.compressed = name.endswith(".gz")
+        try:
+            self.file = open(path, "ab")  # noqa: SIM115 - open for the whole run
+            self.file.truncate(self._complete_length())
+        except OSError as exc:
+            raise UsageError(f"cannot write --export {path}: {exc.strerror}") from None
+        self.file.seek(0, os.SEEK_END)
+        self.mark = self.file.tell()
+
+    def _complete_length(self) -> int:
+        with open(self.path, "rb") as existing:
+            if not self.compressed:
+                data = existing.read()
+                return data.rfind(b"\n") + 1
+            good = position = 0
+            decompressor = zlib.decompressobj(31)
+            pending = b""
+            while True:
+                chunk = pending or existing.read(1 << 20)
+                pending = b""
+                if not chunk:
+                    return good
+                try:
+                    decompressor.decompress(chunk)
+                except zlib.error:
+                    return good
+                position += len(chunk) - len(decompressor.unused_data)
+                if decompressor.eof:
+                    good = position
+                    pending = decompressor.unused_data
+                    decompressor = zlib.decompressobj(31)
+
+    def write(self, lines: list[str]) -> None:
+        data = "".join(line + "\n" for line in lines).encode()
+        if self.compressed:
+            data = gzip.compress(data, compresslevel=6, mtime=0)
+        self.mark = self.file.tell()
+        self.file.write(data)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def undo(self) -> None:
+        """The batch just written did not commit."""
+        self.file.truncate(self.mark)
+        self.file.seek(self.mark)
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _export_lines(connection: Connection, ids: Sequence[uuid.UUID]) -> list[str]:
+    """One JSON object per conversation, as it was in the hot tables (without
+    ``archived_at``, so that a batch written twice gives identical lines)."""
+    return list(
+        connection.execute(
+            text(
+                "SELECT jsonb_build_object("
+                " 'conversation', to_jsonb(c) - 'archived_at',"
+                " 'messages', coalesce((SELECT jsonb_agg(to_jsonb(m) - 'archived_at'"
+                "   ORDER BY m.created_at, m.id) FROM messages_archive m WHERE m.conversation_id = c.id),"
+                "   '[]'::jsonb))::text"
+                " FROM conversations_archive c WHERE c.id = ANY(:ids) ORDER BY c.updated_at, c.id"
+            ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))),
+            {"ids": list(ids)},
+        ).scalars()
+    )
+
+
+# --- moving and deleting -------------------------------------------------------------------
+
+
+def _move(source: Table, target: Table, key: str, columns: Table) -> TextClause:
+    """Delete rows from ``source`` and insert them, as deleted, into ``target``, in one
+    statement: a row changed concurrently is moved in its newest version, never an older
+    copy of it. Identifiers come from chatdb.schema."""
+    names = ", ".join(f'"{column.name}"' for column in columns.c)
+    return text(
+        f'WITH moved AS (DELETE FROM "{source.name}" WHERE "{key}" = ANY(:ids) RETURNING {names})'
+        f' INSERT INTO "{target.name}" ({names}) SELECT {names} FROM moved'
+    ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+
+
+def _copy(source: Table, target: Table) -> TextClause:
+    names = ", ".join(f'"{column.name}"' for column in conversations.c)
+    return text(
+        f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}" WHERE id = ANY(:ids)'
+    ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+
+
+_ARCHIVE_CONVERSATIONS = _copy(conversations, conversations_archive)
+_ARCHIVE_MESSAGES = _move(messages, messages_archive, "conversation_id", messages)
+_RESTORE_CONVERSATIONS = _copy(conversations_archive, conversations)
+_RESTORE_MESSAGES = _move(messages_archive, messages, "conversation_id", messages)
+
+
+def _archive_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+    params = {"ids": ids}
+    connection.execute(_ARCHIVE_CONVERSATIONS, params)
+    moved_messages = connection.execute(_ARCHIVE_MESSAGES, params).rowcount
+    # No message remains to cascade to: adding one needs a lock on its conversation,
+    # which this transaction holds.
+    moved = connection.execute(
+        delete(conversations).where(conversations.c.id == any_(_ids_param(ids)))
+    ).rowcount
+    return Tally(conversations=moved, messages=moved_messages)
+
+
+def _restore_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+    params = {"ids": ids}
+    connection.execute(_RESTORE_CONVERSATIONS, params)
+    restored_messages = connection.execute(_RESTORE_MESSAGES, params).rowcount
+    restored = connection.execute(
+        delete(conversations_archive).where(conversations_archive.c.id == any_(_ids_param(ids)))
+    ).rowcount
+    return Tally(archive_conversations=restored, archive_messages=restored_messages)
+
+
+def _delete_conversations(parent: Table, child: Table, hot: bool) -> Callable[[Connection, list], Tally]:
+    def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+        # Messages first, so that they are counted; the cascade then finds none.
+        n_messages = connection.execute(
+            delete(child).where(child.c.conversation_id == any_(_ids_param(ids)))
+        ).rowcount
+        n_conversations = connection.execute(
+            delete(parent).where(parent.c.id == any_(_ids_param(ids)))
+        ).rowcount
+        if hot:
+            return Tally(conversations=n_conversations, messages=n_messages)
+        return Tally(archive_conversations=n_conversations, archive_messages=n_messages)
+
+    return apply
+
+
+def _delete_messages(table: Table, hot: bool) -> Callable[[Connection, list], Tally]:
+    def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+        n = connection.execute(delete(table).where(table.c.id == any_(_ids_param(ids)))).rowcount
+        return Tally(messages=n) if hot else Tally(archive_messages=n)
+
+    return apply
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """One kind of work: which rows, in which order, and what to do with a batch of them.
+
+    ``pick(limit, after)`` selects ``(id, key)`` of up to ``limit`` rows after the keyset
+    position ``after`` = (key, id), locked FOR UPDATE SKIP LOCKED. ``pending`` is true
+    while any row still matches (locked or not)."""
+
+    name: str
+    pick: Callable[[int, tuple | None], Select]
+    pending: Select
+    apply: Callable[[Connection, list[uuid.UUID]], Tally]
+    export: bool = False
+
+
+def _locked(query: Select) -> Select:
+    return query.with_for_update(skip_locked=True)
+
+
+def _archive_phases(plan: Plan) -> list[_Phase]:
+    c = conversations.c
+    return [
+        _Phase(
+            "archive idle conversations",
+            lambda limit, after: _locked(
+                patterns.idle_conversations(conversations, plan.cutoff, limit, after).where(
+                    c.deleted_at.is_(None)
+                )
+            ),
+            select(exists().where(_archivable(plan.cutoff))),
+            _archive_batch,
+            export=True,
+        )
+    ]
+
+
+def _purge_phases(plan: Plan) -> list[_Phase]:
+    phases = []
+    for parent, child, hot in (
+        (conversations, messages, True),
+        (conversations_archive, messages_archive, False),
+    ):
+        where = "" if hot else " (archive)"
+        phases += [
+            _Phase(
+                f"idle conversations{where}",
+                lambda limit, after, t=parent: _locked(
+                    patterns.idle_conversations(t, plan.cutoff, limit, after)
+                ),
+                select(exists().where(parent.c.updated_at < plan.cutoff)),
+                _delete_conversations(parent, child, hot),
+            ),
+            _Phase(
+                f"soft-deleted conversations{where}",
+                lambda limit, after, t=parent: _locked(
+                    patterns.soft_deleted(t, plan.deleted_cutoff, limit, after)
+                ),
+                select(exists().where(parent.c.deleted_at < plan.deleted_cutoff)),
+                _delete_conversations(parent, child, hot),
+            ),
+            _Phase(
+                f"soft-deleted messages{where}",
+                lambda limit, after, t=child: _locked(
+                    patterns.soft_deleted(t, plan.deleted_cutoff, limit, after)
+                ),
+                select(exists().where(child.c.deleted_at < plan.deleted_cutoff)),
+                _delete_messages(child, hot),
+            ),
+        ]
+    return phases
+
+
+def _restore_phases(plan: Plan) -> list[_Phase]:
+    c = conversations_archive.c
+    chosen = _restorable(plan.conversation_ids, plan.user_id)
+
+    def pick(limit: int, after: tuple | None) -> Select:
+        query = chosen.add_columns(c.id)  # (id, key): the key is the id itself
+        if after is not None:
+            query = query.where(c.id > after[1])
+        return _locked(query.order_by(c.id).limit(limit))
+
+    return [
+        _Phase(
+            "restore archived conversations",
+            pick,
+            select(exists(chosen)),
+            _restore_batch,
+        )
+    ]
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+class _Runner:
+    def __init__(self, engine: Engine, plan: Plan, options: RunOptions, export: _Export | None) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.options = options
+        self.export = export
+        self.size = min(options.batch_size, FIRST_BATCH_SIZE)
+        self.started = time.monotonic()
+        self.deadline = self.started + options.max_runtime.seconds if options.max_runtime else None
+        self.result = RunResult(plan.command, None, plan)
+        self.connection: Connection | None = None
+
+    # The run --------------------------------------------------------------------------
+
+    def run(self, phases: list[_Phase]) -> RunResult:
+        guard = _Guard(self.engine)
+        try:
+            with self.engine.connect() as connection:
+                self.connection = connection
+                self.result.took_over = guard.acquire(connection)
+                self.guard = guard
+                self.result.run_id = self._open_run()
+                try:
+                    for phase in phases:
+                        if not self._drain(phase):
+                            break
+                except BaseException as exc:
+                    self._close_run("failed" if isinstance(exc, Exception) else "interrupted", exc)
+                    raise
+                self._close_run(self.result.outcome, None)
+        finally:
+            guard.release()
+            self.result.elapsed_seconds = time.monotonic() - self.started
+        return self.result
+
+    def _stop_reason(self) -> str | None:
+        reason = self.options.should_stop()
+        if reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            reason = "max-runtime"
+        return reason
+
+    def _drain(self, phase: _Phase) -> bool:
+        """Work through one phase; False when the run was asked to stop."""
+        after: tuple | None = None
+        locked_sweeps = 0
+        while True:
+            reason = self._stop_reason()
+            if reason is not None:
+                self.result.stopped_by = reason
+                self.result.complete = False
+                return False
+            picked, last = self._batch(phase, after)
+            if picked:
+                after = last
+                locked_sweeps = 0
+                continue
+            if not self._pending(phase):
+                return True
+            if after is None:
+                # A sweep from the start found only rows that other sessions hold.
+                locked_sweeps += 1
+                if locked_sweeps > MAX_LOCKED_SWEEPS:
+                    raise StateError(
+                        f"{phase.name}: some rows stayed locked by other sessions and were left as they are",
+                        hint="run the command again later; `chatdb status` shows this run",
+                    )
+                time.sleep(min(0.05 * 2**locked_sweeps, 2.0))
+            after = None  # sweep again from the start for the rows skipped as locked
+
+    def _pending(self, phase: _Phase) -> bool:
+        assert self.connection is not None
+        with self.connection.begin():
+            return bool(self.connection.execute(phase.pending).scalar())
+
+    def _batch(self, phase: _Phase, after: tuple | None) -> tuple[int, tuple | None]:
+        connection = self.connection
+        assert connection is not None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            started = time.monotonic()
+            written = False
+            try:
+                with connection.begin():
+                    connection.execute(
+                        text(
+                            "SELECT set_config('lock_timeout', :lock, true),"
+                            " set_config('statement_timeout', :statement, true),"
+                            # A batch lost by a server crash is simply done again.
+                            " set_config('synchronous_commit', 'off', true),"
+                            " set_config('TimeZone', 'UTC', true)"
+                        ),
+                        {"lock": LOCK_TIMEOUT, "statement": STATEMENT_TIMEOUT},
+                    )
+                    rows = connection.execute(phase.pick(self.size, after)).all()
+                    if not rows:
+                        return 0, after
+                    ids = [row[0] for row in rows]
+                    tally = phase.apply(connection, ids)
+                    self._heartbeat(self.result.done.plus(tally))
+                    if phase.export and self.export is not None:
+                        lines = _export_lines(connection, ids)
+                        self.export.write(lines)
+                        written = True
+                    self.guard.check()
+                break
+            except DBAPIError as exc:
+                if written and self.export is not None:
+                    self.export.undo()
+                code = getattr(exc.orig, "sqlstate", None)
+                if code not in _RETRYABLE or attempt == MAX_ATTEMPTS:
+                    if code in _RETRYABLE:
+                        raise StateError(
+                            f"{phase.name}: gave up after {MAX_ATTEMPTS} attempts: {_one_line(exc)}",
+                            hint="another session keeps these rows locked; run the command again later",
+                        ) from None
+                    raise
+                self.size = max(1, self.size // 2)
+                time.sleep(min(0.1 * 2**attempt, 3.0))
+            except BaseException:
+                if written and self.export is not None:
+                    self.export.undo()
+                raise
+        elapsed = time.monotonic() - started
+        self.result.batches += 1
+        self.result.longest_transaction_seconds = max(self.result.longest_transaction_seconds, elapsed)
+        self.result.done.add(tally)
+        if phase.export and self.export is not None:
+            self.result.exported += len(ids)
+        self._adapt(len(rows), elapsed)
+        if self.options.progress is not None:
+            self.options.progress(self.result.done)
+        return len(rows), (rows[-1][1], rows[-1][0])
+
+    def _adapt(self, rows: int, elapsed: float) -> None:
+        """Size the next batch so its transaction takes about TARGET_BATCH_SECONDS. A
+        conversation too large for that is still handled alone, in one transaction."""
+        if rows < self.size:
+            return  # a short batch (the end of a pass) says little about the speed
+        wanted = rows * TARGET_BATCH_SECONDS / max(elapsed, 1e-4)
+        self.size = int(min(max(wanted, self.size / 2, 1), self.size * 2, self.options.batch_size))
+
+    # The audit row --------------------------------------------------------------------
+
+    def _open_run(self) -> int:
+        connection = self.connection
+        assert connection is not None
+        with connection.begin():
+            return connection.execute(
+                insert(chatdb_runs)
+                .values(
+                    command=self.plan.command,
+                    arguments=_masked(self.options.arguments),
+                    cutoff=self.plan.cutoff,
+                    client_host=socket.gethostname()[:255],
+                    client_pid=os.getpid(),
+                    counts={"planned": self.plan.counts.as_dict()} if self.plan.counts else {},
+                )
+                .returning(chatdb_runs.c.id)
+            ).scalar_one()
+
+    def _counts(self, done: Tally) -> dict[str, Any]:
+        counts: dict[str, Any] = dict(done.as_dict())
+        if self.plan.counts is not None:
+            counts["planned"] = self.plan.counts.as_dict()
+        if self.plan.deleted_cutoff is not None:
+            counts["deleted_cutoff"] = self.plan.deleted_cutoff.isoformat()
+        if self.result.exported:
+            counts["exported"] = self.result.exported
+        return counts
+
+    def _heartbeat(self, done: Tally) -> None:
+        assert self.connection is not None
+        renewed = self.connection.execute(
+            update(chatdb_runs)
+            .where(chatdb_runs.c.id == self.result.run_id, chatdb_runs.c.outcome == "running")
+            .values(heartbeat_at=func.now(), counts=self._counts(done))
+        ).rowcount
+        if not renewed:
+            raise StateError(
+                f"run {self.result.run_id} is no longer marked running in chatdb_runs; stopped",
+                hint="another run may have taken over; see `chatdb status`",
+            )
+
+    def _close_run(self, outcome: str, exc: BaseException | None) -> None:
+        if self.result.run_id is None:
+            return
+        error = None
+        if exc is not None:
+            error = exc.message if isinstance(exc, StateError) else _one_line(exc) or type(exc).__name__
+        if outcome == "succeeded" and not self.result.complete:
+            self.result.remaining = _remaining(self.engine, self.plan)
+        counts = self._counts(self.result.done)
+        counts["complete"] = self.result.complete
+        if self.result.stopped_by:
+            counts["stopped_by"] = self.result.stopped_by
+        if self.result.remaining is not None:
+            counts["remaining"] = self.result.remaining.as_dict()
+        values = {"outcome": outcome, "finished_at": func.now(), "counts": counts, "error": error}
+        statement = update(chatdb_runs).where(chatdb_runs.c.id == self.result.run_id).values(**values)
+        try:
+            assert self.connection is not None
+            if self.connection.in_transaction():
+                self.connection.rollback()
+            with self.connection.begin():
+                self.connection.execute(statement)
+        except DBAPIError:
+            # The run's connection is gone; the next run marks this one interrupted.
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(statement)
+            except DBAPIError:
+                pass
+
+
+def _remaining(engine: Engine, plan: Plan) -> Tally | None:
+    """What still matches the run's cutoffs, when it stopped early."""
+    if plan.command not in ("archive", "purge"):
+        return None
+    with engine.connect() as connection:
+        if plan.command == "archive":
+            return _archive_counts(connection, plan.cutoff)
+        return _purge_counts(connection, plan.cutoff, plan.deleted_cutoff)
+
+
+def _masked(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {key: db.mask_text(value) if isinstance(value, str) else value for key, value in arguments.items()}
+
+
+def _one_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", exc)
+    return " ".join(str(orig).split())
+
+
+# --- the commands --------------------------------------------------------------------------
+
+
+def archive(engine: Engine, plan: Plan, options: RunOptions, export: Path | None = None) -> RunResult:
+    """Move every hot conversation idle since before ``plan.cutoff`` (and not soft-deleted),
+    with all its messages, into the archive tables."""
+    options.validate()
+    writer = _Export(export) if export is not None else None
+    try:
+        return _Runner(engine, plan, options, writer).run(_archive_phases(plan))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def purge(engine: Engine, plan: Plan, options: RunOptions) -> RunResult:
+    """Delete, from the hot and the archive tables, conversations idle since before
+    ``plan.cutoff`` and soft-deleted conversations and messages older than
+    ``plan.deleted_cutoff``."""
+    options.validate()
+    return _Runner(engine, plan, options, None).run(_purge_phases(plan))
+
+
+def restore(engine: Engine, plan: Plan, options: RunOptions) -> RunResult:
+    """Move archived conversations back to the hot tables, exactly as they were."""
+    options.validate()
+    return _Runner(engine, plan, options, None).run(_restore_phases(plan))
