@@ -82,7 +82,10 @@ MAX_ATTEMPTS = 6
 #: Sweeps that find every remaining row locked by another session before the run gives up.
 MAX_LOCKED_SWEEPS = 8
 #: A run that has not renewed its heartbeat for this long is reported as stalled.
-LEASE_SECONDS = 60
+STALLED_SECONDS = 60
+#: How long a run waits for the server to end the session of a holder that died on this
+#: machine a moment ago.
+DEAD_HOLDER_WAIT = 5.0
 
 #: Retried: lock_not_available, deadlock_detected, serialization_failure, query_canceled
 #: (statement_timeout; retried with a smaller batch), foreign_key_violation (a user
@@ -349,12 +352,25 @@ class _RunningRun:
     client_host: str | None
     client_pid: int | None
 
+    def died_here(self) -> bool:
+        """The run's process was on this machine and no longer exists."""
+        if self.client_host != socket.gethostname()[:255] or not self.client_pid:
+            return False
+        try:
+            os.kill(self.client_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
     def describe(self) -> str:
         where = f" on {self.client_host}" if self.client_host else ""
         pid = f" (pid {self.client_pid})" if self.client_pid else ""
         return (
             f"{self.command} run {self.id}, started {self.started_at:%Y-%m-%d %H:%M:%S%z} by "
             f"{self.db_user}{where}{pid}, last heartbeat {self.heartbeat_age:.0f} s ago"
+            + (" (stalled?)" if self.heartbeat_age > STALLED_SECONDS else "")
         )
 
 
@@ -380,12 +396,14 @@ class _Guard:
 
     def acquire(self, work: Connection) -> list[int]:
         """Take the guard; return the ids of dead runs marked interrupted."""
-        guard = self.connection
-        guard.begin()
-        guard.execute(text("SELECT set_config('idle_in_transaction_session_timeout', '0', true)"))
-        if not guard.execute(text("SELECT pg_try_advisory_xact_lock(:a, :b)"), _guard_params()).scalar():
-            guard.rollback()
+        deadline = time.monotonic() + DEAD_HOLDER_WAIT
+        while not self._try_lock():
             running = _running_run(work)
+            # A holder killed a moment ago on this machine: the server is about to notice
+            # its closed socket and end its session, releasing the lock.
+            if running is not None and running.died_here() and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             what = running.describe() if running else "another run is starting"
             raise StateError(
                 f"another archive or purge run is in progress: {what}",
@@ -408,6 +426,15 @@ class _Guard:
                 .all()
             )
         return list(stale)
+
+    def _try_lock(self) -> bool:
+        guard = self.connection
+        guard.begin()
+        guard.execute(text("SELECT set_config('idle_in_transaction_session_timeout', '0', true)"))
+        if guard.execute(text("SELECT pg_try_advisory_xact_lock(:a, :b)"), _guard_params()).scalar():
+            return True
+        guard.rollback()
+        return False
 
     def check(self) -> None:
         """Prove the guard is still held (its connection alive), before a batch commits."""
@@ -892,7 +919,7 @@ class _Runner:
         error = None
         if exc is not None:
             error = exc.message if isinstance(exc, StateError) else _one_line(exc) or type(exc).__name__
-        if outcome == "succeeded" and not self.result.complete:
+        if exc is None and not self.result.complete:
             self.result.remaining = _remaining(self.engine, self.plan)
         counts = self._counts(self.result.done)
         counts["complete"] = self.result.complete

@@ -1,0 +1,705 @@
+"""`chatdb archive`, `chatdb archive restore` and `chatdb purge`: exactly the predicted
+rows, nothing lost, safe beside a writing application, after SIGKILL and against a
+second run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from chatdb import db as db_module
+from chatdb import lifecycle, patterns
+
+# --- a database state with every case on both sides of the cutoffs ---------------------------
+
+RETENTION_DAYS = 90
+GRACE_DAYS = 30
+
+
+def populate(db, conversations: int = 400, users: int = 12) -> None:
+    """Conversations idle for 0..399 days (clear of the cutoffs by at least an hour), one
+    in seven soft-deleted 0..59 days ago, one to six messages each, one in five of those
+    soft-deleted 0..59 days ago; an application user with no conversations; and a share
+    of the old ones already in the archive."""
+    db.execute(
+        "INSERT INTO users (id, email, name) SELECT 'u' || g, 'u' || g || '@example.com', 'User ' || g"
+        " FROM generate_series(1, :users) g",
+        users=users,
+    )
+    db.execute("INSERT INTO users (id, email) VALUES ('app-only', 'app@example.com')")
+    db.execute(
+        """
+        INSERT INTO conversations (id, user_id, title, metadata, created_at, updated_at, deleted_at)
+        SELECT gen_random_uuid(), 'u' || (g % :users + 1), 'chat ' || g, jsonb_build_object('n', g),
+               now() - make_interval(days => g % 400 + 1, hours => 3),
+               now() - make_interval(days => g % 400, hours => 3),
+               CASE WHEN g % 7 = 0 THEN now() - make_interval(days => g % 60, hours => 2) END
+        FROM generate_series(1, :n) g
+        """,
+        n=conversations,
+        users=users,
+    )
+    db.execute(
+        """
+        INSERT INTO messages
+          (conversation_id, user_id, role, content, metadata, tool_calls, created_at, deleted_at)
+        SELECT c.id, c.user_id, CASE WHEN k % 2 = 1 THEN 'user' ELSE 'assistant' END,
+               'message ' || k || ' of ' || c.title,
+               CASE WHEN k % 2 = 0 THEN '{"model": "gpt-4o"}'::jsonb END,
+               CASE WHEN k = 2 THEN '[{"name": "add_task"}]'::jsonb END,
+               c.created_at + make_interval(mins => k),
+               CASE WHEN k % 5 = 0 THEN now() - make_interval(days => (k * 17) % 60, hours => 1) END
+        FROM conversations c, generate_series(1, 1 + abs(hashtext(c.id::text)) % 6) k
+        """
+    )
+    # Some old conversations are archived already (moved by hand, as archive would).
+    db.execute(
+        """
+        WITH chosen AS (SELECT id FROM conversations WHERE updated_at < now() - interval '200 days'
+                        AND deleted_at IS NULL ORDER BY id LIMIT 40),
+             c AS (INSERT INTO conversations_archive
+                   SELECT c.*, now() FROM conversations c JOIN chosen USING (id) RETURNING id),
+             m AS (INSERT INTO messages_archive SELECT m.*, now() FROM messages m JOIN chosen
+                   ON m.conversation_id = chosen.id RETURNING id)
+        SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM m)
+        """
+    )
+    db.execute("DELETE FROM conversations WHERE id IN (SELECT id FROM conversations_archive)")
+
+
+def ids(db, sql: str, **params) -> set:
+    with db.engine.connect() as connection:
+        return set(connection.execute(text(sql), params).scalars())
+
+
+def checksum(db, table: str, where: str = "true") -> str:
+    """Every column of every row (archived_at aside), in id order."""
+    return db.scalar(
+        f"SELECT md5(coalesce(string_agg((to_jsonb(t) - 'archived_at')::text, ',' ORDER BY id), ''))"
+        f" FROM {table} t WHERE {where}"
+    )
+
+
+def state(db) -> dict[str, set]:
+    return {
+        "conversations": ids(db, "SELECT id FROM conversations"),
+        "messages": ids(db, "SELECT id FROM messages"),
+        "conversations_archive": ids(db, "SELECT id FROM conversations_archive"),
+        "messages_archive": ids(db, "SELECT id FROM messages_archive"),
+    }
+
+
+def snapshot(db) -> None:
+    """Copies of chatdb's tables as they are now (snap_conversations, ...)."""
+    for table in ("conversations", "messages", "conversations_archive", "messages_archive"):
+        db.execute(f"CREATE TABLE snap_{table} AS SELECT * FROM {table}")
+
+
+def predicted_purge(db, cutoff, deleted_cutoff, prefix: str = "") -> dict[str, set]:
+    """What a plain SQL query says a purge with these cutoffs deletes (from the tables,
+    or from their snapshots with ``prefix="snap_"``)."""
+    found = {}
+    for parent, child in (("conversations", "messages"), ("conversations_archive", "messages_archive")):
+        gone = f"SELECT id FROM {prefix}{parent} WHERE updated_at < :cutoff OR deleted_at < :deleted"
+        found[parent] = ids(db, gone, cutoff=cutoff, deleted=deleted_cutoff)
+        found[child] = ids(
+            db,
+            f"SELECT id FROM {prefix}{child} WHERE deleted_at < :deleted OR conversation_id IN ({gone})",
+            cutoff=cutoff,
+            deleted=deleted_cutoff,
+        )
+    return found
+
+
+def predicted_archive(db, cutoff) -> dict[str, set]:
+    moved = "SELECT id FROM conversations WHERE updated_at < :cutoff AND deleted_at IS NULL"
+    return {
+        "conversations": ids(db, moved, cutoff=cutoff),
+        "messages": ids(db, f"SELECT id FROM messages WHERE conversation_id IN ({moved})", cutoff=cutoff),
+    }
+
+
+def run_json(cli, db, *args: str) -> dict:
+    result = cli(*args, "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def one_error(result) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def engine_for(db):
+    return db_module.connect(db_module.Database(db.url, "test"))
+
+
+# --- durations ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, seconds",
+    [
+        ("90d", 90 * 86400),
+        ("1d12h", 36 * 3600),
+        ("2w", 14 * 86400),
+        ("45s", 45),
+        ("30m", 1800),
+        ("1W", 604800),
+    ],
+)
+def test_durations_are_exact(raw, seconds):
+    assert lifecycle.parse_duration(raw).seconds == seconds
+
+
+@pytest.mark.parametrize("raw", ["90", "d", "90x", "0d", "-5d", "1.5d", "36525d1s", "1d1d", "", "90 days"])
+def test_bad_durations_are_refused_with_exit_2(cli, migrated_db, raw):
+    result = cli("purge", "--older-than", raw, "--database-url", migrated_db.cli_url)
+    assert result.exit_code == 2
+    assert "--older-than" in one_error(result)
+
+
+def test_bad_grace_and_runtime_and_restore_input_exit_2(cli, migrated_db):
+    url = migrated_db.cli_url
+    for args in (
+        ("purge", "--older-than", "90d", "--deleted-grace", "0s"),
+        ("archive", "--older-than", "90d", "--max-runtime", "soon"),
+        ("archive", "--older-than", "90d", "--export", "out.csv"),
+        ("archive", "restore", "--conversation", "not-a-uuid"),
+        ("archive", "restore"),
+        ("archive",),
+    ):
+        result = cli(*args, "--database-url", url)
+        assert result.exit_code == 2, (args, result.output)
+        one_error(result)
+
+
+def test_unmigrated_database_is_refused(cli, empty_db):
+    result = cli("purge", "--older-than", "90d", "--database-url", empty_db.cli_url)
+    assert result.exit_code == 1
+    assert "chatdb migrate" in result.stderr
+
+
+# --- exactly the predicted rows ------------------------------------------------------------------
+
+
+def test_purge_deletes_exactly_what_sql_predicts_hot_and_archive(migrated_db):
+    db = migrated_db
+    populate(db)
+    users_before = checksum(db, "users")
+    before = state(db)
+    engine = engine_for(db)
+    try:
+        plan = lifecycle.plan_purge(
+            engine, lifecycle.parse_duration(f"{RETENTION_DAYS}d"), lifecycle.parse_duration(f"{GRACE_DAYS}d")
+        )
+        gone = predicted_purge(db, plan.cutoff, plan.deleted_cutoff)
+        result = lifecycle.purge(engine, plan, lifecycle.RunOptions(batch_size=7))
+    finally:
+        engine.dispose()
+    after = state(db)
+    for table, rows in before.items():
+        assert after[table] == rows - gone[table], table
+    # Every kind of row was in play, and the archive too.
+    assert all(gone[table] for table in gone)
+    assert all(after[table] for table in ("conversations", "messages"))
+    assert result.done.as_dict() == {
+        "conversations": len(gone["conversations"]),
+        "messages": len(gone["messages"]),
+        "archive_conversations": len(gone["conversations_archive"]),
+        "archive_messages": len(gone["messages_archive"]),
+    }
+    assert result.done.as_dict() == plan.counts.as_dict()
+    assert result.batches > 6
+    assert checksum(db, "users") == users_before
+    assert db.scalar("SELECT count(*) FROM users WHERE id = 'app-only'") == 1
+
+
+def test_grace_period_keeps_recent_soft_deletes_and_idle_beats_grace(cli, migrated_db):
+    db = migrated_db
+    db.execute("INSERT INTO users (id) VALUES ('u1')")
+    db.execute(
+        """
+        INSERT INTO conversations (id, user_id, updated_at, deleted_at) VALUES
+          ('00000000-0000-0000-0000-000000000001', 'u1', now() - interval '5d', now() - interval '10d'),
+          ('00000000-0000-0000-0000-000000000002', 'u1', now() - interval '5d', now() - interval '40d'),
+          ('00000000-0000-0000-0000-000000000003', 'u1', now() - interval '100d', now() - interval '1d'),
+          ('00000000-0000-0000-0000-000000000004', 'u1', now() - interval '5d', NULL)
+        """
+    )
+    db.execute(
+        """
+        INSERT INTO messages (id, conversation_id, user_id, role, content, deleted_at) VALUES
+          ('10000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-000000000004', 'u1', 'user', 'a',
+           now() - interval '40 days'),
+          ('10000000-0000-0000-0000-000000000002', '00000000-0000-0000-0000-000000000004', 'u1', 'user', 'b',
+           now() - interval '10 days'),
+          ('10000000-0000-0000-0000-000000000003', '00000000-0000-0000-0000-000000000004', 'u1', 'user', 'c',
+           NULL)
+        """
+    )
+    out = run_json(cli, db, "purge", "--older-than", "90d", "--deleted-grace", "30d")
+    assert out["ok"] and out["done"]["conversations"] == 2 and out["done"]["messages"] == 1
+    assert {str(i)[-1] for i in ids(db, "SELECT id FROM conversations")} == {"1", "4"}
+    assert {str(i)[-1] for i in ids(db, "SELECT id FROM messages")} == {"2", "3"}
+
+
+def test_dry_run_counts_equal_the_real_runs_and_change_nothing(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    before = {table: checksum(db, table) for table in ("conversations", "messages", "conversations_archive")}
+    dry = run_json(cli, db, "purge", "--older-than", "90d", "--dry-run")
+    assert dry["dry_run"] is True
+    assert {table: checksum(db, table) for table in before} == before
+    assert db.scalar("SELECT count(*) FROM chatdb_runs") == 0
+    real = run_json(cli, db, "purge", "--older-than", "90d")
+    assert real["done"] == dry["planned"]
+    assert real["done"]["archive_conversations"] > 0
+
+    dry_archive = run_json(cli, db, "archive", "--older-than", "30d", "--dry-run")
+    archived = run_json(cli, db, "archive", "--older-than", "30d")
+    assert archived["done"] == dry_archive["planned"]
+    assert archived["done"]["conversations"] > 0
+
+
+def test_archive_moves_exactly_the_idle_conversations_whole(migrated_db):
+    db = migrated_db
+    populate(db)
+    engine = engine_for(db)
+    try:
+        plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
+        moving = predicted_archive(db, plan.cutoff)
+        moving_sql = ",".join(f"'{i}'" for i in moving["conversations"])
+        hot_before = {
+            "conversations": checksum(db, "conversations", f"id IN ({moving_sql})"),
+            "messages": checksum(db, "messages", f"conversation_id IN ({moving_sql})"),
+        }
+        archive_before = state(db)
+        result = lifecycle.archive(engine, plan, lifecycle.RunOptions(batch_size=9))
+    finally:
+        engine.dispose()
+    after = state(db)
+    assert after["conversations"] == archive_before["conversations"] - moving["conversations"]
+    assert after["messages"] == archive_before["messages"] - moving["messages"]
+    assert after["conversations_archive"] == archive_before["conversations_archive"] | moving["conversations"]
+    assert after["messages_archive"] == archive_before["messages_archive"] | moving["messages"]
+    # Rows moved unchanged: every column, every row.
+    assert checksum(db, "conversations_archive", f"id IN ({moving_sql})") == hot_before["conversations"]
+    assert checksum(db, "messages_archive", f"conversation_id IN ({moving_sql})") == hot_before["messages"]
+    assert result.done.conversations == len(moving["conversations"]) > 0
+    assert result.done.messages == len(moving["messages"]) > 0
+    # Soft-deleted conversations wait for purge.
+    assert db.scalar("SELECT count(*) FROM conversations_archive WHERE deleted_at IS NOT NULL") == 0
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM conversations WHERE updated_at < :c AND deleted_at IS NULL", c=plan.cutoff
+        )
+        == 0
+    )
+
+
+def test_archive_restore_round_trip_checksums(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    db.execute("DELETE FROM conversations_archive")  # start from an empty archive
+    before = {table: checksum(db, table) for table in ("conversations", "messages")}
+    out = run_json(cli, db, "archive", "--older-than", "60d", "--batch-size", "11")
+    assert out["done"]["conversations"] > 0
+    assert checksum(db, "conversations") != before["conversations"]
+    archived = sorted(ids(db, "SELECT id FROM conversations_archive"), key=str)
+    one_by_one = run_json(
+        cli, db, "archive", "restore", *[arg for i in archived[:5] for arg in ("--conversation", str(i))]
+    )
+    assert one_by_one["done"]["archive_conversations"] == 5
+    for user in sorted(ids(db, "SELECT DISTINCT user_id FROM conversations_archive")):
+        run_json(cli, db, "archive", "restore", "--user", user)
+    assert db.scalar("SELECT count(*) FROM conversations_archive") == 0
+    assert db.scalar("SELECT count(*) FROM messages_archive") == 0
+    assert {table: checksum(db, table) for table in ("conversations", "messages")} == before
+
+
+def test_restore_of_a_conversation_not_in_the_archive_restores_nothing(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    archived = db.scalar("SELECT id FROM conversations_archive LIMIT 1")
+    hot = db.scalar("SELECT id FROM conversations LIMIT 1")
+    count = db.scalar("SELECT count(*) FROM conversations_archive")
+    result = cli(
+        "archive",
+        "restore",
+        "--conversation",
+        str(archived),
+        "--conversation",
+        str(hot),
+        "--database-url",
+        db.cli_url,
+    )
+    assert result.exit_code == 1
+    assert f"{hot} (not archived)" in one_error(result)
+    assert db.scalar("SELECT count(*) FROM conversations_archive") == count
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_export_holds_exactly_the_moved_conversations_and_messages(cli, migrated_db, tmp_path, suffix):
+    db = migrated_db
+    populate(db)
+    db.execute("DELETE FROM conversations_archive")
+    export = tmp_path / f"archive{suffix}"
+    # A crash left half a batch at the end of an earlier export: it is cut off.
+    earlier = b'{"conversation": {"id": "x"}, "messages": []}\n'
+    export.write_bytes(
+        gzip.compress(earlier) + gzip.compress(b"partial")[:15]
+        if suffix.endswith("gz")
+        else earlier + b'{"conv'
+    )
+    out = run_json(cli, db, "archive", "--older-than", "100d", "--export", str(export), "--batch-size", "17")
+    raw = gzip.decompress(export.read_bytes()) if suffix.endswith("gz") else export.read_bytes()
+    lines = [json.loads(line) for line in raw.decode().splitlines()]
+    assert lines[0] == json.loads(earlier)
+    exported = lines[1:]
+    assert out["exported"] == len(exported) == out["done"]["conversations"]
+    assert {uuid.UUID(line["conversation"]["id"]) for line in exported} == ids(
+        db, "SELECT id FROM conversations_archive"
+    )
+    assert {uuid.UUID(m["id"]) for line in exported for m in line["messages"]} == ids(
+        db, "SELECT id FROM messages_archive"
+    )
+    # Each line is the conversation as it was, with its messages in order.
+    for line in exported:
+        conversation = line["conversation"]
+        row = db.scalar(
+            "SELECT (to_jsonb(c) - 'archived_at')::text FROM conversations_archive c WHERE id = :i",
+            i=conversation["id"],
+        )
+        assert json.loads(row) == conversation
+        times = [m["created_at"] for m in line["messages"]]
+        assert times == sorted(times)
+
+
+# --- running beside the application ----------------------------------------------------------------
+
+
+def test_a_conversation_written_to_during_the_purge_is_never_purged(migrated_db):
+    db = migrated_db
+    populate(db, conversations=1500)
+    cutoff_sql = "now() - interval '90 days'"
+    # Idle, and not soft-deleted (a soft-deleted conversation past its grace period goes
+    # whatever its activity: the user deleted it).
+    eligible = ids(
+        db,
+        f"SELECT id FROM conversations WHERE updated_at < {cutoff_sql} - interval '1 hour'"
+        " AND deleted_at IS NULL",
+    )
+    owners = dict(
+        (row_id, user)
+        for row_id, user in db.engine.connect().execute(text("SELECT id, user_id FROM conversations")).all()
+    )
+    # The writer works from the newest idle conversations down, the purge from the oldest up.
+    targets = sorted(eligible, key=lambda i: str(i))
+    written: set = set()
+    failed: list = []
+    done = threading.Event()
+
+    def writer() -> None:
+        engine = db.engine
+        for conversation_id in targets:
+            if done.is_set():
+                break
+            try:
+                with engine.connect() as connection:
+                    patterns.add_message(
+                        connection, conversation_id, owners[conversation_id], "user", "still here?"
+                    )
+                    connection.commit()
+                written.add(conversation_id)
+            except Exception as exc:  # the purge deleted it first: the insert fails
+                failed.append(type(exc).__name__)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=writer)
+    engine = engine_for(db)
+    try:
+        plan = lifecycle.plan_purge(engine, lifecycle.parse_duration("90d"), lifecycle.parse_duration("30d"))
+        thread.start()
+        time.sleep(0.05)
+        result = lifecycle.purge(engine, plan, lifecycle.RunOptions(batch_size=3))
+    finally:
+        done.set()
+        thread.join()
+        engine.dispose()
+    assert written, "the writer never wrote while the purge ran"
+    assert result.done.conversations > 0
+    survivors = ids(db, "SELECT id FROM conversations")
+    assert written <= survivors
+    # And the purge did not stop short: what nobody wrote to is gone.
+    gone_by_rule = ids(
+        db,
+        "SELECT id FROM conversations WHERE updated_at < :c OR deleted_at < :d",
+        c=plan.cutoff,
+        d=plan.deleted_cutoff,
+    )
+    assert not gone_by_rule
+
+
+def test_rows_locked_by_the_application_are_visited_again_and_a_second_run_is_refused(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    locked_id = db.scalar(
+        "SELECT id FROM conversations WHERE updated_at < now() - interval '200 days'"
+        " ORDER BY updated_at LIMIT 1"
+    )
+    holder = db.engine.connect()
+    holder.begin()
+    holder.execute(text("SELECT 1 FROM conversations WHERE id = :i FOR UPDATE"), {"i": locked_id})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chatdb",
+            "purge",
+            "--older-than",
+            "90d",
+            "--json",
+            "--database-url",
+            db.cli_url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            db.scalar("SELECT count(*) FROM conversations WHERE updated_at < now() - interval '90 days'") > 1
+        ):
+            assert time.monotonic() < deadline, "the purge made no progress"
+            time.sleep(0.05)
+        second = cli("archive", "--older-than", "90d", "--database-url", db.cli_url)
+        assert second.exit_code == 1
+        message = one_error(second)
+        assert "another archive or purge run is in progress: purge run" in message
+        assert f"pid {process.pid}" in message
+        time.sleep(0.3)
+    finally:
+        holder.rollback()
+        holder.close()
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    out = json.loads(stdout)
+    assert out["ok"]
+    assert db.scalar("SELECT count(*) FROM conversations WHERE id = :i", i=locked_id) == 0
+    assert db.scalar("SELECT count(*) FROM conversations WHERE updated_at < now() - interval '90 days'") == 0
+
+
+# --- stopping --------------------------------------------------------------------------------------
+
+
+def _start(db, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatdb", *args, "--database-url", db.cli_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _wait_for_batches(db, process, at_least: int = 3) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        done = db.scalar(
+            "SELECT coalesce(sum((counts->>'conversations')::int"
+            " + (counts->>'archive_conversations')::int), 0)"
+            " FROM chatdb_runs WHERE outcome = 'running'"
+        )
+        if done >= at_least:
+            return
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no batch committed in time"
+        time.sleep(0.01)
+
+
+def test_sigkill_in_the_middle_then_a_rerun_at_once_ends_exactly_as_predicted(cli, migrated_db):
+    db = migrated_db
+    populate(db, conversations=2000)
+    snapshot(db)
+    before = state(db)
+    process = _start(db, "purge", "--older-than", "90d", "--batch-size", "2")
+    _wait_for_batches(db, process)
+    process.kill()
+    process.wait()
+    killed = db.scalar("SELECT id FROM chatdb_runs WHERE outcome = 'running'")
+    assert killed is not None
+    assert state(db)["conversations"] != before["conversations"]
+    # Nothing half-deleted: every remaining message has its conversation.
+    orphans = (
+        "SELECT count(*) FROM messages m LEFT JOIN conversations c ON c.id = m.conversation_id"
+        " WHERE c.id IS NULL"
+    )
+    assert db.scalar(orphans) == 0
+
+    out = run_json(cli, db, "purge", "--older-than", "90d")
+    assert out["took_over"] == [killed]
+    assert db.scalar("SELECT outcome FROM chatdb_runs WHERE id = :i", i=killed) == "interrupted"
+    gone = predicted_purge(db, out["cutoff"], out["deleted_cutoff"], prefix="snap_")
+    after = state(db)
+    for table in before:
+        assert after[table] == before[table] - gone[table], table
+    assert all(gone.values())
+
+
+def test_sigkill_during_archive_loses_nothing_and_leaves_nothing_half_moved(cli, migrated_db, tmp_path):
+    db = migrated_db
+    populate(db, conversations=2000)
+    union = (
+        "(SELECT id, user_id, title, updated_at, deleted_at FROM conversations"
+        " UNION ALL SELECT id, user_id, title, updated_at, deleted_at FROM conversations_archive)"
+    )
+    munion = (
+        "(SELECT id, conversation_id, content, created_at, deleted_at FROM messages"
+        " UNION ALL SELECT id, conversation_id, content, created_at, deleted_at FROM messages_archive)"
+    )
+    before = (checksum(db, union), checksum(db, munion))
+    archived_earlier = ids(db, "SELECT id FROM conversations_archive")
+    export = tmp_path / "a.jsonl"
+    process = _start(db, "archive", "--older-than", "60d", "--batch-size", "2", "--export", str(export))
+    _wait_for_batches(db, process)
+    process.kill()
+    process.wait()
+    assert (checksum(db, union), checksum(db, munion)) == before
+    # Messages sit beside their conversation, hot or archived, never split.
+    assert (
+        db.scalar("SELECT count(*) FROM messages_archive m JOIN conversations c ON c.id = m.conversation_id")
+        == 0
+    )
+    out = run_json(cli, db, "archive", "--older-than", "60d", "--export", str(export))
+    assert (checksum(db, union), checksum(db, munion)) == before
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM conversations WHERE updated_at < :c AND deleted_at IS NULL", c=out["cutoff"]
+        )
+        == 0
+    )
+    lines = export.read_text().splitlines()
+    exported = {json.loads(line)["conversation"]["id"] for line in lines}
+    moved = ids(db, "SELECT id FROM conversations_archive") - archived_earlier
+    assert {uuid.UUID(i) for i in exported} == moved
+    assert len(lines) - len(exported) <= 2  # at most the last batch twice, identical lines
+    assert len(set(lines)) == len(exported)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_after_the_current_batch(migrated_db, signum, code):
+    db = migrated_db
+    populate(db, conversations=2000)
+    process = _start(db, "purge", "--older-than", "90d", "--batch-size", "1", "--json")
+    _wait_for_batches(db, process)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    out = json.loads(stdout)
+    assert out["outcome"] == "interrupted" and out["complete"] is False
+    run = db.scalar("SELECT outcome FROM chatdb_runs WHERE id = :i", i=out["run_id"])
+    assert run == "interrupted"
+    counted = db.scalar("SELECT counts FROM chatdb_runs WHERE id = :i", i=out["run_id"])
+    assert counted["conversations"] == out["done"]["conversations"] > 0
+    assert (
+        out["remaining"]["conversations"]
+        == db.scalar(
+            "SELECT count(*) FROM conversations WHERE updated_at < :c OR deleted_at < :d",
+            c=out["cutoff"],
+            d=out["deleted_cutoff"],
+        )
+        > 0
+    )
+
+
+def test_max_runtime_stops_cleanly_and_says_what_is_left(cli, migrated_db):
+    db = migrated_db
+    populate(db, conversations=1500)
+    out = run_json(cli, db, "purge", "--older-than", "90d", "--batch-size", "1", "--max-runtime", "1s")
+    assert out["ok"] and out["complete"] is False and out["stopped_by"] == "max-runtime"
+    left = db.scalar(
+        "SELECT count(*) FROM conversations WHERE updated_at < :c OR deleted_at < :d",
+        c=out["cutoff"],
+        d=out["deleted_cutoff"],
+    )
+    assert out["remaining"]["conversations"] == left > 0
+    again = run_json(cli, db, "purge", "--older-than", "90d")
+    assert again["complete"] is True
+
+
+# --- the audit trail ---------------------------------------------------------------------------------
+
+
+def test_every_run_leaves_an_audit_row_that_status_shows(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    out = run_json(cli, db, "purge", "--older-than", "90d", "--deleted-grace", "2w", "--batch-size", "50")
+    row = (
+        db.engine.connect()
+        .execute(text("SELECT * FROM chatdb_runs WHERE id = :i"), {"i": out["run_id"]})
+        .mappings()
+        .one()
+    )
+    assert row["command"] == "purge" and row["outcome"] == "succeeded"
+    assert row["arguments"] == {
+        "older_than": "90d",
+        "deleted_grace": "2w",
+        "batch_size": 50,
+        "max_runtime": None,
+    }
+    assert row["cutoff"].isoformat() == out["cutoff"]
+    assert row["db_user"] == db.scalar("SELECT current_user")
+    assert row["finished_at"] >= row["started_at"]
+    assert row["counts"]["conversations"] == out["done"]["conversations"]
+    assert row["client_pid"] == os.getpid()
+    status = json.loads(cli("status", "--json", "--database-url", db.cli_url).stdout)
+    assert status["runs"][0]["id"] == out["run_id"] and status["runs"][0]["outcome"] == "succeeded"
+    human = cli("status", "--database-url", db.cli_url)
+    assert "purge" in human.stdout and "succeeded" in human.stdout
+
+
+def test_a_failed_run_is_recorded_as_failed(cli, migrated_db, tmp_path):
+    db = migrated_db
+    populate(db)
+    # A conversation id already in the archive: moving it there again fails, whole.
+    dup = db.scalar(
+        "SELECT id FROM conversations WHERE updated_at < now() - interval '100 days'"
+        " AND deleted_at IS NULL LIMIT 1"
+    )
+    db.execute(
+        "INSERT INTO conversations_archive SELECT c.*, now() FROM conversations c WHERE id = :i", i=dup
+    )
+    result = cli("archive", "--older-than", "90d", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["ok"] is False
+    assert db.scalar("SELECT outcome FROM chatdb_runs ORDER BY id DESC LIMIT 1") == "failed"
+    assert "conversations_archive_pkey" in db.scalar("SELECT error FROM chatdb_runs ORDER BY id DESC LIMIT 1")
+    assert db.scalar("SELECT count(*) FROM conversations WHERE id = :i", i=dup) == 1
+
+
+def test_passwords_never_reach_the_audit_row(cli, migrated_db):
+    engine = engine_for(migrated_db)
+    try:
+        plan = lifecycle.plan_purge(engine, lifecycle.parse_duration("90d"), lifecycle.parse_duration("30d"))
+        result = lifecycle.purge(
+            engine, plan, lifecycle.RunOptions(arguments={"source": "postgresql://ops:hunter2@db/chat"})
+        )
+    finally:
+        engine.dispose()
+    stored = migrated_db.scalar("SELECT arguments::text FROM chatdb_runs WHERE id = :i", i=result.run_id)
+    assert "hunter2" not in stored and "***" in stored
