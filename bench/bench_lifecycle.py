@@ -1,0 +1,265 @@
+"""`chatdb purge` and `chatdb archive` on a seeded database, against one plain DELETE.
+
+    python bench/bench_lifecycle.py [--messages 1000000] [--older-than 90d]
+
+Seeds 1,000,000 messages in 50,000 conversations for 10,000 users over 365 days (about
+three quarters of them idle past 90 days), then on identical copies (CREATE DATABASE ...
+TEMPLATE) measures, end to end with Python start included:
+
+- the baseline: one `DELETE FROM conversations WHERE updated_at < now() - interval
+  '90 days'` in one transaction (its cascade deletes the messages);
+- `chatdb purge --older-than 90d` (the grace period set past every soft delete, so it
+  deletes exactly the same rows): messages/s, the ratio to the baseline, its longest
+  transaction, and the p95 of the conversation-history query of a concurrent reader,
+  next to that p95 with no purge running;
+- `chatdb archive --older-than 90d`: messages moved/s and the ratio to the baseline;
+- peak RSS of the purge and archive processes here and on a database of a tenth the
+  size: memory stays flat.
+
+Uses BENCH_DATABASE_URL (a role with CREATEDB) when set, else an embedded PostgreSQL in a
+temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from chatdb import db, embedded, patterns
+
+CHATDB = Path(sys.executable).with_name("chatdb")
+COMMAND = [str(CHATDB)] if CHATDB.exists() else [sys.executable, "-m", "chatdb"]
+
+
+def run(command: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes, from wait4) and stdout of one child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.append(process.stdout.read()))
+    reader.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    reader.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{command[:3]} failed ({process.returncode}): {process.stderr.read().decode()}")
+    return elapsed, usage.ru_maxrss * 1024, b"".join(chunks).decode()
+
+
+class Reader(threading.Thread):
+    """The application's conversation-history query, back to back, timing each."""
+
+    def __init__(self, url, conversation_ids: list) -> None:
+        super().__init__(daemon=True)
+        self.engine = create_engine(url, connect_args={"prepare_threshold": None})
+        self.ids = conversation_ids
+        self.latencies: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random(1)
+        with self.engine.connect() as connection:
+            while not self.stop.is_set():
+                statement = patterns.conversation_history(rng.choice(self.ids))
+                started = time.perf_counter()
+                connection.execute(statement).all()
+                connection.commit()
+                self.latencies.append(time.perf_counter() - started)
+                time.sleep(0.001)
+        self.engine.dispose()
+
+    def p95_ms(self) -> float:
+        return statistics.quantiles(self.latencies, n=100)[94] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--older-than", default="90d")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the smaller database for memory")
+    args = parser.parse_args()
+    days = int(args.older_than.rstrip("d"))
+
+    workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-"))
+    os.chmod(workdir, 0o755)
+    raw = os.environ.get("BENCH_DATABASE_URL")
+    server = None
+    if raw:
+        url = db.parse_url(raw)
+    else:
+        server, url = embedded.scratch_server(workdir / "pgdata")
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    created: list[str] = []
+
+    def database(name: str, template: str | None = None) -> str:
+        with admin.connect() as connection:
+            clause = f' TEMPLATE "{template}"' if template else ""
+            connection.execute(text(f'CREATE DATABASE "{name}"{clause}'))
+        created.append(name)
+        return url.set(database=name, drivername="postgresql").render_as_string(hide_password=False)
+
+    def seeded(label: str, messages: int) -> str:
+        name = f"chatdb_bench_{os.getpid()}_{label}"
+        target = database(name)
+        subprocess.run([*COMMAND, "migrate", "--database-url", target], check=True, capture_output=True)
+        sizes = ["--users", str(messages // 100), "--conversations", str(messages // 20)]
+        sizes += ["--messages", str(messages), "--days", "365"]
+        subprocess.run([*COMMAND, "seed", "--database-url", target, *sizes], check=True, capture_output=True)
+        engine = create_engine(url.set(database=name))
+        with engine.connect() as connection:
+            connection.execute(text("VACUUM ANALYZE"))
+        engine.dispose()
+        return name
+
+    def lifecycle(command: str, template: str, label: str, reader: bool = False):
+        target = database(f"{template}_{label}", template)
+        args_ = [
+            *COMMAND,
+            command,
+            "--older-than",
+            args.older_than,
+            "--yes",
+            "--json",
+            "--database-url",
+            target,
+        ]
+        if command == "purge":
+            args_ += ["--deleted-grace", "36500d"]
+        watcher = None
+        if reader:
+            engine = create_engine(db.parse_url(target))
+            with engine.connect() as connection:
+                ids = list(connection.execute(text("SELECT id FROM conversations")).scalars())
+            engine.dispose()
+            watcher = Reader(db.parse_url(target), ids)
+            watcher.start()
+        elapsed, rss, stdout = run(args_)
+        if watcher is not None:
+            watcher.stop.set()
+            watcher.join()
+        return elapsed, rss, json.loads(stdout), watcher
+
+    def baseline(template: str) -> tuple[float, int, int]:
+        name = f"{template}_delete"
+        target = database(name, template)
+        engine = create_engine(db.parse_url(target))
+        with engine.connect() as connection:
+            before = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
+        started = time.perf_counter()
+        # The same statement through a fresh Python process, like the other contenders.
+        statement = f"DELETE FROM conversations WHERE updated_at < now() - interval '{days} days'"
+        code = (
+            "import sys; from sqlalchemy import create_engine, text; "
+            "e = create_engine(sys.argv[1]); c = e.connect(); "
+            "r = c.execute(text(sys.argv[2])); c.commit(); print(r.rowcount)"
+        )
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(db.parse_url(target).render_as_string(hide_password=False)),
+                statement,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        elapsed = time.perf_counter() - started
+        with engine.connect() as connection:
+            after = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
+        engine.dispose()
+        return elapsed, int(done.stdout.strip()), before - after
+
+    def quiet_p95(template: str) -> float:
+        target = database(f"{template}_quiet", template)
+        engine = create_engine(db.parse_url(target))
+        with engine.connect() as connection:
+            ids = list(connection.execute(text("SELECT id FROM conversations")).scalars())
+        engine.dispose()
+        watcher = Reader(db.parse_url(target), ids)
+        watcher.start()
+        time.sleep(5)
+        watcher.stop.set()
+        watcher.join()
+        return watcher.p95_ms()
+
+    try:
+        print(f"seeding {args.messages:,} messages ...", flush=True)
+        big = seeded("big", args.messages)
+        delete_s, delete_conversations, delete_messages = baseline(big)
+        purge_s, purge_rss, purge, reader = lifecycle("purge", big, "purge", reader=True)
+        archive_s, archive_rss, archived, _ = lifecycle("archive", big, "archive")
+        p95_quiet = quiet_p95(big)
+
+        idle_share = delete_conversations / (args.messages // 20)
+        baseline_rate = delete_messages / delete_s
+        purge_rate = purge["done"]["messages"] / purge_s
+        archive_rate = archived["done"]["messages"] / archive_s
+        print(
+            f"database: {args.messages:,} messages, {idle_share:.0%} of the conversations idle past "
+            f"{args.older_than}"
+        )
+        print(
+            f"plain DELETE (one transaction)  {delete_s:6.2f} s  {delete_messages:>9,} messages  "
+            f"{baseline_rate:>9,.0f} messages/s"
+        )
+        print(
+            f"chatdb purge                    {purge_s:6.2f} s  {purge['done']['messages']:>9,} messages  "
+            f"{purge_rate:>9,.0f} messages/s  {purge_rate / baseline_rate:.2f}x the DELETE (aim >= 1.0x)"
+        )
+        print(
+            f"chatdb archive                  {archive_s:6.2f} s  "
+            f"{archived['done']['messages']:>9,} messages  "
+            f"{archive_rate:>9,.0f} messages/s  {archive_rate / baseline_rate:.2f}x the DELETE (aim >= 0.5x)"
+        )
+        print(
+            f"longest transaction: purge {purge['longest_transaction_seconds'] * 1000:.0f} ms "
+            f"({purge['batches']:,} batches), "
+            f"archive {archived['longest_transaction_seconds'] * 1000:.0f} ms "
+            f"({archived['batches']:,} batches) (aim <= 250 ms)"
+        )
+        print(
+            f"conversation history p95 of a concurrent reader: {reader.p95_ms():.2f} ms during the purge "
+            f"({len(reader.latencies):,} queries), {p95_quiet:.2f} ms with no purge"
+        )
+        if purge["done"]["messages"] != delete_messages:
+            print(
+                f"warning: the purge deleted {purge['done']['messages']:,} messages, "
+                f"the DELETE {delete_messages:,}"
+            )
+        if not args.skip_memory:
+            small = seeded("small", args.messages // 10)
+            _, small_purge_rss, _, _ = lifecycle("purge", small, "purge")
+            _, small_archive_rss, _, _ = lifecycle("archive", small, "archive")
+            print(
+                f"peak RSS: purge {small_purge_rss / 2**20:.0f} MB at {args.messages // 10:,} messages, "
+                f"{purge_rss / 2**20:.0f} MB at {args.messages:,}; "
+                f"archive {small_archive_rss / 2**20:.0f} MB "
+                f"and {archive_rss / 2**20:.0f} MB"
+            )
+    finally:
+        with admin.connect() as connection:
+            for name in reversed(created):
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+        if server is not None:
+            server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
