@@ -118,7 +118,7 @@ def main() -> None:
         sizes = ["--users", str(messages // 100), "--conversations", str(messages // 20)]
         sizes += ["--messages", str(messages), "--days", "365"]
         subprocess.run([*COMMAND, "seed", "--database-url", target, *sizes], check=True, capture_output=True)
-        engine = create_engine(url.set(database=name))
+        engine = create_engine(url.set(database=name), isolation_level="AUTOCOMMIT")
         with engine.connect() as connection:
             connection.execute(text("VACUUM ANALYZE"))
         engine.dispose()

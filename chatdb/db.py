@@ -6,6 +6,7 @@ the embedded PostgreSQL (see ``chatdb.embedded``).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -111,12 +112,21 @@ def mask_text(message: str, url: URL | None = None) -> str:
     return message
 
 
-def create(database: Database, *, application_name: str = "chatdb") -> Engine:
+def create(
+    database: Database,
+    *,
+    application_name: str = "chatdb",
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> Engine:
     """The one engine factory. No server-side prepared statements, so that chatdb also
     works through a transaction-pooling PgBouncer."""
     connect_args: dict[str, object] = {"prepare_threshold": None}
     if "application_name" not in database.url.query:
         connect_args["application_name"] = application_name[:63]
+    if "connect_timeout" not in database.url.query:
+        # A host that accepts the connection and never answers must not hang chatdb;
+        # libpq treats values below 2 seconds as 2.
+        connect_args["connect_timeout"] = max(2, math.ceil(connect_timeout))
     return create_engine(database.url, connect_args=connect_args, pool_pre_ping=False)
 
 
@@ -128,7 +138,7 @@ def connect(
 ) -> Engine:
     """Create the engine and prove the server answers, retrying transient failures with
     backoff for up to ``connect_timeout`` seconds. Raises ConnectError otherwise."""
-    engine = create(database, application_name=application_name)
+    engine = create(database, application_name=application_name, connect_timeout=connect_timeout)
     deadline = time.monotonic() + max(connect_timeout, 0.0)
     delay = 0.2
     while True:

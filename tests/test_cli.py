@@ -934,3 +934,35 @@ def test_python_dash_m_chatdb(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"chatdb {chatdb.__version__}"
+
+
+# --- usage errors and silent servers, through the console script -------------------------------
+
+
+def test_usage_errors_are_one_line_from_the_console_script():
+    for args in (["seed", "--messages", "ten"], ["purge"], ["no-such-command"]):
+        done = subprocess.run([CHATDB, *args], capture_output=True, text=True, env=subprocess_env())
+        assert done.returncode == 2, done
+        lines = done.stderr.splitlines()
+        assert lines[0].startswith("error: ") and lines[1].startswith("hint: see `chatdb"), done.stderr
+        assert len(lines) == 2 and "─" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_server_that_accepts_and_never_answers_times_out_with_exit_3(cli):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    try:
+        started = time.monotonic()
+        result = cli(
+            "status", "--connect-timeout", "2", "--database-url", f"postgresql://ops@127.0.0.1:{port}/chat"
+        )
+        waited = time.monotonic() - started
+    finally:
+        listener.close()
+    assert result.exit_code == 3
+    assert "timeout expired" in result.stderr
+    assert waited < 30  # bounded, not hanging (a generous bound: the machine is shared)

@@ -703,3 +703,32 @@ def test_passwords_never_reach_the_audit_row(cli, migrated_db):
         engine.dispose()
     stored = migrated_db.scalar("SELECT arguments::text FROM chatdb_runs WHERE id = :i", i=result.run_id)
     assert "hunter2" not in stored and "***" in stored
+
+
+def test_on_a_terminal_the_plan_is_shown_and_confirmed(migrated_db):
+    from test_cli import run_on_terminal
+
+    db = migrated_db
+    populate(db)
+    before = state(db)
+    # The data stays an hour clear of the cutoffs, so the plan's counts are these.
+    going = predicted_purge(
+        db,
+        db.scalar("SELECT now() - interval '90 days'"),
+        db.scalar("SELECT now() - interval '30 days'"),
+    )
+    args = ["purge", "--older-than", "90d", "--database-url", db.cli_url]
+    declined, screen, asked = run_on_terminal(args, "n")
+    assert asked and declined == 1, screen
+    plan = screen[: screen.index("[y/N]")]
+    assert "Cutoff (database clock): idle since before" in plan
+    for table in ("conversations", "messages", "messages_archive"):
+        assert f"{len(going[table]):,}" in plan, (table, plan)
+    assert state(db) == before
+    assert db.scalar("SELECT count(*) FROM chatdb_runs") == 0
+
+    accepted, screen, asked = run_on_terminal(args, "y")
+    assert asked and accepted == 0, screen
+    assert "Run 1: purge" in screen
+    for table, rows in state(db).items():
+        assert rows == before[table] - going[table]

@@ -20,9 +20,11 @@ from chatdb.cli.common import (
     open_engine,
     out,
     print_json,
+    report_error,
     settings,
     table,
 )
+from chatdb.errors import EXIT_PROBLEM, EXIT_USAGE
 
 app = typer.Typer(
     name="chatdb",
@@ -189,5 +191,24 @@ def embedded_url() -> None:
     typer.echo(url.set(drivername="postgresql").render_as_string(hide_password=False))
 
 
+# Click's exception classes, wherever this Typer keeps them (Click itself, or a copy).
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
-    app(prog_name="chatdb")
+    """The console script: usage errors, like every other error, are one line."""
+    try:
+        code = app(prog_name="chatdb", standalone_mode=False)
+    except _USAGE_ERROR as exc:
+        if exc.format_message():  # empty after printing the help for no arguments
+            command = exc.ctx.command_path if exc.ctx is not None else "chatdb"
+            report_error(exc.format_message(), f"see `{command} --help`")
+        code = EXIT_USAGE
+    except typer.Abort:
+        report_error("aborted")
+        code = EXIT_PROBLEM
+    except _CLICK_EXCEPTION as exc:
+        report_error(exc.format_message())
+        code = exc.exit_code
+    raise SystemExit(code if isinstance(code, int) else 0)
