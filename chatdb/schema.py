@@ -15,6 +15,8 @@ Every index names the query pattern it serves (see ``chatdb.patterns``):
 4. soft-deleted rows past their grace period: ``deleted_at < cutoff``
 5. a user's messages, and deleting a user (``messages.user_id = ?``)
 6. the latest lifecycle runs (``chatdb status``), and the one-run-at-a-time guard
+7. deleting a conversation: its owner foreign key's cascade, ``conversation_id = ? AND
+   user_id = ?`` on messages
 """
 
 from __future__ import annotations
@@ -161,6 +163,10 @@ Index(
     messages.c.conversation_id,
     messages.c.created_at.desc(),
 )
+# Pattern 7: the cascade (and check) of the owner foreign key when a conversation is
+# deleted, one probe per conversation; without it PostgreSQL ANDs the two indexes around
+# it and scans all of the owner's messages for every conversation deleted.
+Index("idx_messages_conversation_owner", messages.c.conversation_id, messages.c.user_id)
 # Pattern 5; also covers the foreign key to users (seed 003's name and definition).
 Index("ix_messages_user_id_created_at", messages.c.user_id, messages.c.created_at)
 # Pattern 4.

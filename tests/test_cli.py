@@ -37,6 +37,7 @@ REVISIONS = [
     "0002_messages",
     "0003_chatbot_extensions",
     "0004_archive_and_audit",
+    "0005_messages_owner_index",
 ]
 HEAD = REVISIONS[-1]
 SECRET = "s3cr3t-Pa55"
@@ -525,7 +526,7 @@ ARCHIVE_ROWS = {"conversations_archive": 1, "messages_archive": 2, "chatdb_runs"
 
 
 def test_down_off_a_terminal_refuses_without_yes(db_with_archive_rows, cli):
-    result = cli("migrate", "down", "-1", "--database-url", db_with_archive_rows.cli_url)
+    result = cli("migrate", "down", "-2", "--database-url", db_with_archive_rows.cli_url)
     assert result.exit_code == 1, result.output
     assert "--yes" in error_line(result)
     for table in ARCHIVE_ROWS:
@@ -535,7 +536,7 @@ def test_down_off_a_terminal_refuses_without_yes(db_with_archive_rows, cli):
 
 
 def test_down_with_yes_shows_the_plan_with_row_counts(db_with_archive_rows, cli):
-    result = cli("migrate", "down", "-1", "--yes", "--database-url", db_with_archive_rows.cli_url)
+    result = cli("migrate", "down", "-2", "--yes", "--database-url", db_with_archive_rows.cli_url)
     assert result.exit_code == 0, result.output
     shown = result.output
     for table, rows in ARCHIVE_ROWS.items():
@@ -636,7 +637,7 @@ def run_on_terminal(args: list[str], answer: str, timeout: float = 60.0) -> tupl
 
 
 def test_down_asks_on_a_terminal(db_with_archive_rows):
-    args = ["migrate", "down", "-1", "--database-url", db_with_archive_rows.cli_url]
+    args = ["migrate", "down", "-2", "--database-url", db_with_archive_rows.cli_url]
 
     declined, screen, asked = run_on_terminal(args, "n")
     assert asked, screen
@@ -672,7 +673,7 @@ def test_migrate_status_at_head_and_behind(empty_db, cli):
     assert payload["ok"] is True
     assert payload["current"] == "0002_messages"
     assert payload["head"] == HEAD
-    assert payload["pending"] == ["0003_chatbot_extensions", "0004_archive_and_audit"]
+    assert payload["pending"] == REVISIONS[2:]
     assert payload["up_to_date"] is False
 
     checked = cli("migrate", "status", "--check", "--json", "--database-url", url)
@@ -681,7 +682,7 @@ def test_migrate_status_at_head_and_behind(empty_db, cli):
     assert cli("migrate", "status", "--check", "--database-url", url).exit_code == 1
 
     up = cli("migrate", "up", "--json", "--database-url", url)
-    assert json_payload(up, "migrate")["applied"] == ["0003_chatbot_extensions", "0004_archive_and_audit"]
+    assert json_payload(up, "migrate")["applied"] == REVISIONS[2:]
 
     at_head = cli("migrate", "status", "--json", "--check", "--database-url", url)
     assert at_head.exit_code == 0, at_head.output

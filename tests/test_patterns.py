@@ -61,3 +61,29 @@ def test_add_message_bumps_updated_at_and_reads_back_newest_first(migrated_db):
         id=conversation_id,
     )
     assert idle_seconds < 3600
+
+
+def test_deleting_a_conversation_probes_the_owner_index_not_all_of_the_owners_messages(migrated_db):
+    """The cascade of the owner foreign key runs with a generic plan. On data where one
+    user owns most messages, it must still be one probe of
+    idx_messages_conversation_owner, not a BitmapAnd with the user's index."""
+    db = migrated_db
+    db.execute("INSERT INTO users (id) SELECT 'u' || g FROM generate_series(1, 50) g")
+    db.execute(
+        "INSERT INTO conversations (user_id) SELECT CASE WHEN g % 10 = 0 THEN 'u' || (g % 50 + 1)"
+        " ELSE 'u1' END FROM generate_series(1, 2000) g"
+    )
+    db.execute(
+        "INSERT INTO messages (conversation_id, user_id, role, content)"
+        " SELECT c.id, c.user_id, 'user', 'hi' FROM conversations c, generate_series(1, 10)"
+    )
+    db.execute("ANALYZE")
+    with db.engine.connect() as connection:
+        # The cascade's own statement, planned as a generic plan would be.
+        raw = connection.exec_driver_sql(
+            "EXPLAIN (GENERIC_PLAN, FORMAT JSON)"
+            " DELETE FROM ONLY messages WHERE $1 = conversation_id AND $2 = user_id"
+        ).scalar_one()
+    plan = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
+    nodes = list(_plan_nodes(plan))
+    assert {node.get("Index Name") for node in nodes} - {None} == {"idx_messages_conversation_owner"}, nodes

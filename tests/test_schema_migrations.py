@@ -155,7 +155,8 @@ def test_offline_sql_builds_the_same_schema_with_psql(pg_server, empty_db, migra
     script = tmp_path / "head.sql"
     script.write_text(sql)
     # CREATE INDEX CONCURRENTLY cannot run in a transaction: each stands after a COMMIT.
-    statements = [s.strip() for s in sql.split(";")]
+    code = "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
+    statements = [s.strip() for s in code.split(";")]
     concurrent = [
         i for i, s in enumerate(statements) if "CREATE INDEX CONCURRENTLY" in s or "CONCURRENTLY" in s
     ]
@@ -249,8 +250,11 @@ def test_downgrade_plan_counts_what_it_would_drop(migrated_db):
         " INSERT INTO conversations_archive (user_id) VALUES ('u1');"
         " INSERT INTO chatdb_runs (command, outcome) VALUES ('purge', 'succeeded'), ('archive', 'failed')"
     )
-    one_step = migrations.plan_downgrade(migrated_db.engine, "-1")
-    assert one_step.revisions == [HEAD]
+    index_only = migrations.plan_downgrade(migrated_db.engine, "-1")
+    assert index_only.revisions == [HEAD]
+    assert index_only.tables == [] and index_only.columns == []
+    one_step = migrations.plan_downgrade(migrated_db.engine, "0003")
+    assert one_step.revisions == [HEAD, "0004_archive_and_audit"]
     assert {(t.table, t.rows) for t in one_step.tables} == {
         ("conversations_archive", 1),
         ("messages_archive", 0),
@@ -323,12 +327,12 @@ def test_resolve_revision_specs():
     assert migrations.resolve("base") is None
     assert migrations.resolve("0003") == "0003_chatbot_extensions"
     assert migrations.resolve("-1", HEAD) == REVISIONS[-2]
-    assert migrations.resolve("-4", HEAD) is None
+    assert migrations.resolve(f"-{len(REVISIONS)}", HEAD) is None
     assert migrations.resolve("+1", "0001_conversations") == "0002_messages"
     with pytest.raises(UsageError):
         migrations.resolve("nope")
     with pytest.raises(UsageError):
-        migrations.resolve("-5", HEAD)
+        migrations.resolve(f"-{len(REVISIONS) + 1}", HEAD)
     with pytest.raises(UsageError):
         migrations.resolve("000")  # ambiguous prefix
 
