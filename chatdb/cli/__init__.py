@@ -8,7 +8,7 @@ import typer
 
 from chatdb import __version__, embedded
 from chatdb import status as status_module
-from chatdb.cli import migrate
+from chatdb.cli import migrate, verify
 from chatdb.cli import seed as seed_command
 from chatdb.cli.common import (
     ConnectTimeout,
@@ -32,6 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(migrate.app, name="migrate")
 app.command("seed")(handle_errors(seed_command.seed))
+app.command("verify-indexes")(handle_errors(verify.verify_indexes))
 
 embedded_app = typer.Typer()
 app.add_typer(embedded_app, name="embedded")
