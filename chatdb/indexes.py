@@ -124,12 +124,19 @@ class IndexFacts:
     predicate: str | None
     valid: bool
     ready: bool
-    definition: str
 
     @property
     def shape(self) -> tuple:
         """Everything that decides which queries the index can serve."""
         return (self.method, self.keys, self.include, self.predicate)
+
+    @property
+    def summary(self) -> str:
+        """The definition in short: ``UNIQUE btree (a, b DESC) INCLUDE (c) WHERE ...``."""
+        shown = f"{'UNIQUE ' if self.unique else ''}{self.method} ({_listed(self.keys)})"
+        if self.include:
+            shown += f" INCLUDE ({', '.join(self.include)})"
+        return shown + (f" WHERE {self.predicate}" if self.predicate else "")
 
     @property
     def enforces(self) -> str | None:
@@ -151,8 +158,7 @@ _TABLES = text(
 _INDEXES = text(
     """
     SELECT t.relname, c.relname, am.amname, i.indisunique, con.contype::text, con.conname,
-           columns.keys, pg_get_expr(i.indpred, i.indrelid, true), i.indisvalid, i.indisready,
-           pg_get_indexdef(i.indexrelid)
+           columns.keys, pg_get_expr(i.indpred, i.indrelid, true), i.indisvalid, i.indisready
     FROM pg_index i
     JOIN pg_class c ON c.oid = i.indexrelid
     JOIN pg_class t ON t.oid = i.indrelid
@@ -213,7 +219,7 @@ def _index_facts(connection: Connection, oids: Iterable[int]) -> dict[str, dict[
     """Facts of every index on the given tables: {table: {index: facts}}."""
     found: dict[str, dict[str, IndexFacts]] = {}
     for row in connection.execute(_INDEXES, {"oids": list(oids)}):
-        table, name, method, unique, kind, constraint, columns, predicate, valid, ready, definition = row
+        table, name, method, unique, kind, constraint, columns, predicate, valid, ready = row
         keys = tuple(
             KeyColumn(shown, column, opclass, collation, descending, nulls_first)
             for is_key, shown, column, opclass, collation, descending, nulls_first in columns
@@ -221,7 +227,7 @@ def _index_facts(connection: Connection, oids: Iterable[int]) -> dict[str, dict[
         )
         include = tuple(shown for is_key, shown, *_ in columns if not is_key)
         found.setdefault(table, {})[name] = IndexFacts(
-            table, name, method, unique, kind, constraint, keys, include, predicate, valid, ready, definition
+            table, name, method, unique, kind, constraint, keys, include, predicate, valid, ready
         )
     return found
 
@@ -399,36 +405,32 @@ def _duplicate_of(index: IndexFacts, others: list[IndexFacts], expected: set[str
     a constraint is never the duplicate."""
     if index.constraint_kind is not None:
         return None
-    for other in others:
-        if (
-            other.name != index.name
-            and other.valid
-            and other.shape == index.shape
-            and _rank(other, expected) < _rank(index, expected)
-        ):
-            return other
-    return None
+    twins = [
+        other
+        for other in others
+        if other.valid and other.shape == index.shape and _rank(other, expected) < _rank(index, expected)
+    ]
+    return min(twins, key=lambda other: _rank(other, expected), default=None)
 
 
-def _prefix_of(index: IndexFacts, others: list[IndexFacts]) -> IndexFacts | None:
+def _prefix_of(index: IndexFacts, others: list[IndexFacts], expected: set[str]) -> IndexFacts | None:
     """The btree index whose key columns start with all of ``index``'s (same options, same
     predicate) and that holds its INCLUDE columns too. Unique indexes enforce something
     narrower, so they are never redundant."""
     if index.unique or index.constraint_kind is not None or index.method != "btree":
         return None
     width = len(index.keys)
-    for other in others:
-        if (
-            other.name != index.name
-            and other.valid
-            and other.method == index.method
-            and other.predicate == index.predicate
-            and len(other.keys) > width
-            and other.keys[:width] == index.keys
-            and set(index.include) <= {key.definition for key in other.keys} | set(other.include)
-        ):
-            return other
-    return None
+    wider = [
+        other
+        for other in others
+        if other.valid
+        and other.method == index.method
+        and other.predicate == index.predicate
+        and len(other.keys) > width
+        and other.keys[:width] == index.keys
+        and set(index.include) <= {key.definition for key in other.keys} | set(other.include)
+    ]
+    return min(wider, key=lambda other: _rank(other, expected), default=None)
 
 
 # --- the checks -----------------------------------------------------------------------------
@@ -531,7 +533,7 @@ def _declared_checks(
             name,
             DEFINITION,
             FAIL,
-            "; ".join(differences) + f" (live: {live.definition})",
+            "; ".join(differences),
             f"{item.drop}\n{item.create}",
         )
     else:
@@ -551,8 +553,8 @@ def _extra_checks(index: IndexFacts, allow_extra: bool) -> Iterator[Check]:
             index.name,
             UNEXPECTED,
             FAIL,
-            f"not in chatdb/schema.py: {index.definition}",
-            f"{drop}\n(or declare it in chatdb/schema.py with a migration, or pass --allow-extra)",
+            f"not declared in chatdb/schema.py: {index.summary}",
+            f"{drop}\n-- or declare it in chatdb/schema.py (with a migration), or pass --allow-extra",
         )
     yield _validity_check(index, drop)
 
@@ -572,8 +574,8 @@ def _validity_check(index: IndexFacts, fix: str) -> Check:
         index.name,
         VALID,
         FAIL,
-        f"{state} (left by a failed or interrupted CREATE INDEX CONCURRENTLY or REINDEX): "
-        "queries cannot use it; it is still maintained on every write",
+        f"{state}, as a failed CREATE INDEX CONCURRENTLY leaves it: queries cannot use it, "
+        "writes still maintain it",
         fix,
     )
 
@@ -594,15 +596,14 @@ def _redundancy_checks(indexes: list[IndexFacts], expected: set[str]) -> Iterato
             )
         else:
             yield Check(index.table, index.name, DUPLICATE, OK, "no other index has its definition")
-        wider = None if twin is not None else _prefix_of(index, indexes)
+        wider = None if twin is not None else _prefix_of(index, indexes, expected)
         if wider is not None:
             yield Check(
                 index.table,
                 index.name,
                 REDUNDANT,
                 FAIL,
-                f"its key columns ({_listed(index.keys)}) are a left prefix of {wider.name} "
-                f"({_listed(wider.keys)}), which serves the same queries",
+                f"left prefix of {wider.name} ({_listed(wider.keys)}), which serves the same queries",
                 _redundancy_fix(index, wider, expected),
             )
         elif twin is None:
@@ -619,9 +620,9 @@ def _redundancy_checks(indexes: list[IndexFacts], expected: set[str]) -> Iterato
 def _redundancy_fix(index: IndexFacts, other: IndexFacts, expected: set[str]) -> str:
     if index.name in expected and other.name not in expected:
         # The declared index stays; the one that makes it redundant is what was added.
-        return f"{_drop(other)}\n(or declare {other.name} in chatdb/schema.py instead of {index.name})"
+        return f"{_drop(other)}\n-- or declare {other.name} in chatdb/schema.py instead of {index.name}"
     if index.name in expected:
-        return f"declare only one of {index.name} and {other.name} in chatdb/schema.py"
+        return f"-- declare only one of {index.name} and {other.name} in chatdb/schema.py"
     return _drop(index)
 
 
@@ -729,7 +730,7 @@ def _query_check(
     elif scans:
         others = ", ".join(sorted({node["Index Name"] for node in scans}))
         detail = f"{pattern.name}: planned with {others}, not {pattern.index}"
-        fix = fix or f"check the other findings on {table}: {others} competes with {pattern.index}"
+        fix = fix or f"-- {others} competes with {pattern.index}: see the other findings on {table}"
     else:
         plan = ", ".join(dict.fromkeys(node["Node Type"] for node in nodes))
         detail = f"{pattern.name}: no index serves it (plan: {plan})"

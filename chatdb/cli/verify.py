@@ -11,6 +11,7 @@ from xml.etree import ElementTree
 
 import typer
 from rich.markup import escape
+from rich.measure import Measurement
 
 from chatdb import indexes
 from chatdb.cli.common import (
@@ -85,19 +86,22 @@ def verify_indexes(
         )
     else:
         if findings:
-            out.print(
-                table(
-                    None,
-                    ["table", "index", "check", "what is wrong", "how to fix"],
-                    (
-                        [escape(value or "") for value in (c.table, c.index, c.check, c.detail, c.fix)]
-                        for c in findings
-                    ),
-                )
-            )
+            _print_findings(findings)
         out.print(_verdict(report))
     if findings:
         raise typer.Exit(EXIT_PROBLEM)
+
+
+def _print_findings(findings: list[indexes.Check]) -> None:
+    rendered = table(
+        None,
+        ["table", "index", "check", "what is wrong", "how to fix"],
+        ([escape(value or "") for value in (c.table, c.index, c.check, c.detail, c.fix)] for c in findings),
+    )
+    if not out.is_terminal:
+        # A CI log has no width: there, each statement of a fix stays on one line.
+        rendered.width = Measurement.get(out, out.options.update_width(1000), rendered).maximum
+    out.print(rendered)
 
 
 def _verdict(report: indexes.VerifyReport) -> str:
