@@ -4,7 +4,6 @@ declaration exactly, is valid, and serves its query."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import groupby
 from pathlib import Path
 from typing import Annotated
 from xml.etree import ElementTree
@@ -124,8 +123,10 @@ def junit_report(report: indexes.VerifyReport) -> ElementTree.ElementTree:
     """Every check as a JUnit test case, one test suite per table."""
     root = ElementTree.Element("testsuites", name=f"chatdb {COMMAND}", time=f"{report.elapsed:.3f}")
     _count(root, report.checks)
-    for group, checks in groupby(report.checks, key=lambda check: check.table or "database"):
-        checks = list(checks)
+    groups: dict[str, list[indexes.Check]] = {}
+    for check in report.checks:
+        groups.setdefault(check.table or "database", []).append(check)
+    for group, checks in groups.items():
         suite = ElementTree.SubElement(root, "testsuite", name=f"{COMMAND} {group}", skipped="0")
         _count(suite, checks)
         for check in checks:
