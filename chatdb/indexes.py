@@ -673,7 +673,8 @@ def _query_checks(
     transaction = connection.begin()
     try:
         connection.execute(
-            text("SELECT " + ", ".join(f"set_config('{name}', 'off', true)" for name in PINNED_PLANNER))
+            text("SELECT set_config(name, 'off', true) FROM unnest(CAST(:names AS text[])) AS name"),
+            {"names": list(PINNED_PLANNER)},
         )
         for pattern in patterns.PATTERNS:
             table = table_of.get(pattern.index)
