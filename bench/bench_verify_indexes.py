@@ -21,28 +21,14 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench_migrate import chatdb_command, server_url  # run as a script: bench/ is on sys.path
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL
 
-from chatdb import db, embedded, migrations
-
-
-def server_url(workdir: Path) -> tuple[URL, object | None]:
-    raw = os.environ.get("BENCH_DATABASE_URL")
-    if raw:
-        return db.parse_url(raw), None
-    server, url = embedded.scratch_server(workdir / "pgdata")
-    return url, server
-
-
-def chatdb_command() -> list[str]:
-    script = Path(sys.executable).with_name("chatdb")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "chatdb"]
+from chatdb import db, migrations
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
