@@ -9,6 +9,7 @@ say) rather than recomputed with chatdb's own code.
 from __future__ import annotations
 
 import json
+import uuid
 from xml.etree import ElementTree
 
 import pytest
@@ -157,6 +158,29 @@ def test_verify_changes_nothing(migrated_db, cli):
     assert_clean(cli, migrated_db)
     assert catalog() == before
     assert migrated_db.scalar("SELECT count(*) FROM pg_class WHERE relpersistence = 't'") == 0
+
+
+def test_a_role_that_may_only_read_and_write_chatdbs_tables_can_run_it(migrated_db, cli):
+    """Such a role creates nothing but temporary tables; it cannot create in the schema."""
+    if not migrated_db.scalar("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("the test server's role cannot create roles")
+    role, password = f"chatdb_test_ops_{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    migrated_db.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")
+    try:
+        migrated_db.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        migrated_db.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"'
+        )
+        assert not migrated_db.scalar("SELECT has_schema_privilege(:role, 'public', 'CREATE')", role=role)
+        url = migrated_db.url.set(drivername="postgresql", username=role, password=password)
+
+        result = cli("verify-indexes", "--database-url", url.render_as_string(hide_password=False))
+
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith("OK: all ")
+    finally:
+        migrated_db.execute(f'DROP OWNED BY "{role}"')
+        migrated_db.execute(f'DROP ROLE "{role}"')
 
 
 # --- one fault each -------------------------------------------------------------------------
@@ -516,3 +540,18 @@ def test_findings_table_names_the_index_the_fault_and_the_statements(migrated_db
     create = "CREATE INDEX CONCURRENTLY idx_messages_conversation_created ON messages"
     assert f"{create} (conversation_id, created_at DESC);" in result.stdout
     assert result.stdout.splitlines()[-1].startswith("FAILED: 1 of ")
+
+
+def test_an_unreachable_server_exits_3_with_one_json_object(cli):
+    result = cli(
+        "verify-indexes",
+        "--database-url",
+        "postgresql://nobody@127.0.0.1:1/chat",
+        "--connect-timeout",
+        "0",
+        "--json",
+    )
+    assert result.exit_code == 3
+    payload = json.loads(result.stdout)
+    assert payload["command"] == "verify-indexes" and payload["ok"] is False
+    assert payload["error"].startswith("cannot connect to postgresql://nobody@127.0.0.1:1/chat")
