@@ -47,26 +47,27 @@ def verify_indexes(
     database_url: DatabaseUrl = None,
     connect_timeout: ConnectTimeout = None,
 ) -> None:
-    """Prove that every index chatdb expects exists, matches exactly, is valid and serves
-    its query. Run it in CI after `chatdb migrate`, and before deploys.
+    """Prove that every index chatdb expects exists, matches exactly, is valid
+    and serves its query. Run it in CI after `chatdb migrate`, and before deploys.
 
-    On chatdb's tables (hot, archive, audit), against chatdb/schema.py: missing and
-    unexpected indexes; definition drift (key columns and their order, expressions,
-    ASC/DESC and NULLS order, operator classes, collations, INCLUDE columns, partial
-    predicate, access method, uniqueness); invalid indexes left by a failed CREATE INDEX
-    CONCURRENTLY; exact duplicates and left-prefix-redundant indexes; foreign keys without
-    a covering index; and, with EXPLAIN on each query pattern of chatdb.patterns, that the
-    expected index serves it without a sort. Findings come with the statements that fix
-    them. Nothing is changed: the checks run in transactions that are rolled back.
+    On chatdb's tables (hot, archive, audit), against chatdb/schema.py: missing
+    and unexpected indexes; drift in key columns and their order, expressions,
+    ASC/DESC and NULLS order, operator classes, collations, INCLUDE columns,
+    partial predicate, access method and uniqueness; invalid indexes (left by a
+    failed CREATE INDEX CONCURRENTLY); exact duplicates and left prefixes;
+    foreign keys without a covering index; and, by EXPLAIN of each query
+    pattern, that its own index serves it without a sort. Each finding comes
+    with the statements that fix it. Nothing is changed: the checks run in
+    transactions that are rolled back.
 
-    A database behind head gets one finding, to run `chatdb migrate`, and no index
-    checks. Exit code 0: no findings; 1: findings, or a database chatdb has not migrated.
+    A database behind head gets one finding (run `chatdb migrate`) and no index
+    checks. Exit code 0: no findings; 1: findings, or no chatdb schema.
 
     Example:
 
         chatdb verify-indexes
 
-        chatdb verify-indexes --junit verify-indexes.xml --json
+        chatdb verify-indexes --json --junit verify-indexes.xml
     """
     with disposing(open_engine(ctx, COMMAND, database_url, connect_timeout)) as engine:
         report = indexes.verify_indexes(engine, allow_extra=allow_extra)
