@@ -222,8 +222,8 @@ def print_json(command: str, ok: bool, **fields: Any) -> None:
 
 def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
     """The one table renderer. Columns named with a leading '>' are right-aligned. A cell
-    too wide for the console folds onto more lines rather than losing its end (names and
-    statements must survive a narrow CI log)."""
+    too wide for the console folds onto more lines rather than losing its end: names and
+    statements must survive a narrow terminal."""
     rendered = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
     for column in columns:
         numeric = column.startswith(">")
