@@ -400,13 +400,14 @@ def test_an_index_left_invalid_by_a_failed_concurrent_build(migrated_db, cli):
     name = "idx_messages_conversation_created"
     definition = f"{name} ON messages (conversation_id, created_at DESC)"
     migrated_db.execute(f"DROP INDEX {name}")
-    # A writer's open transaction makes the concurrent build wait; the build times out
-    # and leaves its catalog entry behind, invalid.
+    # A writer's open transaction makes the concurrent build wait for it; the build gives
+    # up (lock_timeout counts only lock waits, so never earlier) and leaves its catalog
+    # entry behind, invalid.
     with migrated_db.engine.connect() as writer:
         writer.execute(text("LOCK TABLE messages IN ROW EXCLUSIVE MODE"))
         with migrated_db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as builder:
-            builder.execute(text("SET statement_timeout = '500ms'"))
-            with pytest.raises(DBAPIError, match="statement timeout"):
+            builder.execute(text("SET lock_timeout = '200ms'"))
+            with pytest.raises(DBAPIError, match="lock timeout"):
                 builder.execute(text(f"CREATE INDEX CONCURRENTLY {definition}"))
         writer.rollback()
     # Run again with IF NOT EXISTS, it says "already exists" and leaves it invalid.
