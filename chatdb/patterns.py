@@ -76,13 +76,6 @@ def user_messages(user_id: str, limit: int = 50) -> Select:
     return select(messages).where(m.user_id == user_id).order_by(m.created_at.desc()).limit(limit)
 
 
-def conversation_messages_of_owner(conversation_id: uuid.UUID, user_id: str) -> Select:
-    """Pattern 7: what deleting a conversation runs on messages, through the cascade of
-    the owner foreign key (conversation_id, user_id)."""
-    m = messages.c
-    return select(m.id).where(m.conversation_id == conversation_id, m.user_id == user_id)
-
-
 def add_message(
     connection: Connection,
     conversation_id: uuid.UUID,
@@ -157,12 +150,6 @@ PATTERNS: tuple[Pattern, ...] = (
         lambda: soft_deleted(messages, _SAMPLE_TIME, 500),
         "idx_messages_deleted_id",
         ordered=True,
-    ),
-    Pattern(
-        "messages of a conversation and its owner (deleting a conversation)",
-        lambda: conversation_messages_of_owner(_SAMPLE_ID, _SAMPLE_USER),
-        "idx_messages_conversation_owner",
-        ordered=False,
     ),
     Pattern(
         "messages of a user",

@@ -163,9 +163,10 @@ Index(
     messages.c.conversation_id,
     messages.c.created_at.desc(),
 )
-# Pattern 7: the cascade (and check) of the owner foreign key when a conversation is
-# deleted, one probe per conversation; without it PostgreSQL ANDs the two indexes around
-# it and scans all of the owner's messages for every conversation deleted.
+# Pattern 7: the cascade of the owner foreign key when a conversation is deleted
+# (``conversation_id = $1 AND user_id = $2``, a generic plan), one probe per
+# conversation; without it PostgreSQL ANDs the two indexes around it and reads all of
+# the owner's messages for every conversation deleted.
 Index("idx_messages_conversation_owner", messages.c.conversation_id, messages.c.user_id)
 # Pattern 5; also covers the foreign key to users (seed 003's name and definition).
 Index("ix_messages_user_id_created_at", messages.c.user_id, messages.c.created_at)

@@ -7,9 +7,8 @@ import json
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.dialects import postgresql
 
-from chatdb import patterns, schema
+from chatdb import indexes, patterns, schema
 
 
 def _plan_nodes(plan: dict):
@@ -20,15 +19,11 @@ def _plan_nodes(plan: dict):
 
 @pytest.mark.parametrize("pattern", patterns.PATTERNS, ids=lambda p: p.name)
 def test_each_pattern_is_served_by_its_index(migrated_db, pattern):
-    statement = pattern.statement().compile(
-        dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
-    )
     with migrated_db.engine.begin() as connection:
         for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
             connection.execute(text(f"SET LOCAL {setting} = off"))
-        raw = connection.execute(text(f"EXPLAIN (FORMAT JSON) {statement}")).scalar_one()
+        plan = indexes.explain(connection, pattern)
         connection.rollback()
-    plan = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
     nodes = list(_plan_nodes(plan))
     assert pattern.index in {node.get("Index Name") for node in nodes}, nodes
     if pattern.ordered:

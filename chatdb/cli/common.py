@@ -221,11 +221,13 @@ def print_json(command: str, ok: bool, **fields: Any) -> None:
 
 
 def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
-    """The one table renderer. Columns named with a leading '>' are right-aligned."""
+    """The one table renderer. Columns named with a leading '>' are right-aligned. A cell
+    too wide for the console folds onto more lines rather than losing its end: names and
+    statements must survive a narrow terminal."""
     rendered = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
     for column in columns:
         numeric = column.startswith(">")
-        rendered.add_column(column.lstrip(">"), justify="right" if numeric else "left")
+        rendered.add_column(column.lstrip(">"), justify="right" if numeric else "left", overflow="fold")
     for row in rows:
         rendered.add_row(*("" if cell is None else str(cell) for cell in row))
     return rendered

@@ -1,0 +1,739 @@
+"""``chatdb verify-indexes``: every expected index exists, matches its declaration exactly,
+is valid, and serves its query pattern.
+
+The expectations are ``chatdb.schema``'s metadata: its indexes, primary keys and unique
+constraints. The server normalises them itself: each chatdb table gets an empty
+temporary copy (``LIKE``) inside a transaction that is rolled back, the declared indexes
+are built on the copies, and the copies' catalog facts (key columns and expressions,
+ASC/DESC and NULLS order, operator classes, collations, INCLUDE columns, predicate,
+access method, uniqueness, the constraint an index enforces) are compared with the live
+ones. Nothing is parsed from SQL text.
+
+The query patterns of ``chatdb.patterns`` are run through ``EXPLAIN`` with sequential
+scans, bitmap scans and sorts discouraged, in a transaction that is rolled back.
+
+Nothing is changed and nothing persists: the only objects created are temporary tables
+inside rolled-back transactions, no session setting outlives its transaction (so
+PgBouncer in transaction mode is fine), and no query reads table data, so the cost does
+not grow with the data.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, Engine, PrimaryKeyConstraint, Table, UniqueConstraint, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.schema import CreateIndex
+
+from chatdb import migrations, patterns
+from chatdb.errors import StateError
+from chatdb.schema import CHATDB_TABLES
+
+OK = "ok"
+FAIL = "fail"
+
+#: The names of the checks, as reports show them.
+REVISION = "revision"
+TABLE = "table"
+PRESENT = "present"
+DEFINITION = "definition"
+VALID = "valid"
+UNEXPECTED = "unexpected"
+DUPLICATE = "duplicate"
+REDUNDANT = "redundant"
+FOREIGN_KEY = "foreign key"
+QUERY = "query"
+
+#: Planner settings for the query proof, each SET LOCAL in a rolled-back transaction.
+PINNED_PLANNER = ("enable_seqscan", "enable_bitmapscan", "enable_sort")
+
+_CONSTRAINT_KINDS = {"p": "PRIMARY KEY", "u": "UNIQUE", "x": "EXCLUDE"}
+#: Statements in fixes are rendered for PostgreSQL, identifiers quoted only where needed.
+_DIALECT = postgresql.dialect()
+_quote = _DIALECT.identifier_preparer.quote
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check that ran: ``status`` is ``ok`` or ``fail``; ``fix`` says what to run."""
+
+    table: str | None
+    index: str | None
+    check: str
+    status: str
+    detail: str
+    fix: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAIL
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    current: str | None
+    head: str
+    checks: list[Check] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def findings(self) -> list[Check]:
+        return [check for check in self.checks if check.failed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+# --- catalog facts --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyColumn:
+    definition: str  # the column name or expression, as pg_get_indexdef prints it
+    column: str | None  # the column's name; None for an expression
+    opclass: str
+    collation: str | None
+    descending: bool
+    nulls_first: bool
+
+    def render(self) -> str:
+        shown = self.definition + (" DESC" if self.descending else "")
+        if self.nulls_first != self.descending:  # not the default for its direction
+            shown += " NULLS FIRST" if self.nulls_first else " NULLS LAST"
+        return shown
+
+
+@dataclass(frozen=True)
+class IndexFacts:
+    """What the catalog says about one index, in terms that compare across tables."""
+
+    table: str
+    name: str
+    method: str
+    unique: bool
+    constraint_kind: str | None  # 'p', 'u' or 'x' when the index enforces a constraint
+    constraint_name: str | None
+    keys: tuple[KeyColumn, ...]
+    include: tuple[str, ...]
+    predicate: str | None
+    valid: bool
+    ready: bool
+
+    @property
+    def shape(self) -> tuple:
+        """Everything that decides which queries the index can serve."""
+        return (self.method, self.keys, self.include, self.predicate)
+
+    @property
+    def summary(self) -> str:
+        """The definition in short: ``UNIQUE btree (a, b DESC) INCLUDE (c) WHERE ...``."""
+        shown = f"{'UNIQUE ' if self.unique else ''}{self.method} ({_listed(self.keys)})"
+        if self.include:
+            shown += f" INCLUDE ({', '.join(self.include)})"
+        return shown + (f" WHERE {self.predicate}" if self.predicate else "")
+
+    @property
+    def enforces(self) -> str | None:
+        if self.constraint_kind is None:
+            return None
+        return f"{_CONSTRAINT_KINDS.get(self.constraint_kind, self.constraint_kind)} {self.constraint_name}"
+
+
+_TABLES = text(
+    """
+    SELECT c.relname, c.oid
+    FROM pg_class c
+    WHERE c.relname = ANY(:names) AND c.relkind IN ('r', 'p')
+      AND c.relnamespace = CASE WHEN :temporary THEN pg_my_temp_schema()
+          ELSE (SELECT n.oid FROM pg_namespace n WHERE n.nspname = current_schema()) END
+    """
+)
+
+_INDEXES = text(
+    """
+    SELECT t.relname, c.relname, am.amname, i.indisunique, con.contype::text, con.conname,
+           columns.keys, pg_get_expr(i.indpred, i.indrelid, true), i.indisvalid, i.indisready
+    FROM pg_index i
+    JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_class t ON t.oid = i.indrelid
+    JOIN pg_am am ON am.oid = c.relam
+    LEFT JOIN pg_constraint con
+      ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x')
+    CROSS JOIN LATERAL (
+        SELECT json_agg(json_build_array(
+                   n <= i.indnkeyatts,
+                   pg_get_indexdef(i.indexrelid, n, true),
+                   a.attname,
+                   CASE WHEN opc.opcnamespace = 'pg_catalog'::regnamespace THEN opc.opcname
+                        ELSE opc.opcnamespace::regnamespace::text || '.' || opc.opcname END,
+                   CASE WHEN i.indcollation[n - 1] <> 0 THEN i.indcollation[n - 1]::regcollation::text END,
+                   (i.indoption[n - 1] & 1) <> 0,
+                   (i.indoption[n - 1] & 2) <> 0
+               ) ORDER BY n) AS keys
+        FROM generate_series(1, i.indnatts::int) AS n
+        LEFT JOIN pg_attribute a
+          ON a.attrelid = i.indrelid AND a.attnum = i.indkey[n - 1] AND a.attnum > 0
+        LEFT JOIN pg_opclass opc ON n <= i.indnkeyatts AND opc.oid = i.indclass[n - 1]
+    ) columns
+    WHERE i.indrelid = ANY(:oids)
+    ORDER BY t.relname, c.relname
+    """
+)
+
+_FOREIGN_KEYS = text(
+    """
+    SELECT t.relname, con.conname,
+           ARRAY(SELECT a.attname
+                 FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, n)
+                 JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+                 ORDER BY k.n) AS columns,
+           con.confrelid::regclass::text
+    FROM pg_constraint con
+    JOIN pg_class t ON t.oid = con.conrelid
+    WHERE con.contype = 'f' AND con.conrelid = ANY(:oids)
+    ORDER BY t.relname, con.conname
+    """
+)
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    table: str
+    name: str
+    columns: tuple[str, ...]
+    references: str
+
+
+def _table_oids(connection: Connection, names: Iterable[str], *, temporary: bool) -> dict[str, int]:
+    rows = connection.execute(_TABLES, {"names": list(names), "temporary": temporary})
+    return {name: oid for name, oid in rows}
+
+
+def _index_facts(connection: Connection, oids: Iterable[int]) -> dict[str, dict[str, IndexFacts]]:
+    """Facts of every index on the given tables: {table: {index: facts}}."""
+    found: dict[str, dict[str, IndexFacts]] = {}
+    for row in connection.execute(_INDEXES, {"oids": list(oids)}):
+        table, name, method, unique, kind, constraint, columns, predicate, valid, ready = row
+        keys = tuple(
+            KeyColumn(shown, column, opclass, collation, descending, nulls_first)
+            for is_key, shown, column, opclass, collation, descending, nulls_first in columns
+            if is_key
+        )
+        include = tuple(shown for is_key, shown, *_ in columns if not is_key)
+        found.setdefault(table, {})[name] = IndexFacts(
+            table, name, method, unique, kind, constraint, keys, include, predicate, valid, ready
+        )
+    return found
+
+
+def _foreign_keys(connection: Connection, oids: Iterable[int]) -> list[ForeignKey]:
+    return [
+        ForeignKey(table, name, tuple(columns), references)
+        for table, name, columns, references in connection.execute(_FOREIGN_KEYS, {"oids": list(oids)})
+    ]
+
+
+# --- what schema.py declares ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Declared:
+    """An index schema.py declares (an Index, or one a primary key or unique constraint
+    enforces), with the statement that builds it on a scratch copy and the statements that
+    create or drop it on a live table."""
+
+    table: str
+    name: str
+    build: object  # an executable DDL element or text()
+    create: str
+    drop: str
+
+
+def declared_indexes() -> list[Declared]:
+    """Every index of chatdb's tables that schema.py declares, rendered without touching
+    ``schema.metadata``."""
+    compiler = _DIALECT.ddl_compiler(_DIALECT, None)
+    found = []
+    for table in CHATDB_TABLES:
+        name_of_table = _quote(table.name)
+        for constraint in _index_constraints(table):
+            name = _quote(constraint.name)
+            kind = "PRIMARY KEY" if isinstance(constraint, PrimaryKeyConstraint) else "UNIQUE"
+            columns = ", ".join(_quote(column.name) for column in constraint.columns)
+            found.append(
+                Declared(
+                    table.name,
+                    constraint.name,
+                    text(f"ALTER TABLE {name_of_table} ADD {compiler.process(constraint)}"),
+                    f"CREATE UNIQUE INDEX CONCURRENTLY {name} ON {name_of_table} ({columns});\n"
+                    f"ALTER TABLE {name_of_table} ADD CONSTRAINT {name} {kind} USING INDEX {name};",
+                    f"ALTER TABLE {name_of_table} DROP CONSTRAINT {name};",
+                )
+            )
+        for index in sorted(table.indexes, key=lambda index: index.name):
+            found.append(
+                Declared(
+                    table.name,
+                    index.name,
+                    CreateIndex(index),
+                    _concurrently(str(CreateIndex(index).compile(dialect=_DIALECT))) + ";",
+                    f"DROP INDEX CONCURRENTLY {_quote(index.name)};",
+                )
+            )
+    return found
+
+
+def _index_constraints(table: Table) -> list[PrimaryKeyConstraint | UniqueConstraint]:
+    keys: list = [table.primary_key] if table.primary_key.columns else []
+    unique = [c for c in table.constraints if isinstance(c, UniqueConstraint)]
+    return keys + sorted(unique, key=lambda constraint: constraint.name)
+
+
+def _concurrently(statement: str) -> str:
+    return re.sub(r"^CREATE (UNIQUE )?INDEX ", r"CREATE \1INDEX CONCURRENTLY ", statement.strip())
+
+
+def _expected_facts(
+    connection: Connection, declared: list[Declared], tables: Iterable[str]
+) -> tuple[dict[str, dict[str, IndexFacts]], dict[str, str]]:
+    """Build the declared indexes on empty temporary copies of the live tables and read
+    their facts back, with the error of each one the live columns cannot hold. Runs
+    inside the caller's transaction, which must be rolled back."""
+    live_schema = connection.execute(text("SELECT current_schema()")).scalar_one()
+    tables = list(tables)
+    for table in tables:
+        connection.execute(
+            text(f"CREATE TEMPORARY TABLE {_quote(table)} (LIKE {_quote(live_schema)}.{_quote(table)})")
+        )
+    # From here on, unqualified table names are the temporary copies (functions still
+    # resolve in the live schema), so the declared DDL builds on them unchanged.
+    connection.execute(
+        text("SELECT set_config('search_path', 'pg_temp, ' || quote_ident(:schema), true)"),
+        {"schema": live_schema},
+    )
+    errors: dict[str, str] = {}
+    for item in declared:
+        if item.table not in tables:
+            continue
+        savepoint = connection.begin_nested()
+        try:
+            connection.execute(item.build)
+        except DBAPIError as exc:
+            savepoint.rollback()
+            errors[item.name] = " ".join(str(exc.orig).split())
+        else:
+            savepoint.commit()
+    facts = _index_facts(connection, _table_oids(connection, tables, temporary=True).values())
+    return facts, errors
+
+
+# --- comparing ------------------------------------------------------------------------------
+
+
+def definition_differences(expected: IndexFacts, live: IndexFacts) -> list[str]:
+    """How ``live`` differs from ``expected``, one phrase per aspect."""
+    found = []
+    if live.method != expected.method:
+        found.append(f"access method {live.method}, expected {expected.method}")
+    live_keys = [key.definition for key in live.keys]
+    expected_keys = [key.definition for key in expected.keys]
+    if live_keys != expected_keys:
+        order = (
+            "key columns in another order" if sorted(live_keys) == sorted(expected_keys) else "key columns"
+        )
+        found.append(f"{order}: ({_listed(live.keys)}), expected ({_listed(expected.keys)})")
+    else:
+        for mine, theirs in zip(expected.keys, live.keys, strict=True):
+            if theirs.descending != mine.descending:
+                found.append(f"{theirs.definition} {_direction(theirs)}, expected {_direction(mine)}")
+            if (theirs.nulls_first != theirs.descending) != (mine.nulls_first != mine.descending):
+                found.append(f"{theirs.definition} {_nulls(theirs)}, expected {_nulls(mine)}")
+            if theirs.opclass != mine.opclass:
+                found.append(f"{theirs.definition} operator class {theirs.opclass}, expected {mine.opclass}")
+            if theirs.collation != mine.collation:
+                found.append(
+                    f"{theirs.definition} collation {theirs.collation or 'none'}, "
+                    f"expected {mine.collation or 'none'}"
+                )
+    if live.include != expected.include:
+        found.append(f"{_include(live.include)}, expected {_include(expected.include)}")
+    if live.predicate != expected.predicate:
+        found.append(f"{_predicate(live.predicate)}, expected {_predicate(expected.predicate)}")
+    if live.unique != expected.unique:
+        found.append("not unique, expected UNIQUE" if expected.unique else "UNIQUE, expected not unique")
+    if live.enforces != expected.enforces:
+        found.append(
+            f"enforces {live.enforces or 'no constraint'}, expected {expected.enforces or 'no constraint'}"
+        )
+    return found
+
+
+def _listed(keys: Iterable[KeyColumn]) -> str:
+    return ", ".join(key.render() for key in keys)
+
+
+def _direction(key: KeyColumn) -> str:
+    return "DESC" if key.descending else "ASC"
+
+
+def _nulls(key: KeyColumn) -> str:
+    return "NULLS FIRST" if key.nulls_first else "NULLS LAST"
+
+
+def _include(columns: tuple[str, ...]) -> str:
+    return f"INCLUDE ({', '.join(columns)})" if columns else "no INCLUDE columns"
+
+
+def _predicate(predicate: str | None) -> str:
+    return f"partial WHERE {predicate}" if predicate else "no predicate"
+
+
+def _rank(index: IndexFacts, expected: set[str]) -> tuple:
+    """Which of two interchangeable indexes to keep: a constraint's, a unique one, a
+    declared one, then the first by name."""
+    return (index.constraint_kind is None, not index.unique, index.name not in expected, index.name)
+
+
+def _duplicate_of(index: IndexFacts, others: list[IndexFacts], expected: set[str]) -> IndexFacts | None:
+    """The index that makes ``index`` an exact duplicate, if any. An index that enforces
+    a constraint is never the duplicate."""
+    if index.constraint_kind is not None:
+        return None
+    twins = [
+        other
+        for other in others
+        if other.valid and other.shape == index.shape and _rank(other, expected) < _rank(index, expected)
+    ]
+    return min(twins, key=lambda other: _rank(other, expected), default=None)
+
+
+def _prefix_of(index: IndexFacts, others: list[IndexFacts], expected: set[str]) -> IndexFacts | None:
+    """The btree index whose key columns start with all of ``index``'s (same options, same
+    predicate) and that holds its INCLUDE columns too. Unique indexes enforce something
+    narrower, so they are never redundant."""
+    if index.unique or index.constraint_kind is not None or index.method != "btree":
+        return None
+    width = len(index.keys)
+    wider = [
+        other
+        for other in others
+        if other.valid
+        and other.method == index.method
+        and other.predicate == index.predicate
+        and len(other.keys) > width
+        and other.keys[:width] == index.keys
+        and set(index.include) <= {key.definition for key in other.keys} | set(other.include)
+    ]
+    return min(wider, key=lambda other: _rank(other, expected), default=None)
+
+
+# --- the checks -----------------------------------------------------------------------------
+
+
+def verify_indexes(engine: Engine, *, allow_extra: bool = False) -> VerifyReport:
+    """Run every check. A database behind head gets the revision finding alone (indexes
+    checked against an older schema say little); one that chatdb never migrated, or that
+    is at a revision this chatdb does not know, raises StateError."""
+    started = time.perf_counter()
+    state = migrations.status(engine)
+    if not state.known:
+        raise migrations.unknown_revision(state.current or "")
+    if state.current is None:
+        raise StateError("the database has no chatdb schema yet", hint="run `chatdb migrate` first")
+    checks: list[Check] = []
+    if state.pending:
+        checks.append(
+            Check(
+                None,
+                None,
+                REVISION,
+                FAIL,
+                f"the database is at revision {state.current}, {len(state.pending)} behind head "
+                f"{state.head}; indexes were not checked",
+                "chatdb migrate",
+            )
+        )
+        return VerifyReport(state.current, state.head, checks, time.perf_counter() - started)
+    checks.append(Check(None, None, REVISION, OK, f"at head {state.head}"))
+    declared = declared_indexes()
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        try:
+            connection.execute(text("SET LOCAL lock_timeout = '5s'"))
+            oids = _table_oids(connection, [table.name for table in CHATDB_TABLES], temporary=False)
+            live = _index_facts(connection, oids.values())
+            foreign_keys = _foreign_keys(connection, oids.values())
+            expected, unbuildable = _expected_facts(connection, declared, oids)
+        finally:
+            transaction.rollback()
+        checks.extend(_table_checks(declared, oids, live, expected, unbuildable, allow_extra, foreign_keys))
+        checks.extend(_query_checks(connection, declared, oids, live, expected))
+    return VerifyReport(state.current, state.head, checks, time.perf_counter() - started)
+
+
+def _table_checks(
+    declared: list[Declared],
+    oids: dict[str, int],
+    live: dict[str, dict[str, IndexFacts]],
+    expected: dict[str, dict[str, IndexFacts]],
+    unbuildable: dict[str, str],
+    allow_extra: bool,
+    foreign_keys: list[ForeignKey],
+) -> Iterator[Check]:
+    by_name = {item.name: item for item in declared}
+    for table in (table.name for table in CHATDB_TABLES):
+        if table not in oids:
+            yield Check(
+                table,
+                None,
+                TABLE,
+                FAIL,
+                f"table {table} is missing although the revision is head",
+                "restore it; `chatdb migrate sql` shows its definition",
+            )
+            continue
+        yield Check(table, None, TABLE, OK, "exists")
+        indexes = live.get(table, {})
+        wanted = expected.get(table, {})
+        for item in (item for item in declared if item.table == table):
+            yield from _declared_checks(item, wanted.get(item.name), indexes.get(item.name), unbuildable)
+        for name in sorted(indexes.keys() - {item.name for item in declared if item.table == table}):
+            yield from _extra_checks(indexes[name], allow_extra)
+        yield from _redundancy_checks(list(indexes.values()), set(wanted))
+        for key in (key for key in foreign_keys if key.table == table):
+            yield _foreign_key_check(key, list(indexes.values()), list(wanted.values()), by_name)
+
+
+def _declared_checks(
+    item: Declared, expected: IndexFacts | None, live: IndexFacts | None, unbuildable: dict[str, str]
+) -> Iterator[Check]:
+    table, name = item.table, item.name
+    if live is None:
+        yield Check(table, name, PRESENT, FAIL, "missing: declared in chatdb/schema.py", item.create)
+        return
+    yield Check(table, name, PRESENT, OK, "exists")
+    if expected is None:
+        yield Check(
+            table,
+            name,
+            DEFINITION,
+            FAIL,
+            f"the declared index cannot be built on the live table's columns: {unbuildable.get(name)}",
+            "compare the table with chatdb/schema.py (`chatdb migrate stamp` lists the differences)",
+        )
+    elif differences := definition_differences(expected, live):
+        yield Check(
+            table,
+            name,
+            DEFINITION,
+            FAIL,
+            "; ".join(differences),
+            f"{item.drop}\n{item.create}",
+        )
+    else:
+        yield Check(table, name, DEFINITION, OK, "matches chatdb/schema.py")
+    yield _validity_check(live, f"{item.drop}\n{item.create}")
+
+
+def _extra_checks(index: IndexFacts, allow_extra: bool) -> Iterator[Check]:
+    drop = _drop(index)
+    if allow_extra:
+        yield Check(
+            index.table, index.name, UNEXPECTED, OK, "not in chatdb/schema.py; accepted (--allow-extra)"
+        )
+    else:
+        yield Check(
+            index.table,
+            index.name,
+            UNEXPECTED,
+            FAIL,
+            f"not declared in chatdb/schema.py: {index.summary}",
+            f"{drop}\n-- or declare it in chatdb/schema.py (with a migration), or pass --allow-extra",
+        )
+    yield _validity_check(index, drop)
+
+
+def _drop(index: IndexFacts) -> str:
+    if index.constraint_name is not None:
+        return f"ALTER TABLE {_quote(index.table)} DROP CONSTRAINT {_quote(index.constraint_name)};"
+    return f"DROP INDEX CONCURRENTLY {_quote(index.name)};"
+
+
+def _validity_check(index: IndexFacts, fix: str) -> Check:
+    if index.valid and index.ready:
+        return Check(index.table, index.name, VALID, OK, "valid and ready")
+    state = "invalid and not ready" if not index.ready else "invalid"
+    return Check(
+        index.table,
+        index.name,
+        VALID,
+        FAIL,
+        f"{state}, as a failed CREATE INDEX CONCURRENTLY leaves it: queries cannot use it, "
+        "writes still maintain it",
+        fix,
+    )
+
+
+def _redundancy_checks(indexes: list[IndexFacts], expected: set[str]) -> Iterator[Check]:
+    for index in sorted(indexes, key=lambda index: index.name):
+        if not index.valid:
+            continue  # the validity check already reports it
+        twin = _duplicate_of(index, indexes, expected)
+        if twin is not None:
+            yield Check(
+                index.table,
+                index.name,
+                DUPLICATE,
+                FAIL,
+                f"exact duplicate of {twin.name}",
+                _redundancy_fix(index, twin, expected),
+            )
+        else:
+            yield Check(index.table, index.name, DUPLICATE, OK, "no other index has its definition")
+        wider = None if twin is not None else _prefix_of(index, indexes, expected)
+        if wider is not None:
+            yield Check(
+                index.table,
+                index.name,
+                REDUNDANT,
+                FAIL,
+                f"left prefix of {wider.name} ({_listed(wider.keys)}), which serves the same queries",
+                _redundancy_fix(index, wider, expected),
+            )
+        elif twin is None:
+            reason = (
+                f"enforces {index.enforces}"
+                if index.enforces
+                else "unique"
+                if index.unique
+                else "no other index starts with its key columns"
+            )
+            yield Check(index.table, index.name, REDUNDANT, OK, reason)
+
+
+def _redundancy_fix(index: IndexFacts, other: IndexFacts, expected: set[str]) -> str:
+    if index.name in expected and other.name not in expected:
+        # The declared index stays; the one that makes it redundant is what was added.
+        return f"{_drop(other)}\n-- or declare {other.name} in chatdb/schema.py instead of {index.name}"
+    if index.name in expected:
+        return f"-- declare only one of {index.name} and {other.name} in chatdb/schema.py"
+    return _drop(index)
+
+
+def _foreign_key_check(
+    key: ForeignKey, indexes: list[IndexFacts], wanted: list[IndexFacts], declared: dict[str, Declared]
+) -> Check:
+    first = key.columns[0]
+    described = f"foreign key {key.name} ({', '.join(key.columns)}) -> {key.references}"
+    for index in sorted(indexes, key=lambda index: (len(index.keys), index.name)):
+        if _covers(index, first):
+            return Check(key.table, index.name, FOREIGN_KEY, OK, f"{described}: covered")
+    candidates = [index for index in wanted if _covers(index, first)]
+    if candidates:
+        cover = min(candidates, key=lambda index: (len(index.keys), index.name))
+        name, fix = cover.name, declared[cover.name].create
+        if any(index.name == name for index in indexes):
+            fix = f"{declared[name].drop}\n{fix}"
+    else:
+        name = None
+        fix = f"CREATE INDEX CONCURRENTLY ON {_quote(key.table)} ({_quote(first)});"
+    return Check(
+        key.table,
+        name,
+        FOREIGN_KEY,
+        FAIL,
+        f"{described}: no valid, non-partial index starts with {first} "
+        f"(deleting from {key.references} scans {key.table})",
+        fix,
+    )
+
+
+def _covers(index: IndexFacts, column: str) -> bool:
+    return index.valid and index.predicate is None and bool(index.keys) and index.keys[0].column == column
+
+
+# --- the query proof ------------------------------------------------------------------------
+
+
+def _query_checks(
+    connection: Connection,
+    declared: list[Declared],
+    oids: dict[str, int],
+    live: dict[str, dict[str, IndexFacts]],
+    expected: dict[str, dict[str, IndexFacts]],
+) -> Iterator[Check]:
+    table_of = {item.name: item.table for item in declared}
+    by_name = {item.name: item for item in declared}
+    transaction = connection.begin()
+    try:
+        connection.execute(
+            text("SELECT set_config(name, 'off', true) FROM unnest(CAST(:names AS text[])) AS name"),
+            {"names": list(PINNED_PLANNER)},
+        )
+        for pattern in patterns.PATTERNS:
+            table = table_of.get(pattern.index)
+            if table is None or table not in oids:
+                yield Check(
+                    table,
+                    pattern.index,
+                    QUERY,
+                    FAIL,
+                    f"{pattern.name}: its table is missing" if table else f"{pattern.name}: undeclared index",
+                )
+                continue
+            nodes = list(_plan_nodes(explain(connection, pattern)))
+            yield _query_check(pattern, table, nodes, by_name[pattern.index], live.get(table, {}), expected)
+    finally:
+        transaction.rollback()
+
+
+def explain(connection: Connection, pattern: patterns.Pattern) -> dict:
+    """The plan of a pattern's statement, with its sample values."""
+    compiled = pattern.statement().compile(dialect=connection.dialect)
+    raw = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params).scalar_one()
+    return raw[0]["Plan"]
+
+
+def _plan_nodes(plan: dict) -> Iterator[dict]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def _query_check(
+    pattern: patterns.Pattern,
+    table: str,
+    nodes: list[dict],
+    item: Declared,
+    indexes: dict[str, IndexFacts],
+    expected: dict[str, dict[str, IndexFacts]],
+) -> Check:
+    scans = [node for node in nodes if node["Node Type"] in ("Index Scan", "Index Only Scan")]
+    mine = [node for node in scans if node.get("Index Name") == pattern.index]
+    sorts = [node for node in nodes if "Sort" in node["Node Type"]]
+    live = indexes.get(pattern.index)
+    if live is None:
+        fix = item.create
+    elif not live.valid or definition_differences(expected[table][pattern.index], live):
+        fix = f"{item.drop}\n{item.create}"
+    else:
+        fix = None
+    if mine and not (pattern.ordered and sorts):
+        backward = " (backward)" if mine[0].get("Scan Direction") == "Backward" else ""
+        return Check(table, pattern.index, QUERY, OK, f"{pattern.name}: {mine[0]['Node Type']}{backward}")
+    if mine:
+        detail = f"{pattern.name}: uses {pattern.index} but sorts afterwards ({sorts[0]['Node Type']})"
+    elif scans:
+        others = ", ".join(sorted({node["Index Name"] for node in scans}))
+        detail = f"{pattern.name}: planned with {others}, not {pattern.index}"
+        fix = fix or f"-- {others} competes with {pattern.index}: see the other findings on {table}"
+    else:
+        plan = ", ".join(dict.fromkeys(node["Node Type"] for node in nodes))
+        detail = f"{pattern.name}: no index serves it (plan: {plan})"
+    return Check(table, pattern.index, QUERY, FAIL, detail, fix)
