@@ -8,6 +8,8 @@ the way chatdb does.
 
 from __future__ import annotations
 
+from sqlalchemy import event
+
 from alembic import context
 from chatdb.schema import VERSION_TABLE, metadata
 
@@ -26,6 +28,8 @@ def _configure(**kwargs) -> None:
         version_table=VERSION_TABLE,
         transaction_per_migration=True,
         chatdb_concurrently=config.attributes.get("concurrently", True),
+        # For the statements that run outside a transaction (chatdb.migration_ops).
+        chatdb_lock_timeout=LOCK_TIMEOUT,
         **kwargs,
     )
 
@@ -37,19 +41,23 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _set_lock_timeout(connection) -> None:
+    # Local to each transaction Alembic begins: no session state, which a transaction
+    # pooler would carry over to other clients' transactions. (In AUTOCOMMIT it lasts one
+    # statement; those steps are watched by chatdb.migration_ops instead.)
+    connection.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+
+
 def _run(connection) -> None:
-    external_transaction = connection.in_transaction()
-    if not external_transaction:
-        # A session setting, committed before Alembic starts its own transactions, so it
-        # also covers the statements that run outside a transaction (CONCURRENTLY).
-        connection.exec_driver_sql("SELECT set_config('lock_timeout', %s, false)", (LOCK_TIMEOUT,))
-        connection.commit()
-    _configure(connection=connection)
-    with context.begin_transaction():
-        context.run_migrations()
-    if not external_transaction:
-        connection.exec_driver_sql("RESET lock_timeout")
-        connection.commit()
+    if connection.in_transaction():
+        _set_lock_timeout(connection)
+    event.listen(connection, "begin", _set_lock_timeout)
+    try:
+        _configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        event.remove(connection, "begin", _set_lock_timeout)
 
 
 def run_migrations_online() -> None:

@@ -13,9 +13,19 @@ plain statements.
 
 from __future__ import annotations
 
-from sqlalchemy import text
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from alembic import op
+from chatdb.errors import StateError
+
+#: How often the watchdog of a statement outside a transaction looks at its lock wait.
+_WATCH_INTERVAL = 0.05
 
 
 def _concurrently() -> bool:
@@ -49,8 +59,8 @@ def create_index(
             if valid:
                 return
             if valid is not None:
-                op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-        op.execute(f"CREATE {kind} CONCURRENTLY {name} ON {table} {columns}{predicate}")
+                _outside_transaction(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+        _outside_transaction(f"CREATE {kind} CONCURRENTLY {name} ON {table} {columns}{predicate}")
 
 
 def drop_index(name: str) -> None:
@@ -59,7 +69,7 @@ def drop_index(name: str) -> None:
         op.execute(f"DROP INDEX IF EXISTS {name}")
         return
     with op.get_context().autocommit_block():
-        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+        _outside_transaction(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
 
 
 def validate_constraint(table: str, name: str) -> None:
@@ -71,4 +81,78 @@ def validate_constraint(table: str, name: str) -> None:
         op.execute(statement)
         return
     with op.get_context().autocommit_block():
+        _outside_transaction(statement)
+
+
+def _outside_transaction(statement: str) -> None:
+    """Run a statement that cannot be in a transaction, so its lock_timeout cannot be SET
+    LOCAL, and a session SET would outlive it on a transaction pooler's server connection
+    (and reach the application's queries). A watchdog on a second connection cancels it
+    instead once it has waited for a lock longer than the migration's lock_timeout."""
+    context = op.get_context()
+    lock_timeout = context.opts.get("chatdb_lock_timeout")
+    if context.as_sql or not lock_timeout:
         op.execute(statement)
+        return
+    with lock_wait_limit(op.get_bind().engine, statement, lock_timeout):
+        op.execute(statement)
+
+
+@contextmanager
+def lock_wait_limit(engine: Engine, statement: str, lock_timeout: str) -> Iterator[None]:
+    """Cancel ``statement`` (run by this role in this database while the block runs) once
+    one of its lock waits has lasted ``lock_timeout``, as lock_timeout itself would. It
+    needs no session state, so it works through a transaction pooler, where the backend
+    that will run the statement is not known in advance. The cancellation re-checks, in
+    the same statement, that the backend still waits in that very statement."""
+    stop, cancelled = threading.Event(), threading.Event()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watcher:
+        limit = float(
+            watcher.execute(
+                text("SELECT extract(epoch FROM CAST(:timeout AS interval))"), {"timeout": lock_timeout}
+            ).scalar_one()
+        )
+
+        def watch() -> None:
+            waiting: dict[tuple, float] = {}
+            while not stop.wait(_WATCH_INTERVAL):
+                rows = watcher.execute(_WAITING, {"statement": statement}).all()
+                now = time.monotonic()
+                waiting = {tuple(row): waiting.get(tuple(row), now) for row in rows}
+                for (pid, started), since in waiting.items():
+                    if now - since >= limit:
+                        cancelled.set()
+                        watcher.execute(_CANCEL, {"pid": pid, "started": started, "statement": statement})
+
+        thread = threading.Thread(target=watch, name="chatdb lock_timeout", daemon=True)
+        thread.start()
+        try:
+            yield
+        except DBAPIError as exc:
+            if cancelled.is_set() and getattr(exc.orig, "sqlstate", None) == "57014":  # query_canceled
+                raise StateError(
+                    f"migration failed: {statement} waited longer than {lock_timeout} for a lock",
+                    hint=busy_hint(lock_timeout),
+                ) from None
+            raise
+        finally:
+            stop.set()
+            thread.join()
+
+
+def busy_hint(lock_timeout: str) -> str:
+    return (
+        f"another session held a lock on the table for longer than {lock_timeout}; "
+        "run the migration again when the table is less busy"
+    )
+
+
+_WAITING = text(
+    "SELECT pid, query_start FROM pg_stat_activity"
+    " WHERE datname = current_database() AND usename = current_user AND pid <> pg_backend_pid()"
+    " AND state = 'active' AND wait_event_type = 'Lock' AND query = :statement"
+)
+_CANCEL = text(
+    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+    " WHERE pid = :pid AND query_start = :started AND wait_event_type = 'Lock' AND query = :statement"
+)

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from alembic import command
-from chatdb import catalog
+from chatdb import catalog, migration_ops
 from chatdb.errors import StateError, UsageError
 from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, VERSION_TABLE
 
@@ -202,12 +202,7 @@ def _run(engine: Engine, action, target: str, lock_timeout: str = DEFAULT_LOCK_T
             busy = getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
             raise StateError(
                 f"migration failed: {_one_line(exc)}",
-                hint=(
-                    f"another session held a lock on the table for longer than {lock_timeout}; "
-                    "run the migration again when the table is less busy"
-                )
-                if busy
-                else None,
+                hint=migration_ops.busy_hint(lock_timeout) if busy else None,
             ) from None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,23 @@ def test_plain_alembic_from_a_checkout(empty_db):
     assert result.returncode == 0, result.stderr
     assert migrations.status(empty_db.engine).current == HEAD
     assert empty_db.scalar("SELECT to_regclass('alembic_version') IS NULL") is True
+
+
+def test_a_concurrent_build_gives_up_after_lock_timeout_without_session_state(empty_db):
+    migrations.upgrade(empty_db.engine, "0004")
+    with empty_db.engine.connect() as blocker:
+        # SHARE UPDATE EXCLUSIVE: what a VACUUM or another index build holds; the build of
+        # revision 0005 (CONCURRENTLY, outside a transaction) must wait for it.
+        blocker.execute(text("LOCK TABLE messages IN SHARE UPDATE EXCLUSIVE MODE"))
+        started = time.monotonic()
+        with pytest.raises(StateError) as raised:
+            migrations.upgrade(empty_db.engine, lock_timeout="300ms")
+        waited = time.monotonic() - started
+        blocker.rollback()
+    assert "CREATE INDEX CONCURRENTLY idx_messages_conversation_owner" in raised.value.message
+    assert "300ms" in raised.value.message
+    assert "lock" in (raised.value.hint or "")
+    assert 0.3 <= waited < 10
+    with empty_db.engine.connect() as connection:
+        assert connection.execute(text("SHOW lock_timeout")).scalar() == "0"
+    assert migrations.upgrade(empty_db.engine).current == HEAD
