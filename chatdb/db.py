@@ -72,13 +72,20 @@ def parse_url(raw: str) -> URL:
     return url.set(drivername=_DRIVER)
 
 
-def resolve_database(cli_url: str | None) -> Database:
-    """Pick the database by precedence. Starting the embedded server is left to the caller."""
+def configured_database(cli_url: str | None) -> Database | None:
+    """The database a URL was given for, by precedence; None means the embedded default."""
     if cli_url is not None:  # given, even empty: an empty option is a mistake, not a default
         return Database(parse_url(cli_url), "--database-url")
     for source in ("CHATDB_DATABASE_URL", "DATABASE_URL"):
         if value := os.environ.get(source):
             return Database(parse_url(value), source)
+    return None
+
+
+def resolve_database(cli_url: str | None) -> Database:
+    """Pick the database by precedence. Starting the embedded server is left to the caller."""
+    if (configured := configured_database(cli_url)) is not None:
+        return configured
     from chatdb import embedded
 
     return Database(embedded.ensure_running(), "embedded")

@@ -37,3 +37,7 @@ class StateError(ChatdbError):
     """The database is not in a state the command can work on."""
 
     exit_code = EXIT_PROBLEM
+
+
+class PrivilegeError(StateError):
+    """The database role lacks a privilege the command needs."""

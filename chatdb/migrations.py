@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from alembic import command
-from chatdb import catalog, migration_ops
+from chatdb import catalog, migration_ops, privileges
 from chatdb.errors import StateError, UsageError
 from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, VERSION_TABLE
 
@@ -194,6 +194,8 @@ def require_head(engine: Engine) -> None:
 
 def _run(engine: Engine, action, target: str, lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> None:
     with engine.connect() as connection:
+        privileges.require_migrate(connection, (*_OWNED, VERSION_TABLE))
+        connection.rollback()
         try:
             action(_config(connection, lock_timeout=lock_timeout), target)
         except CommandError as exc:

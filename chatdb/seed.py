@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.schema import ForeignKeyConstraint
 
-from chatdb import migrations
+from chatdb import migrations, privileges
 from chatdb.errors import StateError, UsageError
 from chatdb.schema import USER_MESSAGE_MAX_CHARS, conversations, messages
 
@@ -460,6 +460,11 @@ def seed(engine: Engine, request: SeedRequest, progress: Progress | None = None)
     started = time.perf_counter()
     report = progress or (lambda phase, done, total: None)
     with engine.connect() as connection, connection.begin():
+        privileges.require_table_privileges(
+            connection,
+            [(p, t) for t in ("users", "conversations", "messages") for p in ("SELECT", "INSERT")],
+            "seed writes users, conversations and messages",
+        )
         if seeded_user_count(connection, request.user_prefix):
             raise StateError(
                 f"seed {request.seed} is already loaded (users {request.user_prefix}*)",
@@ -530,6 +535,8 @@ def _take_over_if_empty(connection: Connection) -> bool:
     empty = text("SELECT NOT EXISTS (SELECT 1 FROM conversations) AND NOT EXISTS (SELECT 1 FROM messages)")
     if not connection.execute(empty).scalar_one():
         return False
+    if privileges.not_owned(connection, ("conversations", "messages")):
+        return False  # dropping constraints and indexes is for the tables' owner
     savepoint = connection.begin_nested()
     try:
         connection.execute(text("SET LOCAL lock_timeout = '10s'"))
@@ -857,6 +864,11 @@ def reset(engine: Engine) -> ResetResult:
     """Delete every seeded user (ids starting with ``seed-``) and, by cascade, everything of
     theirs. Never touches a row of a user whose id lacks the prefix."""
     with engine.connect() as connection, connection.begin():
+        privileges.require_table_privileges(
+            connection,
+            [("SELECT", "users"), ("DELETE", "users")],
+            "seed --reset deletes the seeded users, and everything of theirs by cascade",
+        )
         counts = _seeded_counts(connection)
         # When the seed owns every conversation (hot and archived), truncating is exact
         # and far faster than cascading row by row.
@@ -867,7 +879,14 @@ def reset(engine: Engine) -> ResetResult:
             ),
             {"p": USER_PREFIX},
         ).scalar_one()
-        if not others and counts.conversations:
+        truncatable = connection.execute(
+            text(
+                "SELECT bool_and(has_table_privilege(to_regclass(t), 'TRUNCATE'))"
+                " FROM unnest(CAST(:tables AS text[])) AS t"
+            ),
+            {"tables": ["messages_archive", "conversations_archive", "messages", "conversations"]},
+        ).scalar_one()
+        if not others and counts.conversations and truncatable:
             connection.execute(text("SET LOCAL lock_timeout = '10s'"))
             connection.execute(
                 text("TRUNCATE messages_archive, conversations_archive, messages, conversations")

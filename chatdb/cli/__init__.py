@@ -8,7 +8,7 @@ import typer
 
 from chatdb import __version__, embedded
 from chatdb import status as status_module
-from chatdb.cli import lifecycle, migrate, verify
+from chatdb.cli import grants, lifecycle, migrate, verify
 from chatdb.cli import seed as seed_command
 from chatdb.cli.common import (
     ConnectTimeout,
@@ -37,6 +37,7 @@ app.command("seed")(handle_errors(seed_command.seed))
 app.add_typer(lifecycle.archive_app, name="archive")
 app.command("purge")(lifecycle.purge)
 app.command("verify-indexes")(handle_errors(verify.verify_indexes))
+app.command("grants")(handle_errors(grants.grants))
 
 embedded_app = typer.Typer()
 app.add_typer(embedded_app, name="embedded")

@@ -1,0 +1,58 @@
+"""``chatdb grants``: the GRANT statements for the application's and the operations role."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from chatdb import db, embedded, privileges
+from chatdb.cli.common import DatabaseUrl, JsonOutput, print_json, settings
+
+
+def grants(
+    ctx: typer.Context,
+    app_role: Annotated[str, typer.Option("--app-role", help="The chatbot backend's role.")],
+    ops_role: Annotated[
+        str, typer.Option("--ops-role", help="The role that runs archive, purge, status, verify-indexes.")
+    ],
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            help="Database to grant CONNECT on (default: the configured URL's, else chatdb).",
+            show_default=False,
+        ),
+    ] = None,
+    schema: Annotated[str, typer.Option("--schema", help="Schema of chatdb's tables.")] = "public",
+    as_json: JsonOutput = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Print the GRANT statements for the application's role and the operations
+    role. Needs no database. Run them as the owner of chatdb's tables, after
+    `chatdb migrate`.
+
+    The application's role reads and writes conversations, messages and users,
+    and reads the archive. The operations role runs archive, purge, status and
+    verify-indexes: it reads and writes chatdb's tables, records runs in
+    chatdb_runs and creates temporary tables. Neither owns a table, so neither
+    can migrate or seed: those run as the owner.
+
+    Example:
+
+        chatdb grants --app-role chatbot --ops-role chatdb_ops > grants.sql
+    """
+    if database is None:
+        url = database_url if database_url is not None else settings(ctx).database_url
+        configured = db.configured_database(url)
+        database = configured.url.database if configured and configured.url.database else None
+    roles = privileges.grant_statements(app_role, ops_role, database or embedded.DATABASE_NAME, schema)
+    if as_json:
+        print_json("grants", True, roles=roles)
+        return
+    for number, grant in enumerate(roles):
+        if number:
+            typer.echo()
+        typer.echo(f"-- {grant.kind} role {grant.role}: {grant.may}")
+        for statement in grant.statements:
+            typer.echo(statement)

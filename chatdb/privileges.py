@@ -1,0 +1,162 @@
+"""Least privilege: what each role may do, the GRANT statements that give it, and the
+checks that name a missing privilege in one line before a command fails half-way.
+
+Two roles besides the tables' owner (the role that runs ``chatdb migrate``):
+
+- the application's role reads and writes the chat tables and reads the archive;
+- the operations role runs ``archive``, ``purge``, ``status`` and ``verify-indexes``: it
+  reads and writes chatdb's tables, records runs in ``chatdb_runs`` and creates temporary
+  tables (``verify-indexes`` builds the declared indexes on empty temporary copies). It
+  owns nothing, so ``migrate`` and ``seed``, the development and staging tools that
+  create, alter, or take over tables, say which privilege it lacks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, text
+from sqlalchemy.dialects import postgresql
+
+from chatdb.errors import PrivilegeError, UsageError
+from chatdb.schema import (
+    VERSION_TABLE,
+    chatdb_runs,
+    conversations,
+    conversations_archive,
+    messages,
+    messages_archive,
+    users,
+)
+
+_quote = postgresql.dialect().identifier_preparer.quote
+#: PostgreSQL truncates longer names; "public" and pg_* are not names a role can have.
+_MAX_NAME_BYTES = 63
+_RESERVED = re.compile(r"^(public|none|current_user|session_user|current_role|pg_.*)$", re.IGNORECASE)
+
+HINT = "`chatdb grants` prints what each role needs; run migrate and seed as the owner of chatdb's tables"
+
+
+@dataclass(frozen=True)
+class RoleGrants:
+    role: str
+    kind: str  # "application" or "operations"
+    may: str  # what the role may do, in one sentence
+    statements: list[str]
+
+
+def validate_role(name: str, option: str) -> str:
+    """A role name as typed by a user: any PostgreSQL identifier (it is always quoted)."""
+    if not name or not name.strip():
+        raise UsageError(f"{option}: the role name is empty")
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        raise UsageError(f"{option} {name!r}: longer than {_MAX_NAME_BYTES} bytes")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise UsageError(f"{option} {name!r}: contains a control character")
+    if _RESERVED.match(name):
+        raise UsageError(f"{option} {name!r}: a reserved name, not a role of its own")
+    return name
+
+
+def grant_statements(app_role: str, ops_role: str, database: str, schema: str = "public") -> list[RoleGrants]:
+    """The GRANT statements for the application's role and the operations role. Run them
+    as the owner of chatdb's tables."""
+    app = _quote(validate_role(app_role, "--app-role"))
+    ops = _quote(validate_role(ops_role, "--ops-role"))
+    if app_role == ops_role:
+        raise UsageError("--app-role and --ops-role must be different roles")
+    db, sch = _quote(database), _quote(schema)
+
+    def tables(*names: str) -> str:
+        return ", ".join(f"{sch}.{_quote(name)}" for name in names)
+
+    chat = tables(conversations.name, messages.name)
+    archive = tables(conversations_archive.name, messages_archive.name)
+    return [
+        RoleGrants(
+            app_role,
+            "application",
+            "reads and writes conversations and messages (and users), reads the archive; "
+            "never writes chatdb's audit or version tables",
+            [
+                f"GRANT CONNECT ON DATABASE {db} TO {app};",
+                f"GRANT USAGE ON SCHEMA {sch} TO {app};",
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {tables(users.name)}, {chat} TO {app};",
+                f"GRANT SELECT ON TABLE {archive} TO {app};",
+            ],
+        ),
+        RoleGrants(
+            ops_role,
+            "operations",
+            "runs archive, purge, status and verify-indexes: reads and writes chatdb's tables, "
+            "records runs, creates temporary tables; owns nothing, so it cannot migrate or seed",
+            [
+                f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {ops};",
+                f"GRANT USAGE ON SCHEMA {sch} TO {ops};",
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {chat}, {archive} TO {ops};",
+                f"GRANT SELECT, INSERT, UPDATE ON TABLE {tables(chatdb_runs.name)} TO {ops};",
+                f"GRANT SELECT ON TABLE {tables(VERSION_TABLE, users.name)} TO {ops};",
+            ],
+        ),
+    ]
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def _role_and_schema(connection: Connection) -> tuple[str, str]:
+    return connection.execute(text("SELECT current_user, current_schema()")).one()
+
+
+def not_owned(connection: Connection, names: Iterable[str]) -> list[str]:
+    """The tables among ``names`` (those that exist) that the current role does not own,
+    directly or through membership of the owning role."""
+    return list(
+        connection.execute(
+            text(
+                "SELECT c.relname FROM pg_class c"
+                " WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = ANY(:names)"
+                " AND c.relkind IN ('r', 'p') AND NOT pg_has_role(current_user, c.relowner, 'USAGE')"
+                " ORDER BY c.relname"
+            ),
+            {"names": list(names)},
+        ).scalars()
+    )
+
+
+def require_migrate(connection: Connection, tables: Iterable[str]) -> None:
+    """Migrating creates tables in the schema and alters chatdb's: it needs CREATE on the
+    schema and ownership of the tables that exist."""
+    role, schema = _role_and_schema(connection)
+    if not connection.execute(text("SELECT has_schema_privilege(current_schema(), 'CREATE')")).scalar():
+        raise PrivilegeError(
+            f"permission denied: role {role} cannot create tables in schema {schema} "
+            f"(migrate needs CREATE on schema {schema})",
+            hint=HINT,
+        )
+    foreign = not_owned(connection, tables)
+    if foreign:
+        raise PrivilegeError(
+            f"permission denied: role {role} does not own table {foreign[0]} "
+            "(migrate alters chatdb's tables, which only their owner may do)",
+            hint=HINT,
+        )
+
+
+def require_table_privileges(connection: Connection, needed: list[tuple[str, str]], purpose: str) -> None:
+    """Raise PrivilegeError naming the first (privilege, table) of ``needed`` the current
+    role lacks."""
+    role, _ = _role_and_schema(connection)
+    for privilege, table in needed:
+        granted = connection.execute(
+            text("SELECT has_table_privilege(to_regclass(:table), :privilege)"),
+            {"table": _quote(table), "privilege": privilege},
+        ).scalar()
+        if granted is False:
+            preposition = {"INSERT": "into", "SELECT": "from", "DELETE": "from"}.get(privilege, "on")
+            raise PrivilegeError(
+                f"permission denied: role {role} cannot {privilege} {preposition} table {table} ({purpose})",
+                hint=HINT,
+            )
