@@ -37,6 +37,9 @@ _TRANSIENT = (
     "server closed the connection unexpectedly",
     "could not receive data from server",
     "too many connections",
+    # PgBouncer accepts the login and reports the server's absence on the first query.
+    "pgbouncer cannot connect to server",
+    "server login has been failing",
 )
 
 
@@ -160,9 +163,21 @@ def connect(
             if not is_transient(exc) or remaining <= 0:
                 engine.dispose()
                 waited = f" (gave up after {connect_timeout:g}s)" if is_transient(exc) else ""
-                raise ConnectError(f"cannot connect to {database.display}: {message}{waited}") from None
+                raise ConnectError(
+                    f"cannot connect to {database.display}: {message}{waited}", hint=_connect_hint(message)
+                ) from None
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 2.0)
+
+
+def _connect_hint(message: str) -> str | None:
+    lowered = message.lower()
+    if "certificate" in lowered or "ssl" in lowered:
+        return (
+            "check the TLS parameters of the URL: sslmode, and sslrootcert (the file of the CA "
+            "that signed the server's certificate)"
+        )
+    return None
 
 
 def is_transient(exc: DBAPIError) -> bool:

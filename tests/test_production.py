@@ -1,0 +1,444 @@
+"""chatdb as it is deployed: through PgBouncer in transaction pooling mode, over TLS with
+a certificate checked against a CA, against a server that is down or starting, and as an
+operations role that owns nothing. Every part is real and runs on loopback (see
+``servers.py``); a part that is not installed skips the test saying which, except in CI
+(``CI=true``), where it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import psycopg
+import pytest
+import servers
+from conftest import scratch_folder
+from sqlalchemy import create_engine, text
+
+OPS = "chatdb_test_ops"
+APP = "chatdb_test_app"
+CHATDB = (sys.executable, "-m", "chatdb")
+SEED = ("--users", "40", "--conversations", "600", "--messages", "3000", "--days", "365")
+
+
+def need(make):
+    """Start a part, or skip (fail in CI) with the reason it cannot be had."""
+    try:
+        return make()
+    except servers.Unavailable as missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run every production test: {missing}")
+        pytest.skip(str(missing))
+
+
+def error_line(result) -> str:
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def chatdb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CHATDB, *args], capture_output=True, text=True, timeout=timeout)
+
+
+# --- the parts --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pooler(pg_server) -> Iterator[servers.PgBouncer]:
+    """PgBouncer, transaction pooling, in front of the session's test server."""
+    url = pg_server.url
+    host = url.query.get("host") or url.host or "localhost"
+    run_as = None
+    if os.geteuid() == 0:
+        run_as = pwd.getpwuid(os.stat(host).st_uid).pw_name if host.startswith("/") else "postgres"
+    with ExitStack() as stack:
+        folder = stack.enter_context(scratch_folder("chatdb-test-pgbouncer-"))
+        yield need(
+            lambda: stack.enter_context(
+                servers.pgbouncer(
+                    folder, host=host, port=url.port or 5432, run_as=run_as, roles=("postgres", OPS)
+                )
+            )
+        )
+
+
+@pytest.fixture(scope="session")
+def tls_server() -> Iterator[servers.DebianPostgres]:
+    """Debian's PostgreSQL with ssl = on and a certificate from a test CA."""
+    with ExitStack() as stack:
+        folder = stack.enter_context(scratch_folder("chatdb-test-tls-"))
+        yield need(lambda: stack.enter_context(servers.debian_postgres(folder)))
+
+
+@pytest.fixture(scope="session")
+def roles(pg_server) -> Iterator[None]:
+    """The operations and application roles, with no privileges of their own."""
+    with pg_server.admin.connect() as connection:
+        for role in (OPS, APP):
+            connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+            connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+    yield
+    with pg_server.admin.connect() as connection:
+        for role in (OPS, APP):
+            connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+
+
+def pooled_url(pooler: servers.PgBouncer, database, role: str = "postgres") -> str:
+    return pooler.url(database.name, role)
+
+
+def as_role(database, role: str) -> str:
+    return database.url.set(drivername="postgresql", username=role).render_as_string(hide_password=False)
+
+
+# --- PgBouncer in transaction pooling mode ----------------------------------------------------
+
+
+def leftover_session_state(pooler: servers.PgBouncer, database) -> list[str]:
+    """Open as many transactions through the pooler at once as it has server connections
+    to the database, so each of them is inspected: any setting, prepared statement or
+    temporary table left by chatdb would reach the application's next transaction."""
+    servers_held = database.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    )
+    found = []
+    connections = [psycopg.connect(pooled_url(pooler, database)) for _ in range(max(servers_held, 1))]
+    try:
+        seen = set()
+        for connection in connections:
+            pid, settings, prepared, temporary = connection.execute(
+                "SELECT pg_backend_pid(),"
+                " (SELECT array_agg(name || '=' || setting ORDER BY name) FROM pg_settings"
+                # application_name is PgBouncer's own: it sets each client's on the server.
+                "   WHERE source = 'session' AND name <> 'application_name'),"
+                " (SELECT count(*) FROM pg_prepared_statements),"
+                " (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())"
+            ).fetchone()
+            seen.add(pid)
+            if settings:
+                found.append(f"backend {pid}: session settings {settings}")
+            if prepared:
+                found.append(f"backend {pid}: {prepared} prepared statements")
+            if temporary:
+                found.append(f"backend {pid}: {temporary} temporary relations")
+        assert len(seen) >= servers_held, "not every server connection was inspected"
+    finally:
+        for connection in connections:
+            connection.close()
+    return found
+
+
+def test_every_command_through_pgbouncer_in_transaction_mode(empty_db, pooler, cli):
+    url = pooled_url(pooler, empty_db)
+    steps = [
+        ("migrate",),
+        ("seed", *SEED),
+        ("status", "--json"),
+        ("verify-indexes",),
+        ("archive", "--older-than", "90d", "--json"),
+        ("archive", "restore", "--user", "seed-42-0000001", "--json"),
+        ("purge", "--older-than", "300d", "--deleted-grace", "1d", "--json"),
+        ("migrate", "down", "0004", "--yes"),
+        ("migrate",),
+        ("migrate", "status", "--check"),
+    ]
+    for step in steps:
+        result = cli(*step, "--database-url", url)
+        assert result.exit_code == 0, (step, result.output)
+    assert empty_db.scalar("SELECT version_num FROM chatdb_alembic_version") == "0005_messages_owner_index"
+    assert empty_db.scalar("SELECT count(*) FROM conversations_archive") > 0
+    assert empty_db.scalar("SELECT count(*) FROM chatdb_runs WHERE outcome = 'succeeded'") == 3
+    assert leftover_session_state(pooler, empty_db) == []
+
+
+def test_a_concurrent_build_through_pgbouncer_gives_up_after_lock_timeout(empty_db, pooler, cli):
+    url = pooled_url(pooler, empty_db)
+    assert cli("migrate", "--to", "0004", "--database-url", url).exit_code == 0
+    with empty_db.engine.connect() as blocker:
+        blocker.execute(text("LOCK TABLE messages IN SHARE UPDATE EXCLUSIVE MODE"))
+        started = time.monotonic()
+        result = cli("migrate", "--database-url", url)
+        waited = time.monotonic() - started
+        blocker.rollback()
+    assert result.exit_code == 1, result.output
+    assert "waited longer than 5s for a lock" in error_line(result)
+    assert 5 <= waited < 30
+    assert leftover_session_state(pooler, empty_db) == []
+    assert cli("migrate", "--database-url", url).exit_code == 0
+
+
+def _wait_for_running(database, process: subprocess.Popen, at_least: int = 3) -> int:
+    deadline = time.monotonic() + 60
+    while True:
+        with database.engine.connect() as connection:
+            row = connection.execute(
+                text("SELECT id, (counts->>'conversations')::int FROM chatdb_runs WHERE outcome = 'running'")
+            ).first()
+        if row is not None and (row[1] or 0) >= at_least:
+            return row[0]
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run committed no batch in time"
+        time.sleep(0.02)
+
+
+def test_the_guard_through_pgbouncer_refuses_a_second_run_and_dies_with_sigkill(migrated_db, pooler, cli):
+    url = pooled_url(pooler, migrated_db)
+    assert cli("seed", *SEED, "--database-url", url).exit_code == 0
+    first = subprocess.Popen(
+        [*CHATDB, "archive", "--older-than", "30d", "--batch-size", "1", "--database-url", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run_id = _wait_for_running(migrated_db, first)
+        second = cli("archive", "--older-than", "30d", "--database-url", url)
+        assert second.exit_code == 1, second.output
+        assert "another archive or purge run is in progress" in error_line(second)
+        purge = cli("purge", "--older-than", "300d", "--database-url", url)
+        assert purge.exit_code == 1, purge.output
+        assert "another archive or purge run is in progress" in error_line(purge)
+        # A DBA sees who holds the guard, and which command.
+        holders = migrated_db.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'chatdb archive'"
+        )
+        assert holders >= 1
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    rerun = cli("archive", "--older-than", "30d", "--json", "--database-url", url)
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads(rerun.stdout)["took_over"] == [run_id]
+    assert migrated_db.scalar("SELECT outcome FROM chatdb_runs WHERE id = :i", i=run_id) == "interrupted"
+    idle = (
+        "SELECT count(*) FROM conversations"
+        " WHERE updated_at < now() - interval '30 days' AND deleted_at IS NULL"
+    )
+    assert migrated_db.scalar(idle) == 0
+
+
+def test_a_dead_server_behind_pgbouncer_is_an_error_on_the_first_query(pooler, cli):
+    # PgBouncer accepts the login for a database the server does not have; only the
+    # first query fails. Not retried: the database does not exist.
+    result = cli("status", "--connect-timeout", "30", "--database-url", pooler.url("chatdb_no_such_db"))
+    assert result.exit_code == 3, result.output
+    line = error_line(result)
+    assert "chatdb_no_such_db" in line
+    assert "gave up" not in line
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+def test_verify_full_with_the_right_ca(tls_server, cli):
+    url = tls_server.url(sslmode="verify-full", sslrootcert=str(tls_server.certificates.ca))
+    result = cli("status", "--json", "--database-url", url)
+    assert result.exit_code == 0, result.output
+    with psycopg.connect(url) as connection:
+        assert connection.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+
+
+def test_verify_full_with_a_wrong_ca_is_one_clear_line_at_once(tls_server, cli):
+    url = tls_server.url(sslmode="verify-full", sslrootcert=str(tls_server.certificates.other_ca))
+    started = time.monotonic()
+    result = cli("status", "--connect-timeout", "30", "--database-url", url)
+    assert result.exit_code == 3, result.output
+    line = error_line(result)
+    assert "certificate verify failed" in line
+    assert "gave up" not in line
+    assert time.monotonic() - started < 10
+    assert "sslrootcert" in result.stderr  # the hint says where to look
+
+
+def test_verify_full_rejects_a_host_name_the_certificate_does_not_name(tls_server, cli):
+    url = tls_server.url(sslmode="verify-full", sslrootcert=str(tls_server.certificates.ca))
+    url = url.replace("@localhost:", "@127.0.0.2:")  # loopback, but not in the certificate
+    result = cli("status", "--connect-timeout", "5", "--database-url", url)
+    assert result.exit_code == 3, result.output
+
+
+def test_a_server_that_requires_tls_refuses_sslmode_disable(tls_server, cli):
+    result = cli("status", "--database-url", tls_server.url(sslmode="disable"))
+    assert result.exit_code == 3, result.output
+    assert "no encryption" in error_line(result)
+
+
+# --- a server that is down, then starts ------------------------------------------------------
+
+
+def test_a_server_that_starts_while_chatdb_waits(tls_server):
+    url = tls_server.url(sslmode="verify-full", sslrootcert=str(tls_server.certificates.ca))
+    tls_server.stop()
+    try:
+        started = time.monotonic()
+        process = subprocess.Popen(
+            [*CHATDB, "migrate", "status", "--json", "--connect-timeout", "30", "--database-url", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2)
+        assert process.poll() is None, process.communicate()
+        tls_server.start()
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if not (tls_server.data / "postmaster.pid").exists():
+            tls_server.start()
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout)["ok"] is True
+    assert time.monotonic() - started >= 2
+
+
+def test_a_server_that_starts_behind_pgbouncer_while_chatdb_waits(tls_server):
+    with ExitStack() as stack:
+        folder = stack.enter_context(scratch_folder("chatdb-test-pgbouncer-"))
+        bouncer = stack.enter_context(
+            servers.pgbouncer(
+                folder, host=str(tls_server.socket_dir), port=tls_server.port, run_as=tls_server.user
+            )
+        )
+        tls_server.stop()
+        try:
+            process = subprocess.Popen(
+                [
+                    *CHATDB,
+                    "status",
+                    "--json",
+                    "--connect-timeout",
+                    "30",
+                    "--database-url",
+                    bouncer.url("postgres"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(2)
+            assert process.poll() is None, process.communicate()
+            tls_server.start()
+            stdout, stderr = process.communicate(timeout=60)
+        finally:
+            if not (tls_server.data / "postmaster.pid").exists():
+                tls_server.start()
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout)["ok"] is True
+
+
+def test_a_server_that_stays_down_gives_up_after_the_connect_timeout(tls_server):
+    url = tls_server.url(sslmode="verify-full", sslrootcert=str(tls_server.certificates.ca))
+    tls_server.stop()
+    try:
+        started = time.monotonic()
+        result = chatdb("status", "--connect-timeout", "3", "--database-url", url)
+        elapsed = time.monotonic() - started
+    finally:
+        tls_server.start()
+    assert result.returncode == 3, result.stderr
+    assert "gave up after 3s" in result.stderr
+    assert 3 <= elapsed < 20
+
+
+# --- least privilege -----------------------------------------------------------------------------
+
+
+def grant(cli, database) -> list[str]:
+    result = cli("grants", "--app-role", APP, "--ops-role", OPS, "--database", database.name)
+    assert result.exit_code == 0, result.output
+    statements = [line for line in result.stdout.splitlines() if line and not line.startswith("--")]
+    for statement in statements:
+        database.execute(statement)
+    return statements
+
+
+def test_the_operations_role_runs_the_operations_commands(migrated_db, roles, pooler, cli):
+    assert cli("seed", *SEED, "--database-url", migrated_db.cli_url).exit_code == 0
+    grant(cli, migrated_db)
+    ops = as_role(migrated_db, OPS)
+    for step in (
+        ("status", "--json"),
+        ("verify-indexes",),
+        ("archive", "--older-than", "90d"),
+        ("archive", "restore", "--user", "seed-42-0000001"),
+        ("purge", "--older-than", "300d"),
+        ("migrate", "status", "--check"),
+    ):
+        result = cli(*step, "--database-url", ops)
+        assert result.exit_code == 0, (step, result.output)
+    # Through the pooler too.
+    result = cli(
+        "archive", "--older-than", "60d", "--json", "--database-url", pooler.url(migrated_db.name, OPS)
+    )
+    assert result.exit_code == 0, result.output
+    assert migrated_db.scalar("SELECT count(*) FROM chatdb_runs WHERE db_user = :r", r=OPS) == 4
+
+
+def test_the_operations_role_cannot_seed_and_says_why(migrated_db, roles, cli):
+    grant(cli, migrated_db)
+    result = cli("seed", "--database-url", as_role(migrated_db, OPS))
+    assert result.exit_code == 1, result.output
+    assert f"error: permission denied: role {OPS} cannot INSERT into table users" in error_line(result)
+    assert migrated_db.scalar("SELECT count(*) FROM conversations") == 0
+
+
+def test_the_operations_role_cannot_migrate_and_says_why(empty_db, roles, cli):
+    assert cli("migrate", "--to", "0004", "--database-url", empty_db.cli_url).exit_code == 0
+    grant(cli, empty_db)
+    result = cli("migrate", "--database-url", as_role(empty_db, OPS))
+    assert result.exit_code == 1, result.output
+    line = error_line(result)
+    assert f"permission denied: role {OPS} " in line
+    assert "CREATE on schema public" in line or "does not own table" in line
+    assert empty_db.scalar("SELECT version_num FROM chatdb_alembic_version") == "0004_archive_and_audit"
+    # Given CREATE on the schema, it still owns none of the tables it would alter.
+    empty_db.execute(f'GRANT CREATE ON SCHEMA public TO "{OPS}"')
+    line = error_line(cli("migrate", "--database-url", as_role(empty_db, OPS)))
+    assert f"permission denied: role {OPS} does not own table" in line
+    empty_db.execute(f'REVOKE CREATE ON SCHEMA public FROM "{OPS}"')
+
+
+def test_the_application_role_writes_chats_and_never_the_audit_trail(migrated_db, roles, cli):
+    grant(cli, migrated_db)
+    engine = create_engine(migrated_db.url.set(username=APP), connect_args={"prepare_threshold": None})
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO users (id) VALUES ('u1')"))
+            connection.execute(text("INSERT INTO conversations (user_id) VALUES ('u1')"))
+            connection.execute(
+                text(
+                    "INSERT INTO messages (conversation_id, user_id, role, content)"
+                    " SELECT id, user_id, 'user', 'hi' FROM conversations"
+                )
+            )
+            assert connection.execute(text("SELECT count(*) FROM conversations_archive")).scalar() == 0
+        with pytest.raises(Exception, match="permission denied"), engine.begin() as connection:
+            connection.execute(text("INSERT INTO chatdb_runs (command) VALUES ('purge')"))
+        with pytest.raises(Exception, match="permission denied"), engine.begin() as connection:
+            connection.execute(text("DELETE FROM conversations_archive"))
+    finally:
+        engine.dispose()
+
+
+def test_grants_quotes_role_names_and_refuses_bad_ones(cli):
+    result = cli("grants", "--app-role", 'app"; DROP TABLE users; --', "--ops-role", "Ops Team", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    statements = [s for role in payload["roles"] for s in role["statements"]]
+    assert 'TO "app""; DROP TABLE users; --";' in statements[0]
+    assert all(s.endswith(' TO "Ops Team";') for s in statements[4:])
+    for bad in ("", "public", "pg_monitor", "x" * 64, "a\nb"):
+        refused = cli("grants", "--app-role", bad, "--ops-role", "ops")
+        assert refused.exit_code == 2, (bad, refused.output)
+    same = cli("grants", "--app-role", "x", "--ops-role", "x")
+    assert same.exit_code == 2
