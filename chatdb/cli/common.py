@@ -22,7 +22,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from chatdb import db
+from chatdb import db, privileges
 from chatdb.errors import (
     EXIT_CONNECT,
     EXIT_INTERRUPTED,
@@ -153,7 +153,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 url = settings(ctx).database.url
             message = db.mask_text(" ".join(str(exc.orig).split()), url)
             code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
-            raise _fail(f"database error: {message}", code, json_command=json_command) from None
+            hint = privileges.HINT if getattr(exc.orig, "sqlstate", None) == "42501" else None
+            raise _fail(f"database error: {message}", code, hint, json_command) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", EXIT_INTERRUPTED, json_command=json_command) from None
         except Terminated:
