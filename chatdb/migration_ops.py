@@ -115,14 +115,17 @@ def lock_wait_limit(engine: Engine, statement: str, lock_timeout: str) -> Iterat
 
         def watch() -> None:
             waiting: dict[tuple, float] = {}
-            while not stop.wait(_WATCH_INTERVAL):
-                rows = watcher.execute(_WAITING, {"statement": statement}).all()
-                now = time.monotonic()
-                waiting = {tuple(row): waiting.get(tuple(row), now) for row in rows}
-                for (pid, started), since in waiting.items():
-                    if now - since >= limit:
-                        cancelled.set()
-                        watcher.execute(_CANCEL, {"pid": pid, "started": started, "statement": statement})
+            try:
+                while not stop.wait(_WATCH_INTERVAL):
+                    rows = watcher.execute(_WAITING, {"statement": statement}).all()
+                    now = time.monotonic()
+                    waiting = {tuple(row): waiting.get(tuple(row), now) for row in rows}
+                    for (pid, started), since in waiting.items():
+                        if now - since >= limit:
+                            cancelled.set()
+                            watcher.execute(_CANCEL, {"pid": pid, "started": started, "statement": statement})
+            except DBAPIError:
+                pass  # the watcher's connection is gone; the statement runs on, unwatched
 
         thread = threading.Thread(target=watch, name="chatdb lock_timeout", daemon=True)
         thread.start()
