@@ -852,6 +852,7 @@ def test_version(cli):
         ["migrate", "sql"],
         ["status"],
         ["seed"],
+        ["grants"],
         ["embedded"],
         ["embedded", "stop"],
         ["embedded", "url"],

@@ -431,3 +431,16 @@ def test_grants_quotes_role_names_and_refuses_bad_ones(cli):
         assert refused.exit_code == 2, (bad, refused.output)
     same = cli("grants", "--app-role", "x", "--ops-role", "x")
     assert same.exit_code == 2
+
+
+def test_grants_names_the_configured_database_and_needs_none(cli):
+    unreachable = "postgresql://owner@127.0.0.1:1/chat_prod?sslmode=require"
+    result = cli("grants", "--app-role", "chatbot", "--ops-role", "ops", "--database-url", unreachable)
+    assert result.exit_code == 0, result.output
+    assert "GRANT CONNECT, TEMPORARY ON DATABASE chat_prod TO ops;" in result.stdout
+    assert "GRANT CONNECT ON DATABASE chat_prod TO chatbot;" in result.stdout
+    chosen = cli(
+        "grants", "--app-role", "chatbot", "--ops-role", "ops", "--database", "other", "--schema", "chat"
+    )
+    assert "ON DATABASE other TO" in chosen.stdout
+    assert "ON TABLE chat.conversations, chat.messages" in chosen.stdout
