@@ -2,17 +2,18 @@
 
     python bench/bench_lifecycle.py [--messages 1000000] [--older-than 90d]
 
-Seeds 1,000,000 messages in 50,000 conversations for 10,000 users over 365 days (about
-three quarters of them idle past 90 days), then on identical copies (CREATE DATABASE ...
+Seeds 1,000,000 messages in 50,000 conversations for 10,000 users over 365 days, picks
+the retention age (whole days) that leaves about three quarters of the conversations
+idle past it (or takes --older-than), then on identical copies (CREATE DATABASE ...
 TEMPLATE) measures, end to end with Python start included:
 
 - the baseline: one `DELETE FROM conversations WHERE updated_at < now() - interval
-  '90 days'` in one transaction (its cascade deletes the messages);
-- `chatdb purge --older-than 90d` (the grace period set past every soft delete, so it
+  'N days'` in one transaction (its cascade deletes the messages);
+- `chatdb purge --older-than Nd` (the grace period set past every soft delete, so it
   deletes exactly the same rows): messages/s, the ratio to the baseline, its longest
   transaction, and the p95 of the conversation-history query of a concurrent reader,
   next to that p95 with no purge running;
-- `chatdb archive --older-than 90d`: messages moved/s and the ratio to the baseline;
+- `chatdb archive --older-than Nd`: messages moved/s and the ratio to the baseline;
 - peak RSS of the purge and archive processes here and on a database of a tenth the
   size: memory stays flat.
 
@@ -88,10 +89,13 @@ class Reader(threading.Thread):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
-    parser.add_argument("--older-than", default="90d")
+    parser.add_argument(
+        "--older-than",
+        help="the retention age (default: whole days that leave about three quarters of the "
+        "conversations idle past it)",
+    )
     parser.add_argument("--skip-memory", action="store_true", help="skip the smaller database for memory")
     args = parser.parse_args()
-    days = int(args.older_than.rstrip("d"))
 
     workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-"))
     os.chmod(workdir, 0o755)
@@ -200,6 +204,18 @@ def main() -> None:
     try:
         print(f"seeding {args.messages:,} messages ...", flush=True)
         big = seeded("big", args.messages)
+        if args.older_than is None:
+            probe = create_engine(url.set(database=big))
+            with probe.connect() as connection:
+                age = connection.execute(
+                    text(
+                        "SELECT extract(day FROM now() - percentile_disc(0.75)"
+                        " WITHIN GROUP (ORDER BY updated_at)) FROM conversations"
+                    )
+                ).scalar_one()
+            probe.dispose()
+            args.older_than = f"{int(age)}d"
+        days = int(args.older_than.rstrip("d"))
         delete_s, delete_conversations, delete_messages = baseline(big)
         purge_s, purge_rss, purge, reader = lifecycle("purge", big, "purge", reader=True)
         archive_s, archive_rss, archived, _ = lifecycle("archive", big, "archive")

@@ -24,11 +24,14 @@ goes whole, with all its messages. The rules that keep other people's data safe:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gzip
+import json
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 import zlib
@@ -70,6 +73,9 @@ from chatdb.schema import (
 )
 
 DEFAULT_BATCH_SIZE = 1000
+#: Batches in flight at once, each on a connection of its own.
+DEFAULT_JOBS = 2
+MAX_JOBS = 8
 DEFAULT_DELETED_GRACE = "30d"
 
 #: A batch aims at this duration; its size in conversations adapts to it.
@@ -212,6 +218,7 @@ class RunOptions:
     once the user asked to stop; the run ends after the batch in flight."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
+    jobs: int = DEFAULT_JOBS
     max_runtime: Duration | None = None
     should_stop: Callable[[], str | None] = lambda: None
     progress: Callable[[Tally], None] | None = None
@@ -220,6 +227,8 @@ class RunOptions:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        if not 1 <= self.jobs <= MAX_JOBS:
+            raise UsageError(f"--jobs must be between 1 and {MAX_JOBS}")
 
 
 # --- plans ---------------------------------------------------------------------------------
@@ -612,15 +621,28 @@ def _restore_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
     return Tally(archive_conversations=restored, archive_messages=restored_messages)
 
 
+_XACT_DELETED = text(
+    "SELECT pg_stat_get_xact_tuples_deleted(CAST(:table AS regclass)), current_setting('track_counts')::bool"
+)
+
+
 def _delete_conversations(parent: Table, child: Table, hot: bool) -> Callable[[Connection, list], Tally]:
     def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
-        # Messages first, so that they are counted; the cascade then finds none.
-        n_messages = connection.execute(
-            delete(child).where(child.c.conversation_id == any_(_ids_param(ids)))
-        ).rowcount
-        n_conversations = connection.execute(
-            delete(parent).where(parent.c.id == any_(_ids_param(ids)))
-        ).rowcount
+        before, counted = connection.execute(_XACT_DELETED, {"table": child.name}).one()
+        if counted:
+            # The foreign key's cascade deletes the messages, one index probe per
+            # conversation; this transaction's own statistics count them exactly.
+            n_conversations = connection.execute(
+                delete(parent).where(parent.c.id == any_(_ids_param(ids)))
+            ).rowcount
+            n_messages = connection.execute(_XACT_DELETED, {"table": child.name}).scalar_one() - before
+        else:
+            n_messages = connection.execute(
+                delete(child).where(child.c.conversation_id == any_(_ids_param(ids)))
+            ).rowcount
+            n_conversations = connection.execute(
+                delete(parent).where(parent.c.id == any_(_ids_param(ids)))
+            ).rowcount
         if hot:
             return Tally(conversations=n_conversations, messages=n_messages)
         return Tally(archive_conversations=n_conversations, archive_messages=n_messages)
@@ -731,22 +753,62 @@ def _restore_phases(plan: Plan) -> list[_Phase]:
 # --- running -------------------------------------------------------------------------------
 
 
+@dataclass
+class _Pass:
+    """One pass over a phase by the run's workers, sharing one keyset position."""
+
+    after: tuple | None = None
+    rows: int = 0
+    over: bool = False
+    failure: BaseException | None = None
+
+
+@dataclass
+class _Worker:
+    connection: Connection
+    size: int
+
+
+_HEARTBEAT = text(
+    "UPDATE chatdb_runs SET heartbeat_at = now(), counts = counts || jsonb_build_object("
+    " 'conversations', coalesce((counts->>'conversations')::bigint, 0) + :conversations,"
+    " 'messages', coalesce((counts->>'messages')::bigint, 0) + :messages,"
+    " 'archive_conversations', coalesce((counts->>'archive_conversations')::bigint, 0)"
+    "   + :archive_conversations,"
+    " 'archive_messages', coalesce((counts->>'archive_messages')::bigint, 0) + :archive_messages,"
+    " 'exported', coalesce((counts->>'exported')::bigint, 0) + :exported)"
+    " WHERE id = :id AND outcome = 'running'"
+)
+_CLOSE = text(
+    "UPDATE chatdb_runs SET outcome = :outcome, finished_at = now(), error = :error,"
+    " counts = counts || CAST(:extra AS jsonb) WHERE id = :id"
+)
+
+
 class _Runner:
+    """Runs the phases of one command with ``jobs`` workers, each on a connection of its
+    own. The workers of a pass share one keyset position: each locks the next batch after
+    it, and SKIP LOCKED passes over the batches the others hold."""
+
     def __init__(self, engine: Engine, plan: Plan, options: RunOptions, export: _Export | None) -> None:
         self.engine = engine
         self.plan = plan
         self.options = options
         self.export = export
-        self.size = min(options.batch_size, FIRST_BATCH_SIZE)
+        # Export batches are appended (and cut off again on failure) one at a time.
+        self.jobs = 1 if export is not None else options.jobs
         self.started = time.monotonic()
         self.deadline = self.started + options.max_runtime.seconds if options.max_runtime else None
         self.result = RunResult(plan.command, None, plan)
+        self.lock = threading.Lock()
         self.connection: Connection | None = None
+        self.workers: list[_Worker] = []
 
     # The run --------------------------------------------------------------------------
 
     def run(self, phases: list[_Phase]) -> RunResult:
         guard = _Guard(self.engine)
+        extra: list[Connection] = []
         try:
             with self.engine.connect() as connection:
                 self.connection = connection
@@ -754,6 +816,9 @@ class _Runner:
                 self.guard = guard
                 self.result.run_id = self._open_run()
                 try:
+                    extra = [self.engine.connect() for _ in range(self.jobs - 1)]
+                    first = min(self.options.batch_size, FIRST_BATCH_SIZE)
+                    self.workers = [_Worker(c, first) for c in (connection, *extra)]
                     for phase in phases:
                         if not self._drain(phase):
                             break
@@ -762,6 +827,8 @@ class _Runner:
                     raise
                 self._close_run(self.result.outcome, None)
         finally:
+            for connection in extra:
+                connection.close()
             guard.release()
             self.result.elapsed_seconds = time.monotonic() - self.started
         return self.result
@@ -774,23 +841,17 @@ class _Runner:
 
     def _drain(self, phase: _Phase) -> bool:
         """Work through one phase; False when the run was asked to stop."""
-        after: tuple | None = None
         locked_sweeps = 0
         while True:
-            reason = self._stop_reason()
-            if reason is not None:
-                self.result.stopped_by = reason
-                self.result.complete = False
+            rows = self._pass(phase)
+            if self.result.stopped_by is not None:
                 return False
-            picked, last = self._batch(phase, after)
-            if picked:
-                after = last
-                locked_sweeps = 0
-                continue
             if not self._pending(phase):
                 return True
-            if after is None:
-                # A sweep from the start found only rows that other sessions hold.
+            if rows:
+                locked_sweeps = 0
+            else:
+                # A pass from the start found only rows that other sessions hold.
                 locked_sweeps += 1
                 if locked_sweeps > MAX_LOCKED_SWEEPS:
                     raise StateError(
@@ -798,16 +859,72 @@ class _Runner:
                         hint="run the command again later; `chatdb status` shows this run",
                     )
                 time.sleep(min(0.05 * 2**locked_sweeps, 2.0))
-            after = None  # sweep again from the start for the rows skipped as locked
+            # Pass again from the start for the rows skipped as locked.
+
+    def _pass(self, phase: _Phase) -> int:
+        state = _Pass()
+        if len(self.workers) == 1:
+            self._work(self.workers[0], phase, state)
+            return state.rows
+        threads = [
+            threading.Thread(target=self._work, args=(worker, phase, state), daemon=True)
+            for worker in self.workers
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.1)  # wakes up for signals
+        except BaseException:
+            # Stopping at once: cancel the batches in flight (they roll back).
+            with self.lock:
+                state.over = True
+            for worker in self.workers:
+                with contextlib.suppress(Exception):
+                    worker.connection.connection.dbapi_connection.cancel()
+            for thread in threads:
+                thread.join()
+            raise
+        if state.failure is not None:
+            raise state.failure
+        return state.rows
+
+    def _work(self, worker: _Worker, phase: _Phase, state: _Pass) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if state.over:
+                        return
+                    reason = self._stop_reason()
+                    if reason is not None:
+                        self.result.stopped_by = reason
+                        self.result.complete = False
+                        state.over = True
+                        return
+                    after = state.after
+                picked, last = self._batch(worker, phase, after)
+                with self.lock:
+                    if not picked:
+                        state.over = True
+                        return
+                    state.rows += picked
+                    if state.after is None or last > state.after:
+                        state.after = last
+        except BaseException as exc:
+            with self.lock:
+                state.over = True
+                state.failure = state.failure or exc
+            if len(self.workers) == 1:
+                raise
 
     def _pending(self, phase: _Phase) -> bool:
         assert self.connection is not None
         with self.connection.begin():
             return bool(self.connection.execute(phase.pending).scalar())
 
-    def _batch(self, phase: _Phase, after: tuple | None) -> tuple[int, tuple | None]:
-        connection = self.connection
-        assert connection is not None
+    def _batch(self, worker: _Worker, phase: _Phase, after: tuple | None) -> tuple[int, tuple | None]:
+        connection = worker.connection
         for attempt in range(1, MAX_ATTEMPTS + 1):
             started = time.monotonic()
             written = False
@@ -823,17 +940,19 @@ class _Runner:
                         ),
                         {"lock": LOCK_TIMEOUT, "statement": STATEMENT_TIMEOUT},
                     )
-                    rows = connection.execute(phase.pick(self.size, after)).all()
+                    rows = connection.execute(phase.pick(worker.size, after)).all()
                     if not rows:
                         return 0, after
                     ids = [row[0] for row in rows]
                     tally = phase.apply(connection, ids)
-                    self._heartbeat(self.result.done.plus(tally))
-                    if phase.export and self.export is not None:
-                        lines = _export_lines(connection, ids)
-                        self.export.write(lines)
+                    exported = len(ids) if phase.export and self.export is not None else 0
+                    self._heartbeat(connection, tally, exported)
+                    if exported:
+                        assert self.export is not None
+                        self.export.write(_export_lines(connection, ids))
                         written = True
-                    self.guard.check()
+                    with self.lock:
+                        self.guard.check()
                 break
             except DBAPIError as exc:
                 if written and self.export is not None:
@@ -846,36 +965,41 @@ class _Runner:
                             hint="another session keeps these rows locked; run the command again later",
                         ) from None
                     raise
-                self.size = max(1, self.size // 2)
+                worker.size = max(1, worker.size // 2)
                 time.sleep(min(0.1 * 2**attempt, 3.0))
             except BaseException:
                 if written and self.export is not None:
                     self.export.undo()
                 raise
         elapsed = time.monotonic() - started
-        self.result.batches += 1
-        self.result.longest_transaction_seconds = max(self.result.longest_transaction_seconds, elapsed)
-        self.result.done.add(tally)
-        if phase.export and self.export is not None:
-            self.result.exported += len(ids)
-        self._adapt(len(rows), elapsed)
-        if self.options.progress is not None:
-            self.options.progress(self.result.done)
+        with self.lock:
+            self.result.batches += 1
+            self.result.longest_transaction_seconds = max(self.result.longest_transaction_seconds, elapsed)
+            self.result.done.add(tally)
+            self.result.exported += exported
+            if self.options.progress is not None:
+                self.options.progress(self.result.done)
+        self._adapt(worker, len(rows), elapsed)
         return len(rows), (rows[-1][1], rows[-1][0])
 
-    def _adapt(self, rows: int, elapsed: float) -> None:
+    def _adapt(self, worker: _Worker, rows: int, elapsed: float) -> None:
         """Size the next batch so its transaction takes about TARGET_BATCH_SECONDS. A
         conversation too large for that is still handled alone, in one transaction."""
-        if rows < self.size:
+        if rows < worker.size:
             return  # a short batch (the end of a pass) says little about the speed
         wanted = rows * TARGET_BATCH_SECONDS / max(elapsed, 1e-4)
-        self.size = int(min(max(wanted, self.size / 2, 1), self.size * 2, self.options.batch_size))
+        worker.size = int(min(max(wanted, worker.size / 2, 1), worker.size * 1.5, self.options.batch_size))
 
     # The audit row --------------------------------------------------------------------
 
     def _open_run(self) -> int:
         connection = self.connection
         assert connection is not None
+        counts: dict[str, Any] = {**Tally().as_dict(), "exported": 0}
+        if self.plan.counts is not None:
+            counts["planned"] = self.plan.counts.as_dict()
+        if self.plan.deleted_cutoff is not None:
+            counts["deleted_cutoff"] = self.plan.deleted_cutoff.isoformat()
         with connection.begin():
             return connection.execute(
                 insert(chatdb_runs)
@@ -885,27 +1009,16 @@ class _Runner:
                     cutoff=self.plan.cutoff,
                     client_host=socket.gethostname()[:255],
                     client_pid=os.getpid(),
-                    counts={"planned": self.plan.counts.as_dict()} if self.plan.counts else {},
+                    counts=counts,
                 )
                 .returning(chatdb_runs.c.id)
             ).scalar_one()
 
-    def _counts(self, done: Tally) -> dict[str, Any]:
-        counts: dict[str, Any] = dict(done.as_dict())
-        if self.plan.counts is not None:
-            counts["planned"] = self.plan.counts.as_dict()
-        if self.plan.deleted_cutoff is not None:
-            counts["deleted_cutoff"] = self.plan.deleted_cutoff.isoformat()
-        if self.result.exported:
-            counts["exported"] = self.result.exported
-        return counts
-
-    def _heartbeat(self, done: Tally) -> None:
-        assert self.connection is not None
-        renewed = self.connection.execute(
-            update(chatdb_runs)
-            .where(chatdb_runs.c.id == self.result.run_id, chatdb_runs.c.outcome == "running")
-            .values(heartbeat_at=func.now(), counts=self._counts(done))
+    def _heartbeat(self, connection: Connection, tally: Tally, exported: int) -> None:
+        """Renew the run's heartbeat and add the batch's counts, in the batch's own
+        transaction: the audit row counts exactly what was committed."""
+        renewed = connection.execute(
+            _HEARTBEAT, {**tally.as_dict(), "exported": exported, "id": self.result.run_id}
         ).rowcount
         if not renewed:
             raise StateError(
@@ -921,25 +1034,28 @@ class _Runner:
             error = exc.message if isinstance(exc, StateError) else _one_line(exc) or type(exc).__name__
         if exc is None and not self.result.complete:
             self.result.remaining = _remaining(self.engine, self.plan)
-        counts = self._counts(self.result.done)
-        counts["complete"] = self.result.complete
+        extra: dict[str, Any] = {"complete": self.result.complete}
         if self.result.stopped_by:
-            counts["stopped_by"] = self.result.stopped_by
+            extra["stopped_by"] = self.result.stopped_by
         if self.result.remaining is not None:
-            counts["remaining"] = self.result.remaining.as_dict()
-        values = {"outcome": outcome, "finished_at": func.now(), "counts": counts, "error": error}
-        statement = update(chatdb_runs).where(chatdb_runs.c.id == self.result.run_id).values(**values)
+            extra["remaining"] = self.result.remaining.as_dict()
+        params = {
+            "outcome": outcome,
+            "error": error,
+            "extra": json.dumps(extra),
+            "id": self.result.run_id,
+        }
         try:
             assert self.connection is not None
             if self.connection.in_transaction():
                 self.connection.rollback()
             with self.connection.begin():
-                self.connection.execute(statement)
+                self.connection.execute(_CLOSE, params)
         except DBAPIError:
             # The run's connection is gone; the next run marks this one interrupted.
             try:
                 with self.engine.begin() as connection:
-                    connection.execute(statement)
+                    connection.execute(_CLOSE, params)
             except DBAPIError:
                 pass
 

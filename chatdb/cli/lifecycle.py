@@ -42,6 +42,16 @@ BatchSize = Annotated[
         min=1,
     ),
 ]
+Jobs = Annotated[
+    int,
+    typer.Option(
+        "--jobs",
+        help="Batches in flight at once, each in its own short transaction on its own connection "
+        "(an --export runs one at a time).",
+        min=1,
+        max=lifecycle.MAX_JOBS,
+    ),
+]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Change nothing; report exactly what would change.")]
 MaxRuntime = Annotated[
     str | None,
@@ -155,6 +165,7 @@ def _execute(
     dry_run: bool,
     as_json: bool,
     batch_size: int,
+    jobs: int,
     max_runtime: lifecycle.Duration | None,
     arguments: dict[str, Any],
 ) -> None:
@@ -175,6 +186,7 @@ def _execute(
     with _stop_requests() as should_stop, _progress(plan) as progress:
         options = lifecycle.RunOptions(
             batch_size=batch_size,
+            jobs=jobs,
             max_runtime=max_runtime,
             should_stop=should_stop,
             progress=progress,
@@ -259,6 +271,7 @@ def archive(
         ),
     ] = None,
     batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
+    jobs: Jobs = lifecycle.DEFAULT_JOBS,
     dry_run: DryRun = False,
     yes: Yes = False,
     export: Annotated[
@@ -315,10 +328,12 @@ def archive(
             dry_run=dry_run,
             as_json=as_json,
             batch_size=batch_size,
+            jobs=jobs,
             max_runtime=limit,
             arguments={
                 "older_than": duration.text,
                 "batch_size": batch_size,
+                "jobs": jobs,
                 "export": str(export) if export else None,
                 "max_runtime": limit.text if limit else None,
             },
@@ -339,6 +354,7 @@ def restore(
         str | None, typer.Option("--user", help="Restore every archived conversation of this user.")
     ] = None,
     batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
+    jobs: Jobs = lifecycle.DEFAULT_JOBS,
     as_json: JsonOutput = False,
     database_url: DatabaseUrl = None,
     connect_timeout: ConnectTimeout = None,
@@ -373,6 +389,7 @@ def restore(
             dry_run=False,
             as_json=as_json,
             batch_size=batch_size,
+            jobs=jobs,
             max_runtime=None,
             arguments={"conversations": [str(i) for i in ids], "user": user, "batch_size": batch_size},
         )
@@ -400,6 +417,7 @@ def purge(
         ),
     ] = lifecycle.DEFAULT_DELETED_GRACE,
     batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
+    jobs: Jobs = lifecycle.DEFAULT_JOBS,
     dry_run: DryRun = False,
     yes: Yes = False,
     max_runtime: MaxRuntime = None,
@@ -436,11 +454,13 @@ def purge(
             dry_run=dry_run,
             as_json=as_json,
             batch_size=batch_size,
+            jobs=jobs,
             max_runtime=limit,
             arguments={
                 "older_than": duration.text,
                 "deleted_grace": grace.text,
                 "batch_size": batch_size,
+                "jobs": jobs,
                 "max_runtime": limit.text if limit else None,
             },
         )
