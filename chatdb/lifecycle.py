@@ -79,7 +79,8 @@ MAX_JOBS = 8
 DEFAULT_DELETED_GRACE = "30d"
 
 #: A batch aims at this duration; its size in conversations adapts to it.
-TARGET_BATCH_SECONDS = 0.08
+SLOW_TRANSACTION_SECONDS = 0.25  # reported: transactions longer than this
+TARGET_BATCH_SECONDS = 0.05
 FIRST_BATCH_SIZE = 50
 LOCK_TIMEOUT = "500ms"
 STATEMENT_TIMEOUT = "60s"
@@ -203,6 +204,8 @@ class RunResult:
     remaining: Tally | None = None
     batches: int = 0
     longest_transaction_seconds: float = 0.0
+    slow_transactions: int = 0  # longer than SLOW_TRANSACTION_SECONDS
+    jobs: int = 1
     elapsed_seconds: float = 0.0
     exported: int = 0
     took_over: list[int] = field(default_factory=list)  # earlier runs found dead
@@ -799,7 +802,7 @@ class _Runner:
         self.jobs = 1 if export is not None else options.jobs
         self.started = time.monotonic()
         self.deadline = self.started + options.max_runtime.seconds if options.max_runtime else None
-        self.result = RunResult(plan.command, None, plan)
+        self.result = RunResult(plan.command, None, plan, jobs=self.jobs)
         self.lock = threading.Lock()
         self.connection: Connection | None = None
         self.workers: list[_Worker] = []
@@ -975,6 +978,7 @@ class _Runner:
         with self.lock:
             self.result.batches += 1
             self.result.longest_transaction_seconds = max(self.result.longest_transaction_seconds, elapsed)
+            self.result.slow_transactions += elapsed > SLOW_TRANSACTION_SECONDS
             self.result.done.add(tally)
             self.result.exported += exported
             if self.options.progress is not None:

@@ -212,7 +212,9 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
             remaining=result.remaining.as_dict() if result.remaining else None,
             exported=result.exported,
             batches=result.batches,
+            jobs=result.jobs,
             longest_transaction_seconds=round(result.longest_transaction_seconds, 4),
+            slow_transactions=result.slow_transactions,
             elapsed_seconds=round(result.elapsed_seconds, 3),
             took_over=result.took_over,
         )
