@@ -161,11 +161,6 @@ class Tally:
         self.archive_conversations += other.archive_conversations
         self.archive_messages += other.archive_messages
 
-    def plus(self, other: Tally) -> Tally:
-        total = Tally(**self.as_dict())
-        total.add(other)
-        return total
-
     def as_dict(self) -> dict[str, int]:
         return {
             "conversations": self.conversations,
@@ -206,6 +201,7 @@ class RunResult:
     longest_transaction_seconds: float = 0.0
     slow_transactions: int = 0  # longer than SLOW_TRANSACTION_SECONDS
     jobs: int = 1
+    retries: int = 0  # batches rolled back and tried again (lock timeouts, deadlocks)
     elapsed_seconds: float = 0.0
     exported: int = 0
     took_over: list[int] = field(default_factory=list)  # earlier runs found dead
@@ -969,6 +965,8 @@ class _Runner:
                         ) from None
                     raise
                 worker.size = max(1, worker.size // 2)
+                with self.lock:
+                    self.result.retries += 1
                 time.sleep(min(0.1 * 2**attempt, 3.0))
             except BaseException:
                 if written and self.export is not None:
@@ -992,7 +990,8 @@ class _Runner:
         if rows < worker.size:
             return  # a short batch (the end of a pass) says little about the speed
         wanted = rows * TARGET_BATCH_SECONDS / max(elapsed, 1e-4)
-        worker.size = int(min(max(wanted, worker.size / 2, 1), worker.size * 1.5, self.options.batch_size))
+        grown = min(max(wanted, worker.size / 2, 1), worker.size * 1.5 + 1, self.options.batch_size)
+        worker.size = max(1, round(grown))
 
     # The audit row --------------------------------------------------------------------
 

@@ -156,7 +156,6 @@ def _json_plan(plan: lifecycle.Plan) -> dict[str, Any]:
 
 
 def _execute(
-    ctx: typer.Context,
     plan: lifecycle.Plan,
     run: Callable[[lifecycle.RunOptions], lifecycle.RunResult],
     *,
@@ -213,6 +212,7 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
             exported=result.exported,
             batches=result.batches,
             jobs=result.jobs,
+            retries=result.retries,
             longest_transaction_seconds=round(result.longest_transaction_seconds, 4),
             slow_transactions=result.slow_transactions,
             elapsed_seconds=round(result.elapsed_seconds, 3),
@@ -322,7 +322,6 @@ def archive(
     with disposing(open_engine(ctx, "archive", database_url, connect_timeout)) as engine:
         plan = lifecycle.plan_archive(engine, duration, count=_needs_counts(dry_run, yes))
         _execute(
-            ctx,
             plan,
             lambda options: lifecycle.archive(engine, plan, options, export),
             verb="move",
@@ -383,7 +382,6 @@ def restore(
     with disposing(open_engine(ctx, "archive restore", database_url, connect_timeout)) as engine:
         plan = lifecycle.plan_restore(engine, ids, user)
         _execute(
-            ctx,
             plan,
             lambda options: lifecycle.restore(engine, plan, options),
             verb="restore",
@@ -448,7 +446,6 @@ def purge(
     with disposing(open_engine(ctx, "purge", database_url, connect_timeout)) as engine:
         plan = lifecycle.plan_purge(engine, duration, grace, count=_needs_counts(dry_run, yes))
         _execute(
-            ctx,
             plan,
             lambda options: lifecycle.purge(engine, plan, options),
             verb="delete",
