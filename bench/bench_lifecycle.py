@@ -113,7 +113,15 @@ def main() -> None:
             clause = f' TEMPLATE "{template}"' if template else ""
             connection.execute(text(f'CREATE DATABASE "{name}"{clause}'))
         created.append(name)
+        # Each contender starts on a quiet server: no earlier copy left for autovacuum to
+        # clean up, and no checkpoint owed.
+        with admin.connect() as connection:
+            connection.execute(text("CHECKPOINT"))
         return url.set(database=name, drivername="postgresql").render_as_string(hide_password=False)
+
+    def drop(name: str) -> None:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
     def seeded(label: str, messages: int) -> str:
         name = f"chatdb_bench_{os.getpid()}_{label}"
@@ -154,6 +162,7 @@ def main() -> None:
         if watcher is not None:
             watcher.stop.set()
             watcher.join()
+        drop(f"{template}_{label}")
         return elapsed, rss, json.loads(stdout), watcher
 
     def plain_sql(template: str, label: str, statements: list[str]) -> tuple[float, float, int]:
@@ -186,6 +195,7 @@ def main() -> None:
         with engine.connect() as connection:
             after = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
         engine.dispose()
+        drop(f"{template}_{label}")
         return elapsed, float(done.stdout.strip()), before - after
 
     def columns(table: str) -> str:
