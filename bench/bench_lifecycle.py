@@ -63,10 +63,11 @@ def run(command: list[str]) -> tuple[float, int, str]:
 class Reader(threading.Thread):
     """The application's conversation-history query, back to back, timing each."""
 
-    def __init__(self, url, conversation_ids: list) -> None:
+    def __init__(self, target: str) -> None:
         super().__init__(daemon=True)
-        self.engine = create_engine(url, connect_args={"prepare_threshold": None})
-        self.ids = conversation_ids
+        self.engine = create_engine(db.parse_url(target), connect_args={"prepare_threshold": None})
+        with self.engine.connect() as connection:
+            self.ids = list(connection.execute(text("SELECT id FROM conversations")).scalars())
         self.latencies: list[float] = []
         self.stop = threading.Event()
 
@@ -152,11 +153,7 @@ def main() -> None:
             args_ += ["--deleted-grace", "36500d"]
         watcher = None
         if reader:
-            engine = create_engine(db.parse_url(target))
-            with engine.connect() as connection:
-                ids = list(connection.execute(text("SELECT id FROM conversations")).scalars())
-            engine.dispose()
-            watcher = Reader(db.parse_url(target), ids)
+            watcher = Reader(target)
             watcher.start()
         elapsed, rss, stdout = run(args_)
         if watcher is not None:
@@ -203,11 +200,7 @@ def main() -> None:
 
     def quiet_p95(template: str) -> float:
         target = database(f"{template}_quiet", template)
-        engine = create_engine(db.parse_url(target))
-        with engine.connect() as connection:
-            ids = list(connection.execute(text("SELECT id FROM conversations")).scalars())
-        engine.dispose()
-        watcher = Reader(db.parse_url(target), ids)
+        watcher = Reader(target)
         watcher.start()
         time.sleep(5)
         watcher.stop.set()

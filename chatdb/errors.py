@@ -41,3 +41,8 @@ class StateError(ChatdbError):
 
 class PrivilegeError(StateError):
     """The database role lacks a privilege the command needs."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: the driver's message for a database error, whitespace folded."""
+    return " ".join(str(getattr(exc, "orig", exc)).split())

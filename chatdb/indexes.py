@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex
 
 from chatdb import migrations, patterns
-from chatdb.errors import StateError
+from chatdb.errors import StateError, one_line
 from chatdb.schema import CHATDB_TABLES
 
 OK = "ok"
@@ -326,7 +326,7 @@ def _expected_facts(
             connection.execute(item.build)
         except DBAPIError as exc:
             savepoint.rollback()
-            errors[item.name] = " ".join(str(exc.orig).split())
+            errors[item.name] = one_line(exc)
         else:
             savepoint.commit()
     facts = _index_facts(connection, _table_oids(connection, tables, temporary=True).values())

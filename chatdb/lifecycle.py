@@ -63,7 +63,7 @@ from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.exc import DBAPIError
 
 from chatdb import db, migrations, patterns
-from chatdb.errors import StateError, UsageError
+from chatdb.errors import StateError, UsageError, one_line
 from chatdb.schema import (
     chatdb_runs,
     conversations,
@@ -960,7 +960,7 @@ class _Runner:
                 if code not in _RETRYABLE or attempt == MAX_ATTEMPTS:
                     if code in _RETRYABLE:
                         raise StateError(
-                            f"{phase.name}: gave up after {MAX_ATTEMPTS} attempts: {_one_line(exc)}",
+                            f"{phase.name}: gave up after {MAX_ATTEMPTS} attempts: {one_line(exc)}",
                             hint="another session keeps these rows locked; run the command again later",
                         ) from None
                     raise
@@ -1034,7 +1034,7 @@ class _Runner:
             return
         error = None
         if exc is not None:
-            error = exc.message if isinstance(exc, StateError) else _one_line(exc) or type(exc).__name__
+            error = exc.message if isinstance(exc, StateError) else one_line(exc) or type(exc).__name__
         if exc is None and not self.result.complete:
             self.result.remaining = _remaining(self.engine, self.plan)
         extra: dict[str, Any] = {"complete": self.result.complete}
@@ -1075,11 +1075,6 @@ def _remaining(engine: Engine, plan: Plan) -> Tally | None:
 
 def _masked(arguments: dict[str, Any]) -> dict[str, Any]:
     return {key: db.mask_text(value) if isinstance(value, str) else value for key, value in arguments.items()}
-
-
-def _one_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", exc)
-    return " ".join(str(orig).split())
 
 
 # --- the commands --------------------------------------------------------------------------

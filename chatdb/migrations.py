@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from alembic import command
 from chatdb import catalog, migration_ops, privileges
-from chatdb.errors import StateError, UsageError
+from chatdb.errors import StateError, UsageError, one_line
 from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, VERSION_TABLE
 
 BASE = "base"
@@ -203,7 +203,7 @@ def _run(engine: Engine, action, target: str, lock_timeout: str = DEFAULT_LOCK_T
         except DBAPIError as exc:
             busy = getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
             raise StateError(
-                f"migration failed: {_one_line(exc)}",
+                f"migration failed: {one_line(exc)}",
                 hint=migration_ops.busy_hint(lock_timeout) if busy else None,
             ) from None
 
@@ -331,7 +331,7 @@ def schema_at(connection: Connection, revision: str | None) -> catalog.Snapshot:
         names = catalog.table_names(connection, scratch) - {VERSION_TABLE}
         return catalog.snapshot(connection, names, scratch)
     except DBAPIError as exc:
-        raise StateError(f"could not build revision {revision} for comparison: {_one_line(exc)}") from None
+        raise StateError(f"could not build revision {revision} for comparison: {one_line(exc)}") from None
     finally:
         transaction.rollback()
 
@@ -357,7 +357,3 @@ def _count(connection: Connection, table: str, column: str | None = None) -> int
     quote = connection.dialect.identifier_preparer.quote
     what = f"count({quote(column)})" if column else "count(*)"
     return int(connection.execute(text(f"SELECT {what} FROM {quote(table)}")).scalar_one())
-
-
-def _one_line(exc: DBAPIError) -> str:
-    return " ".join(str(exc.orig).split())

@@ -30,6 +30,7 @@ from chatdb.errors import (
     EXIT_TERMINATED,
     ChatdbError,
     StateError,
+    one_line,
 )
 
 # Consoles resolve sys.stdout/sys.stderr at write time, so test runners can capture them.
@@ -76,6 +77,16 @@ def settings(ctx: typer.Context) -> Settings:
     if not isinstance(root.obj, Settings):
         root.obj = Settings()
     return root.obj
+
+
+def adopt_group_options(ctx: typer.Context, database_url: str | None, connect_timeout: float | None) -> None:
+    """Options given between a group's name and its subcommand (`chatdb migrate
+    --database-url URL status`) apply to the subcommand."""
+    state = settings(ctx)
+    if database_url is not None:
+        state.database_url = database_url
+    if connect_timeout is not None:
+        state.connect_timeout = connect_timeout
 
 
 def open_engine(
@@ -151,7 +162,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except DBAPIError as exc:
             if ctx is not None and settings(ctx).database is not None:
                 url = settings(ctx).database.url
-            message = db.mask_text(" ".join(str(exc.orig).split()), url)
+            message = db.mask_text(one_line(exc), url)
             code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
             hint = privileges.HINT if getattr(exc.orig, "sqlstate", None) == "42501" else None
             raise _fail(f"database error: {message}", code, hint, json_command) from None

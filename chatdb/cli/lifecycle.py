@@ -20,6 +20,7 @@ from chatdb.cli.common import (
     JsonOutput,
     Terminated,
     Yes,
+    adopt_group_options,
     confirm,
     disposing,
     err,
@@ -27,7 +28,6 @@ from chatdb.cli.common import (
     open_engine,
     out,
     print_json,
-    settings,
     stdin_is_terminal,
     table,
 )
@@ -247,14 +247,6 @@ def _needs_counts(dry_run: bool, yes: bool) -> bool:
     return dry_run or (stdin_is_terminal() and not yes) or sys.stderr.isatty()
 
 
-def _adopt_group_options(ctx: typer.Context, database_url: str | None, connect_timeout: float | None) -> None:
-    state = settings(ctx)
-    if database_url is not None:
-        state.database_url = database_url
-    if connect_timeout is not None:
-        state.connect_timeout = connect_timeout
-
-
 # --- archive ----------------------------------------------------------------------------------
 
 archive_app = typer.Typer(no_args_is_help=False)
@@ -309,7 +301,7 @@ def archive(
         chatdb archive restore --user user_2Nf8
     """
     if ctx.invoked_subcommand is not None:
-        _adopt_group_options(ctx, database_url, connect_timeout)
+        adopt_group_options(ctx, database_url, connect_timeout)
         if older_than is not None or dry_run or export is not None or as_json:
             raise UsageError(
                 f"archive's options go after the subcommand (`chatdb archive {ctx.invoked_subcommand} ...`)"

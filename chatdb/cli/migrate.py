@@ -12,6 +12,7 @@ from chatdb.cli.common import (
     DatabaseUrl,
     JsonOutput,
     Yes,
+    adopt_group_options,
     confirm,
     disposing,
     err,
@@ -20,7 +21,6 @@ from chatdb.cli.common import (
     out,
     print_json,
     report_error,
-    settings,
     table,
 )
 from chatdb.errors import EXIT_PROBLEM, UsageError
@@ -56,12 +56,7 @@ def migrate(
         chatdb migrate --to 0003 --database-url postgresql://ops@db.internal/chat
     """
     if ctx.invoked_subcommand is not None:
-        # Options given between `migrate` and the subcommand apply to the subcommand.
-        state = settings(ctx)
-        if database_url is not None:
-            state.database_url = database_url
-        if connect_timeout is not None:
-            state.connect_timeout = connect_timeout
+        adopt_group_options(ctx, database_url, connect_timeout)
         if to != "head" or as_json:
             raise UsageError(
                 f"--to and --json go after the subcommand (`chatdb migrate {ctx.invoked_subcommand} ...`)"
