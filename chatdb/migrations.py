@@ -12,18 +12,22 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from alembic import command
-from chatdb import catalog, migration_ops, privileges
+from chatdb import catalog, privileges
 from chatdb.errors import StateError, UsageError, one_line
-from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, VERSION_TABLE
+from chatdb.schema import CHATDB_TABLES, HEAD_REVISION, USERS_CREATED_BY_CHATDB, VERSION_TABLE
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+# Alembic is imported by the functions that run or read the chain, not at import time:
+# the commands that only need to know the database is at head (seed, archive, purge)
+# start without it.
 
 BASE = "base"
 #: How long a migration waits for a table lock before failing (instead of queueing the
@@ -94,6 +98,8 @@ def script_location() -> Path:
 
 
 def _config(connection: Connection | None = None, **attributes: object) -> Config:
+    from alembic.config import Config
+
     attributes.setdefault("lock_timeout", DEFAULT_LOCK_TIMEOUT)
     config = Config(output_buffer=io.StringIO())
     config.set_main_option("script_location", str(script_location()))
@@ -104,6 +110,8 @@ def _config(connection: Connection | None = None, **attributes: object) -> Confi
 
 
 def _script() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_config())
 
 
@@ -151,9 +159,11 @@ def _position(revision: str | None) -> int:
 
 
 def current_revision(connection: Connection) -> str | None:
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    heads = context.get_current_heads()
-    return heads[0] if heads else None
+    """The revision in the version table (None when there is none). The chain is linear,
+    so the table holds one row at most."""
+    if connection.execute(text("SELECT to_regclass(:table)"), {"table": VERSION_TABLE}).scalar() is None:
+        return None
+    return connection.execute(text(f'SELECT version_num FROM "{VERSION_TABLE}" LIMIT 1')).scalar()
 
 
 def status(engine: Engine) -> MigrationStatus:
@@ -176,7 +186,11 @@ def unknown_revision(current: str) -> StateError:
 
 
 def require_head(engine: Engine) -> None:
-    """Raise StateError unless the database is migrated to this chatdb's head."""
+    """Raise StateError unless the database is migrated to this chatdb's head. One query
+    when it is; the chain is read only to explain why not."""
+    with engine.connect() as connection:
+        if current_revision(connection) == HEAD_REVISION:
+            return
     state = status(engine)
     if not state.known:
         raise unknown_revision(state.current or "")
@@ -192,12 +206,18 @@ def require_head(engine: Engine) -> None:
 # --- changing the database ---------------------------------------------------------------
 
 
-def _run(engine: Engine, action, target: str, lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> None:
+def _run(engine: Engine, action: str, target: str, lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> None:
+    """Run the Alembic command ``action`` ("upgrade", "downgrade", "stamp") to ``target``."""
+    from alembic.util import CommandError
+
+    from alembic import command
+    from chatdb import migration_ops
+
     with engine.connect() as connection:
         privileges.require_migrate(connection, (*_OWNED, VERSION_TABLE))
         connection.rollback()
         try:
-            action(_config(connection, lock_timeout=lock_timeout), target)
+            getattr(command, action)(_config(connection, lock_timeout=lock_timeout), target)
         except CommandError as exc:
             raise StateError(f"migration failed: {exc}") from None
         except DBAPIError as exc:
@@ -232,7 +252,7 @@ def upgrade(
             f"use `chatdb migrate down {target}`"
         )
     if goal != before.current:
-        _run(engine, command.upgrade, goal or BASE, lock_timeout)
+        _run(engine, "upgrade", goal or BASE, lock_timeout)
     after = status(engine)
     applied = [r.id for r in chain()[_position(before.current) : _position(after.current)]]
     return MigrateResult(before.current, after.current, applied, time.perf_counter() - started)
@@ -276,7 +296,7 @@ def downgrade(engine: Engine, target: str, *, lock_timeout: str = DEFAULT_LOCK_T
     started = time.perf_counter()
     plan = plan_downgrade(engine, target)
     if plan.revisions:
-        _run(engine, command.downgrade, plan.target or BASE, lock_timeout)
+        _run(engine, "downgrade", plan.target or BASE, lock_timeout)
     after = status(engine)
     return MigrateResult(plan.current, after.current, plan.revisions, time.perf_counter() - started)
 
@@ -311,7 +331,7 @@ def stamp(engine: Engine, target: str) -> StampResult:
             f"the live schema does not match revision {goal or BASE}: {shown}",
             hint="stamp the revision the tables really match, or migrate instead",
         )
-    _run(engine, command.stamp, goal or BASE)
+    _run(engine, "stamp", goal or BASE)
     return StampResult(previous, goal, sorted(live.tables))
 
 
@@ -320,6 +340,8 @@ def schema_at(connection: Connection, revision: str | None) -> catalog.Snapshot:
     transaction that is rolled back: nothing is left behind and no live table is locked."""
     if revision is None:
         return catalog.Snapshot()
+    from alembic import command
+
     scratch = f"chatdb_scratch_{secrets.token_hex(6)}"
     if connection.in_transaction():
         connection.rollback()
@@ -339,6 +361,8 @@ def schema_at(connection: Connection, revision: str | None) -> catalog.Snapshot:
 def offline_sql(start: str | None = None, end: str = "head") -> str:
     """The SQL a DBA reviews: applied with ``psql -f`` to a database at ``start`` it gives
     the same schema as ``chatdb migrate --to end``. Downgrade SQL when ``end`` is below."""
+    from alembic import command
+
     first = resolve(start) if start else None
     last = resolve(end, first)
     config = _config()

@@ -43,6 +43,8 @@ metadata = MetaData()
 
 #: chatdb's own Alembic version table, so it can live beside the application's.
 VERSION_TABLE = "chatdb_alembic_version"
+#: The revision of the chain whose schema this module declares (a test keeps the two equal).
+HEAD_REVISION = "0005_messages_owner_index"
 
 #: The comment chatdb puts on a ``users`` table it created itself. A ``users`` table
 #: without it belongs to the application and is never altered or dropped.

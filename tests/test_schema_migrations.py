@@ -64,6 +64,18 @@ def test_empty_to_head_applies_every_revision_then_nothing(empty_db):
     assert migrations.status(empty_db.engine).up_to_date
 
 
+def test_schema_py_names_the_head_of_the_chain(empty_db):
+    # require_head() trusts this constant when the database is at it.
+    assert schema.HEAD_REVISION == HEAD
+    with pytest.raises(StateError, match="no chatdb schema yet"):
+        migrations.require_head(empty_db.engine)
+    migrations.upgrade(empty_db.engine, REVISIONS[-2])
+    with pytest.raises(StateError, match=f"behind head {HEAD}"):
+        migrations.require_head(empty_db.engine)
+    migrations.upgrade(empty_db.engine)
+    migrations.require_head(empty_db.engine)
+
+
 def test_head_equals_create_all_on_the_catalog(migrated_db, create_all_db):
     expected = snap(create_all_db)
     assert set(expected.tables) == set(ALL_TABLES)
