@@ -663,13 +663,15 @@ class _Phase:
 
     ``pick(limit, after)`` selects ``(id, key)`` of up to ``limit`` rows after the keyset
     position ``after`` = (key, id), locked FOR UPDATE SKIP LOCKED. ``pending`` is true
-    while any row still matches (locked or not)."""
+    while any row still matches (locked or not). ``fills`` marks a phase that inserts
+    into tables it makes grow, perhaps from empty (see _Runner._replan)."""
 
     name: str
     pick: Callable[[int, tuple | None], Select]
     pending: Select
     apply: Callable[[Connection, list[uuid.UUID]], Tally]
     export: bool = False
+    fills: bool = False
 
 
 def _locked(query: Select) -> Select:
@@ -689,6 +691,7 @@ def _archive_phases(plan: Plan) -> list[_Phase]:
             select(exists().where(_archivable(plan.cutoff))),
             _archive_batch,
             export=True,
+            fills=True,
         )
     ]
 
@@ -745,6 +748,7 @@ def _restore_phases(plan: Plan) -> list[_Phase]:
             pick,
             select(exists(chosen)),
             _restore_batch,
+            fills=True,
         )
     ]
 
@@ -766,6 +770,8 @@ class _Pass:
 class _Worker:
     connection: Connection
     size: int
+    rows: int = 0  # rows this worker has handled in the run
+    planned_at: int = 0  # ``rows`` when this worker's session last discarded its plans
 
 
 _HEARTBEAT = text(
@@ -939,6 +945,7 @@ class _Runner:
                         ),
                         {"lock": LOCK_TIMEOUT, "statement": STATEMENT_TIMEOUT},
                     )
+                    self._replan(worker, phase)
                     rows = connection.execute(phase.pick(worker.size, after)).all()
                     if not rows:
                         return 0, after
@@ -981,8 +988,20 @@ class _Runner:
             self.result.exported += exported
             if self.options.progress is not None:
                 self.options.progress(self.result.done)
+        worker.rows += len(rows)
         self._adapt(worker, len(rows), elapsed)
         return len(rows), (rows[-1][1], rows[-1][0])
+
+    @staticmethod
+    def _replan(worker: _Worker, phase: _Phase) -> None:
+        """Discard the session's cached plans each time the rows this worker has moved
+        have doubled. The foreign-key check of every inserted row runs a plan cached in
+        the session; one made while the target table was nearly empty scans that table
+        whole, and goes on doing so as it grows, until autovacuum happens to analyse it
+        (a first archive into empty archive tables ran four times slower)."""
+        if phase.fills and worker.rows > 2 * worker.planned_at:
+            worker.connection.execute(text("DISCARD PLANS"))
+            worker.planned_at = worker.rows
 
     def _adapt(self, worker: _Worker, rows: int, elapsed: float) -> None:
         """Size the next batch so its transaction takes about TARGET_BATCH_SECONDS. A
