@@ -311,7 +311,6 @@ def test_archive_moves_exactly_the_idle_conversations_whole(migrated_db):
     )
 
 
-
 def test_foreign_key_checks_stop_scanning_the_archive_table_as_it_grows(migrated_db):
     """The first archive into empty (vacuumed) archive tables: the foreign-key check of
     each moved message must not keep scanning conversations_archive whole, the plan its
@@ -345,6 +344,7 @@ def test_foreign_key_checks_stop_scanning_the_archive_table_as_it_grows(migrated
     # small (a fifth of the moves here, a fraction of a percent at a million messages);
     # a plan kept from the start scans it for every message.
     assert seq_scan < moved / 2, (seq_scan, idx_scan)
+
 
 def test_archive_restore_round_trip_checksums(cli, migrated_db):
     db = migrated_db
