@@ -12,9 +12,11 @@ goes whole, with all its messages. The rules that keep other people's data safe:
   Adding a message takes a ``FOR KEY SHARE`` lock on its conversation, which conflicts
   with our ``FOR UPDATE``: a conversation being written to is skipped, and no message can
   be added to one we hold.
-- Keyset iteration in index order, so a run never rescans the dead tuples of earlier
-  batches; rows skipped because another session held them are visited again by a sweep
-  from the start before the run ends.
+- Idle conversations go in physical order, windows of table blocks one after another;
+  soft-deleted rows and restores in keyset order through an index. Either way a run
+  never rescans the dead tuples of earlier batches, and rows skipped because another
+  session held them (or moved, in physical order) are visited again by a sweep from the
+  start before the run ends.
 - ``lock_timeout`` and ``statement_timeout`` on every batch; lock timeouts, deadlocks and
   serialization failures are retried with backoff and a smaller batch.
 - One lifecycle run per database at a time (see ``_Guard``), and an audit row in
@@ -45,15 +47,18 @@ from sqlalchemy import (
     Connection,
     Engine,
     Select,
+    String,
     Table,
     TextClause,
     any_,
     bindparam,
+    cast,
     delete,
     exists,
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -61,6 +66,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.types import UserDefinedType
 
 from chatdb import db, migrations, patterns
 from chatdb.errors import StateError, UsageError, one_line
@@ -82,6 +88,8 @@ DEFAULT_DELETED_GRACE = "30d"
 SLOW_TRANSACTION_SECONDS = 0.25  # reported: transactions longer than this
 TARGET_BATCH_SECONDS = 0.05
 FIRST_BATCH_SIZE = 50
+FIRST_WINDOW_BLOCKS = 4
+MAX_WINDOW_BLOCKS = 1 << 20
 LOCK_TIMEOUT = "500ms"
 STATEMENT_TIMEOUT = "60s"
 #: Attempts of one batch before a persistent lock conflict ends the run.
@@ -657,46 +665,165 @@ def _delete_messages(table: Table, hot: bool) -> Callable[[Connection, list], Ta
     return apply
 
 
+@dataclass
+class _Taken:
+    """What one batch did: the rows it picked (and locked), the position after them (see
+    _Phase), its counts, and the ids of the conversations it took (for the export)."""
+
+    picked: int = 0
+    last: Any = None
+    tally: Tally = field(default_factory=Tally)
+    ids: list[uuid.UUID] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class _Phase:
     """One kind of work: which rows, in which order, and what to do with a batch of them.
 
-    ``pick(limit, after)`` selects ``(id, key)`` of up to ``limit`` rows after the keyset
-    position ``after`` = (key, id), locked FOR UPDATE SKIP LOCKED. ``pending`` is true
-    while any row still matches (locked or not). ``fills`` marks a phase that inserts
-    into tables it makes grow, perhaps from empty (see _Runner._replan)."""
+    ``take(connection, limit, after)`` locks up to ``limit`` matching rows FOR UPDATE
+    SKIP LOCKED and deals with them, in the batch's transaction. Keyset phases go in
+    index order: ``after`` is the position (key, id) of the last row taken, shared by
+    the run's workers. With ``blocks`` set, the phase goes through that table in
+    physical order (see _in_blocks): ``after`` is a window (ctid, end block) that one
+    worker claimed. ``pending`` is true while any row still matches (locked or not).
+    ``fills`` marks a phase that inserts into tables it makes grow, perhaps from empty
+    (see _Runner._replan)."""
 
     name: str
-    pick: Callable[[int, tuple | None], Select]
+    take: Callable[[Connection, int, Any], _Taken]
     pending: Select
-    apply: Callable[[Connection, list[uuid.UUID]], Tally]
     export: bool = False
     fills: bool = False
+    blocks: Table | None = None
+
+
+def _resized(current: int, done: int, elapsed: float, cap: int) -> int:
+    """The next size (rows or blocks) of a batch whose ``done`` took ``elapsed`` seconds,
+    aiming at TARGET_BATCH_SECONDS: at most half as large or half as large again as
+    ``current``, and never above ``cap``. A conversation too large for the aim is still
+    handled alone, in one transaction."""
+    wanted = done * TARGET_BATCH_SECONDS / max(elapsed, 1e-4)
+    return max(1, round(min(max(wanted, current / 2, 1), current * 1.5 + 1, cap)))
 
 
 def _locked(query: Select) -> Select:
     return query.with_for_update(skip_locked=True)
 
 
+def _keyset(
+    pick: Callable[[int, tuple | None], Select], apply: Callable[[Connection, list[uuid.UUID]], Tally]
+) -> Callable[[Connection, int, Any], _Taken]:
+    """A keyset phase: ``pick(limit, after)`` selects ``(id, key)`` of the rows after
+    ``after`` = (key, id), in (key, id) order; ``apply`` deals with their ids."""
+
+    def take(connection: Connection, limit: int, after: tuple | None) -> _Taken:
+        rows = connection.execute(_locked(pick(limit, after))).all()
+        if not rows:
+            return _Taken()
+        ids = [row[0] for row in rows]
+        return _Taken(len(rows), (rows[-1][1], rows[-1][0]), apply(connection, ids), ids)
+
+    return take
+
+
+# Batches in physical order. Idle conversations are taken in the order their pages, and
+# mostly their messages' pages, lie on disk, one window of heap blocks at a time (a TID
+# range scan): a run reads and writes each page once, in sequence, where the order of
+# updated_at jumps about the tables (a quarter slower on the seeded database). A row that
+# moves while the run goes (an update writes its new version elsewhere) is found again by
+# the sweep from the start that follows a pass leaving matching rows behind. Under the
+# lock, a row updated concurrently comes back as its new version, which may lie outside
+# the window: only rows inside it move the window's position on.
+
+_WINDOW = "ctid > CAST(:after AS tid) AND ctid < CAST(:end AS tid)"
+
+
+class _TID(UserDefinedType):
+    cache_ok = True
+
+    def get_col_spec(self) -> str:
+        return "tid"
+
+
+def _tid(raw: str) -> tuple[int, int]:
+    block, offset = raw.strip("()").split(",")
+    return int(block), int(offset)
+
+
+def _in_blocks(
+    table: Table, condition: Any, apply: Callable[[Connection, list[uuid.UUID]], Tally]
+) -> Callable[[Connection, int, Any], _Taken]:
+    """A phase in physical order whose ``apply`` deals with the ids of the rows of
+    ``table`` matching ``condition``."""
+    ctid = literal_column(f'"{table.name}".ctid')
+
+    def take(connection: Connection, limit: int, window: tuple[str, int]) -> _Taken:
+        after, end = window
+        query = select(table.c.id, cast(ctid, String)).where(
+            condition,
+            ctid > cast(literal(after), _TID()),
+            ctid < cast(literal(f"({end},0)"), _TID()),
+        )
+        rows = connection.execute(_locked(query.order_by(ctid).limit(limit))).all()
+        if not rows:
+            return _Taken()
+        ids = [row[0] for row in rows]
+        inside = [tid for tid in (_tid(row[1]) for row in rows) if _tid(after) < tid < (end, 0)]
+        last = "({},{})".format(*max(inside)) if inside else None
+        return _Taken(len(rows), last, apply(connection, ids), ids)
+
+    return take
+
+
+def _purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any) -> Callable[..., _Taken]:
+    """Idle conversations of ``parent`` deleted in physical order, picked and deleted by
+    one statement. The foreign key's cascade deletes their messages, one index probe per
+    conversation, and this transaction's own statistics count them exactly; without
+    statistics (track_counts off) the statement deletes the messages first, counted."""
+    statement = text(
+        f'WITH picked AS (SELECT id, ctid FROM "{parent.name}" WHERE updated_at < :cutoff AND {_WINDOW}'
+        " ORDER BY ctid LIMIT :limit FOR UPDATE SKIP LOCKED),"
+        f" kids AS (DELETE FROM \"{child.name}\" WHERE NOT current_setting('track_counts')::bool"
+        " AND conversation_id IN (SELECT id FROM picked) RETURNING 1),"
+        f' gone AS (DELETE FROM "{parent.name}" WHERE ctid = ANY(ARRAY(SELECT ctid FROM picked)) RETURNING 1)'
+        " SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM gone), (SELECT count(*) FROM kids),"
+        f" CAST((SELECT max(ctid) FROM picked WHERE {_WINDOW}) AS text)"
+    )
+    cascaded = text("SELECT pg_stat_get_xact_tuples_deleted(CAST(:table AS regclass))")
+
+    def take(connection: Connection, limit: int, window: tuple[str, int]) -> _Taken:
+        after, end = window
+        params = {"cutoff": cutoff, "after": after, "end": f"({end},0)", "limit": limit}
+        # The session's counts not yet reported include earlier transactions'.
+        before = connection.execute(cascaded, {"table": child.name}).scalar_one()
+        picked, n_conversations, n_kids, last = connection.execute(statement, params).one()
+        if not picked:
+            return _Taken()
+        n_messages = n_kids + connection.execute(cascaded, {"table": child.name}).scalar_one() - before
+        if hot:
+            tally = Tally(conversations=n_conversations, messages=n_messages)
+        else:
+            tally = Tally(archive_conversations=n_conversations, archive_messages=n_messages)
+        return _Taken(picked, last, tally)
+
+    return take
+
+
 def _archive_phases(plan: Plan) -> list[_Phase]:
-    c = conversations.c
     return [
         _Phase(
             "archive idle conversations",
-            lambda limit, after: _locked(
-                patterns.idle_conversations(conversations, plan.cutoff, limit, after).where(
-                    c.deleted_at.is_(None)
-                )
-            ),
+            _in_blocks(conversations, _archivable(plan.cutoff), _archive_batch),
             select(exists().where(_archivable(plan.cutoff))),
-            _archive_batch,
             export=True,
             fills=True,
+            blocks=conversations,
         )
     ]
 
 
 def _purge_phases(plan: Plan) -> list[_Phase]:
+    grace = plan.deleted_cutoff
     phases = []
     for parent, child, hot in (
         (conversations, messages, True),
@@ -706,27 +833,27 @@ def _purge_phases(plan: Plan) -> list[_Phase]:
         phases += [
             _Phase(
                 f"idle conversations{where}",
-                lambda limit, after, t=parent: _locked(
-                    patterns.idle_conversations(t, plan.cutoff, limit, after)
-                ),
+                _purge_in_blocks(parent, child, hot, plan.cutoff),
                 select(exists().where(parent.c.updated_at < plan.cutoff)),
-                _delete_conversations(parent, child, hot),
+                blocks=parent,
             ),
             _Phase(
                 f"soft-deleted conversations{where}",
-                lambda limit, after, t=parent: _locked(
-                    patterns.soft_deleted(t, plan.deleted_cutoff, limit, after)
+                _keyset(
+                    lambda limit, after, t=parent: patterns.soft_deleted(
+                        t, plan.deleted_cutoff, limit, after
+                    ),
+                    _delete_conversations(parent, child, hot),
                 ),
-                select(exists().where(parent.c.deleted_at < plan.deleted_cutoff)),
-                _delete_conversations(parent, child, hot),
+                select(exists().where(parent.c.deleted_at < grace)),
             ),
             _Phase(
                 f"soft-deleted messages{where}",
-                lambda limit, after, t=child: _locked(
-                    patterns.soft_deleted(t, plan.deleted_cutoff, limit, after)
+                _keyset(
+                    lambda limit, after, t=child: patterns.soft_deleted(t, grace, limit, after),
+                    _delete_messages(child, hot),
                 ),
-                select(exists().where(child.c.deleted_at < plan.deleted_cutoff)),
-                _delete_messages(child, hot),
+                select(exists().where(child.c.deleted_at < grace)),
             ),
         ]
     return phases
@@ -740,14 +867,13 @@ def _restore_phases(plan: Plan) -> list[_Phase]:
         query = chosen.add_columns(c.id)  # (id, key): the key is the id itself
         if after is not None:
             query = query.where(c.id > after[1])
-        return _locked(query.order_by(c.id).limit(limit))
+        return query.order_by(c.id).limit(limit)
 
     return [
         _Phase(
             "restore archived conversations",
-            pick,
+            _keyset(pick, _restore_batch),
             select(exists(chosen)),
-            _restore_batch,
             fills=True,
         )
     ]
@@ -758,9 +884,12 @@ def _restore_phases(plan: Plan) -> list[_Phase]:
 
 @dataclass
 class _Pass:
-    """One pass over a phase by the run's workers, sharing one keyset position."""
+    """One pass over a phase by the run's workers, sharing one keyset position (or, going
+    through a table in physical order, the next block no worker has claimed yet)."""
 
     after: tuple | None = None
+    next_block: int = 0
+    end_block: int = 0
     rows: int = 0
     over: bool = False
     failure: BaseException | None = None
@@ -772,6 +901,8 @@ class _Worker:
     size: int
     rows: int = 0  # rows this worker has handled in the run
     planned_at: int = 0  # ``rows`` when this worker's session last discarded its plans
+    blocks: int = FIRST_WINDOW_BLOCKS  # the size of the next window it claims
+    window: tuple[str, int] | None = None  # (after ctid, end block) of its claimed window
 
 
 _HEARTBEAT = text(
@@ -868,6 +999,20 @@ class _Runner:
 
     def _pass(self, phase: _Phase) -> int:
         state = _Pass()
+        if phase.blocks is not None:
+            # Blocks added later hold rows written since: a sweep after this pass finds
+            # any that match.
+            assert self.connection is not None
+            with self.connection.begin():
+                state.end_block = self.connection.execute(
+                    text(
+                        "SELECT pg_relation_size(CAST(:table AS regclass))"
+                        " / current_setting('block_size')::int"
+                    ),
+                    {"table": phase.blocks.name},
+                ).scalar_one()
+            for worker in self.workers:
+                worker.window = None
         if len(self.workers) == 1:
             self._work(self.workers[0], phase, state)
             return state.rows
@@ -907,15 +1052,20 @@ class _Runner:
                         self.result.complete = False
                         state.over = True
                         return
-                    after = state.after
-                picked, last = self._batch(worker, phase, after)
+                    if phase.blocks is None:
+                        position: Any = state.after
+                    elif (position := self._claim(worker, state)) is None:
+                        return  # the table is done; the other workers finish their windows
+                taken = self._batch(worker, phase, position)
                 with self.lock:
-                    if not picked:
+                    state.rows += taken.picked
+                    if phase.blocks is not None:
+                        continue
+                    if not taken.picked:
                         state.over = True
                         return
-                    state.rows += picked
-                    if state.after is None or last > state.after:
-                        state.after = last
+                    if state.after is None or taken.last > state.after:
+                        state.after = taken.last
         except BaseException as exc:
             with self.lock:
                 state.over = True
@@ -923,16 +1073,31 @@ class _Runner:
             if len(self.workers) == 1:
                 raise
 
+    @staticmethod
+    def _claim(worker: _Worker, state: _Pass) -> tuple[str, int] | None:
+        """The worker's window of blocks: the rest of the one it holds, or the next
+        ``worker.blocks`` blocks no worker has claimed; None once the table is done."""
+        if worker.window is None:
+            if state.next_block >= state.end_block:
+                return None
+            start = state.next_block
+            state.next_block = start + worker.blocks
+            worker.window = (f"({start},0)", state.next_block)
+        return worker.window
+
     def _pending(self, phase: _Phase) -> bool:
         assert self.connection is not None
         with self.connection.begin():
             return bool(self.connection.execute(phase.pending).scalar())
 
-    def _batch(self, worker: _Worker, phase: _Phase, after: tuple | None) -> tuple[int, tuple | None]:
+    def _batch(self, worker: _Worker, phase: _Phase, after: Any) -> _Taken:
+        """One batch in one transaction, after the keyset position ``after`` (or in the
+        window ``after``)."""
         connection = worker.connection
         for attempt in range(1, MAX_ATTEMPTS + 1):
             started = time.monotonic()
             written = False
+            limit = worker.size
             try:
                 with connection.begin():
                     connection.execute(
@@ -946,16 +1111,14 @@ class _Runner:
                         {"lock": LOCK_TIMEOUT, "statement": STATEMENT_TIMEOUT},
                     )
                     self._replan(worker, phase)
-                    rows = connection.execute(phase.pick(worker.size, after)).all()
-                    if not rows:
-                        return 0, after
-                    ids = [row[0] for row in rows]
-                    tally = phase.apply(connection, ids)
-                    exported = len(ids) if phase.export and self.export is not None else 0
-                    self._heartbeat(connection, tally, exported)
+                    taken = phase.take(connection, limit, after)
+                    if not taken.picked:
+                        break
+                    exported = len(taken.ids) if phase.export and self.export is not None else 0
+                    self._heartbeat(connection, taken.tally, exported)
                     if exported:
                         assert self.export is not None
-                        self.export.write(_export_lines(connection, ids))
+                        self.export.write(_export_lines(connection, taken.ids))
                         written = True
                     with self.lock:
                         self.guard.check()
@@ -980,17 +1143,37 @@ class _Runner:
                     self.export.undo()
                 raise
         elapsed = time.monotonic() - started
+        if phase.blocks is not None:
+            self._advance(worker, after, taken, full=taken.picked == limit, elapsed=elapsed)
+        if not taken.picked:
+            return taken
         with self.lock:
             self.result.batches += 1
             self.result.longest_transaction_seconds = max(self.result.longest_transaction_seconds, elapsed)
             self.result.slow_transactions += elapsed > SLOW_TRANSACTION_SECONDS
-            self.result.done.add(tally)
+            self.result.done.add(taken.tally)
             self.result.exported += exported
             if self.options.progress is not None:
                 self.options.progress(self.result.done)
-        worker.rows += len(rows)
-        self._adapt(worker, len(rows), elapsed)
-        return len(rows), (rows[-1][1], rows[-1][0])
+        worker.rows += taken.picked
+        if taken.picked == limit:
+            # A short batch (the end of a pass or of a window) says little about the speed.
+            worker.size = _resized(worker.size, taken.picked, elapsed, self.options.batch_size)
+        return taken
+
+    @staticmethod
+    def _advance(worker: _Worker, window: tuple[str, int], taken: _Taken, full: bool, elapsed: float) -> None:
+        """After a batch in the worker's window: a full batch leaves the rest of the
+        window for the next one; otherwise the window is done, and the next one is
+        sized by how long this one took."""
+        after, end = window
+        if full and taken.last is not None:
+            worker.window = (taken.last, end)
+            return
+        worker.window = None
+        if not full:
+            covered = end - _tid(after)[0]
+            worker.blocks = _resized(worker.blocks, covered, elapsed, MAX_WINDOW_BLOCKS)
 
     @staticmethod
     def _replan(worker: _Worker, phase: _Phase) -> None:
@@ -1002,15 +1185,6 @@ class _Runner:
         if phase.fills and worker.rows > 2 * worker.planned_at:
             worker.connection.execute(text("DISCARD PLANS"))
             worker.planned_at = worker.rows
-
-    def _adapt(self, worker: _Worker, rows: int, elapsed: float) -> None:
-        """Size the next batch so its transaction takes about TARGET_BATCH_SECONDS. A
-        conversation too large for that is still handled alone, in one transaction."""
-        if rows < worker.size:
-            return  # a short batch (the end of a pass) says little about the speed
-        wanted = rows * TARGET_BATCH_SECONDS / max(elapsed, 1e-4)
-        grown = min(max(wanted, worker.size / 2, 1), worker.size * 1.5 + 1, self.options.batch_size)
-        worker.size = max(1, round(grown))
 
     # The audit row --------------------------------------------------------------------
 

@@ -311,6 +311,67 @@ def test_archive_moves_exactly_the_idle_conversations_whole(migrated_db):
     )
 
 
+@pytest.mark.parametrize("command", ["archive", "purge"])
+def test_a_row_that_moves_on_disk_during_the_run_is_still_taken_in_its_newest_version(migrated_db, command):
+    """Idle conversations go in physical order. One renamed while the run goes (it stays
+    idle) gets a new row version elsewhere in the table, possibly behind the run's
+    position: the sweep that follows the pass takes it all the same."""
+    db = migrated_db
+    populate(db)
+    # Room on the first page (the conversations there that stay), none on the others
+    # but the last: the renamed row's new version goes to the first page, behind the run.
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("VACUUM FULL conversations"))
+        connection.execute(
+            text("DELETE FROM conversations WHERE ctid < '(1,0)' AND updated_at > now() - interval '60 days'")
+        )
+        connection.execute(text("VACUUM conversations"))
+    # An idle conversation on a full page far from where the run starts.
+    mover = db.scalar(
+        "SELECT id FROM conversations WHERE updated_at < now() - interval '60 days' AND deleted_at IS NULL"
+        " AND ctid < (SELECT CAST(format('(%s,0)', max((ctid::text::point)[0])) AS tid) FROM conversations)"
+        " ORDER BY ctid DESC LIMIT 1"
+    )
+    block = db.scalar("SELECT (ctid::text::point)[0] FROM conversations WHERE id = :i", i=mover)
+    renamed = []
+
+    def rename(done) -> None:
+        if not renamed:
+            db.execute("UPDATE conversations SET title = 'renamed mid-run' WHERE id = :i", i=mover)
+            renamed.append(
+                db.scalar("SELECT (ctid::text::point)[0] FROM conversations WHERE id = :i", i=mover)
+            )
+
+    engine = engine_for(db)
+    try:
+        if command == "archive":
+            plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
+            expected = predicted_archive(db, plan.cutoff)
+            options = lifecycle.RunOptions(batch_size=5, jobs=1, progress=rename)
+            result = lifecycle.archive(engine, plan, options)
+        else:
+            plan = lifecycle.plan_purge(
+                engine, lifecycle.parse_duration("60d"), lifecycle.parse_duration("30d")
+            )
+            gone = predicted_purge(db, plan.cutoff, plan.deleted_cutoff)
+            options = lifecycle.RunOptions(batch_size=5, jobs=1, progress=rename)
+            result = lifecycle.purge(engine, plan, options)
+    finally:
+        engine.dispose()
+    assert renamed and renamed[0] < block, (renamed, block)  # it moved behind the run
+    if command == "archive":
+        assert mover in expected["conversations"]
+        assert result.done.conversations == len(expected["conversations"])
+        assert (
+            db.scalar("SELECT title FROM conversations_archive WHERE id = :i", i=mover) == "renamed mid-run"
+        )
+        assert ids(db, "SELECT id FROM conversations WHERE id = :i", i=mover) == set()
+    else:
+        assert mover in gone["conversations"]
+        assert result.done.conversations == len(gone["conversations"])
+        assert ids(db, "SELECT id FROM conversations WHERE id = :i", i=mover) == set()
+
+
 def test_foreign_key_checks_stop_scanning_the_archive_table_as_it_grows(migrated_db):
     """The first archive into empty (vacuumed) archive tables: the foreign-key check of
     each moved message must not keep scanning conversations_archive whole, the plan its
