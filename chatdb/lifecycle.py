@@ -778,28 +778,31 @@ def _in_blocks(
 def _purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any) -> Callable[..., _Taken]:
     """Idle conversations of ``parent`` deleted in physical order, picked and deleted by
     one statement. The foreign key's cascade deletes their messages, one index probe per
-    conversation, and this transaction's own statistics count them exactly; without
-    statistics (track_counts off) the statement deletes the messages first, counted."""
+    conversation, and this transaction's own statistics count them exactly: the
+    statement reads the count before the cascade (which runs once it has finished), a
+    query after it the count after. Without statistics (track_counts off) the statement
+    deletes the messages first, counted."""
+    cascaded = "pg_stat_get_xact_tuples_deleted(CAST(:child AS regclass))"
     statement = text(
         f'WITH picked AS (SELECT id, ctid FROM "{parent.name}" WHERE updated_at < :cutoff AND {_WINDOW}'
         " ORDER BY ctid LIMIT :limit FOR UPDATE SKIP LOCKED),"
         f" kids AS (DELETE FROM \"{child.name}\" WHERE NOT current_setting('track_counts')::bool"
         " AND conversation_id IN (SELECT id FROM picked) RETURNING 1),"
         f' gone AS (DELETE FROM "{parent.name}" WHERE ctid = ANY(ARRAY(SELECT ctid FROM picked)) RETURNING 1)'
-        " SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM gone), (SELECT count(*) FROM kids),"
-        f" CAST((SELECT max(ctid) FROM picked WHERE {_WINDOW}) AS text)"
+        f" SELECT {cascaded}, (SELECT count(*) FROM picked), (SELECT count(*) FROM gone),"
+        f" (SELECT count(*) FROM kids), CAST((SELECT max(ctid) FROM picked WHERE {_WINDOW}) AS text)"
     )
-    cascaded = text("SELECT pg_stat_get_xact_tuples_deleted(CAST(:table AS regclass))")
+    after_cascade = text(f"SELECT {cascaded}")
 
     def take(connection: Connection, limit: int, window: tuple[str, int]) -> _Taken:
         after, end = window
-        params = {"cutoff": cutoff, "after": after, "end": f"({end},0)", "limit": limit}
-        # The session's counts not yet reported include earlier transactions'.
-        before = connection.execute(cascaded, {"table": child.name}).scalar_one()
-        picked, n_conversations, n_kids, last = connection.execute(statement, params).one()
+        params = {"cutoff": cutoff, "after": after, "end": f"({end},0)", "limit": limit, "child": child.name}
+        # The session's counts not yet reported include earlier transactions': the
+        # cascade's are the difference.
+        before, picked, n_conversations, n_kids, last = connection.execute(statement, params).one()
         if not picked:
             return _Taken()
-        n_messages = n_kids + connection.execute(cascaded, {"table": child.name}).scalar_one() - before
+        n_messages = n_kids + connection.execute(after_cascade, {"child": child.name}).scalar_one() - before
         if hot:
             tally = Tally(conversations=n_conversations, messages=n_messages)
         else:
