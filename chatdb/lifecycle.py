@@ -768,7 +768,8 @@ def _in_blocks(
         if not rows:
             return _Taken()
         ids = [row[0] for row in rows]
-        inside = [tid for tid in (_tid(row[1]) for row in rows) if _tid(after) < tid < (end, 0)]
+        lower, upper = _tid(after), (end, 0)
+        inside = [tid for tid in (_tid(row[1]) for row in rows) if lower < tid < upper]
         last = "({},{})".format(*max(inside)) if inside else None
         return _Taken(len(rows), last, apply(connection, ids), ids)
 
