@@ -729,11 +729,15 @@ def _keyset(
 # Batches in physical order. Idle conversations are taken in the order their pages, and
 # mostly their messages' pages, lie on disk, one window of heap blocks at a time (a TID
 # range scan): a run reads and writes each page once, in sequence, where the order of
-# updated_at jumps about the tables (a quarter slower on the seeded database). A row that
-# moves while the run goes (an update writes its new version elsewhere) is found again by
-# the sweep from the start that follows a pass leaving matching rows behind. Under the
-# lock, a row updated concurrently comes back as its new version, which may lie outside
-# the window: only rows inside it move the window's position on.
+# updated_at jumps about the tables (a quarter slower on the seeded database). A full
+# batch leaves the rest of its window to the next, which starts after the largest ctid it
+# took. The scan returns rows in ctid order, so a LIMIT stops it early; no ORDER BY (a
+# sort would read the whole rest of the window for every batch). Nothing relies on that
+# order for correctness: a row the position passed over, like one that moved while the
+# run went (an update writes its new version elsewhere), still matches, and the sweep
+# from the start that follows a pass leaving matching rows behind takes it. Under the
+# lock, a row updated concurrently comes back as its new version; only rows inside the
+# window move its position on.
 
 _WINDOW = "ctid > CAST(:after AS tid) AND ctid < CAST(:end AS tid)"
 
@@ -764,7 +768,7 @@ def _in_blocks(
             ctid > cast(literal(after), _TID()),
             ctid < cast(literal(f"({end},0)"), _TID()),
         )
-        rows = connection.execute(_locked(query.order_by(ctid).limit(limit))).all()
+        rows = connection.execute(_locked(query.limit(limit))).all()
         if not rows:
             return _Taken()
         ids = [row[0] for row in rows]
@@ -782,14 +786,19 @@ def _purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any) -> Cal
     conversation, and this transaction's own statistics count them exactly: the
     statement reads the count before the cascade (which runs once it has finished), a
     query after it the count after. Without statistics (track_counts off) the statement
-    deletes the messages first, counted."""
+    deletes, and counts, the messages of the conversations it deleted.
+
+    The delete goes by id and checks the cutoff again: a conversation updated (still
+    idle) after the statement began is locked in its new version, which the statement's
+    snapshot does not see; by id, the delete follows the update to the version locked."""
     cascaded = "pg_stat_get_xact_tuples_deleted(CAST(:child AS regclass))"
     statement = text(
         f'WITH picked AS (SELECT id, ctid FROM "{parent.name}" WHERE updated_at < :cutoff AND {_WINDOW}'
-        " ORDER BY ctid LIMIT :limit FOR UPDATE SKIP LOCKED),"
+        " LIMIT :limit FOR UPDATE SKIP LOCKED),"
+        f' gone AS (DELETE FROM "{parent.name}" WHERE id = ANY(ARRAY(SELECT id FROM picked))'
+        " AND updated_at < :cutoff RETURNING id),"
         f" kids AS (DELETE FROM \"{child.name}\" WHERE NOT current_setting('track_counts')::bool"
-        " AND conversation_id IN (SELECT id FROM picked) RETURNING 1),"
-        f' gone AS (DELETE FROM "{parent.name}" WHERE ctid = ANY(ARRAY(SELECT ctid FROM picked)) RETURNING 1)'
+        " AND conversation_id = ANY(ARRAY(SELECT id FROM gone)) RETURNING 1)"
         f" SELECT {cascaded}, (SELECT count(*) FROM picked), (SELECT count(*) FROM gone),"
         f" (SELECT count(*) FROM kids), CAST((SELECT max(ctid) FROM picked WHERE {_WINDOW}) AS text)"
     )
