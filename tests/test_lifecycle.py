@@ -372,6 +372,86 @@ def test_a_row_that_moves_on_disk_during_the_run_is_still_taken_in_its_newest_ve
         assert ids(db, "SELECT id FROM conversations WHERE id = :i", i=mover) == set()
 
 
+@pytest.mark.parametrize("track_counts", ["on", "off"])
+def test_a_conversation_renamed_while_the_purge_statement_runs_goes_whole(
+    migrated_db, monkeypatch, track_counts
+):
+    """The race of one purge statement: a conversation renamed (still idle) after the
+    statement took its snapshot and before it locked the row is locked in a version the
+    snapshot cannot see. It must go whole with its messages, or stay whole; never lose
+    its messages and stay. The statement is paused on that row (an advisory lock the
+    test holds, waited for by a function added to its window condition) while the
+    rename commits."""
+    db = migrated_db
+    populate(db)
+    db.execute(
+        """
+        CREATE FUNCTION pause_at(t tid, target tid) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN
+            IF t = target THEN
+                PERFORM pg_advisory_lock_shared(4242);
+                PERFORM pg_advisory_unlock_shared(4242);
+            END IF;
+            RETURN true;
+        END $$
+        """
+    )
+    # The first idle conversation on disk, taken by the run's first batch.
+    with db.engine.connect() as connection:
+        target, where = connection.execute(
+            text(
+                "SELECT id, ctid::text FROM conversations c WHERE updated_at < now() - interval '90 days'"
+                " AND EXISTS (SELECT FROM messages m WHERE m.conversation_id = c.id) ORDER BY ctid LIMIT 1"
+            )
+        ).one()
+    messages_before = db.scalar("SELECT count(*) FROM messages WHERE conversation_id = :i", i=target)
+    # Room in the first window of blocks, so that its new version stays there.
+    window = lifecycle.FIRST_WINDOW_BLOCKS
+    db.execute(
+        f"DELETE FROM conversations WHERE updated_at > now() - interval '60 days' AND ctid < '({window},0)'"
+    )
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("VACUUM conversations"))
+    snapshot(db)
+    monkeypatch.setattr(lifecycle, "_WINDOW", lifecycle._WINDOW + f" AND pause_at(ctid, '{where}')")
+
+    url = db.url.update_query_dict({"options": f"-c track_counts={track_counts}"})
+    engine = db_module.connect(db_module.Database(url, "test"))
+    batches = []
+    holder = db.engine.connect()
+    holder.execute(text("SELECT pg_advisory_lock(4242)"))
+    try:
+        plan = lifecycle.plan_purge(engine, lifecycle.parse_duration("90d"), lifecycle.parse_duration("30d"))
+        options = lifecycle.RunOptions(
+            jobs=1, progress=batches.append, should_stop=lambda: "interrupted" if batches else None
+        )
+        outcome = []
+        run = threading.Thread(target=lambda: outcome.append(lifecycle.purge(engine, plan, options)))
+        run.start()
+        deadline = time.monotonic() + 30
+        while not db.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
+            assert time.monotonic() < deadline and run.is_alive()
+            time.sleep(0.02)
+        db.execute("UPDATE conversations SET title = 'renamed mid-statement' WHERE id = :i", i=target)
+        moved_to = db.scalar("SELECT ctid::text FROM conversations WHERE id = :i", i=target)
+        # A new version, in the batch's window.
+        assert moved_to != where and int(moved_to.strip("()").split(",")[0]) < window
+        holder.execute(text("SELECT pg_advisory_unlock(4242)"))
+        run.join(30)
+    finally:
+        holder.close()
+        engine.dispose()
+    assert outcome and outcome[0].stopped_by == "interrupted"  # after the one batch
+    kept = bool(ids(db, "SELECT id FROM conversations WHERE id = :i", i=target))
+    left = db.scalar("SELECT count(*) FROM messages WHERE conversation_id = :i", i=target)
+    assert (kept, left) in {(True, messages_before), (False, 0)}  # whole, either way
+    assert not kept  # taken by the batch that locked it
+    # Counted exactly: the batch's counts are what left the tables.
+    done = outcome[0].done
+    for table, count in (("conversations", done.conversations), ("messages", done.messages)):
+        assert db.scalar(f"SELECT (SELECT count(*) FROM snap_{table}) - count(*) FROM {table}") == count
+
+
 def test_foreign_key_checks_stop_scanning_the_archive_table_as_it_grows(migrated_db):
     """The first archive into empty (vacuumed) archive tables: the foreign-key check of
     each moved message must not keep scanning conversations_archive whole, the plan its
