@@ -47,12 +47,10 @@ from sqlalchemy import (
     Connection,
     Engine,
     Select,
-    String,
     Table,
     TextClause,
     any_,
     bindparam,
-    cast,
     delete,
     exists,
     func,
@@ -66,7 +64,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.types import UserDefinedType
 
 from chatdb import db, migrations, patterns
 from chatdb.errors import StateError, UsageError, one_line
@@ -628,6 +625,14 @@ def _restore_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
     return Tally(archive_conversations=restored, archive_messages=restored_messages)
 
 
+def _deleted(hot: bool, conversations: int, messages: int) -> Tally:
+    """The counts of a batch that deleted conversations (and their messages) from the hot
+    tables or from the archive."""
+    if hot:
+        return Tally(conversations=conversations, messages=messages)
+    return Tally(archive_conversations=conversations, archive_messages=messages)
+
+
 _XACT_DELETED = text(
     "SELECT pg_stat_get_xact_tuples_deleted(CAST(:table AS regclass)), current_setting('track_counts')::bool"
 )
@@ -650,9 +655,7 @@ def _delete_conversations(parent: Table, child: Table, hot: bool) -> Callable[[C
             n_conversations = connection.execute(
                 delete(parent).where(parent.c.id == any_(_ids_param(ids)))
             ).rowcount
-        if hot:
-            return Tally(conversations=n_conversations, messages=n_messages)
-        return Tally(archive_conversations=n_conversations, archive_messages=n_messages)
+        return _deleted(hot, n_conversations, n_messages)
 
     return apply
 
@@ -742,13 +745,6 @@ def _keyset(
 _WINDOW = "ctid > CAST(:after AS tid) AND ctid < CAST(:end AS tid)"
 
 
-class _TID(UserDefinedType):
-    cache_ok = True
-
-    def get_col_spec(self) -> str:
-        return "tid"
-
-
 def _tid(raw: str) -> tuple[int, int]:
     block, offset = raw.strip("()").split(",")
     return int(block), int(offset)
@@ -759,14 +755,11 @@ def _in_blocks(
 ) -> Callable[[Connection, int, Any], _Taken]:
     """A phase in physical order whose ``apply`` deals with the ids of the rows of
     ``table`` matching ``condition``."""
-    ctid = literal_column(f'"{table.name}".ctid')
 
     def take(connection: Connection, limit: int, window: tuple[str, int]) -> _Taken:
         after, end = window
-        query = select(table.c.id, cast(ctid, String)).where(
-            condition,
-            ctid > cast(literal(after), _TID()),
-            ctid < cast(literal(f"({end},0)"), _TID()),
+        query = select(table.c.id, literal_column("CAST(ctid AS text)")).where(
+            condition, text(_WINDOW).bindparams(after=after, end=f"({end},0)")
         )
         rows = connection.execute(_locked(query.limit(limit))).all()
         if not rows:
@@ -791,7 +784,7 @@ def _purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any) -> Cal
     The delete goes by id and checks the cutoff again: a conversation updated (still
     idle) after the statement began is locked in its new version, which the statement's
     snapshot does not see; by id, the delete follows the update to the version locked."""
-    cascaded = "pg_stat_get_xact_tuples_deleted(CAST(:child AS regclass))"
+    cascaded = "pg_stat_get_xact_tuples_deleted(CAST(:table AS regclass))"
     statement = text(
         f'WITH picked AS (SELECT id, ctid FROM "{parent.name}" WHERE updated_at < :cutoff AND {_WINDOW}'
         " LIMIT :limit FOR UPDATE SKIP LOCKED),"
@@ -802,22 +795,17 @@ def _purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any) -> Cal
         f" SELECT {cascaded}, (SELECT count(*) FROM picked), (SELECT count(*) FROM gone),"
         f" (SELECT count(*) FROM kids), CAST((SELECT max(ctid) FROM picked WHERE {_WINDOW}) AS text)"
     )
-    after_cascade = text(f"SELECT {cascaded}")
 
     def take(connection: Connection, limit: int, window: tuple[str, int]) -> _Taken:
         after, end = window
-        params = {"cutoff": cutoff, "after": after, "end": f"({end},0)", "limit": limit, "child": child.name}
+        params = {"cutoff": cutoff, "after": after, "end": f"({end},0)", "limit": limit, "table": child.name}
         # The session's counts not yet reported include earlier transactions': the
         # cascade's are the difference.
         before, picked, n_conversations, n_kids, last = connection.execute(statement, params).one()
         if not picked:
             return _Taken()
-        n_messages = n_kids + connection.execute(after_cascade, {"child": child.name}).scalar_one() - before
-        if hot:
-            tally = Tally(conversations=n_conversations, messages=n_messages)
-        else:
-            tally = Tally(archive_conversations=n_conversations, archive_messages=n_messages)
-        return _Taken(picked, last, tally)
+        n_messages = n_kids + connection.execute(_XACT_DELETED, {"table": child.name}).one()[0] - before
+        return _Taken(picked, last, _deleted(hot, n_conversations, n_messages))
 
     return take
 
