@@ -14,7 +14,9 @@ TEMPLATE) measures, end to end with Python start included:
   transaction. Both run beside the same concurrent reader, the application's
   conversation-history query back to back, whose p95 is reported for each and with
   nothing else running;
-- `chatdb archive --older-than Nd`: messages moved/s and the ratio to the baseline;
+- `chatdb archive --older-than Nd`: messages moved/s and the ratio to the baseline, next
+  to one plain INSERT ... SELECT archive and to the least any archive can cost (the same
+  messages written to a table with no index or foreign key, plus deleting them);
 - peak RSS of the purge and archive processes here and on a database of a tenth the
   size: memory stays flat.
 
@@ -246,6 +248,17 @@ def main() -> None:
                 f"DELETE FROM conversations WHERE id IN ({moving})",
             ],
         )
+        # The least any archive can cost: the same rows written to a table with no index,
+        # no constraint and no foreign key, and deleted as the plain DELETE deletes them.
+        _, bare_db_s, _, _ = plain_sql(
+            big,
+            "bare_insert",
+            [
+                "CREATE TABLE bare_messages (LIKE messages_archive INCLUDING DEFAULTS)",
+                f"INSERT INTO bare_messages ({columns('messages')}) SELECT {columns('messages')}"
+                f" FROM messages WHERE conversation_id IN ({moving})",
+            ],
+        )
         purge_s, purge_rss, purge, reader = lifecycle("purge", big, "purge", reader=True)
         archive_s, archive_rss, archived, _ = lifecycle("archive", big, "archive")
         p95_quiet = quiet_p95(big)
@@ -257,15 +270,13 @@ def main() -> None:
             ).scalar_one()
         engine.dispose()
 
+        delete_rate = delete_messages / delete_db_s  # inside the database
+
         def line(
             label: str, wall: float, inside: float, messages: int, versus: float | None, aim: str
         ) -> None:
             ratio = f"  {messages / wall / versus:.2f}x end to end" if versus else ""
-            ratio += (
-                f", {messages / inside / (delete_messages / delete_db_s):.2f}x in the database"
-                if versus
-                else ""
-            )
+            ratio += f", {messages / inside / delete_rate:.2f}x in the database" if versus else ""
             print(
                 f"{label:34s} {wall:6.2f} s ({inside:6.2f} s in the database) {messages:>9,} messages "
                 f"{messages / wall:>9,.0f}/s{ratio}{aim}"
@@ -299,6 +310,13 @@ def main() -> None:
             archived["done"]["messages"],
             baseline_rate,
             f"  (aim >= 0.5x); {naive_archive_s / archive_s:.2f}x the plain INSERT ... SELECT",
+        )
+        floor_s = bare_db_s + naive_archived / delete_rate
+        print(
+            f"archive floor in the database: writing the {naive_archived:,} messages to a bare table "
+            f"(no index, no foreign key) {bare_db_s:.2f} s, {naive_archived / bare_db_s / delete_rate:.2f}x "
+            f"the DELETE's rate; with deleting them, {floor_s:.2f} s: at most "
+            f"{naive_archived / floor_s / delete_rate:.2f}x for any archive"
         )
         for label, out in (("purge", purge), ("archive", archived)):
             print(
