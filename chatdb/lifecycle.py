@@ -499,8 +499,11 @@ def _running_run(connection: Connection) -> _RunningRun | None:
 class _Export:
     """Moved conversations as JSON lines, one per conversation with its messages, in
     ``.jsonl`` or ``.jsonl.gz``. Each batch is appended (a gzip member of its own) and
-    fsynced before the batch commits; a batch that fails to commit is cut off again. An
-    incomplete tail left by a crash is cut off when the file is opened."""
+    fsynced before the batch commits, and the batch's transaction records in the run's
+    audit row how long the file is with it (``export_bytes``). The file is exactly what
+    committed whenever the run ends cleanly; when it does not (a crash, SIGKILL, a lost
+    connection), the next run that exports to the same file cuts it back to the length
+    the database committed, before it appends anything (see ``repair``)."""
 
     def __init__(self, path: Path) -> None:
         name = path.name.lower()
@@ -509,18 +512,45 @@ class _Export:
         self.path = path
         self.compressed = name.endswith(".gz")
         try:
-            self.file = open(path, "ab")  # noqa: SIM115 - open for the whole run
-            self.file.truncate(self._complete_length())
+            # Opening changes nothing in the file: it is cut back only under the guard.
+            # Unbuffered: a failed write leaves nothing behind to be written later.
+            self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - open for the whole run
         except OSError as exc:
             raise UsageError(f"cannot write --export {path}: {exc.strerror}") from None
-        self.file.seek(0, os.SEEK_END)
-        self.mark = self.file.tell()
+        stat = os.fstat(self.file.fileno())
+        self.identity = {"export_path": str(path.resolve()), "export_inode": f"{stat.st_dev}:{stat.st_ino}"}
+        self.end = stat.st_size  # the file with every batch known to have committed
+        self.pending = 0  # bytes of the batch being written, after ``end``
 
-    def _complete_length(self) -> int:
+    def repair(self, committed: int | None, clean: bool) -> None:
+        """Cut off what no committed batch wrote. ``committed`` is the length the last
+        run that exported to this file recorded (None: no run did), ``clean`` whether
+        that run ended cleanly. Runs under the guard: no other run appends meanwhile."""
+        size = os.fstat(self.file.fileno()).st_size
+        if committed is not None and committed <= size and (not clean or committed == size):
+            length = committed
+        else:
+            # Written by no run this database knows of unfinished: keep every complete
+            # line, cut off only an incomplete tail.
+            length = self._complete_length(size)
+        if length < size:
+            self.file.truncate(length)
+            os.fsync(self.file.fileno())
+        self.end = length
+
+    def _complete_length(self, size: int) -> int:
         with open(self.path, "rb") as existing:
             if not self.compressed:
-                data = existing.read()
-                return data.rfind(b"\n") + 1
+                # The end of the last complete line, read backwards from the end.
+                position = size
+                while position > 0:
+                    start = max(0, position - (1 << 20))
+                    existing.seek(start)
+                    newline = existing.read(position - start).rfind(b"\n")
+                    if newline >= 0:
+                        return start + newline + 1
+                    position = start
+                return 0
             good = position = 0
             decompressor = zlib.decompressobj(31)
             pending = b""
@@ -528,31 +558,43 @@ class _Export:
                 chunk = pending or existing.read(1 << 20)
                 pending = b""
                 if not chunk:
-                    return good
+                    return good  # an incomplete last member (or none) is cut off
                 try:
                     decompressor.decompress(chunk)
                 except zlib.error:
-                    return good
+                    raise StateError(
+                        f"--export {self.path}: the gzip data after byte {good:,} is damaged;"
+                        " chatdb appends only to an intact file",
+                        hint="export to a new file",
+                    ) from None
                 position += len(chunk) - len(decompressor.unused_data)
                 if decompressor.eof:
                     good = position
                     pending = decompressor.unused_data
                     decompressor = zlib.decompressobj(31)
 
-    def write(self, lines: list[str]) -> None:
+    def encode(self, lines: list[str]) -> bytes:
         data = "".join(line + "\n" for line in lines).encode()
-        if self.compressed:
-            data = gzip.compress(data, compresslevel=6, mtime=0)
-        self.mark = self.file.tell()
-        self.file.write(data)
-        self.file.flush()
+        return gzip.compress(data, compresslevel=6, mtime=0) if self.compressed else data
+
+    def write(self, data: bytes) -> None:
+        """Append a batch's lines, after ``end``, durably."""
+        view = memoryview(data)
+        while view:
+            view = view[self.file.write(view) :]
         os.fsync(self.file.fileno())
+        self.pending = len(data)
+
+    def committed(self) -> None:
+        """The batch just written committed."""
+        self.end += self.pending
+        self.pending = 0
 
     def undo(self) -> None:
-        """The batch just written did not commit."""
-        self.file.truncate(self.mark)
-        self.file.seek(self.mark)
+        """The batch being written did not commit: cut off whatever of it reached the file."""
+        self.file.truncate(self.end)
         os.fsync(self.file.fileno())
+        self.pending = 0
 
     def close(self) -> None:
         self.file.close()
@@ -914,6 +956,7 @@ _HEARTBEAT = text(
     "   + :archive_conversations,"
     " 'archive_messages', coalesce((counts->>'archive_messages')::bigint, 0) + :archive_messages,"
     " 'exported', coalesce((counts->>'exported')::bigint, 0) + :exported)"
+    " || jsonb_strip_nulls(jsonb_build_object('export_bytes', CAST(:export_bytes AS bigint)))"
     " WHERE id = :id AND outcome = 'running'"
 )
 _CLOSE = text(
@@ -940,6 +983,7 @@ class _Runner:
         self.lock = threading.Lock()
         self.connection: Connection | None = None
         self.workers: list[_Worker] = []
+        self.cancelled = False  # the batches in flight were cancelled: no retry
 
     # The run --------------------------------------------------------------------------
 
@@ -951,6 +995,8 @@ class _Runner:
                 self.connection = connection
                 self.result.took_over = guard.acquire(connection)
                 self.guard = guard
+                if self.export is not None:
+                    self.export.repair(*self._exported_before(connection))
                 self.result.run_id = self._open_run()
                 try:
                     extra = [self.engine.connect() for _ in range(self.jobs - 1)]
@@ -960,6 +1006,7 @@ class _Runner:
                         if not self._drain(phase):
                             break
                 except BaseException as exc:
+                    self.result.complete = False
                     self._close_run("failed" if isinstance(exc, Exception) else "interrupted", exc)
                     raise
                 self._close_run(self.result.outcome, None)
@@ -1031,6 +1078,7 @@ class _Runner:
             # Stopping at once: cancel the batches in flight (they roll back).
             with self.lock:
                 state.over = True
+                self.cancelled = True
             for worker in self.workers:
                 with contextlib.suppress(Exception):
                     worker.connection.connection.dbapi_connection.cancel()
@@ -1097,7 +1145,8 @@ class _Runner:
         connection = worker.connection
         for attempt in range(1, MAX_ATTEMPTS + 1):
             started = time.monotonic()
-            written = False
+            exported = 0
+            committing = False
             limit = worker.size
             try:
                 with connection.begin():
@@ -1115,20 +1164,27 @@ class _Runner:
                     taken = phase.take(connection, limit, after)
                     if not taken.picked:
                         break
-                    exported = len(taken.ids) if phase.export and self.export is not None else 0
-                    self._heartbeat(connection, taken.tally, exported)
-                    if exported:
+                    data = None
+                    if phase.export and self.export is not None:
+                        data = self.export.encode(_export_lines(connection, taken.ids))
+                        exported = len(taken.ids)
+                    self._heartbeat(connection, taken.tally, exported, data)
+                    if data is not None:
                         assert self.export is not None
-                        self.export.write(_export_lines(connection, taken.ids))
-                        written = True
+                        self.export.write(data)
                     with self.lock:
                         self.guard.check()
+                    committing = True  # the block's end commits
                 break
             except DBAPIError as exc:
-                if written and self.export is not None:
-                    self.export.undo()
                 code = getattr(exc.orig, "sqlstate", None)
-                if code not in _RETRYABLE or attempt == MAX_ATTEMPTS:
+                if exported and self.export is not None:
+                    if committing and _outcome_unknown(code):
+                        # The batch may have committed: the next run cuts the file back
+                        # to what the database says committed.
+                        raise
+                    self.export.undo()
+                if code not in _RETRYABLE or attempt == MAX_ATTEMPTS or self.cancelled:
                     if code in _RETRYABLE:
                         raise StateError(
                             f"{phase.name}: gave up after {MAX_ATTEMPTS} attempts: {one_line(exc)}",
@@ -1140,10 +1196,15 @@ class _Runner:
                     self.result.retries += 1
                 time.sleep(min(0.1 * 2**attempt, 3.0))
             except BaseException:
-                if written and self.export is not None:
+                # Interrupted before its COMMIT, the batch rolls back; during it, it may
+                # have committed, and the next run sets the file right.
+                if exported and self.export is not None and not committing:
                     self.export.undo()
                 raise
         elapsed = time.monotonic() - started
+        if exported:
+            assert self.export is not None
+            self.export.committed()
         if phase.blocks is not None:
             self._advance(worker, after, taken, full=taken.picked == limit, elapsed=elapsed)
         if not taken.picked:
@@ -1197,6 +1258,8 @@ class _Runner:
             counts["planned"] = self.plan.counts.as_dict()
         if self.plan.deleted_cutoff is not None:
             counts["deleted_cutoff"] = self.plan.deleted_cutoff.isoformat()
+        if self.export is not None:
+            counts.update(self.export.identity, export_bytes=self.export.end)
         with connection.begin():
             return connection.execute(
                 insert(chatdb_runs)
@@ -1211,12 +1274,31 @@ class _Runner:
                 .returning(chatdb_runs.c.id)
             ).scalar_one()
 
-    def _heartbeat(self, connection: Connection, tally: Tally, exported: int) -> None:
+    def _exported_before(self, connection: Connection) -> tuple[int | None, bool]:
+        """The length of the export file that the last run exporting to it committed,
+        and whether that run ended cleanly."""
+        assert self.export is not None
+        with connection.begin():
+            row = connection.execute(
+                select(chatdb_runs.c.counts["export_bytes"].as_integer(), chatdb_runs.c.outcome)
+                .where(
+                    chatdb_runs.c.counts["export_path"].as_string() == self.export.identity["export_path"],
+                    chatdb_runs.c.counts["export_inode"].as_string() == self.export.identity["export_inode"],
+                )
+                .order_by(chatdb_runs.c.id.desc())
+                .limit(1)
+            ).first()
+        return (None, True) if row is None else (row[0], row[1] == "succeeded")
+
+    def _heartbeat(self, connection: Connection, tally: Tally, exported: int, data: bytes | None) -> None:
         """Renew the run's heartbeat and add the batch's counts, in the batch's own
-        transaction: the audit row counts exactly what was committed."""
-        renewed = connection.execute(
-            _HEARTBEAT, {**tally.as_dict(), "exported": exported, "id": self.result.run_id}
-        ).rowcount
+        transaction: the audit row counts exactly what was committed, and records how long
+        the export file is with this batch's ``data`` in it."""
+        params = {**tally.as_dict(), "exported": exported, "id": self.result.run_id, "export_bytes": None}
+        if data is not None:
+            assert self.export is not None
+            params["export_bytes"] = self.export.end + len(data)
+        renewed = connection.execute(_HEARTBEAT, params).rowcount
         if not renewed:
             raise StateError(
                 f"run {self.result.run_id} is no longer marked running in chatdb_runs; stopped",
@@ -1255,6 +1337,12 @@ class _Runner:
                     connection.execute(_CLOSE, params)
             except DBAPIError:
                 pass
+
+
+def _outcome_unknown(sqlstate: str | None) -> bool:
+    """Whether a COMMIT that raised this error may still have committed: the connection
+    broke, or the server was shutting the session down."""
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate.startswith("57P")
 
 
 def _remaining(engine: Engine, plan: Plan) -> Tally | None:
