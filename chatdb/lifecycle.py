@@ -1173,6 +1173,9 @@ class _Runner:
                         assert self.export is not None
                         self.export.write(data)
                     with self.lock:
+                        if self.cancelled:
+                            # Stopped at once after this batch's statements ran.
+                            raise StateError("stopped at once; the batch in flight rolled back")
                         self.guard.check()
                     committing = True  # the block's end commits
                 break

@@ -779,10 +779,10 @@ def test_sigkill_during_archive_loses_nothing_and_leaves_nothing_half_moved(cli,
 
 
 @contextlib.contextmanager
-def _commits_held(db):
-    """Archive batches wait at their COMMIT, after their export lines reached the file,
-    until released: a deferred trigger on conversations_archive waits for an advisory
-    lock the test holds. Yields a function that waits until a batch is held there and
+def _commits_held(db, event: str = "INSERT ON conversations_archive"):
+    """Batches wait at their COMMIT (archive batches after their export lines reached the
+    file) until released: a deferred trigger (by default on conversations_archive) waits
+    for an advisory lock the test holds. Yields a function that waits until a batch is held there and
     returns its server process id, and one that releases the lock."""
     db.execute(
         "CREATE FUNCTION held_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$"
@@ -790,7 +790,7 @@ def _commits_held(db):
         " PERFORM pg_advisory_xact_lock_shared(4343); RETURN NULL; END $$"
     )
     db.execute(
-        "CREATE CONSTRAINT TRIGGER held_at_commit AFTER INSERT ON conversations_archive"
+        f"CREATE CONSTRAINT TRIGGER held_at_commit AFTER {event}"
         " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION held_at_commit()"
     )
     holder = db.engine.connect()
@@ -924,6 +924,35 @@ def test_a_signal_stops_after_the_current_batch(migrated_db, signum, code):
         )
         > 0
     )
+
+
+def test_a_second_signal_rolls_back_the_batch_in_flight_with_several_workers(migrated_db):
+    """With two workers, the first batch waits at its COMMIT; a second SIGTERM cancels
+    it, and it is not retried: it deletes nothing, and the audit row counts what did go."""
+    db = migrated_db
+    populate(db, conversations=2000)
+    before = state(db)
+    with _commits_held(db, "DELETE ON conversations") as (held, release):
+        process = _start(db, "purge", "--older-than", "90d", "--jobs", "2", "--json")
+        held(process)
+        # Every batch of this phase deletes conversations and so waits: nothing moves.
+        at_stop = state(db)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # a retried batch would wait here for the lock again
+        release()
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    after = state(db)
+    assert after == at_stop
+    run = db.scalar("SELECT counts FROM chatdb_runs ORDER BY id DESC LIMIT 1")
+    assert run["complete"] is False
+    assert run["conversations"] == len(before["conversations"] - after["conversations"])
+    assert run["messages"] == len(before["messages"] - after["messages"])
 
 
 def test_max_runtime_stops_cleanly_and_says_what_is_left(cli, migrated_db):
