@@ -948,7 +948,7 @@ def test_a_second_signal_rolls_back_the_batch_in_flight_with_several_workers(mig
     assert process.returncode == 143, stderr
     assert "Traceback" not in stderr
     after = state(db)
-    assert after == at_stop
+    assert after == at_stop, {table: len(at_stop[table] - after[table]) for table in after}
     run = db.scalar("SELECT counts FROM chatdb_runs ORDER BY id DESC LIMIT 1")
     assert run["complete"] is False
     assert run["conversations"] == len(before["conversations"] - after["conversations"])
@@ -958,7 +958,14 @@ def test_a_second_signal_rolls_back_the_batch_in_flight_with_several_workers(mig
 def test_max_runtime_stops_cleanly_and_says_what_is_left(cli, migrated_db):
     db = migrated_db
     populate(db, conversations=1500)
-    out = run_json(cli, db, "purge", "--older-than", "90d", "--batch-size", "1", "--max-runtime", "1s")
+    # The first batches are held at their COMMIT past the deadline.
+    with _commits_held(db, "DELETE ON conversations") as (_, release):
+        timer = threading.Timer(1.5, release)
+        timer.start()
+        try:
+            out = run_json(cli, db, "purge", "--older-than=90d", "--batch-size", "1", "--max-runtime", "1s")
+        finally:
+            timer.join()
     assert out["ok"] and out["complete"] is False and out["stopped_by"] == "max-runtime"
     left = db.scalar(
         "SELECT count(*) FROM conversations WHERE updated_at < :c OR deleted_at < :d",
