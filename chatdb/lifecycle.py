@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -88,6 +89,8 @@ FIRST_BATCH_SIZE = 50
 FIRST_WINDOW_BLOCKS = 4
 MAX_WINDOW_BLOCKS = 1 << 20
 LOCK_TIMEOUT = "500ms"
+_TAIL_BYTES = 64  # the export's last bytes, hashed in the audit row, identify the file
+SETTLE_TIMEOUT = "2s"  # waiting to learn whether an interrupted COMMIT committed
 STATEMENT_TIMEOUT = "60s"
 #: Attempts of one batch before a persistent lock conflict ends the run.
 MAX_ATTEMPTS = 6
@@ -500,10 +503,11 @@ class _Export:
     """Moved conversations as JSON lines, one per conversation with its messages, in
     ``.jsonl`` or ``.jsonl.gz``. Each batch is appended (a gzip member of its own) and
     fsynced before the batch commits, and the batch's transaction records in the run's
-    audit row how long the file is with it (``export_bytes``). The file is exactly what
-    committed whenever the run ends cleanly; when it does not (a crash, SIGKILL, a lost
-    connection), the next run that exports to the same file cuts it back to the length
-    the database committed, before it appends anything (see ``repair``)."""
+    audit row how long the file is with it and a hash of its last bytes. A run that
+    does not learn whether a batch committed (interrupted during its COMMIT) waits for
+    the database to tell; when it cannot (SIGKILL, a crash, a lost connection), the next
+    run exporting to the same file cuts it back to the length the database committed,
+    before it appends anything (see ``repair``)."""
 
     def __init__(self, path: Path) -> None:
         name = path.name.lower()
@@ -517,26 +521,45 @@ class _Export:
             self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - open for the whole run
         except OSError as exc:
             raise UsageError(f"cannot write --export {path}: {exc.strerror}") from None
-        stat = os.fstat(self.file.fileno())
-        self.identity = {"export_path": str(path.resolve()), "export_inode": f"{stat.st_dev}:{stat.st_ino}"}
-        self.end = stat.st_size  # the file with every batch known to have committed
-        self.pending = 0  # bytes of the batch being written, after ``end``
+        self.identity = {"export_path": str(path.resolve())}
+        self.end = 0  # the file's length with every batch known to have committed (see repair)
+        self.tail = b""  # its last bytes, which identify it
+        self.pending = b""  # the batch being written, after ``end``
 
-    def repair(self, committed: int | None, clean: bool) -> None:
-        """Cut off what no committed batch wrote. ``committed`` is the length the last
-        run that exported to this file recorded (None: no run did), ``clean`` whether
-        that run ended cleanly. Runs under the guard: no other run appends meanwhile."""
+    def repair(self, committed: int | None, tail: str | None, clean: bool) -> None:
+        """Cut off what no committed batch wrote. ``committed`` and ``tail`` are the length
+        of this file and the hash of its last bytes that the last run exporting to this
+        path recorded (None: no run did), ``clean`` whether that run ended cleanly. Runs
+        under the guard: no other run appends meanwhile."""
         size = os.fstat(self.file.fileno()).st_size
-        if committed is not None and committed <= size and (not clean or committed == size):
+        length = None
+        # The same file as that run left it committed, and written to since only by it.
+        same = committed is not None and committed <= size and self._hash(self._read_tail(committed)) == tail
+        if same and (not clean or committed == size):
             length = committed
-        else:
-            # Written by no run this database knows of unfinished: keep every complete
-            # line, cut off only an incomplete tail.
+        if length is None:
+            # Not a file the database knows an unfinished run of: keep every complete line,
+            # cut off only an incomplete tail.
             length = self._complete_length(size)
         if length < size:
             self.file.truncate(length)
             os.fsync(self.file.fileno())
         self.end = length
+        self.tail = self._read_tail(length)
+
+    def _read_tail(self, length: int) -> bytes:
+        with open(self.path, "rb") as existing:
+            existing.seek(max(0, length - _TAIL_BYTES))
+            return existing.read(length - max(0, length - _TAIL_BYTES))
+
+    @staticmethod
+    def _hash(tail: bytes) -> str:
+        return hashlib.sha256(tail).hexdigest()
+
+    def recorded(self, data: bytes) -> dict[str, Any]:
+        """What the audit row records of the file once ``data`` is appended."""
+        tail = (self.tail + data)[-_TAIL_BYTES:]
+        return {"export_bytes": self.end + len(data), "export_tail": self._hash(tail)}
 
     def _complete_length(self, size: int) -> int:
         with open(self.path, "rb") as existing:
@@ -579,22 +602,31 @@ class _Export:
 
     def write(self, data: bytes) -> None:
         """Append a batch's lines, after ``end``, durably."""
+        self.pending = data
         view = memoryview(data)
         while view:
             view = view[self.file.write(view) :]
         os.fsync(self.file.fileno())
-        self.pending = len(data)
 
     def committed(self) -> None:
         """The batch just written committed."""
-        self.end += self.pending
-        self.pending = 0
+        self.end += len(self.pending)
+        self.tail = (self.tail + self.pending)[-_TAIL_BYTES:]
+        self.pending = b""
 
     def undo(self) -> None:
         """The batch being written did not commit: cut off whatever of it reached the file."""
         self.file.truncate(self.end)
         os.fsync(self.file.fileno())
-        self.pending = 0
+        self.pending = b""
+
+    def settle(self, committed: int | None) -> None:
+        """The database says the file is ``committed`` bytes long with the batches that
+        committed: keep the batch being written, or cut it off."""
+        if committed == self.end + len(self.pending):
+            self.committed()
+        elif committed == self.end:
+            self.undo()
 
     def close(self) -> None:
         self.file.close()
@@ -956,7 +988,8 @@ _HEARTBEAT = text(
     "   + :archive_conversations,"
     " 'archive_messages', coalesce((counts->>'archive_messages')::bigint, 0) + :archive_messages,"
     " 'exported', coalesce((counts->>'exported')::bigint, 0) + :exported)"
-    " || jsonb_strip_nulls(jsonb_build_object('export_bytes', CAST(:export_bytes AS bigint)))"
+    " || jsonb_strip_nulls(jsonb_build_object("
+    "  'export_bytes', CAST(:export_bytes AS bigint), 'export_tail', CAST(:export_tail AS text)))"
     " WHERE id = :id AND outcome = 'running'"
 )
 _CLOSE = text(
@@ -1064,16 +1097,22 @@ class _Runner:
         if len(self.workers) == 1:
             self._work(self.workers[0], phase, state)
             return state.rows
-        threads = [
-            threading.Thread(target=self._work, args=(worker, phase, state), daemon=True)
-            for worker in self.workers
-        ]
-        for thread in threads:
-            thread.start()
+        # Each worker says when it is done. Not Thread.join: on Python 3.11 a join that
+        # a signal interrupts leaves the thread marked stopped while it still runs.
+        finished = [threading.Event() for _ in self.workers]
+
+        def work(worker: _Worker, done: threading.Event) -> None:
+            try:
+                self._work(worker, phase, state)
+            finally:
+                done.set()
+
+        for worker, done in zip(self.workers, finished, strict=True):
+            threading.Thread(target=work, args=(worker, done), daemon=True).start()
         try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.1)  # wakes up for signals
+            for done in finished:
+                while not done.wait(0.1):  # wakes up for signals
+                    pass
         except BaseException:
             # Stopping at once: cancel the batches in flight (they roll back).
             with self.lock:
@@ -1082,8 +1121,8 @@ class _Runner:
             for worker in self.workers:
                 with contextlib.suppress(Exception):
                     worker.connection.connection.dbapi_connection.cancel()
-            for thread in threads:
-                thread.join()
+            for done in finished:
+                done.wait()
             raise
         if state.failure is not None:
             raise state.failure
@@ -1146,7 +1185,7 @@ class _Runner:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             started = time.monotonic()
             exported = 0
-            committing = False
+            writing = committing = False
             limit = worker.size
             try:
                 with connection.begin():
@@ -1171,6 +1210,7 @@ class _Runner:
                     self._heartbeat(connection, taken.tally, exported, data)
                     if data is not None:
                         assert self.export is not None
+                        writing = True
                         self.export.write(data)
                     with self.lock:
                         if self.cancelled:
@@ -1181,13 +1221,15 @@ class _Runner:
                 break
             except DBAPIError as exc:
                 code = getattr(exc.orig, "sqlstate", None)
-                if exported and self.export is not None:
+                if writing:
+                    assert self.export is not None
                     if committing and _outcome_unknown(code):
-                        # The batch may have committed: the next run cuts the file back
-                        # to what the database says committed.
+                        self._settle_export()  # the batch may have committed
                         raise
                     self.export.undo()
-                if code not in _RETRYABLE or attempt == MAX_ATTEMPTS or self.cancelled:
+                if self.cancelled:
+                    raise
+                if code not in _RETRYABLE or attempt == MAX_ATTEMPTS:
                     if code in _RETRYABLE:
                         raise StateError(
                             f"{phase.name}: gave up after {MAX_ATTEMPTS} attempts: {one_line(exc)}",
@@ -1199,10 +1241,12 @@ class _Runner:
                     self.result.retries += 1
                 time.sleep(min(0.1 * 2**attempt, 3.0))
             except BaseException:
-                # Interrupted before its COMMIT, the batch rolls back; during it, it may
-                # have committed, and the next run sets the file right.
-                if exported and self.export is not None and not committing:
-                    self.export.undo()
+                if writing:
+                    assert self.export is not None
+                    if committing:
+                        self._settle_export()  # interrupted during its COMMIT
+                    else:
+                        self.export.undo()  # interrupted before it: rolled back
                 raise
         elapsed = time.monotonic() - started
         if exported:
@@ -1262,7 +1306,7 @@ class _Runner:
         if self.plan.deleted_cutoff is not None:
             counts["deleted_cutoff"] = self.plan.deleted_cutoff.isoformat()
         if self.export is not None:
-            counts.update(self.export.identity, export_bytes=self.export.end)
+            counts.update(self.export.identity, **self.export.recorded(b""))
         with connection.begin():
             return connection.execute(
                 insert(chatdb_runs)
@@ -1277,30 +1321,51 @@ class _Runner:
                 .returning(chatdb_runs.c.id)
             ).scalar_one()
 
-    def _exported_before(self, connection: Connection) -> tuple[int | None, bool]:
-        """The length of the export file that the last run exporting to it committed,
-        and whether that run ended cleanly."""
+    def _settle_export(self) -> None:
+        """After a COMMIT whose outcome this process did not learn: wait (briefly) for the
+        batch's transaction to end, by locking the run's row that the batch updated, and
+        cut the export back to the length the database committed. If that cannot be
+        read, the file is left as it is, and the next run exporting to it sets it right."""
         assert self.export is not None
+        try:
+            with self.engine.connect() as connection, connection.begin():
+                connection.execute(text("SELECT set_config('lock_timeout', :t, true)"), {"t": SETTLE_TIMEOUT})
+                committed = connection.execute(
+                    select(chatdb_runs.c.counts["export_bytes"].as_integer())
+                    .where(chatdb_runs.c.id == self.result.run_id)
+                    .with_for_update(read=True)
+                ).scalar_one()
+        except DBAPIError:
+            return
+        self.export.settle(committed)
+
+    def _exported_before(self, connection: Connection) -> tuple[int | None, str | None, bool]:
+        """What the last run exporting to the same path recorded of the file it committed
+        (its length and the hash of its last bytes), and whether that run ended cleanly."""
+        assert self.export is not None
+        counts = chatdb_runs.c.counts
         with connection.begin():
             row = connection.execute(
-                select(chatdb_runs.c.counts["export_bytes"].as_integer(), chatdb_runs.c.outcome)
-                .where(
-                    chatdb_runs.c.counts["export_path"].as_string() == self.export.identity["export_path"],
-                    chatdb_runs.c.counts["export_inode"].as_string() == self.export.identity["export_inode"],
+                select(
+                    counts["export_bytes"].as_integer(),
+                    counts["export_tail"].as_string(),
+                    chatdb_runs.c.outcome,
                 )
+                .where(counts["export_path"].as_string() == self.export.identity["export_path"])
                 .order_by(chatdb_runs.c.id.desc())
                 .limit(1)
             ).first()
-        return (None, True) if row is None else (row[0], row[1] == "succeeded")
+        return (None, None, True) if row is None else (row[0], row[1], row[2] == "succeeded")
 
     def _heartbeat(self, connection: Connection, tally: Tally, exported: int, data: bytes | None) -> None:
         """Renew the run's heartbeat and add the batch's counts, in the batch's own
         transaction: the audit row counts exactly what was committed, and records how long
         the export file is with this batch's ``data`` in it."""
-        params = {**tally.as_dict(), "exported": exported, "id": self.result.run_id, "export_bytes": None}
+        params = {**tally.as_dict(), "exported": exported, "id": self.result.run_id}
+        params |= {"export_bytes": None, "export_tail": None}
         if data is not None:
             assert self.export is not None
-            params["export_bytes"] = self.export.end + len(data)
+            params |= self.export.recorded(data)
         renewed = connection.execute(_HEARTBEAT, params).rowcount
         if not renewed:
             raise StateError(

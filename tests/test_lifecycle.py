@@ -822,19 +822,27 @@ def _exported(path) -> list[uuid.UUID]:
     return [uuid.UUID(json.loads(line)["conversation"]["id"]) for line in raw.decode().splitlines()]
 
 
-def test_an_export_batch_that_never_committed_is_cut_off_by_the_next_run(cli, migrated_db, tmp_path):
+_EARLIER = b'{"conversation": {"id": "00000000-0000-0000-0000-000000000000"}, "messages": []}\n'
+_OTHER = _EARLIER.replace(b"00000000-0000", b"11111111-1111")
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["same file", "file replaced"])
+def test_an_export_batch_that_never_committed_is_cut_off_by_the_next_run(
+    cli, migrated_db, tmp_path, replaced
+):
     """SIGKILL after a batch's lines reached the file and before its COMMIT took effect
     (the server ends the session, as a crash would): the next run cuts those lines off
     before appending, so a conversation the application wrote to in between is neither
-    archived nor in the export."""
+    archived nor in the export. A different file put in its place is cut back never."""
     db = migrated_db
     populate(db)
     archived_earlier = ids(db, "SELECT id FROM conversations_archive")
     export = tmp_path / "a.jsonl"
+    export.write_bytes(_EARLIER)
     with _commits_held(db) as (held, release):
         process = _start(db, "archive", "--older-than", "60d", "--batch-size", "2", "--export", str(export))
         backend = held(process)
-        in_file = _exported(export)
+        in_file = _exported(export)[1:]
         assert len(in_file) == 2  # the first batch, fsynced before its COMMIT
         process.kill()
         process.wait()
@@ -849,21 +857,31 @@ def test_an_export_batch_that_never_committed_is_cut_off_by_the_next_run(cli, mi
     owner = db.scalar("SELECT user_id FROM conversations WHERE id = :i", i=written_to)
     with db.engine.connect() as connection:
         patterns.add_message(connection, written_to, owner, "user", "back again")
+    if replaced:
+        export.write_bytes(_OTHER * 4)
 
     out = run_json(cli, db, "archive", "--older-than", "60d", "--export", str(export))
     moved = ids(db, "SELECT id FROM conversations_archive") - archived_earlier
-    exported = _exported(export)
+    kept = export.read_bytes().splitlines(keepends=True)[: 4 if replaced else 1]
+    assert b"".join(kept) == (_OTHER * 4 if replaced else _EARLIER)
+    exported = _exported(export)[len(kept) :]
     assert sorted(exported) == sorted(moved)  # each moved conversation once, nothing else
     assert out["exported"] == len(moved)
     assert written_to not in moved
     assert ids(db, "SELECT id FROM conversations WHERE id = :i", i=written_to) == {written_to}
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
-def test_an_export_batch_that_commits_after_a_hard_stop_keeps_its_lines(migrated_db, tmp_path, suffix):
-    """A second run, refused while an archive runs, leaves its export file as it is;
-    and a second SIGTERM that arrives while a batch's COMMIT is in flight stops the run,
-    but the batch commits, and its lines stay in the export."""
+@pytest.mark.parametrize(
+    "suffix, signum, code",
+    [(".jsonl", signal.SIGTERM, 143), (".jsonl.gz", signal.SIGTERM, 143), (".jsonl", signal.SIGINT, 130)],
+)
+def test_an_export_batch_stopped_during_its_commit_keeps_its_lines_exactly_if_it_committed(
+    migrated_db, tmp_path, suffix, signum, code
+):
+    """A second run, refused while an archive runs, leaves its export file as it is.
+    A second SIGTERM while a batch's COMMIT is in flight stops the run, but the batch
+    commits, and its lines stay in the export; a second Ctrl-C cancels the COMMIT, and
+    its lines go. Either way the run waits to learn which, and leaves the file exact."""
     db = migrated_db
     populate(db)
     archived_earlier = ids(db, "SELECT id FROM conversations_archive")
@@ -883,20 +901,21 @@ def test_an_export_batch_that_commits_after_a_hard_stop_keeps_its_lines(migrated
         assert export.read_bytes() == before
         export.write_bytes(before[: -len(b'{"conversation": {"id": ')])
 
-        process.send_signal(signal.SIGTERM)  # stop after this batch
+        process.send_signal(signum)  # stop after this batch
         time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)  # stop now, during the COMMIT
+        process.send_signal(signum)  # stop now, during the COMMIT
         time.sleep(0.5)
-        assert process.poll() is None  # still waiting for the COMMIT's answer
+        if signum == signal.SIGTERM:
+            assert process.poll() is None  # still waiting to learn how the COMMIT ended
         release()
         _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143, stderr
+    assert process.returncode == code, stderr
     assert "Traceback" not in stderr
     moved = ids(db, "SELECT id FROM conversations_archive") - archived_earlier
-    assert len(moved) == 2
+    assert len(moved) == (2 if signum == signal.SIGTERM else 0)
     assert sorted(_exported(export)) == sorted(moved)
     counts = db.scalar("SELECT counts FROM chatdb_runs ORDER BY id DESC LIMIT 1")
-    assert counts["exported"] == 2 and counts["export_bytes"] == export.stat().st_size
+    assert counts["exported"] == len(moved) and counts["export_bytes"] == export.stat().st_size
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
