@@ -20,6 +20,7 @@ from sqlalchemy import text
 
 from chatdb import db as db_module
 from chatdb import lifecycle, patterns
+from chatdb.errors import StateError
 
 # --- a database state with every case on both sides of the cutoffs ---------------------------
 
@@ -869,6 +870,41 @@ def test_an_export_batch_that_never_committed_is_cut_off_by_the_next_run(
     assert out["exported"] == len(moved)
     assert written_to not in moved
     assert ids(db, "SELECT id FROM conversations WHERE id = :i", i=written_to) == {written_to}
+
+
+def test_a_batch_that_fails_before_writing_its_lines_leaves_the_export_alone(
+    migrated_db, tmp_path, monkeypatch
+):
+    """A batch whose audit update fails (here: its run was taken over, and the new run
+    appended meanwhile) rolls back without touching the file: it wrote nothing to undo."""
+    db = migrated_db
+    populate(db)
+    archived_earlier = ids(db, "SELECT id FROM conversations_archive")
+    export = tmp_path / "a.jsonl"
+    heartbeat = lifecycle._Runner._heartbeat
+    calls = []
+
+    def taken_over(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            with export.open("ab") as file:
+                file.write(_OTHER)
+            raise StateError("run is no longer marked running")
+        return heartbeat(self, *args)
+
+    monkeypatch.setattr(lifecycle._Runner, "_heartbeat", taken_over)
+    engine = engine_for(db)
+    try:
+        plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
+        with pytest.raises(StateError):
+            lifecycle.archive(engine, plan, lifecycle.RunOptions(batch_size=2, jobs=1), export)
+    finally:
+        engine.dispose()
+    lines = export.read_bytes().splitlines(keepends=True)
+    assert lines[-1] == _OTHER
+    moved = ids(db, "SELECT id FROM conversations_archive") - archived_earlier
+    assert len(moved) == 2  # the first batch
+    assert sorted(_exported(export)[:-1]) == sorted(moved)
 
 
 @pytest.mark.parametrize(
