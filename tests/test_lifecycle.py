@@ -1062,6 +1062,11 @@ def test_every_run_leaves_an_audit_row_that_status_shows(cli, migrated_db):
     assert status["runs"][0]["id"] == out["run_id"] and status["runs"][0]["outcome"] == "succeeded"
     human = cli("status", "--database-url", db.cli_url)
     assert "purge" in human.stdout and "succeeded" in human.stdout
+    run_line = next(line for line in human.stdout.splitlines() if "succeeded" in line)
+    done = out["done"]
+    conversations = done["conversations"] + done["archive_conversations"]
+    messages = done["messages"] + done["archive_messages"]
+    assert [cell.strip() for cell in run_line.split("│")][-2:] == [f"{conversations:,}", f"{messages:,}"]
 
 
 def test_a_failed_run_is_recorded_as_failed(cli, migrated_db, tmp_path):

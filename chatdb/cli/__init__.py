@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated
 
 import typer
@@ -147,15 +148,16 @@ def status(
         out.print(
             table(
                 "Latest runs",
-                ["id", "command", "outcome", "started", "finished", "user"],
+                # Who ran it, when it ended and the full counts: `chatdb status --json`.
+                ["id", "command", "outcome", "started (UTC)", ">conversations", ">messages"],
                 (
                     (
                         r.id,
                         r.command,
                         r.outcome,
-                        f"{r.started_at:%Y-%m-%d %H:%M:%S%z}",
-                        f"{r.finished_at:%Y-%m-%d %H:%M:%S%z}" if r.finished_at else "",
-                        r.db_user,
+                        f"{r.started_at.astimezone(dt.UTC):%Y-%m-%d %H:%M}",
+                        f"{_done(r.counts, 'conversations'):,}",
+                        f"{_done(r.counts, 'messages'):,}",
                     )
                     for r in report.runs
                 ),
@@ -163,6 +165,11 @@ def status(
         )
     elif migration.current is not None:
         out.print("No archive or purge runs yet.")
+
+
+def _done(counts: dict, rows: str) -> int:
+    """Rows a run moved or deleted, hot and archived together."""
+    return int(counts.get(rows) or 0) + int(counts.get(f"archive_{rows}") or 0)
 
 
 @embedded_app.command("stop")
