@@ -35,6 +35,7 @@ class RunSummary:
     cutoff: dt.datetime | None
     db_user: str
     counts: dict
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def gather(engine: Engine) -> StatusReport:
                         cutoff=row["cutoff"],
                         db_user=row["db_user"],
                         counts=dict(row["counts"] or {}),
+                        error=row["error"],
                     )
                 )
     return StatusReport(version, database, user, migration, tables, runs)

@@ -1089,6 +1089,9 @@ def test_a_failed_run_is_recorded_as_failed(cli, migrated_db, tmp_path):
     assert json.loads(result.stdout)["ok"] is False
     assert db.scalar("SELECT outcome FROM chatdb_runs ORDER BY id DESC LIMIT 1") == "failed"
     assert "conversations_archive_pkey" in db.scalar("SELECT error FROM chatdb_runs ORDER BY id DESC LIMIT 1")
+    status = json.loads(cli("status", "--json", "--database-url", db.cli_url).stdout)
+    assert status["runs"][0]["outcome"] == "failed"
+    assert "conversations_archive_pkey" in status["runs"][0]["error"]
     assert db.scalar("SELECT counts->'complete' FROM chatdb_runs ORDER BY id DESC LIMIT 1") is False
     assert db.scalar("SELECT count(*) FROM conversations WHERE id = :i", i=dup) == 1
     # The export holds the batches that committed before the failure, not the failed one.
