@@ -45,6 +45,7 @@ from typing import Any
 
 from sqlalchemy import (
     ARRAY,
+    BigInteger,
     Connection,
     Engine,
     Select,
@@ -52,6 +53,7 @@ from sqlalchemy import (
     TextClause,
     any_,
     bindparam,
+    cast,
     delete,
     exists,
     func,
@@ -534,7 +536,8 @@ class _Export:
         size = os.fstat(self.file.fileno()).st_size
         length = None
         # The same file as that run left it committed, and written to since only by it.
-        same = committed is not None and committed <= size and self._hash(self._read_tail(committed)) == tail
+        # An empty file has no last bytes to tell it by: it is never cut back to empty.
+        same = bool(committed) and committed <= size and self._hash(self._read_tail(committed)) == tail
         if same and (not clean or committed == size):
             length = committed
         if length is None:
@@ -980,6 +983,7 @@ class _Worker:
     window: tuple[str, int] | None = None  # (after ctid, end block) of its claimed window
 
 
+_EXPORT_BYTES = cast(chatdb_runs.c.counts["export_bytes"].as_string(), BigInteger)
 _HEARTBEAT = text(
     "UPDATE chatdb_runs SET heartbeat_at = now(), counts = counts || jsonb_build_object("
     " 'conversations', coalesce((counts->>'conversations')::bigint, 0) + :conversations,"
@@ -1107,10 +1111,12 @@ class _Runner:
             finally:
                 done.set()
 
-        for worker, done in zip(self.workers, finished, strict=True):
-            threading.Thread(target=work, args=(worker, done), daemon=True).start()
+        started: list[threading.Event] = []
         try:
-            for done in finished:
+            for worker, done in zip(self.workers, finished, strict=True):
+                threading.Thread(target=work, args=(worker, done), daemon=True).start()
+                started.append(done)
+            for done in started:
                 while not done.wait(0.1):  # wakes up for signals
                     pass
         except BaseException:
@@ -1121,8 +1127,15 @@ class _Runner:
             for worker in self.workers:
                 with contextlib.suppress(Exception):
                     worker.connection.connection.dbapi_connection.cancel()
-            for done in finished:
-                done.wait()
+            # The run closes only when no worker uses its connections any more: the
+            # cancelled batches end at once, and a further signal does not cut this short.
+            for done in started:
+                while True:
+                    try:
+                        done.wait()
+                        break
+                    except BaseException:  # a further signal while the workers end
+                        continue
             raise
         if state.failure is not None:
             raise state.failure
@@ -1226,7 +1239,8 @@ class _Runner:
                     if committing and _outcome_unknown(code):
                         self._settle_export()  # the batch may have committed
                         raise
-                    self.export.undo()
+                    if self._guard_held():
+                        self.export.undo()
                 if self.cancelled:
                     raise
                 if code not in _RETRYABLE or attempt == MAX_ATTEMPTS:
@@ -1245,7 +1259,7 @@ class _Runner:
                     assert self.export is not None
                     if committing:
                         self._settle_export()  # interrupted during its COMMIT
-                    else:
+                    elif self._guard_held():
                         self.export.undo()  # interrupted before it: rolled back
                 raise
         elapsed = time.monotonic() - started
@@ -1331,13 +1345,24 @@ class _Runner:
             with self.engine.connect() as connection, connection.begin():
                 connection.execute(text("SELECT set_config('lock_timeout', :t, true)"), {"t": SETTLE_TIMEOUT})
                 committed = connection.execute(
-                    select(chatdb_runs.c.counts["export_bytes"].as_integer())
+                    select(_EXPORT_BYTES)
                     .where(chatdb_runs.c.id == self.result.run_id)
                     .with_for_update(read=True)
                 ).scalar_one()
         except DBAPIError:
             return
-        self.export.settle(committed)
+        if self._guard_held():
+            self.export.settle(committed)
+
+    def _guard_held(self) -> bool:
+        """Whether this run still holds the guard, so that no other run appends to the
+        export: the file is cut back only then (otherwise the next run sets it right)."""
+        with self.lock:
+            try:
+                self.guard.check()
+            except StateError:
+                return False
+        return True
 
     def _exported_before(self, connection: Connection) -> tuple[int | None, str | None, bool]:
         """What the last run exporting to the same path recorded of the file it committed
@@ -1347,7 +1372,7 @@ class _Runner:
         with connection.begin():
             row = connection.execute(
                 select(
-                    counts["export_bytes"].as_integer(),
+                    _EXPORT_BYTES,
                     counts["export_tail"].as_string(),
                     chatdb_runs.c.outcome,
                 )

@@ -872,6 +872,27 @@ def test_an_export_batch_that_never_committed_is_cut_off_by_the_next_run(
     assert ids(db, "SELECT id FROM conversations WHERE id = :i", i=written_to) == {written_to}
 
 
+@pytest.mark.parametrize("recorded", [0, 3_000_000_000], ids=["empty then", "past 2 GiB"])
+def test_an_export_is_cut_back_only_to_a_length_that_describes_it(cli, migrated_db, tmp_path, recorded):
+    """An unfinished earlier run recorded the file as empty (which identifies no file),
+    or longer than it is now: the file's complete lines are all kept."""
+    db = migrated_db
+    populate(db)
+    export = tmp_path / "a.jsonl"
+    export.write_bytes(_OTHER * 3)
+    db.execute(
+        "INSERT INTO chatdb_runs (command, outcome, finished_at, counts)"
+        " VALUES ('archive', 'interrupted', now(), jsonb_build_object("
+        "  'export_path', CAST(:path AS text), 'export_bytes', CAST(:n AS bigint),"
+        "  'export_tail', encode(sha256(''), 'hex')))",
+        path=str(export.resolve()),
+        n=recorded,
+    )
+    out = run_json(cli, db, "archive", "--older-than", "60d", "--export", str(export))
+    assert export.read_bytes().startswith(_OTHER * 3)
+    assert len(_exported(export)) == 3 + out["exported"]
+
+
 def test_a_batch_that_fails_before_writing_its_lines_leaves_the_export_alone(
     migrated_db, tmp_path, monkeypatch
 ):
