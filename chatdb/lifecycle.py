@@ -1417,17 +1417,25 @@ class _Runner:
             "extra": json.dumps(extra),
             "id": self.result.run_id,
         }
+
+        def close(connection: Connection) -> None:
+            # A batch stuck in its COMMIT holds the row: rather than wait for it for ever,
+            # the run is left `running`, and the next run marks it interrupted.
+            connection.execute(text("SELECT set_config('lock_timeout', :t, true)"), {"t": SETTLE_TIMEOUT})
+            connection.execute(_CLOSE, params)
+
         try:
             assert self.connection is not None
             if self.connection.in_transaction():
                 self.connection.rollback()
             with self.connection.begin():
-                self.connection.execute(_CLOSE, params)
+                close(self.connection)
         except DBAPIError:
-            # The run's connection is gone; the next run marks this one interrupted.
+            # The run's connection is gone (or the row stayed locked): try once more on
+            # a connection of its own; failing that, the next run marks this one.
             try:
                 with self.engine.begin() as connection:
-                    connection.execute(_CLOSE, params)
+                    close(connection)
             except DBAPIError:
                 pass
 

@@ -1031,6 +1031,27 @@ def test_a_second_signal_rolls_back_the_batch_in_flight_with_several_workers(mig
     assert run["messages"] == len(before["messages"] - after["messages"])
 
 
+def test_a_hard_stop_during_a_commit_that_never_ends_still_exits(migrated_db):
+    """A second SIGTERM while the batch's COMMIT cannot finish: the run exits anyway,
+    within seconds, and the next run marks it interrupted and finishes the job."""
+    db = migrated_db
+    populate(db)
+    with _commits_held(db, "DELETE ON conversations") as (held, release):
+        process = _start(db, "purge", "--older-than", "90d", "--jobs", "1")
+        held(process)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)  # while the COMMIT still waits
+        assert process.returncode == 143, stderr
+        release()
+    again = _start(db, "purge", "--older-than", "90d", "--json")
+    stdout, stderr = again.communicate(timeout=60)
+    assert again.returncode == 0, stderr
+    assert len(json.loads(stdout)["took_over"]) == 1
+    assert db.scalar("SELECT count(*) FROM conversations WHERE updated_at < now() - interval '90 days'") == 0
+
+
 def test_max_runtime_stops_cleanly_and_says_what_is_left(cli, migrated_db):
     db = migrated_db
     populate(db, conversations=1500)
