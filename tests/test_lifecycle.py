@@ -818,6 +818,18 @@ def _commits_held(db, event: str = "INSERT ON conversations_archive"):
         holder.close()
 
 
+def _stop_now(process, signum: int = signal.SIGTERM) -> None:
+    """Ask twice, the second time once the first was handled: two signals pending at once
+    count as one."""
+    process.send_signal(signum)
+    for line in process.stderr:
+        if "again to stop now" in line:
+            break
+    else:
+        raise AssertionError("the first signal was not acknowledged")
+    process.send_signal(signum)
+
+
 def _exported(path) -> list[uuid.UUID]:
     raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
     return [uuid.UUID(json.loads(line)["conversation"]["id"]) for line in raw.decode().splitlines()]
@@ -958,9 +970,7 @@ def test_an_export_batch_stopped_during_its_commit_keeps_its_lines_exactly_if_it
         assert export.read_bytes() == before
         export.write_bytes(before[: -len(b'{"conversation": {"id": ')])
 
-        process.send_signal(signum)  # stop after this batch
-        time.sleep(0.2)
-        process.send_signal(signum)  # stop now, during the COMMIT
+        _stop_now(process, signum)  # during the COMMIT
         time.sleep(0.5)
         if signum == signal.SIGTERM:
             assert process.poll() is None  # still waiting to learn how the COMMIT ended
@@ -1013,9 +1023,7 @@ def test_a_second_signal_rolls_back_the_batch_in_flight_with_several_workers(mig
         held(process)
         # Every batch of this phase deletes conversations and so waits: nothing moves.
         at_stop = state(db)
-        process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
+        _stop_now(process)
         deadline = time.monotonic() + 10
         while process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # a retried batch would wait here for the lock again
@@ -1039,9 +1047,7 @@ def test_a_hard_stop_during_a_commit_that_never_ends_still_exits(migrated_db):
     with _commits_held(db, "DELETE ON conversations") as (held, release):
         process = _start(db, "purge", "--older-than", "90d", "--jobs", "1")
         held(process)
-        process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
+        _stop_now(process)
         _, stderr = process.communicate(timeout=30)  # while the COMMIT still waits
         assert process.returncode == 143, stderr
         release()

@@ -72,7 +72,7 @@ _STOP_EXIT = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}
 @contextmanager
 def _stop_requests() -> Iterator[Callable[[], str | None]]:
     """Ctrl-C and SIGTERM ask the run to stop after the batch in flight; a second one
-    stops at once (the batch's transaction rolls back)."""
+    stops at once (the batch in flight rolls back, unless its COMMIT was on its way)."""
     requested: list[str] = []
 
     def handle(signum: int, frame: object) -> None:
