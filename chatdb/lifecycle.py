@@ -1127,15 +1127,11 @@ class _Runner:
             for worker in self.workers:
                 with contextlib.suppress(Exception):
                     worker.connection.connection.dbapi_connection.cancel()
-            # The run closes only when no worker uses its connections any more: the
-            # cancelled batches end at once, and a further signal does not cut this short.
+            # The run closes once no worker uses its connections any more: the cancelled
+            # batches end at once. (A third signal cuts this short: the process exits,
+            # and a batch still in flight can no longer renew the closed run's row.)
             for done in started:
-                while True:
-                    try:
-                        done.wait()
-                        break
-                    except BaseException:  # a further signal while the workers end
-                        continue
+                done.wait()
             raise
         if state.failure is not None:
             raise state.failure
