@@ -1129,7 +1129,7 @@ class _Runner:
                     worker.connection.connection.dbapi_connection.cancel()
             # The run closes once no worker uses its connections any more: the cancelled
             # batches end at once. (A third signal cuts this short: the process exits,
-            # and a batch still in flight can no longer renew the closed run's row.)
+            # and a batch not yet committing rolls back with its connection.)
             for done in started:
                 done.wait()
             raise
