@@ -37,6 +37,11 @@ class RunSummary:
     counts: dict
     error: str | None = None
 
+    def done(self, rows: str) -> int:
+        """The ``conversations`` or ``messages`` the run moved or deleted, hot and archived
+        together."""
+        return int(self.counts.get(rows) or 0) + int(self.counts.get(f"archive_{rows}") or 0)
+
 
 @dataclass(frozen=True)
 class StatusReport:

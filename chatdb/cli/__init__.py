@@ -156,8 +156,8 @@ def status(
                         r.command,
                         r.outcome,
                         f"{r.started_at.astimezone(dt.UTC):%Y-%m-%d %H:%M}",
-                        f"{_done(r.counts, 'conversations'):,}",
-                        f"{_done(r.counts, 'messages'):,}",
+                        f"{r.done('conversations'):,}",
+                        f"{r.done('messages'):,}",
                     )
                     for r in report.runs
                 ),
@@ -165,11 +165,6 @@ def status(
         )
     elif migration.current is not None:
         out.print("No archive or purge runs yet.")
-
-
-def _done(counts: dict, rows: str) -> int:
-    """Rows a run moved or deleted, hot and archived together."""
-    return int(counts.get(rows) or 0) + int(counts.get(f"archive_{rows}") or 0)
 
 
 @embedded_app.command("stop")
