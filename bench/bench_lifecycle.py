@@ -15,8 +15,9 @@ TEMPLATE) measures, end to end with Python start included:
   conversation-history query back to back, whose p95 is reported for each and with
   nothing else running;
 - `chatdb archive --older-than Nd`: messages moved/s and the ratio to the baseline, next
-  to one plain INSERT ... SELECT archive and to the least any archive can cost (the same
-  messages written to a table with no index or foreign key, plus deleting them);
+  to one plain INSERT ... SELECT archive and to the least any archive can cost with as
+  many sessions at once as chatdb's (the same messages written to a table with no index,
+  constraint or foreign key, and deleted with their conversations);
 - peak RSS of the purge and archive processes here and on a database of a tenth the
   size: memory stays flat.
 
@@ -165,13 +166,23 @@ def main() -> None:
         drop(f"{template}_{label}")
         return elapsed, rss, json.loads(stdout), watcher
 
-    def plain_sql(template: str, label: str, statements: list[str], reader: bool = False):
-        """Statements in one transaction, from a fresh Python process like the other
-        contenders: (wall seconds, seconds inside the database, messages gone from the
-        hot table, the concurrent reader if any)."""
+    def plain_sql(
+        template: str,
+        label: str,
+        sessions: list[list[str]],
+        reader: bool = False,
+        setup: tuple[str, ...] = (),
+    ):
+        """Each session's statements in one transaction, the sessions at once, each from a
+        fresh Python process like the other contenders, after the ``setup`` statements:
+        (wall seconds, seconds inside the database (the slowest session's), messages gone
+        from the hot table, the concurrent reader if any)."""
         target = database(f"{template}_{label}", template)
         engine = create_engine(db.parse_url(target))
         with engine.connect() as connection:
+            for statement in setup:
+                connection.execute(text(statement))
+            connection.commit()
             before = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
         watcher = None
         if reader:
@@ -182,28 +193,30 @@ def main() -> None:
             "e = create_engine(sys.argv[1]); c = e.connect(); t = time.perf_counter(); "
             "[c.execute(text(s)) for s in sys.argv[2:]]; c.commit(); print(time.perf_counter() - t)"
         )
+        address = db.parse_url(target).render_as_string(hide_password=False)
         started = time.perf_counter()
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                code,
-                db.parse_url(target).render_as_string(hide_password=False),
-                *statements,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, address, *statements],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for statements in sessions
+        ]
+        outputs = [process.communicate() for process in processes]
         elapsed = time.perf_counter() - started
         if watcher is not None:
             watcher.stop.set()
             watcher.join()
+        for process, (_, err) in zip(processes, outputs, strict=True):
+            if process.returncode != 0:
+                raise SystemExit(f"plain SQL ({label}) failed: {err}")
         with engine.connect() as connection:
             after = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
         engine.dispose()
         drop(f"{template}_{label}")
-        return elapsed, float(done.stdout.strip()), before - after, watcher
+        return elapsed, max(float(out) for out, _ in outputs), before - after, watcher
 
     def columns(table: str) -> str:
         return ", ".join(column.name for column in getattr(schema, table).c)
@@ -234,33 +247,45 @@ def main() -> None:
         days = int(args.older_than.rstrip("d"))
         idle = f"updated_at < now() - interval '{days} days'"
         delete_s, delete_db_s, delete_messages, delete_reader = plain_sql(
-            big, "delete", [f"DELETE FROM conversations WHERE {idle}"], reader=True
+            big, "delete", [[f"DELETE FROM conversations WHERE {idle}"]], reader=True
         )
         moving = f"SELECT id FROM conversations WHERE {idle} AND deleted_at IS NULL"
         naive_archive_s, naive_archive_db_s, naive_archived, _ = plain_sql(
             big,
             "insert_select",
             [
-                f"INSERT INTO conversations_archive ({columns('conversations')})"
-                f" SELECT {columns('conversations')} FROM conversations WHERE id IN ({moving})",
-                f"INSERT INTO messages_archive ({columns('messages')}) SELECT {columns('messages')}"
-                f" FROM messages WHERE conversation_id IN ({moving})",
-                f"DELETE FROM conversations WHERE id IN ({moving})",
-            ],
-        )
-        # The least any archive can cost: the same rows written to a table with no index,
-        # no constraint and no foreign key, and deleted as the plain DELETE deletes them.
-        _, bare_db_s, _, _ = plain_sql(
-            big,
-            "bare_insert",
-            [
-                "CREATE TABLE bare_messages (LIKE messages_archive INCLUDING DEFAULTS)",
-                f"INSERT INTO bare_messages ({columns('messages')}) SELECT {columns('messages')}"
-                f" FROM messages WHERE conversation_id IN ({moving})",
+                [
+                    f"INSERT INTO conversations_archive ({columns('conversations')})"
+                    f" SELECT {columns('conversations')} FROM conversations WHERE id IN ({moving})",
+                    f"INSERT INTO messages_archive ({columns('messages')}) SELECT {columns('messages')}"
+                    f" FROM messages WHERE conversation_id IN ({moving})",
+                    f"DELETE FROM conversations WHERE id IN ({moving})",
+                ]
             ],
         )
         purge_s, purge_rss, purge, reader = lifecycle("purge", big, "purge", reader=True)
         archive_s, archive_rss, archived, _ = lifecycle("archive", big, "archive")
+        # The least any archive can cost with as many sessions as chatdb's: each session
+        # writes its share of the messages to a table with no index, no constraint and no
+        # foreign key, and deletes those conversations as the plain DELETE does.
+        jobs = archived["jobs"]
+
+        def share(k: int) -> str:
+            return f"{moving} AND get_byte(uuid_send(id), 15) % {jobs} = {k}"
+
+        _, floor_db_s, _, _ = plain_sql(
+            big,
+            "bare",
+            [
+                [
+                    f"INSERT INTO bare_messages ({columns('messages')}) SELECT {columns('messages')}"
+                    f" FROM messages WHERE conversation_id IN ({share(k)})",
+                    f"DELETE FROM conversations WHERE id IN ({share(k)})",
+                ]
+                for k in range(jobs)
+            ],
+            setup=("CREATE TABLE bare_messages (LIKE messages_archive INCLUDING DEFAULTS)",),
+        )
         p95_quiet = quiet_p95(big)
 
         engine = create_engine(url.set(database=big))
@@ -311,12 +336,11 @@ def main() -> None:
             baseline_rate,
             f"  (aim >= 0.5x); {naive_archive_s / archive_s:.2f}x the plain INSERT ... SELECT",
         )
-        floor_s = bare_db_s + naive_archived / delete_rate
         print(
-            f"archive floor in the database: writing the {naive_archived:,} messages to a bare table "
-            f"(no index, no foreign key) {bare_db_s:.2f} s, {naive_archived / bare_db_s / delete_rate:.2f}x "
-            f"the DELETE's rate; with deleting them, {floor_s:.2f} s: at most "
-            f"{naive_archived / floor_s / delete_rate:.2f}x for any archive"
+            f"archive floor in the database: the {naive_archived:,} messages written to a bare table "
+            f"(no index, no constraint, no foreign key) and deleted, {jobs} sessions at once, "
+            f"{floor_db_s:.2f} s: at most {naive_archived / floor_db_s / delete_rate:.2f}x "
+            f"for any archive that runs {jobs} at a time"
         )
         for label, out in (("purge", purge), ("archive", archived)):
             print(
