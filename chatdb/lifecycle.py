@@ -193,9 +193,10 @@ class Plan:
     cutoff: dt.datetime | None = None
     deleted_cutoff: dt.datetime | None = None
     counts: Tally | None = None
-    # archive restore: the conversations to bring back
+    # archive restore: the conversations to bring back, and those of them already hot
     conversation_ids: tuple[uuid.UUID, ...] = ()
     user_id: str | None = None
+    already_hot: tuple[uuid.UUID, ...] = ()
 
 
 @dataclass
@@ -314,32 +315,32 @@ def plan_purge(engine: Engine, older_than: Duration, deleted_grace: Duration, *,
 def plan_restore(
     engine: Engine, conversation_ids: Sequence[uuid.UUID] = (), user_id: str | None = None
 ) -> Plan:
-    """What ``archive restore`` would bring back. Every named conversation must be in the
-    archive; nothing is restored otherwise."""
+    """What ``archive restore`` would bring back. A named conversation already in the hot
+    tables (restored by an earlier run that stopped, say) needs nothing; if any named
+    conversation is in neither, nothing is restored."""
     if bool(conversation_ids) == (user_id is not None):
         raise UsageError("give either --conversation (one or more) or --user")
     migrations.require_head(engine)
     ids = tuple(dict.fromkeys(conversation_ids))
+    hot: tuple[uuid.UUID, ...] = ()
     with engine.connect() as connection:
         chosen = _restorable(ids, user_id)
         found = set(connection.execute(chosen).scalars())
-        if ids:
-            missing = [str(i) for i in ids if i not in found]
+        if ids and len(found) < len(ids):
+            in_hot = set(
+                connection.execute(
+                    select(conversations.c.id).where(conversations.c.id == any_(_ids_param(ids)))
+                ).scalars()
+            )
+            missing = [str(i) for i in ids if i not in found and i not in in_hot]
             if missing:
-                hot = set(
-                    connection.execute(
-                        select(conversations.c.id).where(conversations.c.id == any_(_ids_param(ids)))
-                    ).scalars()
-                )
-                where = [
-                    f"{m} ({'not archived' if uuid.UUID(m) in hot else 'not found'})" for m in missing[:5]
-                ]
                 more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
                 raise StateError(
-                    f"{len(missing)} of the given conversations are not in the archive: "
-                    f"{', '.join(where)}{more}",
+                    f"{len(missing)} of the given conversations are in neither the archive nor the "
+                    f"hot tables: {', '.join(missing[:5])}{more}",
                     hint="nothing was restored",
                 )
+            hot = tuple(i for i in ids if i not in found)
         counts = Tally(
             archive_conversations=len(found),
             archive_messages=_count(
@@ -347,7 +348,7 @@ def plan_restore(
                 select(messages_archive.c.id).where(messages_archive.c.conversation_id.in_(chosen)),
             ),
         )
-    return Plan("archive restore", counts=counts, conversation_ids=ids, user_id=user_id)
+    return Plan("archive restore", counts=counts, conversation_ids=ids, user_id=user_id, already_hot=hot)
 
 
 def _restorable(ids: Sequence[uuid.UUID], user_id: str | None) -> Select:

@@ -509,25 +509,55 @@ def test_archive_restore_round_trip_checksums(cli, migrated_db):
     assert {table: checksum(db, table) for table in ("conversations", "messages")} == before
 
 
-def test_restore_of_a_conversation_not_in_the_archive_restores_nothing(cli, migrated_db):
+def test_restore_of_a_conversation_found_nowhere_restores_nothing(cli, migrated_db):
     db = migrated_db
     populate(db)
     archived = db.scalar("SELECT id FROM conversations_archive LIMIT 1")
-    hot = db.scalar("SELECT id FROM conversations LIMIT 1")
-    count = db.scalar("SELECT count(*) FROM conversations_archive")
+    unknown = uuid.uuid4()
+    before = checksum(db, "conversations_archive")
     result = cli(
         "archive",
         "restore",
         "--conversation",
         str(archived),
         "--conversation",
-        str(hot),
+        str(unknown),
         "--database-url",
         db.cli_url,
     )
     assert result.exit_code == 1
-    assert f"{hot} (not archived)" in one_error(result)
-    assert db.scalar("SELECT count(*) FROM conversations_archive") == count
+    error = one_error(result)
+    assert "in neither the archive nor the hot tables" in error and str(unknown) in error
+    assert str(archived) not in error
+    assert checksum(db, "conversations_archive") == before
+
+
+def test_a_stopped_restore_run_again_finishes(cli, migrated_db):
+    """A restore stopped after some batches left those conversations hot, whole; the
+    same command run again restores the rest and leaves them as they are."""
+    db = migrated_db
+    populate(db)
+    named = sorted(ids(db, "SELECT id FROM conversations_archive"), key=str)[:6]
+    arguments = [arg for i in named for arg in ("--conversation", str(i))]
+    expected_messages = db.scalar(
+        "SELECT count(*) FROM messages_archive WHERE conversation_id = ANY(:ids)", ids=named
+    )
+    # The state such a run leaves: its first batch (two of the conversations) restored.
+    first = run_json(cli, db, "archive", "restore", *arguments[:4])
+    assert first["done"]["archive_conversations"] == 2
+    again = run_json(cli, db, "archive", "restore", *arguments)
+    assert again["outcome"] == "succeeded"
+    assert again["done"]["archive_conversations"] == 4
+    assert sorted(again["already_hot"]) == sorted(str(i) for i in named[:2])
+    assert first["done"]["archive_messages"] + again["done"]["archive_messages"] == expected_messages
+    assert ids(db, "SELECT id FROM conversations WHERE id = ANY(:ids)", ids=named) == set(named)
+    assert db.scalar("SELECT count(*) FROM conversations_archive WHERE id = ANY(:ids)", ids=named) == 0
+    assert (
+        db.scalar("SELECT count(*) FROM messages_archive WHERE conversation_id = ANY(:ids)", ids=named) == 0
+    )
+    text_result = cli("archive", "restore", *arguments, "--database-url", db.cli_url)
+    assert text_result.exit_code == 0, text_result.output
+    assert "6 of the given conversations were already in the hot tables" in text_result.output
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])

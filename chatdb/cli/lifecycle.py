@@ -148,11 +148,14 @@ def _show_plan(plan: lifecycle.Plan, verb: str, to_stderr: bool) -> None:
 
 
 def _json_plan(plan: lifecycle.Plan) -> dict[str, Any]:
-    return {
+    shown: dict[str, Any] = {
         "cutoff": plan.cutoff,
         "deleted_cutoff": plan.deleted_cutoff,
         "planned": plan.counts.as_dict() if plan.counts else None,
     }
+    if plan.conversation_ids:
+        shown["already_hot"] = [str(i) for i in plan.already_hot]
+    return shown
 
 
 def _execute(
@@ -231,6 +234,10 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
     )
     if result.exported:
         line += f"; {result.exported:,} conversations exported"
+    if result.plan.already_hot:
+        line += (
+            f"; {len(result.plan.already_hot):,} of the given conversations were already in the hot tables"
+        )
     out.print(line + ".")
     if not result.complete:
         left = ""
@@ -353,9 +360,10 @@ def restore(
     connect_timeout: ConnectTimeout = None,
 ) -> None:
     """Move archived conversations back to the hot tables, exactly as they were, with all
-    their messages. Every named conversation must be in the archive; otherwise nothing is
-    restored. A restored conversation keeps its old updated_at, so the next
-    `chatdb archive` moves it again unless it receives a message first.
+    their messages. If a named conversation is in neither the archive nor the hot tables,
+    nothing is restored; one already in the hot tables is left as it is, so running a
+    stopped restore again finishes it. A restored conversation keeps its old updated_at,
+    so the next `chatdb archive` moves it again unless it receives a message first.
 
     Example:
 
