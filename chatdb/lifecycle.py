@@ -851,38 +851,53 @@ def _in_blocks(
     return take
 
 
+def _counts_tracked(connection: Connection) -> bool:
+    """Whether this session counts the rows it changes (track_counts), asked once per
+    connection."""
+    if "track_counts" not in connection.info:
+        connection.info["track_counts"] = connection.execute(
+            text("SELECT current_setting('track_counts')::bool")
+        ).scalar_one()
+    return connection.info["track_counts"]
+
+
 def _purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any) -> Callable[..., _Taken]:
     """Idle conversations of ``parent`` deleted in physical order, picked and deleted by
     one statement. The foreign key's cascade deletes their messages, one index probe per
     conversation, and this transaction's own statistics count them exactly: the
     statement reads the count before the cascade (which runs once it has finished), a
-    query after it the count after. Without statistics (track_counts off) the statement
-    deletes, and counts, the messages of the conversations it deleted.
+    query after it the count after.
 
     The delete goes by id and checks the cutoff again: a conversation updated (still
     idle) after the statement began is locked in its new version, which the statement's
-    snapshot does not see; by id, the delete follows the update to the version locked."""
+    snapshot does not see; by id, the delete follows the update to the version locked.
+
+    A session without statistics (track_counts off) takes the longer way: it locks the
+    conversations, then deletes and counts their messages in a statement of its own,
+    whose snapshot sees every message committed before the lock (one statement's
+    snapshot could miss one, which the cascade would then delete uncounted)."""
     cascaded = "pg_stat_get_xact_tuples_deleted(CAST(:table AS regclass))"
     statement = text(
         f'WITH picked AS (SELECT id, ctid FROM "{parent.name}" WHERE updated_at < :cutoff AND {_WINDOW}'
         " LIMIT :limit FOR UPDATE SKIP LOCKED),"
         f' gone AS (DELETE FROM "{parent.name}" WHERE id = ANY(ARRAY(SELECT id FROM picked))'
-        " AND updated_at < :cutoff RETURNING id),"
-        f" kids AS (DELETE FROM \"{child.name}\" WHERE NOT current_setting('track_counts')::bool"
-        " AND conversation_id = ANY(ARRAY(SELECT id FROM gone)) RETURNING 1)"
+        " AND updated_at < :cutoff RETURNING id)"
         f" SELECT {cascaded}, (SELECT count(*) FROM picked), (SELECT count(*) FROM gone),"
-        f" (SELECT count(*) FROM kids), CAST((SELECT max(ctid) FROM picked WHERE {_WINDOW}) AS text)"
+        f" CAST((SELECT max(ctid) FROM picked WHERE {_WINDOW}) AS text)"
     )
+    uncounted = _in_blocks(parent, parent.c.updated_at < cutoff, _delete_conversations(parent, child, hot))
 
     def take(connection: Connection, limit: int, window: tuple[str, int]) -> _Taken:
+        if not _counts_tracked(connection):
+            return uncounted(connection, limit, window)
         after, end = window
         params = {"cutoff": cutoff, "after": after, "end": f"({end},0)", "limit": limit, "table": child.name}
         # The session's counts not yet reported include earlier transactions': the
         # cascade's are the difference.
-        before, picked, n_conversations, n_kids, last = connection.execute(statement, params).one()
+        before, picked, n_conversations, last = connection.execute(statement, params).one()
         if not picked:
             return _Taken()
-        n_messages = n_kids + connection.execute(_XACT_DELETED, {"table": child.name}).one()[0] - before
+        n_messages = connection.execute(_XACT_DELETED, {"table": child.name}).one()[0] - before
         return _Taken(picked, last, _deleted(hot, n_conversations, n_messages))
 
     return take

@@ -374,16 +374,18 @@ def test_a_row_that_moves_on_disk_during_the_run_is_still_taken_in_its_newest_ve
         assert ids(db, "SELECT id FROM conversations WHERE id = :i", i=mover) == set()
 
 
+@pytest.mark.parametrize("change", ["rename", "message without the bump"])
 @pytest.mark.parametrize("track_counts", ["on", "off"])
-def test_a_conversation_renamed_while_the_purge_statement_runs_goes_whole(
-    migrated_db, monkeypatch, track_counts
+def test_a_conversation_changed_while_the_purge_statement_runs_goes_whole(
+    migrated_db, monkeypatch, track_counts, change
 ):
     """The race of one purge statement: a conversation renamed (still idle) after the
     statement took its snapshot and before it locked the row is locked in a version the
     snapshot cannot see. It must go whole with its messages, or stay whole; never lose
-    its messages and stay. The statement is paused on that row (an advisory lock the
-    test holds, waited for by a function added to its window condition) while the
-    rename commits."""
+    its messages and stay. A message added then without bumping updated_at (against
+    the application's contract) goes with it and is counted. The statement is paused on
+    that row (an advisory lock the test holds, waited for by a function added to its
+    window condition) while the change commits."""
     db = migrated_db
     populate(db)
     db.execute(
@@ -434,10 +436,19 @@ def test_a_conversation_renamed_while_the_purge_statement_runs_goes_whole(
         while not db.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
             assert time.monotonic() < deadline and run.is_alive()
             time.sleep(0.02)
-        db.execute("UPDATE conversations SET title = 'renamed mid-statement' WHERE id = :i", i=target)
-        moved_to = db.scalar("SELECT ctid::text FROM conversations WHERE id = :i", i=target)
-        # A new version, in the batch's window.
-        assert moved_to != where and int(moved_to.strip("()").split(",")[0]) < window
+        if change == "rename":
+            db.execute("UPDATE conversations SET title = 'renamed mid-statement' WHERE id = :i", i=target)
+            moved_to = db.scalar("SELECT ctid::text FROM conversations WHERE id = :i", i=target)
+            # A new version, in the batch's window.
+            assert moved_to != where and int(moved_to.strip("()").split(",")[0]) < window
+            added = 0
+        else:
+            db.execute(
+                "INSERT INTO messages (conversation_id, user_id, role, content)"
+                " SELECT id, user_id, 'system', 'late' FROM conversations WHERE id = :i",
+                i=target,
+            )
+            added = 1
         holder.execute(text("SELECT pg_advisory_unlock(4242)"))
         run.join(30)
     finally:
@@ -446,12 +457,17 @@ def test_a_conversation_renamed_while_the_purge_statement_runs_goes_whole(
     assert outcome and outcome[0].stopped_by == "interrupted"  # after the one batch
     kept = bool(ids(db, "SELECT id FROM conversations WHERE id = :i", i=target))
     left = db.scalar("SELECT count(*) FROM messages WHERE conversation_id = :i", i=target)
-    assert (kept, left) in {(True, messages_before), (False, 0)}  # whole, either way
+    assert (kept, left) in {(True, messages_before + added), (False, 0)}  # whole, either way
     assert not kept  # taken by the batch that locked it
     # Counted exactly: the batch's counts are what left the tables.
     done = outcome[0].done
-    for table, count in (("conversations", done.conversations), ("messages", done.messages)):
-        assert db.scalar(f"SELECT (SELECT count(*) FROM snap_{table}) - count(*) FROM {table}") == count
+    gone = {
+        "conversations": db.scalar(
+            "SELECT (SELECT count(*) FROM snap_conversations) - count(*) FROM conversations"
+        ),
+        "messages": db.scalar("SELECT (SELECT count(*) FROM snap_messages) - count(*) FROM messages") + added,
+    }
+    assert gone == {"conversations": done.conversations, "messages": done.messages}
 
 
 def test_foreign_key_checks_stop_scanning_the_archive_table_as_it_grows(migrated_db):
