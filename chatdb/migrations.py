@@ -258,7 +258,7 @@ def upgrade(
     return MigrateResult(before.current, after.current, applied, time.perf_counter() - started)
 
 
-def plan_downgrade(engine: Engine, target: str) -> DowngradePlan:
+def plan_downgrade(engine: Engine, target: str, *, lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> DowngradePlan:
     """What ``downgrade(target)`` would do: revisions undone, tables dropped with their row
     counts, columns dropped with the number of values they hold."""
     state = status(engine)
@@ -277,24 +277,54 @@ def plan_downgrade(engine: Engine, target: str) -> DowngradePlan:
         return plan
     with engine.connect() as connection:
         target_tables = schema_at(connection, goal)
-        live = catalog.snapshot(connection, (*_OWNED, "users"))
-        for name, table in live.tables.items():
-            if name == "users" and table.comment != USERS_CREATED_BY_CHATDB:
-                continue  # the application's table: never dropped
-            if name not in target_tables.tables:
-                plan.tables.append(TableDrop(name, _count(connection, name)))
-                continue
-            kept = {column[0] for column in target_tables.tables[name].columns}
-            for column in table.columns:
-                if column[0] not in kept:
-                    plan.columns.append(ColumnDrop(name, column[0], _count(connection, name, column[0])))
+        # The counts below wait for a busy table no longer than a migration would.
+        connection.execute(text("SELECT set_config('lock_timeout', :t, true)"), {"t": lock_timeout})
+        try:
+            _refuse_downgrade(connection, plan.revisions)
+            live = catalog.snapshot(connection, (*_OWNED, "users"))
+            _count_losses(connection, plan, live, target_tables)
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                raise
+            from chatdb import migration_ops
+
+            raise StateError(
+                f"cannot plan the downgrade: {one_line(exc)}", hint=migration_ops.busy_hint(lock_timeout)
+            ) from None
         connection.rollback()
     return plan
 
 
+def _refuse_downgrade(connection: Connection, revisions: list[str]) -> None:
+    """Refuse, before any revision is undone, a downgrade that one of them would refuse
+    midway (its ``DOWNGRADE_REFUSAL`` query returns why), with those after it already
+    undone."""
+    script = _script()
+    for revision in revisions:
+        query = getattr(script.get_revision(revision).module, "DOWNGRADE_REFUSAL", None)
+        reason = connection.execute(text(query)).scalar() if query else None
+        if reason:
+            raise StateError(f"cannot downgrade below {revision}: {reason}", hint="nothing was changed")
+
+
+def _count_losses(
+    connection: Connection, plan: DowngradePlan, live: catalog.Snapshot, target_tables: catalog.Snapshot
+) -> None:
+    for name, table in live.tables.items():
+        if name == "users" and table.comment != USERS_CREATED_BY_CHATDB:
+            continue  # the application's table: never dropped
+        if name not in target_tables.tables:
+            plan.tables.append(TableDrop(name, _count(connection, name)))
+            continue
+        kept = {column[0] for column in target_tables.tables[name].columns}
+        for column in table.columns:
+            if column[0] not in kept:
+                plan.columns.append(ColumnDrop(name, column[0], _count(connection, name, column[0])))
+
+
 def downgrade(engine: Engine, target: str, *, lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> MigrateResult:
     started = time.perf_counter()
-    plan = plan_downgrade(engine, target)
+    plan = plan_downgrade(engine, target, lock_timeout=lock_timeout)
     if plan.revisions:
         _run(engine, "downgrade", plan.target or BASE, lock_timeout)
     after = status(engine)

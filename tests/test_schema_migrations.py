@@ -288,21 +288,60 @@ def test_downgrade_plan_never_lists_the_application_users_table(empty_db):
     assert "users" not in {t.table for t in plan.tables}
 
 
-def test_downgrade_below_0003_refuses_while_system_messages_exist(migrated_db):
+def test_downgrade_below_0003_refuses_before_undoing_anything_while_system_messages_exist(migrated_db):
     migrated_db.execute(
         "INSERT INTO users (id) VALUES ('u1');"
         " INSERT INTO conversations (id, user_id) VALUES ('00000000-0000-4000-8000-000000000001', 'u1');"
         " INSERT INTO messages (conversation_id, user_id, role, content)"
-        " VALUES ('00000000-0000-4000-8000-000000000001', 'u1', 'system', 'be brief')"
+        " VALUES ('00000000-0000-4000-8000-000000000001', 'u1', 'system', 'be brief');"
+        " INSERT INTO conversations_archive (user_id) VALUES ('u1')"
     )
-    migrations.downgrade(migrated_db.engine, "0003")
-    with pytest.raises(StateError, match="role 'system'"):
+    # From head: refused before 0005 and 0004 are undone (0004 would drop the archive).
+    with pytest.raises(StateError) as refused:
         migrations.downgrade(migrated_db.engine, "0002")
+    assert str(refused.value) == (
+        "cannot downgrade below 0003_chatbot_extensions: messages with role 'system' exist"
+    )
+    assert refused.value.hint == "nothing was changed"
+    assert migrations.status(migrated_db.engine).current == HEAD
+    assert migrated_db.scalar("SELECT count(*) FROM conversations_archive") == 1
+    # The revision refuses by itself too (a plain Alembic downgrade).
+    migrations.downgrade(migrated_db.engine, "0003")
+    checkout = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "CHATDB_DATABASE_URL": migrated_db.cli_url}
+    env.pop("DATABASE_URL", None)
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("alembic")),
+            "-c",
+            str(checkout / "alembic.ini"),
+            "downgrade",
+            "-1",
+        ],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert (
+        "cannot downgrade below 0003_chatbot_extensions: messages with role 'system' exist" in result.stderr
+    )
     assert migrations.status(migrated_db.engine).current == "0003_chatbot_extensions"
     migrated_db.execute(
         "INSERT INTO messages (conversation_id, user_id, role, content)"
         " VALUES ('00000000-0000-4000-8000-000000000001', 'u1', 'system', 'still accepted')"
     )
+
+
+def test_a_busy_table_makes_the_downgrade_plan_fail_fast(migrated_db):
+    with migrated_db.engine.connect() as blocker:
+        blocker.execute(text("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE"))
+        with pytest.raises(StateError) as raised:
+            migrations.plan_downgrade(migrated_db.engine, "0003", lock_timeout="200ms")
+        assert "lock" in (raised.value.hint or "")
+        blocker.rollback()
+    assert migrations.plan_downgrade(migrated_db.engine, "0003").revisions
 
 
 def test_0003_recovers_from_an_index_left_invalid_by_a_failed_concurrent_build(empty_db, migrated_db):

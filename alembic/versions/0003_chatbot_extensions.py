@@ -107,15 +107,23 @@ def upgrade() -> None:
         ops.drop_index(name)
 
 
+#: Why this revision cannot be undone now (no row when it can): the older schema has no
+#: place for these rows. ``chatdb migrate down`` asks it before undoing any revision.
+DOWNGRADE_REFUSAL = (
+    "SELECT 'messages with role ''system'' exist' WHERE EXISTS (SELECT FROM messages WHERE role = 'system')"
+)
+
+
 def downgrade() -> None:
-    # Refuse before changing anything: the older schema has no place for these rows.
+    # Refuse before changing anything (also under a plain `alembic downgrade`).
     op.execute(
-        """
+        f"""
         DO $$
+        DECLARE
+            reason text := ({DOWNGRADE_REFUSAL});
         BEGIN
-            IF EXISTS (SELECT 1 FROM messages WHERE role = 'system') THEN
-                RAISE EXCEPTION 'cannot downgrade below 0003_chatbot_extensions: '
-                    'messages with role ''system'' exist';
+            IF reason IS NOT NULL THEN
+                RAISE EXCEPTION USING MESSAGE = 'cannot downgrade below 0003_chatbot_extensions: ' || reason;
             END IF;
         END
         $$
