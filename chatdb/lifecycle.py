@@ -608,9 +608,15 @@ class _Export:
         """Append a batch's lines, after ``end``, durably."""
         self.pending = data
         view = memoryview(data)
-        while view:
-            view = view[self.file.write(view) :]
-        os.fsync(self.file.fileno())
+        try:
+            while view:
+                view = view[self.file.write(view) :]
+            os.fsync(self.file.fileno())
+        except OSError as exc:
+            raise StateError(
+                f"cannot write --export {self.path}: {exc.strerror}",
+                hint="the batch in flight rolled back; run the command again once the file can be written",
+            ) from None
 
     def committed(self) -> None:
         """The batch just written committed."""
@@ -620,8 +626,15 @@ class _Export:
 
     def undo(self) -> None:
         """The batch being written did not commit: cut off whatever of it reached the file."""
-        self.file.truncate(self.end)
-        os.fsync(self.file.fileno())
+        try:
+            self.file.truncate(self.end)
+            os.fsync(self.file.fileno())
+        except OSError as exc:
+            raise StateError(
+                f"cannot cut --export {self.path} back to {self.end:,} bytes: {exc.strerror}",
+                hint="a batch that rolled back may have left lines after that length; "
+                "the next run exporting to this file cuts them off",
+            ) from None
         self.pending = b""
 
     def settle(self, committed: int | None) -> None:

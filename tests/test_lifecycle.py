@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -883,6 +884,46 @@ def _exported(path) -> list[uuid.UUID]:
 
 _EARLIER = b'{"conversation": {"id": "00000000-0000-0000-0000-000000000000"}, "messages": []}\n'
 _OTHER = _EARLIER.replace(b"00000000-0000", b"11111111-1111")
+
+
+def test_an_export_file_that_cannot_grow_stops_the_run_in_one_line(migrated_db, tmp_path):
+    """A full disk (here the file size limit, which fails a write the same way): the run
+    stops with one line, the batch in flight rolls back, and the file holds exactly the
+    conversations that were archived."""
+    db = migrated_db
+    populate(db)
+    db.execute("DELETE FROM conversations_archive")
+    export = tmp_path / "archive.jsonl"
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatdb",
+            "archive",
+            "--older-than",
+            "60d",
+            "--batch-size",
+            "5",
+            "--export",
+            str(export),
+            "--database-url",
+            db.cli_url,
+        ],
+        capture_output=True,
+        text=True,
+        # CPython ignores SIGXFSZ: a write past the limit fails with EFBIG.
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)),
+    )
+    assert process.returncode == 1, process.stderr
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: cannot write --export {export}: File too large"], process.stderr
+    assert "Traceback" not in process.stderr
+    archived = ids(db, "SELECT id FROM conversations_archive")
+    assert archived and sorted(_exported(export), key=str) == sorted(archived, key=str)
+    run = db.scalar(
+        "SELECT outcome || ' ' || (counts->>'export_bytes') FROM chatdb_runs ORDER BY id DESC LIMIT 1"
+    )
+    assert run == f"failed {export.stat().st_size}"
 
 
 @pytest.mark.parametrize("replaced", [False, True], ids=["same file", "file replaced"])
