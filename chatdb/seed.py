@@ -863,6 +863,7 @@ def _user_rows(request: SeedRequest, fake, clock: _Clock, columns: list[tuple[st
 def reset(engine: Engine) -> ResetResult:
     """Delete every seeded user (ids starting with ``seed-``) and, by cascade, everything of
     theirs. Never touches a row of a user whose id lacks the prefix."""
+    migrations.require_head(engine)
     with engine.connect() as connection, connection.begin():
         privileges.require_table_privileges(
             connection,
@@ -897,6 +898,7 @@ def reset(engine: Engine) -> ResetResult:
 
 def seeded_counts(engine: Engine) -> ResetResult:
     """What ``reset`` would delete."""
+    migrations.require_head(engine)
     with engine.connect() as connection:
         return _seeded_counts(connection)
 

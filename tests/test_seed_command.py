@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from chatdb import catalog, schema
+from chatdb import catalog, migrations, schema
 from chatdb import seed as seed_module
 
 CHATDB = Path(sys.executable).with_name("chatdb")
@@ -315,6 +315,19 @@ def test_reset_deletes_only_seeded_rows(migrated_db, cli):
     assert migrated_db.scalar("SELECT count(*) FROM users WHERE id LIKE 'seed-9-%'") == 0
     assert migrated_db.scalar("SELECT count(*) FROM messages WHERE user_id LIKE 'seed-42-%'") == 200
     assert migrated_db.scalar(REAL_ROWS) == before
+
+
+@pytest.mark.parametrize("revision", [None, "0003"], ids=["not migrated", "behind head"])
+def test_reset_on_a_database_not_at_head_says_so_and_changes_nothing(empty_db, cli, revision):
+    if revision:
+        migrations.upgrade(empty_db.engine, revision)
+        empty_db.execute("INSERT INTO users (id) VALUES ('seed-42-u1')")
+    result = cli("seed", "--reset", "--yes", "--database-url", empty_db.cli_url)
+    assert result.exit_code == 1
+    error = one_error(result)
+    assert ("no chatdb schema yet" if revision is None else "behind head") in error, error
+    if revision:
+        assert empty_db.scalar("SELECT count(*) FROM users") == 1
 
 
 def test_reset_truncates_when_the_seed_owns_everything(migrated_db, cli):
