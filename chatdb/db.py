@@ -43,6 +43,11 @@ _TRANSIENT = (
 )
 
 
+# libpq's (and the server's, for `options`) refusals of the URL's own parameters: a bad
+# port, an unknown parameter, a value a parameter does not take.
+_URL_PROBLEM = re.compile(r"(connection is bad: )?invalid [\w ]*(option|value|number|method)\b")
+
+
 @dataclass(frozen=True)
 class Database:
     """Where chatdb connects, and how it was chosen (for the one-line announcement)."""
@@ -62,12 +67,10 @@ def parse_url(raw: str) -> URL:
         raise UsageError("the database URL is empty")
     try:
         url = make_url(raw)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise UsageError(
             f"malformed database URL: {mask_text(raw)} (expected postgresql://user:password@host:port/dbname)"
         ) from None
-    except ValueError as exc:  # e.g. a non-numeric port
-        raise UsageError(f"malformed database URL: {mask_text(raw)} ({exc})") from None
     if url.drivername not in _ACCEPTED_SCHEMES:
         raise UsageError(
             f"unsupported database URL scheme {url.drivername!r}: use postgresql:// (or postgres://)"
@@ -159,6 +162,9 @@ def connect(
             return engine
         except DBAPIError as exc:
             message = describe_connect_error(exc, database.url)
+            if _URL_PROBLEM.match(message):
+                engine.dispose()
+                raise UsageError(f"malformed database URL: {database.display} ({message})") from None
             remaining = deadline - time.monotonic()
             if not is_transient(exc) or remaining <= 0:
                 engine.dispose()

@@ -48,6 +48,8 @@ DEFAULT_CONVERSATIONS = 100
 DEFAULT_MESSAGES = 1_000
 DEFAULT_DAYS = 365
 MAX_DAYS = 36_500
+#: Far past anything a machine seeds, and inside what the generator's counters hold.
+MAX_COUNT = 10**12
 
 ARCHIVED_SHARE = 0.08  # conversations the user hid in the UI (status = 'archived')
 SOFT_DELETED_SHARE = 0.04  # conversations the user deleted (deleted_at set)
@@ -71,8 +73,10 @@ class SeedRequest:
         for name in ("users", "conversations", "messages", "days"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be a positive whole number, not {getattr(self, name)}")
-        if self.seed < 0:
-            raise UsageError(f"--seed must be zero or positive, not {self.seed}")
+            if getattr(self, name) > MAX_COUNT:
+                raise UsageError(f"--{name} must be at most {MAX_COUNT:,}, not {getattr(self, name):,}")
+        if not 0 <= self.seed <= MAX_COUNT:
+            raise UsageError(f"--seed must be between 0 and {MAX_COUNT:,}, not {self.seed:,}")
         if self.messages < self.conversations:
             raise UsageError(
                 f"--messages ({self.messages}) must be at least --conversations "

@@ -262,6 +262,10 @@ def test_query_parameters_pass_through(empty_db, cli):
     [
         "mysql://u:pw@localhost/db",
         "postgresql://u:pw@localhost:abc/db",
+        "postgresql://u:pw@[::1/db",
+        "postgresql://u:pw@127.0.0.1:99999/db",
+        "postgresql://u:pw@127.0.0.1:1/db?foo=bar",
+        "postgresql://u:pw@127.0.0.1:1/db?sslmode=bogus",
         "not a url at all",
         "",
     ],
@@ -271,6 +275,13 @@ def test_bad_urls_exit_2_with_one_line(cli, url):
     assert result.exit_code == 2, result.output
     error_line(result)
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e400", "100000"])
+def test_an_impossible_connect_timeout_exits_2(cli, timeout):
+    result = cli("status", "--connect-timeout", timeout, "--database-url", UNREACHABLE.format(name="x"))
+    assert result.exit_code == 2, result.output
+    assert "connect-timeout" in error_line(result)
 
 
 def test_bad_url_in_the_environment_exits_2(cli):

@@ -351,6 +351,8 @@ def test_reset_truncates_when_the_seed_owns_everything(migrated_db, cli):
         ["--days", "100000"],
         ["--seed", "-1"],
         ["--messages", "ten"],
+        ["--messages", "50000000000000000000"],
+        ["--seed", "10000000000000000000"],
     ],
 )
 def test_bad_input_exits_2(migrated_db, cli, args):

@@ -30,12 +30,16 @@ from chatdb.errors import (
     EXIT_TERMINATED,
     ChatdbError,
     StateError,
+    UsageError,
     one_line,
 )
 
 # Consoles resolve sys.stdout/sys.stderr at write time, so test runners can capture them.
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: A day: longer is a typo, and libpq's connect_timeout must stay an integer.
+MAX_CONNECT_TIMEOUT = 86_400
 
 DatabaseUrl = Annotated[
     str | None,
@@ -98,6 +102,11 @@ def open_engine(
     """Resolve the database (announcing the embedded default), connect, and return the
     engine. Connection problems raise ConnectError (exit 3)."""
     state = settings(ctx)
+    timeout = connect_timeout if connect_timeout is not None else state.connect_timeout
+    if timeout is not None and not 0 <= timeout <= MAX_CONNECT_TIMEOUT:
+        raise UsageError(
+            f"--connect-timeout must be between 0 and {MAX_CONNECT_TIMEOUT:,} seconds, not {timeout:g}"
+        )
     database = db.resolve_database(database_url if database_url is not None else state.database_url)
     state.database = database
     if database.source == "embedded":
@@ -107,7 +116,6 @@ def open_engine(
             f"chatdb: no database URL configured; using the embedded PostgreSQL in {embedded.home()}",
             soft_wrap=True,
         )
-    timeout = connect_timeout if connect_timeout is not None else state.connect_timeout
     return db.connect(
         database,
         application_name=f"chatdb {command}",
