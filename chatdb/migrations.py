@@ -276,6 +276,9 @@ def plan_downgrade(engine: Engine, target: str, *, lock_timeout: str = DEFAULT_L
     if not undone:
         return plan
     with engine.connect() as connection:
+        # The role that would run the downgrade: say which privilege it lacks, before
+        # building the target revision for comparison needs one.
+        privileges.require_migrate(connection, (*_OWNED, VERSION_TABLE))
         target_tables = schema_at(connection, goal)
         # The counts below wait for a busy table no longer than a migration would.
         connection.execute(text("SELECT set_config('lock_timeout', :t, true)"), {"t": lock_timeout})
@@ -346,6 +349,7 @@ def stamp(engine: Engine, target: str) -> StampResult:
         if previous is not None and previous not in [r.id for r in chain()]:
             raise unknown_revision(previous)
         goal = resolve(target, previous)
+        privileges.require_migrate(connection, (*_OWNED, VERSION_TABLE))
         expected = schema_at(connection, goal)
         # users is the application's table when adopting; its own columns are its business.
         names = sorted((set(expected.tables) | set(_OWNED)) - {"users"})

@@ -395,6 +395,11 @@ def test_the_operations_role_cannot_migrate_and_says_why(empty_db, roles, cli):
     line = error_line(cli("migrate", "--database-url", as_role(empty_db, OPS)))
     assert f"permission denied: role {OPS} does not own table" in line
     empty_db.execute(f'REVOKE CREATE ON SCHEMA public FROM "{OPS}"')
+    # Downgrading and stamping say the same, before they build a revision to compare with.
+    for step in (("migrate", "down", "-1", "--yes"), ("migrate", "stamp", "0003")):
+        line = error_line(cli(*step, "--database-url", as_role(empty_db, OPS)))
+        assert f"permission denied: role {OPS} " in line, (step, line)
+    assert empty_db.scalar("SELECT version_num FROM chatdb_alembic_version") == "0004_archive_and_audit"
 
 
 def test_the_application_role_writes_chats_and_never_the_audit_trail(migrated_db, roles, cli):
