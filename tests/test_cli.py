@@ -8,6 +8,7 @@ the version table read back with SQL) rather than recomputed with chatdb's own c
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -604,16 +605,20 @@ def test_down_when_already_at_the_target_changes_nothing(migrated_db, cli):
 # --- 9. the question on a real terminal ----------------------------------------------------------
 
 
-def run_on_terminal(args: list[str], answer: str, timeout: float = 60.0) -> tuple[int, str, bool]:
-    """Run the real ``chatdb`` with stdin, stdout and stderr on a pseudo-terminal; answer
-    its question once it appears. Returns (exit code, everything shown, asked?)."""
+def run_on_terminal(
+    args: list[str], answer: str, timeout: float = 60.0, stdout: Path | None = None
+) -> tuple[int, str, bool]:
+    """Run the real ``chatdb`` with stdin, stdout and stderr on a pseudo-terminal (or
+    stdout to the file ``stdout``); answer its question once it appears. Returns (exit
+    code, everything shown, asked?)."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
     env = subprocess_env(TERM="xterm-256color", COLUMNS="160")
     try:
-        process = subprocess.Popen(
-            [CHATDB, *args], stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
-        )
+        with open(stdout, "wb") if stdout else contextlib.nullcontext(slave) as output:
+            process = subprocess.Popen(
+                [CHATDB, *args], stdin=slave, stdout=output, stderr=slave, env=env, start_new_session=True
+            )
     finally:
         os.close(slave)
     screen = b""
@@ -667,6 +672,16 @@ def test_down_asks_on_a_terminal(db_with_archive_rows):
     assert accepted == 0, screen
     assert version_of(db_with_archive_rows) == "0003_chatbot_extensions"
     assert not table_exists(db_with_archive_rows, "conversations_archive")
+
+
+def test_asked_on_a_terminal_with_json_stdout_holds_only_the_json(db_with_archive_rows, tmp_path):
+    printed = tmp_path / "out.json"
+    args = ["migrate", "down", "-1", "--json", "--database-url", db_with_archive_rows.cli_url]
+    accepted, screen, asked = run_on_terminal(args, "y", stdout=printed)
+    assert asked and accepted == 0, screen
+    raw = printed.read_text()
+    assert raw.startswith("{") and raw.count("\n") == 1, repr(raw)
+    assert json.loads(raw)["ok"] is True
 
 
 # --- 10. migrate status ----------------------------------------------------------------------------
@@ -959,6 +974,15 @@ def test_usage_errors_are_one_line_from_the_console_script():
         lines = done.stderr.splitlines()
         assert lines[0].startswith("error: ") and lines[1].startswith("hint: see `chatdb"), done.stderr
         assert len(lines) == 2 and "─" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_usage_errors_with_json_print_the_one_json_object_too():
+    args = ["purge", "--older-than", "1d", "--jobs", "0", "--json"]
+    done = subprocess.run([CHATDB, *args], capture_output=True, text=True, env=subprocess_env())
+    assert done.returncode == 2, done
+    payload = json.loads(done.stdout)
+    assert payload["command"] == "purge" and payload["ok"] is False and payload["exit_code"] == 2
+    assert "--jobs" in payload["error"] and done.stderr.startswith("error: ")
 
 
 def test_a_server_that_accepts_and_never_answers_times_out_with_exit_3(cli):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from typing import Annotated
 
 import typer
@@ -207,7 +208,11 @@ def main() -> None:
     except _USAGE_ERROR as exc:
         if exc.format_message():  # empty after printing the help for no arguments
             command = exc.ctx.command_path if exc.ctx is not None else "chatdb"
-            report_error(exc.format_message(), f"see `{command} --help`")
+            hint = f"see `{command} --help`"
+            report_error(exc.format_message(), hint)
+            if "--json" in sys.argv[1:]:  # the one JSON object, as for every other error
+                name = command.removeprefix("chatdb").strip()
+                print_json(name, False, error=exc.format_message(), exit_code=EXIT_USAGE, hint=hint)
         code = EXIT_USAGE
     except typer.Abort:
         report_error("aborted")

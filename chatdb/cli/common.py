@@ -278,7 +278,9 @@ def confirm(question: str, *, yes: bool, off_terminal: str) -> None:
         if off_terminal == "proceed":
             return
         raise StateError("refusing to proceed without --yes when stdin is not a terminal")
-    if not typer.confirm(question, default=False, err=True):
+    # Asked and answered on stderr and stdin: stdout carries only the result (--json).
+    err.print(f"{question} [y/N]: ", end="", markup=False)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
         raise StateError("cancelled; nothing was changed")
 
 
