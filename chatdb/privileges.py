@@ -47,15 +47,16 @@ class RoleGrants:
     statements: list[str]
 
 
-def validate_role(name: str, option: str) -> str:
-    """A role name as typed by a user: any PostgreSQL identifier (it is always quoted)."""
+def validate_role(name: str, option: str, what: str = "role") -> str:
+    """A role (or other) name as typed by a user: any PostgreSQL identifier (it is always
+    quoted)."""
     if not name or not name.strip():
-        raise UsageError(f"{option}: the role name is empty")
+        raise UsageError(f"{option}: the {what} name is empty")
     if len(name.encode()) > _MAX_NAME_BYTES:
         raise UsageError(f"{option} {name!r}: longer than {_MAX_NAME_BYTES} bytes")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         raise UsageError(f"{option} {name!r}: contains a control character")
-    if _RESERVED.match(name):
+    if what == "role" and _RESERVED.match(name):
         raise UsageError(f"{option} {name!r}: a reserved name, not a role of its own")
     return name
 
@@ -67,7 +68,8 @@ def grant_statements(app_role: str, ops_role: str, database: str, schema: str = 
     ops = _quote(validate_role(ops_role, "--ops-role"))
     if app_role == ops_role:
         raise UsageError("--app-role and --ops-role must be different roles")
-    db, sch = _quote(database), _quote(schema)
+    db = _quote(validate_role(database, "--database", "database"))
+    sch = _quote(validate_role(schema, "--schema", "schema"))
 
     def tables(*names: str) -> str:
         return ", ".join(f"{sch}.{_quote(name)}" for name in names)

@@ -549,6 +549,26 @@ def test_restore_of_a_conversation_found_nowhere_restores_nothing(cli, migrated_
     assert checksum(db, "conversations_archive") == before
 
 
+def test_restore_summary_counts_what_came_back(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    user = db.scalar(
+        "SELECT user_id FROM conversations_archive GROUP BY user_id ORDER BY count(*) DESC LIMIT 1"
+    )
+    conversations = db.scalar("SELECT count(*) FROM conversations_archive WHERE user_id = :u", u=user)
+    messages = db.scalar("SELECT count(*) FROM messages_archive WHERE user_id = :u", u=user)
+    result = cli("archive", "restore", "--user", user, "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith("restored")]
+    assert rows == [
+        ["restored", "│", "conversations", "│", f"{conversations:,}"],
+        ["restored", "│", "messages", "│", f"{messages:,}"],
+    ], result.stdout
+    empty = cli("archive", "restore", "--user", " ", "--database-url", db.cli_url)
+    assert empty.exit_code == 2
+    assert "--user" in one_error(empty)
+
+
 def test_a_stopped_restore_run_again_finishes(cli, migrated_db):
     """A restore stopped after some batches left those conversations hot, whole; the
     same command run again restores the rest and leaves them as they are."""

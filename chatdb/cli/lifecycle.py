@@ -227,7 +227,15 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
     title = f"Run {result.run_id}: {result.command}"
     if result.plan.cutoff is not None:
         title += f", {_cutoffs(result.plan)}"
-    out.print(table(title, ["", "rows", ">count"], _shown(_tally_rows(_PAST[verb], result.done))))
+    if verb == "restore":  # from the archive to the hot tables: one count of each
+        done = result.done
+        rows = [
+            ("restored", "conversations", f"{done.archive_conversations:,}"),
+            ("restored", "messages", f"{done.archive_messages:,}"),
+        ]
+    else:
+        rows = _shown(_tally_rows(_PAST[verb], result.done))
+    out.print(table(title, ["", "rows", ">count"], rows))
     line = (
         f"{result.batches:,} batches in {result.elapsed_seconds:.1f} s, "
         f"longest transaction {result.longest_transaction_seconds * 1000:.0f} ms"
@@ -379,6 +387,8 @@ def restore(
             raise UsageError(f"--conversation {raw!r} is not a conversation id (a UUID)") from None
     if bool(ids) == (user is not None):
         raise UsageError("give either --conversation ID (one or more) or --user ID")
+    if user is not None and not user.strip():
+        raise UsageError("--user: the user id is empty")
     with disposing(open_engine(ctx, "archive restore", database_url, connect_timeout)) as engine:
         plan = lifecycle.plan_restore(engine, ids, user)
         _execute(
