@@ -782,6 +782,7 @@ def test_stamp_proves_the_schema_before_recording_it(migrated_db, cli):
 
     # Adopting tables that match: the revision is recorded.
     migrated_db.execute("DELETE FROM chatdb_alembic_version")
+    assert "adopt them: `chatdb migrate stamp REV`" in cli("status", "--database-url", url).stdout
     adopted = cli("migrate", "stamp", "head", "--json", "--database-url", url)
     assert adopted.exit_code == 0, adopted.output
     payload = json_payload(adopted, "migrate stamp")

@@ -122,6 +122,11 @@ def status(
     out.print(f"PostgreSQL {report.server_version}, database {report.database} as {report.user}")
     if not migration.known:
         state = f"[red]{migration.current} (unknown to this chatdb)[/red]"
+    elif migration.current is None and any(t.name != "users" for t in report.tables):
+        state = (
+            "[yellow]no chatdb revision, yet chatdb's tables exist[/yellow]"
+            " (adopt them: `chatdb migrate stamp REV`)"
+        )
     elif migration.current is None:
         state = "[yellow]not migrated[/yellow] (run `chatdb migrate`)"
     elif migration.pending:
