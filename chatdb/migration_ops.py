@@ -32,6 +32,18 @@ def _concurrently() -> bool:
     return bool(op.get_context().opts.get("chatdb_concurrently", True))
 
 
+def refusal(revision: str, query: str) -> str:
+    """A statement that stops a downgrade below ``revision`` with the reason ``query``
+    returns (when it returns no row, nothing happens). The revision runs it before it
+    changes anything; ``chatdb migrate down`` and ``chatdb migrate sql`` ask it before
+    any revision of their range is undone."""
+    return (
+        f"DO $$ DECLARE reason text := ({query}); BEGIN IF reason IS NOT NULL THEN"
+        f" RAISE EXCEPTION USING MESSAGE = 'cannot downgrade below {revision}: ' || reason;"
+        " END IF; END $$"
+    )
+
+
 def create_index(
     name: str, table: str, columns: str, *, unique: bool = False, where: str | None = None
 ) -> None:

@@ -302,12 +302,17 @@ def _refuse_downgrade(connection: Connection, revisions: list[str]) -> None:
     """Refuse, before any revision is undone, a downgrade that one of them would refuse
     midway (its ``DOWNGRADE_REFUSAL`` query returns why), with those after it already
     undone."""
-    script = _script()
-    for revision in revisions:
-        query = getattr(script.get_revision(revision).module, "DOWNGRADE_REFUSAL", None)
-        reason = connection.execute(text(query)).scalar() if query else None
+    for revision, query in _refusals(revisions):
+        reason = connection.execute(text(query)).scalar()
         if reason:
             raise StateError(f"cannot downgrade below {revision}: {reason}", hint="nothing was changed")
+
+
+def _refusals(revisions: list[str]) -> list[tuple[str, str]]:
+    """(revision, its DOWNGRADE_REFUSAL query) of the revisions that have one, in order."""
+    script = _script()
+    found = ((r, getattr(script.get_revision(r).module, "DOWNGRADE_REFUSAL", None)) for r in revisions)
+    return [(revision, query) for revision, query in found if query]
 
 
 def _count_losses(
@@ -404,6 +409,13 @@ def offline_sql(start: str | None = None, end: str = "head") -> str:
         span = f"{first}:{last or BASE}" if first else (last or BASE)
         command.upgrade(config, span, sql=True)
     else:
+        from chatdb import migration_ops
+
+        # Each revision refuses by itself before it changes anything; the refusals of
+        # the whole range come first too, so that none is met after others were undone.
+        undone = [r.id for r in reversed(chain()[_position(last) : _position(first)])]
+        for revision, query in _refusals(undone):
+            config.output_buffer.write(f"{migration_ops.refusal(revision, query)};\n\n")
         command.downgrade(config, f"{first}:{last or BASE}", sql=True)
     return config.output_buffer.getvalue()
 

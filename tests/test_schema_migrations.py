@@ -334,6 +334,27 @@ def test_downgrade_below_0003_refuses_before_undoing_anything_while_system_messa
     )
 
 
+def test_offline_downgrade_sql_refuses_before_undoing_anything(migrated_db, tmp_path):
+    """The same refusal in the SQL a DBA applies with psql: before 0005 and 0004 drop the
+    archive, not after."""
+    migrated_db.execute(
+        "INSERT INTO users (id) VALUES ('u1');"
+        " INSERT INTO conversations (id, user_id) VALUES ('00000000-0000-4000-8000-000000000001', 'u1');"
+        " INSERT INTO messages (conversation_id, user_id, role, content)"
+        " VALUES ('00000000-0000-4000-8000-000000000001', 'u1', 'system', 'be brief');"
+        " INSERT INTO conversations_archive (user_id) VALUES ('u1')"
+    )
+    downgrade = tmp_path / "down.sql"
+    downgrade.write_text(migrations.offline_sql("head", "0002"))
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        psql_file(migrated_db.url, downgrade)
+    assert b"cannot downgrade below 0003_chatbot_extensions: messages with role 'system' exist" in (
+        refused.value.stderr
+    )
+    assert migrations.status(migrated_db.engine).current == HEAD
+    assert migrated_db.scalar("SELECT count(*) FROM conversations_archive") == 1
+
+
 def test_a_busy_table_makes_the_downgrade_plan_fail_fast(migrated_db):
     with migrated_db.engine.connect() as blocker:
         blocker.execute(text("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE"))

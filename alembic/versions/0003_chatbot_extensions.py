@@ -116,19 +116,7 @@ DOWNGRADE_REFUSAL = (
 
 def downgrade() -> None:
     # Refuse before changing anything (also under a plain `alembic downgrade`).
-    op.execute(
-        f"""
-        DO $$
-        DECLARE
-            reason text := ({DOWNGRADE_REFUSAL});
-        BEGIN
-            IF reason IS NOT NULL THEN
-                RAISE EXCEPTION USING MESSAGE = 'cannot downgrade below 0003_chatbot_extensions: ' || reason;
-            END IF;
-        END
-        $$
-        """
-    )
+    op.execute(ops.refusal(revision, DOWNGRADE_REFUSAL))
     ops.create_index("idx_conversations_user_id", "conversations", "(user_id)")
     ops.create_index("idx_conversations_updated_at", "conversations", "(updated_at DESC)")
     ops.create_index("idx_conversations_user_status", "conversations", "(user_id, status)")
