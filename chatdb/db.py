@@ -164,7 +164,11 @@ def connect(
             message = describe_connect_error(exc, database.url)
             if _URL_PROBLEM.match(message):
                 engine.dispose()
-                raise UsageError(f"malformed database URL: {database.display} ({message})") from None
+                reason = message.removeprefix("connection is bad: ")
+                raise UsageError(
+                    f"bad connection parameter for {database.display}: {reason}",
+                    hint="check the URL (its port and query parameters) and any PG* environment variables",
+                ) from None
             remaining = deadline - time.monotonic()
             if not is_transient(exc) or remaining <= 0:
                 engine.dispose()

@@ -638,7 +638,7 @@ def run_on_terminal(
             screen += data
             if not asked and b"[y/N]" in screen:
                 asked = True
-                os.write(master, answer.encode() + b"\r")
+                os.write(master, answer.encode() + (b"" if answer == "\x04" else b"\r"))  # Ctrl-D alone
         try:
             code = process.wait(timeout=30)
         except subprocess.TimeoutExpired:  # never asked, or never finished: fail below
@@ -672,6 +672,16 @@ def test_down_asks_on_a_terminal(db_with_archive_rows):
     assert accepted == 0, screen
     assert version_of(db_with_archive_rows) == "0003_chatbot_extensions"
     assert not table_exists(db_with_archive_rows, "conversations_archive")
+
+
+def test_end_of_input_at_the_question_cancels_on_a_line_of_its_own(db_with_archive_rows):
+    args = ["migrate", "down", "-1", "--database-url", db_with_archive_rows.cli_url]
+    cancelled, screen, asked = run_on_terminal(args, "\x04")  # Ctrl-D
+    assert asked and cancelled == 1, screen
+    after = screen[screen.index("[y/N]:") :]
+    assert re.match(r"\[y/N\]: *\r?\n(\x1b\[[0-9;]*m)*error:", after), repr(after)
+    assert "cancelled; nothing was changed" in after
+    assert version_of(db_with_archive_rows) == HEAD
 
 
 def test_asked_on_a_terminal_with_json_stdout_holds_only_the_json(db_with_archive_rows, tmp_path):

@@ -436,7 +436,7 @@ def test_grants_quotes_role_names_and_refuses_bad_ones(cli):
         assert refused.exit_code == 2, (bad, refused.output)
     same = cli("grants", "--app-role", "x", "--ops-role", "x")
     assert same.exit_code == 2
-    for option, bad in (("--schema", ""), ("--schema", " "), ("--schema", "s" * 64)):
+    for option, bad in (("--schema", ""), ("--schema", " "), ("--schema", "s" * 64), ("--database", "")):
         refused = cli("grants", "--app-role", "app", "--ops-role", "ops", option, bad)
         assert refused.exit_code == 2, (option, bad, refused.output)
         assert option in error_line(refused)

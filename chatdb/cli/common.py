@@ -280,7 +280,14 @@ def confirm(question: str, *, yes: bool, off_terminal: str) -> None:
         raise StateError("refusing to proceed without --yes when stdin is not a terminal")
     # Asked and answered on stderr and stdin: stdout carries only the result (--json).
     err.print(f"{question} [y/N]: ", end="", markup=False)
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        err.print()  # the error goes on a line of its own
+        raise
+    if not answer.endswith("\n"):
+        err.print()  # end of input (Ctrl-D)
+    if answer.strip().lower() not in ("y", "yes"):
         raise StateError("cancelled; nothing was changed")
 
 

@@ -46,7 +46,9 @@ def grants(
         url = database_url if database_url is not None else settings(ctx).database_url
         configured = db.configured_database(url)
         database = configured.url.database if configured and configured.url.database else None
-    roles = privileges.grant_statements(app_role, ops_role, database or embedded.DATABASE_NAME, schema)
+    roles = privileges.grant_statements(
+        app_role, ops_role, embedded.DATABASE_NAME if database is None else database, schema
+    )
     if as_json:
         print_json("grants", True, roles=roles)
         return
