@@ -288,14 +288,19 @@ def test_downgrade_plan_never_lists_the_application_users_table(empty_db):
     assert "users" not in {t.table for t in plan.tables}
 
 
+# A message only 0003 allows (role 'system'), and an archived conversation that 0004's
+# downgrade would drop.
+SYSTEM_MESSAGE_AND_ARCHIVE = (
+    "INSERT INTO users (id) VALUES ('u1');"
+    " INSERT INTO conversations (id, user_id) VALUES ('00000000-0000-4000-8000-000000000001', 'u1');"
+    " INSERT INTO messages (conversation_id, user_id, role, content)"
+    " VALUES ('00000000-0000-4000-8000-000000000001', 'u1', 'system', 'be brief');"
+    " INSERT INTO conversations_archive (user_id) VALUES ('u1')"
+)
+
+
 def test_downgrade_below_0003_refuses_before_undoing_anything_while_system_messages_exist(migrated_db):
-    migrated_db.execute(
-        "INSERT INTO users (id) VALUES ('u1');"
-        " INSERT INTO conversations (id, user_id) VALUES ('00000000-0000-4000-8000-000000000001', 'u1');"
-        " INSERT INTO messages (conversation_id, user_id, role, content)"
-        " VALUES ('00000000-0000-4000-8000-000000000001', 'u1', 'system', 'be brief');"
-        " INSERT INTO conversations_archive (user_id) VALUES ('u1')"
-    )
+    migrated_db.execute(SYSTEM_MESSAGE_AND_ARCHIVE)
     # From head: refused before 0005 and 0004 are undone (0004 would drop the archive).
     with pytest.raises(StateError) as refused:
         migrations.downgrade(migrated_db.engine, "0002")
@@ -337,13 +342,7 @@ def test_downgrade_below_0003_refuses_before_undoing_anything_while_system_messa
 def test_offline_downgrade_sql_refuses_before_undoing_anything(migrated_db, tmp_path):
     """The same refusal in the SQL a DBA applies with psql: before 0005 and 0004 drop the
     archive, not after."""
-    migrated_db.execute(
-        "INSERT INTO users (id) VALUES ('u1');"
-        " INSERT INTO conversations (id, user_id) VALUES ('00000000-0000-4000-8000-000000000001', 'u1');"
-        " INSERT INTO messages (conversation_id, user_id, role, content)"
-        " VALUES ('00000000-0000-4000-8000-000000000001', 'u1', 'system', 'be brief');"
-        " INSERT INTO conversations_archive (user_id) VALUES ('u1')"
-    )
+    migrated_db.execute(SYSTEM_MESSAGE_AND_ARCHIVE)
     downgrade = tmp_path / "down.sql"
     downgrade.write_text(migrations.offline_sql("head", "0002"))
     with pytest.raises(subprocess.CalledProcessError) as refused:
