@@ -116,8 +116,10 @@ _GUARD_KEY = (0x63686174, 0x6C696665)
 # --- durations -----------------------------------------------------------------------------
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
-_DURATION = re.compile(r"(?:\d+[a-z]+)+")
-_PART = re.compile(r"(\d+)([a-z]+)")
+# ASCII digits only: \d and int() also take the digits of other scripts (Arabic-Indic,
+# fullwidth), which a duration never has.
+_DURATION = re.compile(r"(?:[0-9]+[a-z]+)+")
+_PART = re.compile(r"([0-9]+)([a-z]+)")
 MAX_DURATION_SECONDS = 36_525 * 86_400  # 100 years
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import uuid
@@ -64,6 +65,11 @@ MaxRuntime = Annotated[
 
 _PAST = {"move": "moved", "delete": "deleted", "restore": "restored"}
 _STOP_EXIT = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}
+# A conversation id as uuid.UUID reads it, in ASCII hex only (UUID() also takes other
+# scripts' digits, underscores and blanks).
+_UUID = re.compile(
+    r"(?:urn:uuid:)?\{?[0-9a-f]{8}(?:-?[0-9a-f]{4}){3}-?[0-9a-f]{12}\}?", re.ASCII | re.IGNORECASE
+)
 
 
 # --- shared by the three commands -----------------------------------------------------------
@@ -381,10 +387,9 @@ def restore(
     """
     ids = []
     for raw in conversation or []:
-        try:
-            ids.append(uuid.UUID(raw))
-        except ValueError:
-            raise UsageError(f"--conversation {raw!r} is not a conversation id (a UUID)") from None
+        if not _UUID.fullmatch(raw):
+            raise UsageError(f"--conversation {raw!r} is not a conversation id (a UUID)")
+        ids.append(uuid.UUID(raw))
     if bool(ids) == (user is not None):
         raise UsageError("give either --conversation ID (one or more) or --user ID")
     if user is not None and not user.strip():

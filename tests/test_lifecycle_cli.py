@@ -1,0 +1,124 @@
+"""`chatdb archive`, `archive restore` and `purge` as a user meets them: numbers
+written in other scripts' digits are bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import text
+
+from chatdb import lifecycle
+from chatdb.errors import UsageError
+
+IDLE = 3  # idle conversations of user u1, two messages each
+
+
+def populate(db, idle: int = IDLE) -> None:
+    """User u1 with ``idle`` conversations idle for 200 days and more, two messages each,
+    and a user with no conversations at all."""
+    db.execute(
+        "INSERT INTO users (id, email) VALUES ('u1', 'u1@example.com'), ('app-only', 'app@example.com')"
+    )
+    db.execute(
+        "INSERT INTO conversations (user_id, title, created_at, updated_at)"
+        " SELECT 'u1', 'chat ' || g, now() - interval '300 days', now() - make_interval(days => 200 + g)"
+        " FROM generate_series(1, :n) g",
+        n=idle,
+    )
+    db.execute(
+        "INSERT INTO messages (conversation_id, user_id, role, content, created_at)"
+        " SELECT c.id, c.user_id, 'user', 'hello ' || k, c.created_at"
+        " FROM conversations c, generate_series(1, 2) k"
+    )
+
+
+def rows(db) -> dict[str, int]:
+    return {
+        table: db.scalar(f"SELECT count(*) FROM {table}")
+        for table in ("conversations", "messages", "conversations_archive", "messages_archive")
+    }
+
+
+def one_error(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr
+    return errors[0]
+
+
+def chatdb(db, *args: str, **options) -> subprocess.Popen:
+    """The console script in a process of its own (usage errors Typer reports go through
+    it as they do for a user)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatdb", *args, "--database-url", db.cli_url],
+        stdout=options.pop("stdout", subprocess.PIPE),
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **options,
+    )
+
+
+# --- item: numbers are written in ASCII digits -------------------------------------------------
+
+ARABIC_INDIC_90 = "\u0669\u0660"
+FULLWIDTH_90 = "\uff19\uff10"
+ARABIC_INDIC_12 = "\u0661\u0662"
+ARABIC_INDIC_UUID = "-".join("\u0660" * n for n in (8, 4, 4, 4, 12))
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (("purge", "--older-than", f"{ARABIC_INDIC_90}d"), "--older-than"),
+        (("purge", "--older-than", f"{FULLWIDTH_90}d"), "--older-than"),
+        (("archive", "--older-than", f"1d{ARABIC_INDIC_12}h"), "--older-than"),
+        (("purge", "--older-than", "90d", "--deleted-grace", f"{ARABIC_INDIC_90}d"), "--deleted-grace"),
+        (("archive", "--older-than", "90d", "--max-runtime", f"{FULLWIDTH_90}m"), "--max-runtime"),
+        (("purge", "--older-than", "90d", "--batch-size", ARABIC_INDIC_90), "--batch-size"),
+        (("archive", "--older-than", "90d", "--jobs", FULLWIDTH_90[:1]), "--jobs"),
+        (("archive", "restore", "--conversation", ARABIC_INDIC_UUID), "--conversation"),
+        (("archive", "restore", "--conversation", "0000_000-0000-0000-0000-000000000001"), "--conversation"),
+        (("archive", "restore", "--conversation", " 0000000-0000-0000-0000-000000000001"), "--conversation"),
+    ],
+)
+def test_numbers_in_other_digits_are_bad_input(migrated_db, args, option):
+    """Python reads Arabic-Indic or fullwidth digits as digits (int() makes 90 of them): a
+    duration, a count or an id written so is refused with exit 2, and nothing runs."""
+    db = migrated_db
+    populate(db)
+    before = rows(db)
+    process = chatdb(db, *args)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2, stderr
+    assert option in one_error(stderr)
+    assert rows(db) == before
+    assert db.scalar("SELECT count(*) FROM chatdb_runs") == 0
+
+
+@pytest.mark.parametrize(
+    "raw", [f"{ARABIC_INDIC_90}d", f"{FULLWIDTH_90}d", f"1d{ARABIC_INDIC_12}h", f"9{FULLWIDTH_90[1]}d"]
+)
+def test_the_duration_parser_takes_ascii_digits_only(raw):
+    with pytest.raises(UsageError):
+        lifecycle.parse_duration(raw, "--older-than")
+
+
+def test_the_usual_spellings_of_a_conversation_id_still_work(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    assert cli("archive", "--older-than", "100d", "--database-url", db.cli_url).exit_code == 0
+    archived = sorted(
+        str(i) for i in db.engine.connect().execute(text("SELECT id FROM conversations_archive")).scalars()
+    )
+    spellings = [archived[0].upper(), "{" + archived[1] + "}", archived[2].replace("-", "")]
+    result = cli(
+        "archive", "restore", *[a for s in spellings for a in ("--conversation", s)], "--json",
+        "--database-url", db.cli_url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["done"]["archive_conversations"] == IDLE
