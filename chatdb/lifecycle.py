@@ -76,6 +76,7 @@ from chatdb.schema import (
     conversations_archive,
     messages,
     messages_archive,
+    users,
 )
 
 DEFAULT_BATCH_SIZE = 1000
@@ -326,6 +327,11 @@ def plan_restore(
     ids = tuple(dict.fromkeys(conversation_ids))
     hot: tuple[uuid.UUID, ...] = ()
     with engine.connect() as connection:
+        if (
+            user_id is not None
+            and not connection.execute(select(exists().where(users.c.id == user_id))).scalar_one()
+        ):
+            raise StateError(f"no user {user_id!r} in the users table; nothing was restored")
         chosen = _restorable(ids, user_id)
         found = set(connection.execute(chosen).scalars())
         if ids and len(found) < len(ids):

@@ -1,5 +1,6 @@
 """`chatdb archive`, `archive restore` and `purge` as a user meets them: numbers
-written in other scripts' digits are bad input."""
+written in other scripts' digits are bad input, and restore says what it restored (and
+refuses a user who does not exist)."""
 
 from __future__ import annotations
 
@@ -121,4 +122,49 @@ def test_the_usual_spellings_of_a_conversation_id_still_work(cli, migrated_db):
         "--database-url", db.cli_url,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["done"]["archive_conversations"] == IDLE
+    assert json.loads(result.stdout)["done"]["conversations"] == IDLE
+
+
+# --- item: archive restore ---------------------------------------------------------------------------
+
+
+def test_restore_of_a_user_who_does_not_exist_is_an_error(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    assert cli("archive", "--older-than", "100d", "--database-url", db.cli_url).exit_code == 0
+    before = rows(db)
+    result = cli("archive", "restore", "--user", "no-such-user", "--database-url", db.cli_url)
+    assert result.exit_code == 1, result.output
+    assert "'no-such-user'" in one_error(result.stderr)
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    as_json = cli("archive", "restore", "--user", "no-such-user", "--json", "--database-url", db.cli_url)
+    assert as_json.exit_code == 1
+    error = json.loads(as_json.stdout)
+    assert error["ok"] is False and error["exit_code"] == 1 and "'no-such-user'" in error["error"]
+    assert rows(db) == before
+    assert db.scalar("SELECT count(*) FROM chatdb_runs WHERE command = 'archive restore'") == 0
+
+
+def test_restore_of_a_user_with_nothing_archived_says_so(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    result = cli("archive", "restore", "--user", "app-only", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Nothing to restore: user 'app-only' has no conversations in the archive.\n"
+    as_json = cli("archive", "restore", "--user", "app-only", "--json", "--database-url", db.cli_url)
+    assert as_json.exit_code == 0, as_json.output
+    summary = json.loads(as_json.stdout)
+    assert summary["ok"] and summary["done"] == {"conversations": 0, "messages": 0}
+
+
+def test_restore_json_counts_what_was_restored(cli, migrated_db):
+    """A script reading `done.conversations` learns how many conversations came back."""
+    db = migrated_db
+    populate(db)
+    assert cli("archive", "--older-than", "100d", "--database-url", db.cli_url).exit_code == 0
+    result = cli("archive", "restore", "--user", "u1", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["done"] == {"conversations": IDLE, "messages": 2 * IDLE}
+    assert summary["planned"] == {"conversations": IDLE, "messages": 2 * IDLE}
+    assert rows(db)["conversations"] == IDLE and rows(db)["conversations_archive"] == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from chatdb import lifecycle
@@ -153,11 +154,19 @@ def _show_plan(plan: lifecycle.Plan, verb: str, to_stderr: bool) -> None:
     console.print(table(None, ["", "rows", ">count"], _shown(_tally_rows(verb, plan.counts))))
 
 
+def _counts(plan: lifecycle.Plan, tally: lifecycle.Tally) -> dict[str, int]:
+    """Counts for --json. A restore takes rows from the archive and puts them back in the
+    hot tables: its counts are the conversations and messages restored."""
+    if plan.command == "archive restore":
+        return {"conversations": tally.archive_conversations, "messages": tally.archive_messages}
+    return tally.as_dict()
+
+
 def _json_plan(plan: lifecycle.Plan) -> dict[str, Any]:
     shown: dict[str, Any] = {
         "cutoff": plan.cutoff,
         "deleted_cutoff": plan.deleted_cutoff,
-        "planned": plan.counts.as_dict() if plan.counts else None,
+        "planned": _counts(plan, plan.counts) if plan.counts else None,
     }
     if plan.conversation_ids:
         shown["already_hot"] = [str(i) for i in plan.already_hot]
@@ -216,7 +225,7 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
             complete=result.complete,
             stopped_by=result.stopped_by,
             **_json_plan(result.plan),
-            done=result.done.as_dict(),
+            done=_counts(result.plan, result.done),
             remaining=result.remaining.as_dict() if result.remaining else None,
             exported=result.exported,
             batches=result.batches,
@@ -235,6 +244,10 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
         title += f", {_cutoffs(result.plan)}"
     if verb == "restore":  # from the archive to the hot tables: one count of each
         done = result.done
+        if result.plan.user_id is not None and not done.archive_conversations and result.complete:
+            user = escape(repr(result.plan.user_id))
+            out.print(f"Nothing to restore: user {user} has no conversations in the archive.")
+            return
         rows = [
             ("restored", "conversations", f"{done.archive_conversations:,}"),
             ("restored", "messages", f"{done.archive_messages:,}"),
@@ -376,8 +389,9 @@ def restore(
     """Move archived conversations back to the hot tables, exactly as they were, with all
     their messages. If a named conversation is in neither the archive nor the hot tables,
     nothing is restored; one already in the hot tables is left as it is, so running a
-    stopped restore again finishes it. A restored conversation keeps its old updated_at,
-    so the next `chatdb archive` moves it again unless it receives a message first.
+    stopped restore again finishes it. A --user that is not in the users table is an
+    error. A restored conversation keeps its old updated_at, so the next `chatdb archive`
+    moves it again unless it receives a message first.
 
     Example:
 
