@@ -343,8 +343,9 @@ def plan_restore(
             missing = [str(i) for i in ids if i not in found and i not in in_hot]
             if missing:
                 more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                are = "is" if len(missing) == 1 else "are"
                 raise StateError(
-                    f"{len(missing)} of the given conversations are in neither the archive nor the "
+                    f"{len(missing)} of the given conversations {are} in neither the archive nor the "
                     f"hot tables: {', '.join(missing[:5])}{more}",
                     hint="nothing was restored",
                 )
@@ -396,7 +397,7 @@ class _RunningRun:
         pid = f" (pid {self.client_pid})" if self.client_pid else ""
         return (
             f"{self.command} run {self.id}, started {self.started_at:%Y-%m-%d %H:%M:%S%z} by "
-            f"{self.db_user}{where}{pid}, last heartbeat {self.heartbeat_age:.0f} s ago"
+            f"{self.db_user}{where}{pid}, last heartbeat {_age(self.heartbeat_age)}"
             + (" (stalled?)" if self.heartbeat_age > STALLED_SECONDS else "")
         )
 
@@ -484,6 +485,16 @@ class _Guard:
             self.connection.close()
 
 
+def _age(seconds: float) -> str:
+    """How long ago, in whole units: "0 s ago", "75 s ago", "12 min ago", "5 h ago"."""
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 120 * 60:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600:,} h ago"
+
+
 def _guard_params() -> dict[str, int]:
     return {"a": _GUARD_KEY[0], "b": _GUARD_KEY[1]}
 
@@ -496,7 +507,9 @@ def _running_run(connection: Connection) -> _RunningRun | None:
                 r.id,
                 r.command,
                 r.started_at,
-                func.extract("epoch", func.now() - r.heartbeat_at),
+                # The clock now, not this transaction's start, which may precede the
+                # holder's last heartbeat.
+                func.extract("epoch", func.clock_timestamp() - r.heartbeat_at),
                 r.db_user,
                 r.client_host,
                 r.client_pid,

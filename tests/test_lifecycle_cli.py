@@ -1,6 +1,6 @@
 """`chatdb archive`, `archive restore` and `purge` as a user meets them: numbers
-written in other scripts' digits are bad input, and restore says what it restored (and
-refuses a user who does not exist)."""
+written in other scripts' digits are bad input, restore says what it restored (and
+refuses a user who does not exist), and the summaries' words agree with their counts."""
 
 from __future__ import annotations
 
@@ -168,3 +168,62 @@ def test_restore_json_counts_what_was_restored(cli, migrated_db):
     assert summary["done"] == {"conversations": IDLE, "messages": 2 * IDLE}
     assert summary["planned"] == {"conversations": IDLE, "messages": 2 * IDLE}
     assert rows(db)["conversations"] == IDLE and rows(db)["conversations_archive"] == 0
+
+
+# --- item: polish ------------------------------------------------------------------------------------
+
+
+def test_counts_agree_with_their_words(cli, migrated_db, tmp_path):
+    db = migrated_db
+    populate(db, idle=1)
+    url = ("--database-url", db.cli_url)
+    archived = cli("archive", "--older-than", "100d", "--export", str(tmp_path / "a.jsonl"), *url)
+    assert archived.exit_code == 0, archived.output
+    assert "1 batch in " in archived.stdout and "; 1 conversation exported." in archived.stdout
+    conversation = str(db.scalar("SELECT id FROM conversations_archive"))
+    restored = cli("archive", "restore", "--conversation", conversation, *url)
+    assert restored.exit_code == 0, restored.output
+    assert "1 batch in " in restored.stdout
+    again = cli("archive", "restore", "--conversation", conversation, *url)
+    assert again.exit_code == 0, again.output
+    assert "0 batches in " in again.stdout
+    assert "1 of the given conversations was already in the hot tables." in again.stdout
+    nowhere = cli("archive", "restore", "--conversation", "00000000-0000-0000-0000-000000000001", *url)
+    assert nowhere.exit_code == 1
+    assert "1 of the given conversations is in neither" in one_error(nowhere.stderr)
+
+
+@pytest.mark.parametrize("command", [("purge",), ("archive", "restore")])
+def test_help_describes_only_the_commands_own_options(cli, command):
+    """--export is archive's: the --jobs help of purge and restore does not mention it."""
+    result = cli(*command, "--help")
+    assert result.exit_code == 0
+    assert "--jobs" in result.stdout and "--export" not in result.stdout
+    archive = " ".join(cli("archive", "--help").stdout.replace("│", " ").split())
+    assert "its own connection (an --export runs one at a time)" in archive
+
+
+@pytest.mark.parametrize(
+    "heartbeat, age",
+    [
+        ("now() + interval '30 s'", "last heartbeat 0 s ago"),
+        ("now() - interval '3 hours'", "3 h ago (stalled?)"),
+    ],
+)
+def test_a_refused_run_names_a_sane_heartbeat_age(cli, migrated_db, heartbeat, age):
+    """The holder's heartbeat may be stamped after the refused run's clock (its
+    transaction started first, or the clock stepped): the age is never negative."""
+    db = migrated_db
+    holder = db.engine.connect()
+    try:
+        # The guard, held as a run holds it, and the row of the run holding it.
+        holder.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": 0x63686174, "b": 0x6C696665})
+        db.execute(f"INSERT INTO chatdb_runs (command, heartbeat_at) VALUES ('purge', {heartbeat})")
+        result = cli("purge", "--older-than", "90d", "--json", "--database-url", db.cli_url)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == 1, result.output
+    error = json.loads(result.stdout)["error"]
+    assert "another archive or purge run is in progress" in error
+    assert age in error and " -" not in error, error

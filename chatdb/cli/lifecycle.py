@@ -44,14 +44,12 @@ BatchSize = Annotated[
         min=1,
     ),
 ]
-Jobs = Annotated[
+_JOBS_HELP = "Batches in flight at once, each in its own short transaction on its own connection."
+Jobs = Annotated[int, typer.Option("--jobs", help=_JOBS_HELP, min=1, max=lifecycle.MAX_JOBS)]
+ArchiveJobs = Annotated[
     int,
     typer.Option(
-        "--jobs",
-        help="Batches in flight at once, each in its own short transaction on its own connection "
-        "(an --export runs one at a time).",
-        min=1,
-        max=lifecycle.MAX_JOBS,
+        "--jobs", help=f"{_JOBS_HELP[:-1]} (an --export runs one at a time).", min=1, max=lifecycle.MAX_JOBS
     ),
 ]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Change nothing; report exactly what would change.")]
@@ -74,6 +72,11 @@ _UUID = re.compile(
 
 
 # --- shared by the three commands -----------------------------------------------------------
+
+
+def _n(count: int, noun: str, plural: str | None = None) -> str:
+    """A count with its noun: "1 batch", "2 batches", "1,000 conversations"."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
 
 
 @contextmanager
@@ -256,23 +259,23 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
         rows = _shown(_tally_rows(_PAST[verb], result.done))
     out.print(table(title, ["", "rows", ">count"], rows))
     line = (
-        f"{result.batches:,} batches in {result.elapsed_seconds:.1f} s, "
+        f"{_n(result.batches, 'batch', 'batches')} in {result.elapsed_seconds:.1f} s, "
         f"longest transaction {result.longest_transaction_seconds * 1000:.0f} ms"
     )
     if result.exported:
-        line += f"; {result.exported:,} conversations exported"
+        line += f"; {_n(result.exported, 'conversation')} exported"
     if result.plan.already_hot:
-        line += (
-            f"; {len(result.plan.already_hot):,} of the given conversations were already in the hot tables"
-        )
+        hot = len(result.plan.already_hot)
+        were = "was" if hot == 1 else "were"
+        line += f"; {hot:,} of the given conversations {were} already in the hot tables"
     out.print(line + ".")
     if not result.complete:
         left = ""
         if result.remaining is not None:
             left_over = result.remaining
             conversations = left_over.conversations + left_over.archive_conversations
-            left = f" {conversations:,} conversations and {left_over.messages + left_over.archive_messages:,}"
-            left += " messages are left;"
+            messages = left_over.messages + left_over.archive_messages
+            left = f" {_n(conversations, 'conversation')} and {_n(messages, 'message')} are left;"
         out.print(f"[yellow]Stopped ({result.stopped_by}).[/yellow]{left} run the command again to continue.")
 
 
@@ -299,7 +302,7 @@ def archive(
         ),
     ] = None,
     batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: Jobs = lifecycle.DEFAULT_JOBS,
+    jobs: ArchiveJobs = lifecycle.DEFAULT_JOBS,
     dry_run: DryRun = False,
     yes: Yes = False,
     export: Annotated[
