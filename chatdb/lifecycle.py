@@ -236,6 +236,8 @@ class RunOptions:
     should_stop: Callable[[], str | None] = lambda: None
     progress: Callable[[Tally], None] | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
+    #: Called once the run's outcome is committed to its audit row: the run is over.
+    recorded: Callable[[], None] = lambda: None
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -1483,7 +1485,8 @@ class _Runner:
                 with self.engine.begin() as connection:
                     close(connection)
             except DBAPIError:
-                pass
+                return
+        self.options.recorded()
 
 
 def _outcome_unknown(sqlstate: str | None) -> bool:

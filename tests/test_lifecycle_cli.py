@@ -1,13 +1,20 @@
-"""`chatdb archive`, `archive restore` and `purge` as a user meets them: numbers
-written in other scripts' digits are bad input, restore says what it restored (and
-refuses a user who does not exist), and the summaries' words agree with their counts."""
+"""`chatdb archive`, `archive restore` and `purge` as a user meets them: numbers in other
+scripts' digits are bad input, a signal that comes once the run has recorded its outcome
+changes nothing, restore says what it restored (and refuses a user who does not exist),
+and the summaries' words agree with their counts."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import platform
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -123,6 +130,73 @@ def test_the_usual_spellings_of_a_conversation_id_still_work(cli, migrated_db):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["done"]["conversations"] == IDLE
+
+
+# --- item: a signal after the run recorded its outcome --------------------------------------------
+
+_WRITE = {"x86_64": "1", "aarch64": "64"}.get(platform.machine())  # write(2)'s system call number
+
+
+def _writing_to_stdout(pid: int) -> bool:
+    """Whether the process is asleep in write(2) on its standard output."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return fields[:2] == [_WRITE, "0x1"]
+
+
+@pytest.mark.skipif(
+    _WRITE is None or not Path(f"/proc/{os.getpid()}/syscall").exists(),
+    reason="needs Linux's /proc/PID/syscall on x86_64 or aarch64",
+)
+@pytest.mark.parametrize("signum, args", [(signal.SIGINT, ("--json",)), (signal.SIGTERM, ())])
+def test_a_signal_after_the_outcome_is_recorded_changes_nothing(migrated_db, signum, args):
+    """The run's work committed and its audit row says `succeeded`; the process is held as
+    it prints its summary (its stdout is a full pipe), and a signal comes then. It prints
+    its summary and exits 0, as the audit row says (it exited 130 or 143)."""
+    db = migrated_db
+    populate(db)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    filler = b"x" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    os.write(write_end, filler)  # the pipe is full: the first write to stdout waits
+    try:
+        process = chatdb(db, "purge", "--older-than", "90d", *args, stdout=write_end)
+    finally:
+        os.close(write_end)
+    received: list[bytes] = []
+
+    def drain() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            received.append(pipe.read())
+
+    try:
+        deadline = time.monotonic() + 60
+        while db.scalar("SELECT count(*) FROM chatdb_runs WHERE outcome = 'succeeded'") == 0:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run did not record its outcome"
+            time.sleep(0.02)
+        while not _writing_to_stdout(process.pid):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the process never wrote its summary"
+            time.sleep(0.02)
+        process.send_signal(signum)
+    finally:
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        _, stderr = process.communicate(timeout=60)
+        reader.join(60)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    output = received[0].removeprefix(filler).decode()
+    if "--json" in args:
+        summary = json.loads(output)
+        assert summary["ok"] and summary["outcome"] == "succeeded"
+        assert summary["done"]["conversations"] == IDLE
+    else:
+        assert "Run " in output and "deleted" in output, output
+    assert db.scalar("SELECT outcome FROM chatdb_runs") == "succeeded"
 
 
 # --- item: archive restore ---------------------------------------------------------------------------

@@ -79,23 +79,42 @@ def _n(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
 
 
-@contextmanager
-def _stop_requests() -> Iterator[Callable[[], str | None]]:
-    """Ctrl-C and SIGTERM ask the run to stop after the batch in flight; a second one
-    stops at once (the batch in flight rolls back, unless its COMMIT was on its way)."""
-    requested: list[str] = []
+class _Signals:
+    """What Ctrl-C (SIGINT) and SIGTERM do, from the start of a lifecycle command to its end.
 
-    def handle(signum: int, frame: object) -> None:
-        if requested:
+    Before the run (planning, counting, the question) they stop at once: a read in flight
+    is cancelled in the server. During the run the first asks it to stop after the batch
+    in flight, and a second stops at once (that batch rolls back, unless its COMMIT was on
+    its way). Once the run's outcome is committed to its audit row, the run is over: a
+    signal changes nothing, neither the summary nor the exit code, which are the run's."""
+
+    def __init__(self) -> None:
+        self.stage = "before"  # "before", "running" or "over"
+        self.requested: str | None = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.stage == "over":
+            return
+        if self.stage == "before" or self.requested:
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
-        requested.append("interrupted" if signum == signal.SIGINT else "terminated")
-        err.print(f"chatdb: {requested[0]}; stopping after the current batch (again to stop now)")
+        self.requested = "interrupted" if signum == signal.SIGINT else "terminated"
+        err.print(f"chatdb: {self.requested}; stopping after the current batch (again to stop now)")
 
+    def stop_requested(self) -> str | None:
+        return self.requested
+
+    def run_over(self) -> None:
+        self.stage = "over"
+
+
+@contextmanager
+def _signals() -> Iterator[_Signals]:
+    state = _Signals()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, handle)
+        signal.signal(sig, state.handle)
     try:
-        yield lambda: requested[0] if requested else None
+        yield state
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -179,6 +198,7 @@ def _json_plan(plan: lifecycle.Plan) -> dict[str, Any]:
 def _execute(
     plan: lifecycle.Plan,
     run: Callable[[lifecycle.RunOptions], lifecycle.RunResult],
+    signals: _Signals,
     *,
     verb: str,
     yes: bool,
@@ -203,16 +223,24 @@ def _execute(
             err.print("Nothing to do.")
     nothing_to_do = plan.counts is not None and not plan.counts.rows
     confirm(f"{verb.capitalize()} these rows?", yes=yes or nothing_to_do, off_terminal="proceed")
-    with _stop_requests() as should_stop, _progress(plan) as progress:
+    with _progress(plan) as progress:
         options = lifecycle.RunOptions(
             batch_size=batch_size,
             jobs=jobs,
             max_runtime=max_runtime,
-            should_stop=should_stop,
+            should_stop=signals.stop_requested,
             progress=progress,
             arguments=arguments,
+            recorded=signals.run_over,
         )
-        result = run(options)
+        signals.stage = "running"
+        try:
+            result = run(options)
+        except BaseException:
+            if signals.stage == "running":  # it ended before recording its outcome
+                signals.stage = "before"
+            raise
+    signals.run_over()  # also when its outcome could not be recorded
     _render(result, verb, as_json)
     if result.stopped_by in _STOP_EXIT:
         raise typer.Exit(_STOP_EXIT[result.stopped_by])
@@ -348,11 +376,15 @@ def archive(
         raise UsageError("--older-than is required (for example `chatdb archive --older-than 180d`)")
     duration = lifecycle.parse_duration(older_than, "--older-than")
     limit = _duration(max_runtime, "--max-runtime")
-    with disposing(open_engine(ctx, "archive", database_url, connect_timeout)) as engine:
+    with (
+        _signals() as signals,
+        disposing(open_engine(ctx, "archive", database_url, connect_timeout)) as engine,
+    ):
         plan = lifecycle.plan_archive(engine, duration, count=_needs_counts(dry_run, yes))
         _execute(
             plan,
             lambda options: lifecycle.archive(engine, plan, options, export),
+            signals,
             verb="move",
             yes=yes,
             dry_run=dry_run,
@@ -411,11 +443,15 @@ def restore(
         raise UsageError("give either --conversation ID (one or more) or --user ID")
     if user is not None and not user.strip():
         raise UsageError("--user: the user id is empty")
-    with disposing(open_engine(ctx, "archive restore", database_url, connect_timeout)) as engine:
+    with (
+        _signals() as signals,
+        disposing(open_engine(ctx, "archive restore", database_url, connect_timeout)) as engine,
+    ):
         plan = lifecycle.plan_restore(engine, ids, user)
         _execute(
             plan,
             lambda options: lifecycle.restore(engine, plan, options),
+            signals,
             verb="restore",
             yes=True,
             dry_run=False,
@@ -475,11 +511,12 @@ def purge(
     duration = lifecycle.parse_duration(older_than, "--older-than")
     grace = lifecycle.parse_duration(deleted_grace, "--deleted-grace")
     limit = _duration(max_runtime, "--max-runtime")
-    with disposing(open_engine(ctx, "purge", database_url, connect_timeout)) as engine:
+    with _signals() as signals, disposing(open_engine(ctx, "purge", database_url, connect_timeout)) as engine:
         plan = lifecycle.plan_purge(engine, duration, grace, count=_needs_counts(dry_run, yes))
         _execute(
             plan,
             lambda options: lifecycle.purge(engine, plan, options),
+            signals,
             verb="delete",
             yes=yes,
             dry_run=dry_run,
