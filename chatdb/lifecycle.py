@@ -76,6 +76,7 @@ from chatdb.schema import (
     conversations_archive,
     messages,
     messages_archive,
+    users,
 )
 
 DEFAULT_BATCH_SIZE = 1000
@@ -116,8 +117,10 @@ _GUARD_KEY = (0x63686174, 0x6C696665)
 # --- durations -----------------------------------------------------------------------------
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
-_DURATION = re.compile(r"(?:\d+[a-z]+)+")
-_PART = re.compile(r"(\d+)([a-z]+)")
+# ASCII digits only: \d and int() also take the digits of other scripts (Arabic-Indic,
+# fullwidth), which a duration never has.
+_DURATION = re.compile(r"(?:[0-9]+[a-z]+)+")
+_PART = re.compile(r"([0-9]+)([a-z]+)")
 MAX_DURATION_SECONDS = 36_525 * 86_400  # 100 years
 
 
@@ -233,6 +236,8 @@ class RunOptions:
     should_stop: Callable[[], str | None] = lambda: None
     progress: Callable[[Tally], None] | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
+    #: Called once the run's outcome is committed to its audit row: the run is over.
+    recorded: Callable[[], None] = lambda: None
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -324,6 +329,11 @@ def plan_restore(
     ids = tuple(dict.fromkeys(conversation_ids))
     hot: tuple[uuid.UUID, ...] = ()
     with engine.connect() as connection:
+        if (
+            user_id is not None
+            and not connection.execute(select(exists().where(users.c.id == user_id))).scalar_one()
+        ):
+            raise StateError(f"no user {user_id!r} in the users table; nothing was restored")
         chosen = _restorable(ids, user_id)
         found = set(connection.execute(chosen).scalars())
         if ids and len(found) < len(ids):
@@ -335,8 +345,9 @@ def plan_restore(
             missing = [str(i) for i in ids if i not in found and i not in in_hot]
             if missing:
                 more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                are = "is" if len(missing) == 1 else "are"
                 raise StateError(
-                    f"{len(missing)} of the given conversations are in neither the archive nor the "
+                    f"{len(missing)} of the given conversations {are} in neither the archive nor the "
                     f"hot tables: {', '.join(missing[:5])}{more}",
                     hint="nothing was restored",
                 )
@@ -388,7 +399,7 @@ class _RunningRun:
         pid = f" (pid {self.client_pid})" if self.client_pid else ""
         return (
             f"{self.command} run {self.id}, started {self.started_at:%Y-%m-%d %H:%M:%S%z} by "
-            f"{self.db_user}{where}{pid}, last heartbeat {self.heartbeat_age:.0f} s ago"
+            f"{self.db_user}{where}{pid}, last heartbeat {_age(self.heartbeat_age)}"
             + (" (stalled?)" if self.heartbeat_age > STALLED_SECONDS else "")
         )
 
@@ -476,6 +487,16 @@ class _Guard:
             self.connection.close()
 
 
+def _age(seconds: float) -> str:
+    """How long ago, in whole units: "0 s ago", "75 s ago", "12 min ago", "5 h ago"."""
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 120 * 60:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600:,} h ago"
+
+
 def _guard_params() -> dict[str, int]:
     return {"a": _GUARD_KEY[0], "b": _GUARD_KEY[1]}
 
@@ -488,7 +509,9 @@ def _running_run(connection: Connection) -> _RunningRun | None:
                 r.id,
                 r.command,
                 r.started_at,
-                func.extract("epoch", func.now() - r.heartbeat_at),
+                # The clock now, not this transaction's start, which may precede the
+                # holder's last heartbeat.
+                func.extract("epoch", func.clock_timestamp() - r.heartbeat_at),
                 r.db_user,
                 r.client_host,
                 r.client_pid,
@@ -1462,7 +1485,8 @@ class _Runner:
                 with self.engine.begin() as connection:
                     close(connection)
             except DBAPIError:
-                pass
+                return
+        self.options.recorded()
 
 
 def _outcome_unknown(sqlstate: str | None) -> bool:

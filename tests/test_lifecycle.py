@@ -518,7 +518,7 @@ def test_archive_restore_round_trip_checksums(cli, migrated_db):
     one_by_one = run_json(
         cli, db, "archive", "restore", *[arg for i in archived[:5] for arg in ("--conversation", str(i))]
     )
-    assert one_by_one["done"]["archive_conversations"] == 5
+    assert one_by_one["done"]["conversations"] == 5
     for user in sorted(ids(db, "SELECT DISTINCT user_id FROM conversations_archive")):
         run_json(cli, db, "archive", "restore", "--user", user)
     assert db.scalar("SELECT count(*) FROM conversations_archive") == 0
@@ -581,12 +581,12 @@ def test_a_stopped_restore_run_again_finishes(cli, migrated_db):
     )
     # The state such a run leaves: its first batch (two of the conversations) restored.
     first = run_json(cli, db, "archive", "restore", *arguments[:4])
-    assert first["done"]["archive_conversations"] == 2
+    assert first["done"]["conversations"] == 2
     again = run_json(cli, db, "archive", "restore", *arguments)
     assert again["outcome"] == "succeeded"
-    assert again["done"]["archive_conversations"] == 4
+    assert again["done"]["conversations"] == 4
     assert sorted(again["already_hot"]) == sorted(str(i) for i in named[:2])
-    assert first["done"]["archive_messages"] + again["done"]["archive_messages"] == expected_messages
+    assert first["done"]["messages"] + again["done"]["messages"] == expected_messages
     assert ids(db, "SELECT id FROM conversations WHERE id = ANY(:ids)", ids=named) == set(named)
     assert db.scalar("SELECT count(*) FROM conversations_archive WHERE id = ANY(:ids)", ids=named) == 0
     assert (

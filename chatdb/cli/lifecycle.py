@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from chatdb import lifecycle
@@ -42,14 +44,12 @@ BatchSize = Annotated[
         min=1,
     ),
 ]
-Jobs = Annotated[
+_JOBS_HELP = "Batches in flight at once, each in its own short transaction on its own connection."
+Jobs = Annotated[int, typer.Option("--jobs", help=_JOBS_HELP, min=1, max=lifecycle.MAX_JOBS)]
+ArchiveJobs = Annotated[
     int,
     typer.Option(
-        "--jobs",
-        help="Batches in flight at once, each in its own short transaction on its own connection "
-        "(an --export runs one at a time).",
-        min=1,
-        max=lifecycle.MAX_JOBS,
+        "--jobs", help=f"{_JOBS_HELP[:-1]} (an --export runs one at a time).", min=1, max=lifecycle.MAX_JOBS
     ),
 ]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Change nothing; report exactly what would change.")]
@@ -64,28 +64,57 @@ MaxRuntime = Annotated[
 
 _PAST = {"move": "moved", "delete": "deleted", "restore": "restored"}
 _STOP_EXIT = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}
+# A conversation id as uuid.UUID reads it, in ASCII hex only (UUID() also takes other
+# scripts' digits, underscores and blanks).
+_UUID = re.compile(
+    r"(?:urn:uuid:)?\{?[0-9a-f]{8}(?:-?[0-9a-f]{4}){3}-?[0-9a-f]{12}\}?", re.ASCII | re.IGNORECASE
+)
 
 
 # --- shared by the three commands -----------------------------------------------------------
 
 
-@contextmanager
-def _stop_requests() -> Iterator[Callable[[], str | None]]:
-    """Ctrl-C and SIGTERM ask the run to stop after the batch in flight; a second one
-    stops at once (the batch in flight rolls back, unless its COMMIT was on its way)."""
-    requested: list[str] = []
+def _n(count: int, noun: str, plural: str | None = None) -> str:
+    """A count with its noun: "1 batch", "2 batches", "1,000 conversations"."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
 
-    def handle(signum: int, frame: object) -> None:
-        if requested:
+
+class _Signals:
+    """What Ctrl-C (SIGINT) and SIGTERM do, from the start of a lifecycle command to its end.
+
+    Before the run (planning, counting, the question) they stop at once: a read in flight
+    is cancelled in the server. During the run the first asks it to stop after the batch
+    in flight, and a second stops at once (that batch rolls back, unless its COMMIT was on
+    its way). Once the run's outcome is committed to its audit row, the run is over: a
+    signal changes nothing, neither the summary nor the exit code, which are the run's."""
+
+    def __init__(self) -> None:
+        self.stage = "before"  # "before", "running" or "over"
+        self.requested: str | None = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.stage == "over":
+            return
+        if self.stage == "before" or self.requested:
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
-        requested.append("interrupted" if signum == signal.SIGINT else "terminated")
-        err.print(f"chatdb: {requested[0]}; stopping after the current batch (again to stop now)")
+        self.requested = "interrupted" if signum == signal.SIGINT else "terminated"
+        err.print(f"chatdb: {self.requested}; stopping after the current batch (again to stop now)")
 
+    def stop_requested(self) -> str | None:
+        return self.requested
+
+    def run_over(self) -> None:
+        self.stage = "over"
+
+
+@contextmanager
+def _signals() -> Iterator[_Signals]:
+    state = _Signals()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, handle)
+        signal.signal(sig, state.handle)
     try:
-        yield lambda: requested[0] if requested else None
+        yield state
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -147,11 +176,19 @@ def _show_plan(plan: lifecycle.Plan, verb: str, to_stderr: bool) -> None:
     console.print(table(None, ["", "rows", ">count"], _shown(_tally_rows(verb, plan.counts))))
 
 
+def _counts(plan: lifecycle.Plan, tally: lifecycle.Tally) -> dict[str, int]:
+    """Counts for --json. A restore takes rows from the archive and puts them back in the
+    hot tables: its counts are the conversations and messages restored."""
+    if plan.command == "archive restore":
+        return {"conversations": tally.archive_conversations, "messages": tally.archive_messages}
+    return tally.as_dict()
+
+
 def _json_plan(plan: lifecycle.Plan) -> dict[str, Any]:
     shown: dict[str, Any] = {
         "cutoff": plan.cutoff,
         "deleted_cutoff": plan.deleted_cutoff,
-        "planned": plan.counts.as_dict() if plan.counts else None,
+        "planned": _counts(plan, plan.counts) if plan.counts else None,
     }
     if plan.conversation_ids:
         shown["already_hot"] = [str(i) for i in plan.already_hot]
@@ -161,6 +198,7 @@ def _json_plan(plan: lifecycle.Plan) -> dict[str, Any]:
 def _execute(
     plan: lifecycle.Plan,
     run: Callable[[lifecycle.RunOptions], lifecycle.RunResult],
+    signals: _Signals,
     *,
     verb: str,
     yes: bool,
@@ -185,16 +223,24 @@ def _execute(
             err.print("Nothing to do.")
     nothing_to_do = plan.counts is not None and not plan.counts.rows
     confirm(f"{verb.capitalize()} these rows?", yes=yes or nothing_to_do, off_terminal="proceed")
-    with _stop_requests() as should_stop, _progress(plan) as progress:
+    with _progress(plan) as progress:
         options = lifecycle.RunOptions(
             batch_size=batch_size,
             jobs=jobs,
             max_runtime=max_runtime,
-            should_stop=should_stop,
+            should_stop=signals.stop_requested,
             progress=progress,
             arguments=arguments,
+            recorded=signals.run_over,
         )
-        result = run(options)
+        signals.stage = "running"
+        try:
+            result = run(options)
+        except BaseException:
+            if signals.stage == "running":  # it ended before recording its outcome
+                signals.stage = "before"
+            raise
+    signals.run_over()  # also when its outcome could not be recorded
     _render(result, verb, as_json)
     if result.stopped_by in _STOP_EXIT:
         raise typer.Exit(_STOP_EXIT[result.stopped_by])
@@ -210,7 +256,7 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
             complete=result.complete,
             stopped_by=result.stopped_by,
             **_json_plan(result.plan),
-            done=result.done.as_dict(),
+            done=_counts(result.plan, result.done),
             remaining=result.remaining.as_dict() if result.remaining else None,
             exported=result.exported,
             batches=result.batches,
@@ -229,6 +275,10 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
         title += f", {_cutoffs(result.plan)}"
     if verb == "restore":  # from the archive to the hot tables: one count of each
         done = result.done
+        if result.plan.user_id is not None and not done.archive_conversations and result.complete:
+            user = escape(repr(result.plan.user_id))
+            out.print(f"Nothing to restore: user {user} has no conversations in the archive.")
+            return
         rows = [
             ("restored", "conversations", f"{done.archive_conversations:,}"),
             ("restored", "messages", f"{done.archive_messages:,}"),
@@ -237,23 +287,23 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
         rows = _shown(_tally_rows(_PAST[verb], result.done))
     out.print(table(title, ["", "rows", ">count"], rows))
     line = (
-        f"{result.batches:,} batches in {result.elapsed_seconds:.1f} s, "
+        f"{_n(result.batches, 'batch', 'batches')} in {result.elapsed_seconds:.1f} s, "
         f"longest transaction {result.longest_transaction_seconds * 1000:.0f} ms"
     )
     if result.exported:
-        line += f"; {result.exported:,} conversations exported"
+        line += f"; {_n(result.exported, 'conversation')} exported"
     if result.plan.already_hot:
-        line += (
-            f"; {len(result.plan.already_hot):,} of the given conversations were already in the hot tables"
-        )
+        hot = len(result.plan.already_hot)
+        were = "was" if hot == 1 else "were"
+        line += f"; {hot:,} of the given conversations {were} already in the hot tables"
     out.print(line + ".")
     if not result.complete:
         left = ""
         if result.remaining is not None:
             left_over = result.remaining
             conversations = left_over.conversations + left_over.archive_conversations
-            left = f" {conversations:,} conversations and {left_over.messages + left_over.archive_messages:,}"
-            left += " messages are left;"
+            messages = left_over.messages + left_over.archive_messages
+            left = f" {_n(conversations, 'conversation')} and {_n(messages, 'message')} are left;"
         out.print(f"[yellow]Stopped ({result.stopped_by}).[/yellow]{left} run the command again to continue.")
 
 
@@ -280,7 +330,7 @@ def archive(
         ),
     ] = None,
     batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: Jobs = lifecycle.DEFAULT_JOBS,
+    jobs: ArchiveJobs = lifecycle.DEFAULT_JOBS,
     dry_run: DryRun = False,
     yes: Yes = False,
     export: Annotated[
@@ -326,11 +376,15 @@ def archive(
         raise UsageError("--older-than is required (for example `chatdb archive --older-than 180d`)")
     duration = lifecycle.parse_duration(older_than, "--older-than")
     limit = _duration(max_runtime, "--max-runtime")
-    with disposing(open_engine(ctx, "archive", database_url, connect_timeout)) as engine:
+    with (
+        _signals() as signals,
+        disposing(open_engine(ctx, "archive", database_url, connect_timeout)) as engine,
+    ):
         plan = lifecycle.plan_archive(engine, duration, count=_needs_counts(dry_run, yes))
         _execute(
             plan,
             lambda options: lifecycle.archive(engine, plan, options, export),
+            signals,
             verb="move",
             yes=yes,
             dry_run=dry_run,
@@ -370,8 +424,9 @@ def restore(
     """Move archived conversations back to the hot tables, exactly as they were, with all
     their messages. If a named conversation is in neither the archive nor the hot tables,
     nothing is restored; one already in the hot tables is left as it is, so running a
-    stopped restore again finishes it. A restored conversation keeps its old updated_at,
-    so the next `chatdb archive` moves it again unless it receives a message first.
+    stopped restore again finishes it. A --user that is not in the users table is an
+    error. A restored conversation keeps its old updated_at, so the next `chatdb archive`
+    moves it again unless it receives a message first.
 
     Example:
 
@@ -381,19 +436,22 @@ def restore(
     """
     ids = []
     for raw in conversation or []:
-        try:
-            ids.append(uuid.UUID(raw))
-        except ValueError:
-            raise UsageError(f"--conversation {raw!r} is not a conversation id (a UUID)") from None
+        if not _UUID.fullmatch(raw):
+            raise UsageError(f"--conversation {raw!r} is not a conversation id (a UUID)")
+        ids.append(uuid.UUID(raw))
     if bool(ids) == (user is not None):
         raise UsageError("give either --conversation ID (one or more) or --user ID")
     if user is not None and not user.strip():
         raise UsageError("--user: the user id is empty")
-    with disposing(open_engine(ctx, "archive restore", database_url, connect_timeout)) as engine:
+    with (
+        _signals() as signals,
+        disposing(open_engine(ctx, "archive restore", database_url, connect_timeout)) as engine,
+    ):
         plan = lifecycle.plan_restore(engine, ids, user)
         _execute(
             plan,
             lambda options: lifecycle.restore(engine, plan, options),
+            signals,
             verb="restore",
             yes=True,
             dry_run=False,
@@ -453,11 +511,12 @@ def purge(
     duration = lifecycle.parse_duration(older_than, "--older-than")
     grace = lifecycle.parse_duration(deleted_grace, "--deleted-grace")
     limit = _duration(max_runtime, "--max-runtime")
-    with disposing(open_engine(ctx, "purge", database_url, connect_timeout)) as engine:
+    with _signals() as signals, disposing(open_engine(ctx, "purge", database_url, connect_timeout)) as engine:
         plan = lifecycle.plan_purge(engine, duration, grace, count=_needs_counts(dry_run, yes))
         _execute(
             plan,
             lambda options: lifecycle.purge(engine, plan, options),
+            signals,
             verb="delete",
             yes=yes,
             dry_run=dry_run,

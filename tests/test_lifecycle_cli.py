@@ -1,0 +1,303 @@
+"""`chatdb archive`, `archive restore` and `purge` as a user meets them: numbers in other
+scripts' digits are bad input, a signal that comes once the run has recorded its outcome
+changes nothing, restore says what it restored (and refuses a user who does not exist),
+and the summaries' words agree with their counts."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from chatdb import lifecycle
+from chatdb.errors import UsageError
+
+IDLE = 3  # idle conversations of user u1, two messages each
+
+
+def populate(db, idle: int = IDLE) -> None:
+    """User u1 with ``idle`` conversations idle for 200 days and more, two messages each,
+    and a user with no conversations at all."""
+    db.execute(
+        "INSERT INTO users (id, email) VALUES ('u1', 'u1@example.com'), ('app-only', 'app@example.com')"
+    )
+    db.execute(
+        "INSERT INTO conversations (user_id, title, created_at, updated_at)"
+        " SELECT 'u1', 'chat ' || g, now() - interval '300 days', now() - make_interval(days => 200 + g)"
+        " FROM generate_series(1, :n) g",
+        n=idle,
+    )
+    db.execute(
+        "INSERT INTO messages (conversation_id, user_id, role, content, created_at)"
+        " SELECT c.id, c.user_id, 'user', 'hello ' || k, c.created_at"
+        " FROM conversations c, generate_series(1, 2) k"
+    )
+
+
+def rows(db) -> dict[str, int]:
+    return {
+        table: db.scalar(f"SELECT count(*) FROM {table}")
+        for table in ("conversations", "messages", "conversations_archive", "messages_archive")
+    }
+
+
+def one_error(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr
+    return errors[0]
+
+
+def chatdb(db, *args: str, **options) -> subprocess.Popen:
+    """The console script in a process of its own (usage errors Typer reports go through
+    it as they do for a user)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatdb", *args, "--database-url", db.cli_url],
+        stdout=options.pop("stdout", subprocess.PIPE),
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **options,
+    )
+
+
+# --- item: numbers are written in ASCII digits -------------------------------------------------
+
+ARABIC_INDIC_90 = "\u0669\u0660"
+FULLWIDTH_90 = "\uff19\uff10"
+ARABIC_INDIC_12 = "\u0661\u0662"
+ARABIC_INDIC_UUID = "-".join("\u0660" * n for n in (8, 4, 4, 4, 12))
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (("purge", "--older-than", f"{ARABIC_INDIC_90}d"), "--older-than"),
+        (("purge", "--older-than", f"{FULLWIDTH_90}d"), "--older-than"),
+        (("archive", "--older-than", f"1d{ARABIC_INDIC_12}h"), "--older-than"),
+        (("purge", "--older-than", "90d", "--deleted-grace", f"{ARABIC_INDIC_90}d"), "--deleted-grace"),
+        (("archive", "--older-than", "90d", "--max-runtime", f"{FULLWIDTH_90}m"), "--max-runtime"),
+        (("purge", "--older-than", "90d", "--batch-size", ARABIC_INDIC_90), "--batch-size"),
+        (("archive", "--older-than", "90d", "--jobs", FULLWIDTH_90[:1]), "--jobs"),
+        (("archive", "restore", "--conversation", ARABIC_INDIC_UUID), "--conversation"),
+        (("archive", "restore", "--conversation", "0000_000-0000-0000-0000-000000000001"), "--conversation"),
+        (("archive", "restore", "--conversation", " 0000000-0000-0000-0000-000000000001"), "--conversation"),
+    ],
+)
+def test_numbers_in_other_digits_are_bad_input(migrated_db, args, option):
+    """Python reads Arabic-Indic or fullwidth digits as digits (int() makes 90 of them): a
+    duration, a count or an id written so is refused with exit 2, and nothing runs."""
+    db = migrated_db
+    populate(db)
+    before = rows(db)
+    process = chatdb(db, *args)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2, stderr
+    assert option in one_error(stderr)
+    assert rows(db) == before
+    assert db.scalar("SELECT count(*) FROM chatdb_runs") == 0
+
+
+@pytest.mark.parametrize(
+    "raw", [f"{ARABIC_INDIC_90}d", f"{FULLWIDTH_90}d", f"1d{ARABIC_INDIC_12}h", f"9{FULLWIDTH_90[1]}d"]
+)
+def test_the_duration_parser_takes_ascii_digits_only(raw):
+    with pytest.raises(UsageError):
+        lifecycle.parse_duration(raw, "--older-than")
+
+
+def test_the_usual_spellings_of_a_conversation_id_still_work(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    assert cli("archive", "--older-than", "100d", "--database-url", db.cli_url).exit_code == 0
+    archived = sorted(
+        str(i) for i in db.engine.connect().execute(text("SELECT id FROM conversations_archive")).scalars()
+    )
+    spellings = [archived[0].upper(), "{" + archived[1] + "}", archived[2].replace("-", "")]
+    result = cli(
+        "archive", "restore", *[a for s in spellings for a in ("--conversation", s)], "--json",
+        "--database-url", db.cli_url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["done"]["conversations"] == IDLE
+
+
+# --- item: a signal after the run recorded its outcome --------------------------------------------
+
+_WRITE = {"x86_64": "1", "aarch64": "64"}.get(platform.machine())  # write(2)'s system call number
+
+
+def _writing_to_stdout(pid: int) -> bool:
+    """Whether the process is asleep in write(2) on its standard output."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return fields[:2] == [_WRITE, "0x1"]
+
+
+@pytest.mark.skipif(
+    _WRITE is None or not Path(f"/proc/{os.getpid()}/syscall").exists(),
+    reason="needs Linux's /proc/PID/syscall on x86_64 or aarch64",
+)
+@pytest.mark.parametrize("signum, args", [(signal.SIGINT, ("--json",)), (signal.SIGTERM, ())])
+def test_a_signal_after_the_outcome_is_recorded_changes_nothing(migrated_db, signum, args):
+    """The run's work committed and its audit row says `succeeded`; the process is held as
+    it prints its summary (its stdout is a full pipe), and a signal comes then. It prints
+    its summary and exits 0, as the audit row says (it exited 130 or 143)."""
+    db = migrated_db
+    populate(db)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    filler = b"x" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    os.write(write_end, filler)  # the pipe is full: the first write to stdout waits
+    try:
+        process = chatdb(db, "purge", "--older-than", "90d", *args, stdout=write_end)
+    finally:
+        os.close(write_end)
+    received: list[bytes] = []
+
+    def drain() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            received.append(pipe.read())
+
+    try:
+        deadline = time.monotonic() + 60
+        while db.scalar("SELECT count(*) FROM chatdb_runs WHERE outcome = 'succeeded'") == 0:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run did not record its outcome"
+            time.sleep(0.02)
+        while not _writing_to_stdout(process.pid):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the process never wrote its summary"
+            time.sleep(0.02)
+        process.send_signal(signum)
+    finally:
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        _, stderr = process.communicate(timeout=60)
+        reader.join(60)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    output = received[0].removeprefix(filler).decode()
+    if "--json" in args:
+        summary = json.loads(output)
+        assert summary["ok"] and summary["outcome"] == "succeeded"
+        assert summary["done"]["conversations"] == IDLE
+    else:
+        assert "Run " in output and "deleted" in output, output
+    assert db.scalar("SELECT outcome FROM chatdb_runs") == "succeeded"
+
+
+# --- item: archive restore ---------------------------------------------------------------------------
+
+
+def test_restore_of_a_user_who_does_not_exist_is_an_error(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    assert cli("archive", "--older-than", "100d", "--database-url", db.cli_url).exit_code == 0
+    before = rows(db)
+    result = cli("archive", "restore", "--user", "no-such-user", "--database-url", db.cli_url)
+    assert result.exit_code == 1, result.output
+    assert "'no-such-user'" in one_error(result.stderr)
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    as_json = cli("archive", "restore", "--user", "no-such-user", "--json", "--database-url", db.cli_url)
+    assert as_json.exit_code == 1
+    error = json.loads(as_json.stdout)
+    assert error["ok"] is False and error["exit_code"] == 1 and "'no-such-user'" in error["error"]
+    assert rows(db) == before
+    assert db.scalar("SELECT count(*) FROM chatdb_runs WHERE command = 'archive restore'") == 0
+
+
+def test_restore_of_a_user_with_nothing_archived_says_so(cli, migrated_db):
+    db = migrated_db
+    populate(db)
+    result = cli("archive", "restore", "--user", "app-only", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Nothing to restore: user 'app-only' has no conversations in the archive.\n"
+    as_json = cli("archive", "restore", "--user", "app-only", "--json", "--database-url", db.cli_url)
+    assert as_json.exit_code == 0, as_json.output
+    summary = json.loads(as_json.stdout)
+    assert summary["ok"] and summary["done"] == {"conversations": 0, "messages": 0}
+
+
+def test_restore_json_counts_what_was_restored(cli, migrated_db):
+    """A script reading `done.conversations` learns how many conversations came back."""
+    db = migrated_db
+    populate(db)
+    assert cli("archive", "--older-than", "100d", "--database-url", db.cli_url).exit_code == 0
+    result = cli("archive", "restore", "--user", "u1", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["done"] == {"conversations": IDLE, "messages": 2 * IDLE}
+    assert summary["planned"] == {"conversations": IDLE, "messages": 2 * IDLE}
+    assert rows(db)["conversations"] == IDLE and rows(db)["conversations_archive"] == 0
+
+
+# --- item: polish ------------------------------------------------------------------------------------
+
+
+def test_counts_agree_with_their_words(cli, migrated_db, tmp_path):
+    db = migrated_db
+    populate(db, idle=1)
+    url = ("--database-url", db.cli_url)
+    archived = cli("archive", "--older-than", "100d", "--export", str(tmp_path / "a.jsonl"), *url)
+    assert archived.exit_code == 0, archived.output
+    assert "1 batch in " in archived.stdout and "; 1 conversation exported." in archived.stdout
+    conversation = str(db.scalar("SELECT id FROM conversations_archive"))
+    restored = cli("archive", "restore", "--conversation", conversation, *url)
+    assert restored.exit_code == 0, restored.output
+    assert "1 batch in " in restored.stdout
+    again = cli("archive", "restore", "--conversation", conversation, *url)
+    assert again.exit_code == 0, again.output
+    assert "0 batches in " in again.stdout
+    assert "1 of the given conversations was already in the hot tables." in again.stdout
+    nowhere = cli("archive", "restore", "--conversation", "00000000-0000-0000-0000-000000000001", *url)
+    assert nowhere.exit_code == 1
+    assert "1 of the given conversations is in neither" in one_error(nowhere.stderr)
+
+
+@pytest.mark.parametrize("command", [("purge",), ("archive", "restore")])
+def test_help_describes_only_the_commands_own_options(cli, command):
+    """--export is archive's: the --jobs help of purge and restore does not mention it."""
+    result = cli(*command, "--help")
+    assert result.exit_code == 0
+    assert "--jobs" in result.stdout and "--export" not in result.stdout
+    archive = " ".join(cli("archive", "--help").stdout.replace("│", " ").split())
+    assert "its own connection (an --export runs one at a time)" in archive
+
+
+@pytest.mark.parametrize(
+    "heartbeat, age",
+    [
+        ("now() + interval '30 s'", "last heartbeat 0 s ago"),
+        ("now() - interval '3 hours'", "3 h ago (stalled?)"),
+    ],
+)
+def test_a_refused_run_names_a_sane_heartbeat_age(cli, migrated_db, heartbeat, age):
+    """The holder's heartbeat may be stamped after the refused run's clock (its
+    transaction started first, or the clock stepped): the age is never negative."""
+    db = migrated_db
+    holder = db.engine.connect()
+    try:
+        # The guard, held as a run holds it, and the row of the run holding it.
+        holder.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": 0x63686174, "b": 0x6C696665})
+        db.execute(f"INSERT INTO chatdb_runs (command, heartbeat_at) VALUES ('purge', {heartbeat})")
+        result = cli("purge", "--older-than", "90d", "--json", "--database-url", db.cli_url)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == 1, result.output
+    error = json.loads(result.stdout)["error"]
+    assert "another archive or purge run is in progress" in error
+    assert age in error and " -" not in error, error
