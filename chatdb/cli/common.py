@@ -123,8 +123,10 @@ def open_engine(
     )
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so the command stops where it is safe to."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the command stops where it is safe to. A
+    KeyboardInterrupt, so that psycopg cancels a statement it interrupts in the server,
+    as it does for Ctrl-C, instead of leaving it to run."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -174,10 +176,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
             hint = privileges.HINT if getattr(exc.orig, "sqlstate", None) == "42501" else None
             raise _fail(f"database error: {message}", code, hint, json_command) from None
-        except KeyboardInterrupt:
-            raise _fail("interrupted", EXIT_INTERRUPTED, json_command=json_command) from None
         except Terminated:
             raise _fail("terminated", EXIT_TERMINATED, json_command=json_command) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", EXIT_INTERRUPTED, json_command=json_command) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
