@@ -123,14 +123,19 @@ def open_engine(
     )
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so the command stops where it is safe to. A
-    KeyboardInterrupt, so that psycopg cancels a statement it interrupts in the server,
-    as it does for Ctrl-C, instead of leaving it to run."""
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the command stops where it is safe to."""
+
+
+class _TerminatedRead(Terminated, KeyboardInterrupt):
+    """SIGTERM outside the batches of archive and purge. A KeyboardInterrupt too, so that
+    psycopg cancels the statement it interrupts in the server, as it does for Ctrl-C,
+    instead of leaving it to run (a batch's COMMIT in flight is left to finish: see
+    cli.lifecycle._stop_requests)."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+    raise _TerminatedRead()
 
 
 def report_error(message: str, hint: str | None = None) -> None:
