@@ -11,9 +11,11 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote
 
-from sqlalchemy import Engine, create_engine
+import psycopg
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -140,7 +142,40 @@ def create(
         # A host that accepts the connection and never answers must not hang chatdb;
         # libpq treats values below 2 seconds as 2.
         connect_args["connect_timeout"] = max(2, math.ceil(connect_timeout))
-    return create_engine(database.url, connect_args=connect_args, pool_pre_ping=False)
+    engine = create_engine(database.url, connect_args=connect_args, pool_pre_ping=False)
+    event.listen(engine, "connect", _learn_client_check)
+    event.listen(engine, "begin", _check_client_in_transaction)
+    return engine
+
+
+# A backend whose client vanished (SIGKILL, a lost host) notices only when it next talks
+# to it: a long count, or one waiting for a lock, would run on for minutes. PostgreSQL 14's
+# client_connection_check_interval makes it look while the statement runs. It is set in
+# each transaction (set_config(..., true)), so a pooler's server connection keeps nothing.
+CLIENT_CHECK_INTERVAL = "2s"
+
+
+def _learn_client_check(dbapi_connection: Any, record: Any) -> None:
+    """Whether the server has the setting (14+) and its platform supports it (Linux):
+    tried once per connection, in a transaction rolled back."""
+    supported = dbapi_connection.info.server_version >= 140000
+    if supported:
+        try:
+            dbapi_connection.execute(
+                "SELECT set_config('client_connection_check_interval', %s, true)", (CLIENT_CHECK_INTERVAL,)
+            )
+        except psycopg.Error:
+            supported = False
+        dbapi_connection.rollback()
+    record.info["client_check"] = supported
+
+
+def _check_client_in_transaction(connection: Any) -> None:
+    if connection.info.get("client_check"):
+        connection.exec_driver_sql(
+            "SELECT set_config('client_connection_check_interval', %(interval)s, true)",
+            {"interval": CLIENT_CHECK_INTERVAL},
+        )
 
 
 def connect(

@@ -284,15 +284,17 @@ def _archive_counts(connection: Connection, cutoff: Any) -> Tally:
 def _purge_counts(connection: Connection, cutoff: Any, deleted_cutoff: Any) -> Tally:
     found = []
     for parent, child in ((conversations, messages), (conversations_archive, messages_archive)):
-        chosen = select(parent.c.id).where(_purgeable(parent, cutoff, deleted_cutoff))
-        found.append(_count(connection, chosen))
-        # A soft-deleted message goes with its conversation, or on its own.
+        gone = _purgeable(parent, cutoff, deleted_cutoff)
+        found.append(_count(connection, select(parent.c.id).where(gone)))
+        # A message goes with its conversation, or on its own once soft-deleted. Counted
+        # through a join (every message has its conversation): `IN (subquery)` under an OR
+        # cannot become a semi-join, and is a SubPlan that turns quadratic once the ids no
+        # longer fit in work_mem.
+        owned = child.join(parent, child.c.conversation_id == parent.c.id)
         found.append(
             _count(
                 connection,
-                select(child.c.id).where(
-                    or_(child.c.deleted_at < deleted_cutoff, child.c.conversation_id.in_(chosen))
-                ),
+                select(child.c.id).select_from(owned).where(or_(gone, child.c.deleted_at < deleted_cutoff)),
             )
         )
     return Tally(*found)

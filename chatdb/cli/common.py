@@ -127,8 +127,15 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so the command stops where it is safe to."""
 
 
+class _TerminatedRead(Terminated, KeyboardInterrupt):
+    """SIGTERM outside the batches of archive and purge. A KeyboardInterrupt too, so that
+    psycopg cancels the statement it interrupts in the server, as it does for Ctrl-C,
+    instead of leaving it to run (a batch's COMMIT in flight is left to finish: see
+    cli.lifecycle._stop_requests)."""
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+    raise _TerminatedRead()
 
 
 def report_error(message: str, hint: str | None = None) -> None:
@@ -174,10 +181,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
             hint = privileges.HINT if getattr(exc.orig, "sqlstate", None) == "42501" else None
             raise _fail(f"database error: {message}", code, hint, json_command) from None
-        except KeyboardInterrupt:
-            raise _fail("interrupted", EXIT_INTERRUPTED, json_command=json_command) from None
         except Terminated:
             raise _fail("terminated", EXIT_TERMINATED, json_command=json_command) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", EXIT_INTERRUPTED, json_command=json_command) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
