@@ -127,7 +127,7 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so the command stops where it is safe to."""
 
 
-class _TerminatedRead(Terminated, KeyboardInterrupt):
+class TerminatedRead(Terminated, KeyboardInterrupt):
     """SIGTERM outside the batches of archive and purge. A KeyboardInterrupt too, so that
     psycopg cancels the statement it interrupts in the server, as it does for Ctrl-C,
     instead of leaving it to run (a batch's COMMIT in flight is left to finish: see
@@ -135,7 +135,7 @@ class _TerminatedRead(Terminated, KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise _TerminatedRead()
+    raise TerminatedRead()
 
 
 def report_error(message: str, hint: str | None = None) -> None:

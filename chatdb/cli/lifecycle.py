@@ -21,6 +21,7 @@ from chatdb.cli.common import (
     DatabaseUrl,
     JsonOutput,
     Terminated,
+    TerminatedRead,
     Yes,
     adopt_group_options,
     confirm,
@@ -95,7 +96,9 @@ class _Signals:
     def handle(self, signum: int, frame: object) -> None:
         if self.stage == "over":
             return
-        if self.stage == "before" or self.requested:
+        if self.stage == "before":  # a read in flight is cancelled in the server
+            raise KeyboardInterrupt if signum == signal.SIGINT else TerminatedRead()
+        if self.requested:
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
         self.requested = "interrupted" if signum == signal.SIGINT else "terminated"
         err.print(f"chatdb: {self.requested}; stopping after the current batch (again to stop now)")
