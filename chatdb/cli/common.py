@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -140,9 +141,10 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def report_error(message: str, hint: str | None = None) -> None:
     """One red line on stderr, and a hint line when there is one."""
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
+    # Messages quote the user's input, and Rich would read "[/x]" in it as markup.
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
     if hint:
-        err.print(f"hint: {hint}", soft_wrap=True)
+        err.print(f"hint: {hint}", soft_wrap=True, markup=False)
 
 
 def _fail(message: str, code: int, hint: str | None = None, json_command: str | None = None) -> typer.Exit:
