@@ -17,4 +17,3 @@ def test_markup_in_a_user_id_is_shown_as_typed(cli, migrated_db):
     result = cli("archive", "restore", "--user", "[bold]u[/bold]", "--database-url", migrated_db.cli_url)
     assert result.exit_code == 1, result.output
     assert "[bold]u[/bold]" in result.stderr
-
