@@ -34,6 +34,7 @@ import json
 import os
 import re
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -527,45 +528,97 @@ def _running_run(connection: Connection) -> _RunningRun | None:
 # --- the export file -----------------------------------------------------------------------
 
 
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def check_export(path: Path) -> None:
+    """Refuse an ``--export`` target that is not named FILE.jsonl or FILE.jsonl.gz, or that
+    exists and is not a regular file (a symbolic link to one is fine): a FIFO would block
+    the run, and a device cannot be cut back to what the database committed."""
+    name = path.name.lower()
+    if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
+        raise UsageError(f"--export {path}: the file name must end in .jsonl or .jsonl.gz")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return  # a new file
+    except OSError as exc:
+        raise UsageError(f"cannot write --export {path}: {exc.strerror}") from None
+    _check_regular(path, mode)
+
+
+def _check_regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise UsageError(f"--export {path} is {kind}: give a regular file or a new path")
+
+
 class _Export:
     """Moved conversations as JSON lines, one per conversation with its messages, in
-    ``.jsonl`` or ``.jsonl.gz``. Each batch is appended (a gzip member of its own) and
-    fsynced before the batch commits, and the batch's transaction records in the run's
-    audit row how long the file is with it and a hash of its last bytes. A run that
-    does not learn whether a batch committed (interrupted during its COMMIT) waits for
-    the database to tell; when it cannot (SIGKILL, a crash, a lost connection), the next
+    ``.jsonl`` or ``.jsonl.gz``, in a regular file. Each batch is appended (a gzip member
+    of its own) and fsynced before the batch commits, and the batch's transaction records
+    in the run's audit row how long the file is with it and a hash of its last bytes.
+    Before the lines reach the file, the run records durably, in a transaction of its
+    own, what it is about to append (``intent``): so the database always knows the
+    file's committed length and what may follow it. A run that does not learn whether a
+    batch committed (interrupted during its COMMIT) waits for the database to tell; when
+    it cannot (SIGKILL, a crash of the server or of chatdb, a lost connection), the next
     run exporting to the same file cuts it back to the length the database committed,
-    before it appends anything (see ``repair``)."""
+    before it appends anything, if what follows is provably that batch (see ``repair``)."""
 
     def __init__(self, path: Path) -> None:
-        name = path.name.lower()
-        if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
-            raise UsageError(f"--export {path}: the file name must end in .jsonl or .jsonl.gz")
+        check_export(path)
         self.path = path
-        self.compressed = name.endswith(".gz")
+        self.compressed = path.name.lower().endswith(".gz")
         try:
             # Opening changes nothing in the file: it is cut back only under the guard.
-            # Unbuffered: a failed write leaves nothing behind to be written later.
-            self.file = open(path, "ab", buffering=0)  # noqa: SIM115 - open for the whole run
+            # Non-blocking: a FIFO put in its place meanwhile fails or is refused below,
+            # never waits for a reader. Unbuffered: a failed write leaves nothing behind
+            # to be written later.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
         except OSError as exc:
             raise UsageError(f"cannot write --export {path}: {exc.strerror}") from None
+        try:
+            _check_regular(path, os.fstat(fd).st_mode)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.file = open(fd, "ab", buffering=0)  # noqa: SIM115 - open for the whole run
         self.identity = {"export_path": str(path.resolve())}
         self.end = 0  # the file's length with every batch known to have committed (see repair)
         self.tail = b""  # its last bytes, which identify it
         self.pending = b""  # the batch being written, after ``end``
 
-    def repair(self, committed: int | None, tail: str | None, clean: bool) -> None:
+    def repair(self, committed: int | None, tail: str | None, intent: dict[str, Any] | None) -> None:
         """Cut off what no committed batch wrote. ``committed`` and ``tail`` are the length
         of this file and the hash of its last bytes that the last run exporting to this
-        path recorded (None: no run did), ``clean`` whether that run ended cleanly. Runs
-        under the guard: no other run appends meanwhile."""
+        path recorded (None: no run did), ``intent`` what that run recorded it was about
+        to append after them (None: nothing). Runs under the guard: no other run appends
+        meanwhile."""
         size = os.fstat(self.file.fileno()).st_size
         length = None
-        # The same file as that run left it committed, and written to since only by it.
-        # An empty file has no last bytes to tell it by: it is never cut back to empty.
-        same = bool(committed) and committed <= size and self._hash(self._read_tail(committed)) == tail
-        if same and (not clean or committed == size):
-            length = committed
+        # The file as that run left it committed (its bytes up to there end as recorded,
+        # an empty start included), followed by nothing, or by the batch it was about to
+        # append, whole or cut short, and nothing else: provably bytes of a batch that
+        # never committed, which go. Anything else is not the file that run wrote.
+        if committed is not None and committed <= size and self._hash(self._read_tail(committed)) == tail:
+            written = self._written(committed, size, intent)
+            if committed + written == size:
+                length = committed
+            elif written:
+                raise StateError(
+                    f"--export {self.path}: bytes {committed:,} to {committed + written:,} are the lines"
+                    " of a batch that never committed, and more follows them; chatdb cuts a file back"
+                    " only at its end",
+                    hint="remove those bytes from the file, or export to a new file",
+                )
         if length is None:
             # Not a file the database knows an unfinished run of: keep every complete line,
             # cut off only an incomplete tail.
@@ -581,6 +634,29 @@ class _Export:
             existing.seek(max(0, length - _TAIL_BYTES))
             return existing.read(length - max(0, length - _TAIL_BYTES))
 
+    def _written(self, offset: int, size: int, intent: dict[str, Any] | None) -> int:
+        """How many bytes after ``offset`` are provably (the start of) the batch that
+        ``intent`` describes: all of it, or its first bytes and what followed of it before
+        a write was cut short. 0 when they are not."""
+        if not intent or intent.get("at") != offset:
+            return 0
+        total = int(intent["bytes"])
+        length = min(size - offset, total)
+        head = min(_TAIL_BYTES, total)
+        if length < head:
+            return 0  # too short to tell: an incomplete line, which goes anyway
+        with open(self.path, "rb") as existing:
+            existing.seek(offset)
+            start = existing.read(head)
+            if self._hash(start) != intent["head"]:
+                return 0
+            if length < total:
+                return length  # a write cut short
+            digest = hashlib.sha256(start)
+            while chunk := existing.read(min(1 << 20, offset + total - existing.tell())):
+                digest.update(chunk)
+        return length if digest.hexdigest() == intent["hash"] else 0
+
     @staticmethod
     def _hash(tail: bytes) -> str:
         return hashlib.sha256(tail).hexdigest()
@@ -589,6 +665,17 @@ class _Export:
         """What the audit row records of the file once ``data`` is appended."""
         tail = (self.tail + data)[-_TAIL_BYTES:]
         return {"export_bytes": self.end + len(data), "export_tail": self._hash(tail)}
+
+    def intent(self, data: bytes) -> dict[str, Any]:
+        """What the audit row records, before ``data`` reaches the file, of what is about
+        to follow the committed length: where it starts, its length, and hashes of its
+        first bytes and of all of it."""
+        return {
+            "at": self.end,
+            "bytes": len(data),
+            "head": self._hash(data[:_TAIL_BYTES]),
+            "hash": self._hash(data),
+        }
 
     def _complete_length(self, size: int) -> int:
         with open(self.path, "rb") as existing:
@@ -649,18 +736,18 @@ class _Export:
         self.tail = (self.tail + self.pending)[-_TAIL_BYTES:]
         self.pending = b""
 
-    def undo(self) -> None:
-        """The batch being written did not commit: cut off whatever of it reached the file."""
+    def undo(self) -> bool:
+        """The batch being written did not commit: cut off whatever of it reached the file.
+        False when the file cannot be cut (the error that stopped the batch is the one to
+        report): the lines stay after the committed length, and the next run exporting
+        to this file cuts them off, as the run recorded them (see ``intent``)."""
         try:
             self.file.truncate(self.end)
             os.fsync(self.file.fileno())
-        except OSError as exc:
-            raise StateError(
-                f"cannot cut --export {self.path} back to {self.end:,} bytes: {exc.strerror}",
-                hint="a batch that rolled back may have left lines after that length; "
-                "the next run exporting to this file cuts them off",
-            ) from None
+        except OSError:
+            return False
         self.pending = b""
+        return True
 
     def settle(self, committed: int | None) -> None:
         """The database says the file is ``committed`` bytes long with the batches that
@@ -1039,7 +1126,8 @@ class _Worker:
 
 _EXPORT_BYTES = cast(chatdb_runs.c.counts["export_bytes"].as_string(), BigInteger)
 _HEARTBEAT = text(
-    "UPDATE chatdb_runs SET heartbeat_at = now(), counts = counts || jsonb_build_object("
+    # The batch that commits this is the one its run recorded it was about to export.
+    "UPDATE chatdb_runs SET heartbeat_at = now(), counts = (counts - 'export_pending') || jsonb_build_object("
     " 'conversations', coalesce((counts->>'conversations')::bigint, 0) + :conversations,"
     " 'messages', coalesce((counts->>'messages')::bigint, 0) + :messages,"
     " 'archive_conversations', coalesce((counts->>'archive_conversations')::bigint, 0)"
@@ -1048,6 +1136,10 @@ _HEARTBEAT = text(
     " 'exported', coalesce((counts->>'exported')::bigint, 0) + :exported)"
     " || jsonb_strip_nulls(jsonb_build_object("
     "  'export_bytes', CAST(:export_bytes AS bigint), 'export_tail', CAST(:export_tail AS text)))"
+    " WHERE id = :id AND outcome = 'running'"
+)
+_INTENT = text(
+    "UPDATE chatdb_runs SET counts = counts || jsonb_build_object('export_pending', CAST(:intent AS jsonb))"
     " WHERE id = :id AND outcome = 'running'"
 )
 _CLOSE = text(
@@ -1256,11 +1348,17 @@ class _Runner:
                         text(
                             "SELECT set_config('lock_timeout', :lock, true),"
                             " set_config('statement_timeout', :statement, true),"
-                            # A batch lost by a server crash is simply done again.
-                            " set_config('synchronous_commit', 'off', true),"
+                            # A batch lost by a server crash is simply done again; but
+                            # an export's lines stay in the file, so a batch that
+                            # exports is committed for good before chatdb hears so.
+                            " set_config('synchronous_commit', :commit, true),"
                             " set_config('TimeZone', 'UTC', true)"
                         ),
-                        {"lock": LOCK_TIMEOUT, "statement": STATEMENT_TIMEOUT},
+                        {
+                            "lock": LOCK_TIMEOUT,
+                            "statement": STATEMENT_TIMEOUT,
+                            "commit": "on" if phase.export and self.export is not None else "off",
+                        },
                     )
                     self._replan(worker, phase)
                     taken = phase.take(connection, limit, after)
@@ -1270,6 +1368,7 @@ class _Runner:
                     if phase.export and self.export is not None:
                         data = self.export.encode(_export_lines(connection, taken.ids))
                         exported = len(taken.ids)
+                        self._record_intent(data)
                     self._heartbeat(connection, taken.tally, exported, data)
                     if data is not None:
                         assert self.export is not None
@@ -1289,8 +1388,8 @@ class _Runner:
                     if committing and _outcome_unknown(code):
                         self._settle_export()  # the batch may have committed
                         raise
-                    if self._guard_held():
-                        self.export.undo()
+                    if self._guard_held() and not self.export.undo():
+                        raise  # no retry after lines that could not be cut off
                 if self.cancelled:
                     raise
                 if code not in _RETRYABLE or attempt == MAX_ATTEMPTS:
@@ -1372,6 +1471,9 @@ class _Runner:
         if self.export is not None:
             counts.update(self.export.identity, **self.export.recorded(b""))
         with connection.begin():
+            # What the run records of its export file (its length now, the start it may
+            # be cut back to) must outlive a crash of the server: committed for good.
+            connection.execute(text("SELECT set_config('synchronous_commit', 'on', true)"))
             return connection.execute(
                 insert(chatdb_runs)
                 .values(
@@ -1414,9 +1516,10 @@ class _Runner:
                 return False
         return True
 
-    def _exported_before(self, connection: Connection) -> tuple[int | None, str | None, bool]:
+    def _exported_before(self, connection: Connection) -> tuple[int | None, str | None, dict | None]:
         """What the last run exporting to the same path recorded of the file it committed
-        (its length and the hash of its last bytes), and whether that run ended cleanly."""
+        (its length and the hash of its last bytes), and of the batch it was about to
+        append when it recorded them last (see _Export.intent), if any."""
         assert self.export is not None
         counts = chatdb_runs.c.counts
         with connection.begin():
@@ -1424,13 +1527,36 @@ class _Runner:
                 select(
                     _EXPORT_BYTES,
                     counts["export_tail"].as_string(),
-                    chatdb_runs.c.outcome,
+                    counts["export_pending"],
                 )
                 .where(counts["export_path"].as_string() == self.export.identity["export_path"])
                 .order_by(chatdb_runs.c.id.desc())
                 .limit(1)
             ).first()
-        return (None, None, True) if row is None else (row[0], row[1], row[2] == "succeeded")
+        return (None, None, None) if row is None else (row[0], row[1], row[2])
+
+    def _record_intent(self, data: bytes) -> None:
+        """Before a batch's lines reach the export file, record durably, in a transaction
+        of its own, what the run is about to append after the committed length: if the
+        batch never commits, the next run can tell those bytes from any others, even in
+        a file that was empty. The batch's own transaction clears it (_HEARTBEAT)."""
+        assert self.export is not None
+        with self.engine.begin() as connection:
+            connection.execute(
+                text(
+                    "SELECT set_config('synchronous_commit', 'on', true),"
+                    " set_config('lock_timeout', :lock, true)"
+                ),
+                {"lock": LOCK_TIMEOUT},
+            )
+            recorded = connection.execute(
+                _INTENT, {"intent": json.dumps(self.export.intent(data)), "id": self.result.run_id}
+            ).rowcount
+        if not recorded:
+            raise StateError(
+                f"run {self.result.run_id} is no longer marked running in chatdb_runs; stopped",
+                hint="another run may have taken over; see `chatdb status`",
+            )
 
     def _heartbeat(self, connection: Connection, tally: Tally, exported: int, data: bytes | None) -> None:
         """Renew the run's heartbeat and add the batch's counts, in the batch's own

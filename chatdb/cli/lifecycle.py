@@ -341,7 +341,8 @@ def archive(
         typer.Option(
             "--export",
             help="Also append each moved conversation, with its messages, as one JSON line "
-            "to FILE.jsonl or FILE.jsonl.gz (fsynced before each batch commits).",
+            "to FILE.jsonl or FILE.jsonl.gz, a regular file or a new path (fsynced before each "
+            "batch commits).",
             show_default=False,
             dir_okay=False,
         ),
@@ -379,6 +380,8 @@ def archive(
         raise UsageError("--older-than is required (for example `chatdb archive --older-than 180d`)")
     duration = lifecycle.parse_duration(older_than, "--older-than")
     limit = _duration(max_runtime, "--max-runtime")
+    if export is not None:
+        lifecycle.check_export(export)  # before anything starts: a FIFO would block the run
     with (
         _signals() as signals,
         disposing(open_engine(ctx, "archive", database_url, connect_timeout)) as engine,
