@@ -72,7 +72,7 @@ class Settings:
 
     database_url: str | None = None
     connect_timeout: float | None = None
-    # The database in use, once resolved, so error messages can mask its password.
+    # The database in use, once resolved.
     database: db.Database | None = None
 
 
@@ -154,9 +154,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = kwargs.get("ctx")  # every command that touches a database takes ctx
         json_command = _command_name(ctx) if kwargs.get("as_json") else None
-        url = None
-        if ctx is not None and settings(ctx).database is not None:
-            url = settings(ctx).database.url
         previous = signal.getsignal(signal.SIGTERM)
         in_main_thread = _in_main_thread()
         if in_main_thread:
@@ -164,13 +161,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ChatdbError as exc:
-            if ctx is not None and settings(ctx).database is not None:
-                url = settings(ctx).database.url
-            raise _fail(db.mask_text(exc.message, url), exc.exit_code, exc.hint, json_command) from None
+            # chatdb's own messages show URLs only as Database.display, and never echo a URL
+            # that could not be parsed; the driver's text is masked by structure.
+            raise _fail(exc.message, exc.exit_code, exc.hint, json_command) from None
         except DBAPIError as exc:
-            if ctx is not None and settings(ctx).database is not None:
-                url = settings(ctx).database.url
-            message = db.mask_text(one_line(exc), url)
+            message = db.mask_text(one_line(exc))
             code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
             hint = privileges.HINT if getattr(exc.orig, "sqlstate", None) == "42501" else None
             raise _fail(f"database error: {message}", code, hint, json_command) from None
@@ -183,7 +178,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             if os.environ.get("CHATDB_DEBUG"):
                 traceback.print_exc()
-            message = db.mask_text(f"{type(exc).__name__}: {exc}", url)
+            message = db.mask_text(f"{type(exc).__name__}: {exc}")
             raise _fail(
                 f"internal error: {message}",
                 EXIT_PROBLEM,
