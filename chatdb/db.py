@@ -10,6 +10,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from urllib.parse import parse_qsl, quote_plus
@@ -243,11 +244,16 @@ def connect(
     *,
     application_name: str = "chatdb",
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    on_wait: Callable[[float], None] | None = None,
 ) -> Engine:
     """Create the engine and prove the server answers, retrying transient failures with
-    backoff for up to ``connect_timeout`` seconds. Raises ConnectError otherwise."""
+    backoff for up to ``connect_timeout`` seconds. Raises ConnectError otherwise.
+
+    ``on_wait(waited)`` is called before each retry with the seconds waited so far, so that
+    a caller can show that chatdb is waiting."""
     engine = create(database, application_name=application_name, connect_timeout=connect_timeout)
-    deadline = time.monotonic() + max(connect_timeout, 0.0)
+    started = time.monotonic()
+    deadline = started + max(connect_timeout, 0.0)
     delay = 0.2
     while True:
         try:
@@ -274,6 +280,8 @@ def connect(
                 raise ConnectError(
                     f"cannot connect to {database.display}: {message}{waited}", hint=_connect_hint(message)
                 ) from None
+            if on_wait is not None:
+                on_wait(time.monotonic() - started)
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 2.0)
 

@@ -1,6 +1,7 @@
 """Secrets and connection input: a password is never shown, on any stream, the JSON
 included; a URL that cannot be used exits 2 with one line that does not echo it; a bad
-port or connection parameter exits 2.
+port or connection parameter exits 2; waiting for a server shows on a terminal and nowhere
+else.
 
 "Never shown" is checked against a corpus of passwords chosen to break parsers and
 maskers. The oracle: no output holds the password, or any piece of it longer than two
@@ -18,10 +19,16 @@ trusts local logins), with a role given each password of the corpus.
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
+import socket
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import quote
 
@@ -395,3 +402,163 @@ def test_logins_with_the_password_never_show_it(password_server, cli, password):
         assert result.exit_code == 3, result.output
         assert "password=***" in error_line(result)
         assert_not_shown(result, password)
+
+
+# --- waiting for a server (item 11) ---------------------------------------------------------
+
+
+def subprocess_env() -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "CHATDB_DATABASE_URL", "PGPASSWORD", "PGSERVICE", "NO_COLOR")
+    }
+    env.update(TERM="xterm-256color", COLUMNS="200")
+    return env
+
+
+def run_on_terminal(args: list[str], on_screen=None, timeout: float = 60.0) -> tuple[int, str]:
+    """Run the real ``chatdb`` with stdout and stderr on a pseudo-terminal; call
+    ``on_screen(screen)`` whenever more output arrives. Returns (exit code, all output)."""
+    master, slave = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [CHATDB, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            env=subprocess_env(),
+            start_new_session=True,
+        )
+    finally:
+        os.close(slave)
+    screen = b""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not data:
+                break
+            screen += data
+            if on_screen is not None:
+                on_screen(screen.decode(errors="replace"))
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    return code, screen.decode(errors="replace")
+
+
+def test_waiting_is_shown_on_a_terminal_with_the_masked_url():
+    port = free_port()
+    args = [
+        "status",
+        "--connect-timeout",
+        "2",
+        "--database-url",
+        f"postgresql://ops:Hx7-hunter2@127.0.0.1:{port}/chat",
+    ]
+    code, screen = run_on_terminal(args)
+    assert code == 3, screen
+    waiting = f"waiting for postgresql://ops:***@127.0.0.1:{port}/chat ("
+    assert waiting in screen, repr(screen)
+    assert re.search(re.escape(waiting) + r"\d s of 2 s\)", screen), repr(screen)
+    assert "Hx7" not in screen and "hunter2" not in screen
+    # The waiting line is erased before the one error line.
+    after = screen[screen.rindex(waiting) :]
+    assert "\x1b[2K" in after[: after.index("error:")], repr(after)
+    assert "Traceback" not in screen
+
+
+def test_waiting_is_silent_off_a_terminal():
+    """A cron job sees the error line and nothing else."""
+    port = free_port()
+    args = [
+        "status",
+        "--connect-timeout",
+        "1",
+        "--database-url",
+        f"postgresql://ops:Hx7-hunter2@127.0.0.1:{port}/chat",
+    ]
+    done = subprocess.run([CHATDB, *args], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert done.returncode == 3, done
+    assert done.stdout == ""
+    assert done.stderr.startswith("error: cannot connect to ") and done.stderr.count("\n") == 1, done.stderr
+    assert "waiting" not in done.stderr and "\x1b" not in done.stderr
+
+
+@contextmanager
+def forwarder(target: str) -> Iterator[tuple[int, threading.Event]]:
+    """A TCP port on 127.0.0.1 where nothing listens until the event is set; from then on
+    each connection is relayed to the Unix socket ``target`` (a real server)."""
+    port = free_port()
+    start = threading.Event()
+    done = threading.Event()
+
+    def relay(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        start.wait()
+        if done.is_set():
+            return
+        with socket.create_server(("127.0.0.1", port)) as listener:
+            listener.settimeout(0.2)
+            while not done.is_set():
+                try:
+                    client, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                server = socket.socket(socket.AF_UNIX)
+                server.connect(target)
+                for pair in ((client, server), (server, client)):
+                    threading.Thread(target=relay, args=pair, daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield port, start
+    finally:
+        done.set()
+        start.set()
+        thread.join(10)
+
+
+def test_waiting_ends_and_is_erased_when_the_server_answers(empty_db):
+    """The server comes up only once the waiting line is on the screen (no timing)."""
+    socket_dir = empty_db.url.query.get("host")
+    if not isinstance(socket_dir, str) or not socket_dir.startswith("/"):
+        pytest.skip("relays to the test server's Unix socket (TEST_DATABASE_URL names none)")
+    server_port = empty_db.scalar("SELECT current_setting('port')")
+    with forwarder(f"{socket_dir}/.s.PGSQL.{server_port}") as (port, start):
+        url = f"postgresql://{empty_db.url.username}:Hx7-hunter2@127.0.0.1:{port}/{empty_db.name}"
+        waiting = f"waiting for postgresql://{empty_db.url.username}:***@127.0.0.1:{port}/{empty_db.name} ("
+
+        def on_screen(screen: str) -> None:
+            if waiting in screen:
+                start.set()
+
+        code, screen = run_on_terminal(
+            ["status", "--connect-timeout", "60", "--database-url", url], on_screen
+        )
+    assert code == 0, screen
+    assert waiting in screen, repr(screen)
+    after = screen[screen.rindex(waiting) :]
+    assert "\x1b[2K" in after[: after.index("PostgreSQL ")], repr(after)
+    assert "Hx7" not in screen and "hunter2" not in screen

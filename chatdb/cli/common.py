@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -116,11 +119,41 @@ def open_engine(
             f"chatdb: no database URL configured; using the embedded PostgreSQL in {embedded.home()}",
             soft_wrap=True,
         )
-    return db.connect(
-        database,
-        application_name=f"chatdb {command}",
-        connect_timeout=db.DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout,
-    )
+    timeout = db.DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
+    with _waiting(database, timeout) as on_wait:
+        return db.connect(
+            database, application_name=f"chatdb {command}", connect_timeout=timeout, on_wait=on_wait
+        )
+
+
+@contextmanager
+def _waiting(database: db.Database, timeout: float) -> Iterator[Callable[[float], None] | None]:
+    """While the server does not answer, a spinner line on a terminal's stderr says for
+    which database and for how long chatdb waits; it is erased when waiting ends. Off a
+    terminal (cron, pipes) nothing is shown."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    status: Status | None = None
+    since = 0.0
+
+    class Waited:
+        def __rich__(self) -> Text:  # rendered on every refresh: the seconds keep counting
+            waited = min(time.monotonic() - since, timeout)
+            return Text(f"waiting for {database.display} ({int(waited)} s of {timeout:g} s)")
+
+    def on_wait(waited: float) -> None:
+        nonlocal status, since
+        if status is None:
+            since = time.monotonic() - waited
+            status = err.status(Waited())
+            status.start()
+
+    try:
+        yield on_wait
+    finally:
+        if status is not None:
+            status.stop()
 
 
 class Terminated(BaseException):
