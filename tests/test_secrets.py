@@ -1,7 +1,7 @@
 """Secrets and connection input: a password is never shown, on any stream, the JSON
 included; a URL that cannot be used exits 2 with one line that does not echo it; a bad
 port or connection parameter exits 2; waiting for a server shows on a terminal and nowhere
-else.
+else; ``--connect-timeout`` states its default.
 
 "Never shown" is checked against a corpus of passwords chosen to break parsers and
 maskers. The oracle: no output holds the password, or any piece of it longer than two
@@ -562,3 +562,14 @@ def test_waiting_ends_and_is_erased_when_the_server_answers(empty_db):
     after = screen[screen.rindex(waiting) :]
     assert "\x1b[2K" in after[: after.index("PostgreSQL ")], repr(after)
     assert "Hx7" not in screen and "hunter2" not in screen
+
+
+# --- --connect-timeout states its default (item 14) -----------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["status"], ["migrate", "status"]])
+def test_connect_timeout_help_shows_its_default(cli, command):
+    result = cli(*command, "--help")
+    assert result.exit_code == 0, result.output
+    flat = re.sub(r"[\s│]+", " ", result.stdout)
+    assert re.search(r"--connect-timeout [^-]*\[default: 10\]", flat), flat

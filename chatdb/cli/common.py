@@ -57,8 +57,11 @@ ConnectTimeout = Annotated[
     float | None,
     typer.Option(
         "--connect-timeout",
-        help="Seconds to keep retrying a server that does not answer "
-        f"[default: {db.DEFAULT_CONNECT_TIMEOUT:g}]",
+        # The option's own default is None, so that one given before the command name
+        # counts when none comes after it: the help states the timeout that then applies
+        # (the bracket escaped, or Rich would read "[default: 10]" as markup and drop it).
+        help="Seconds to keep retrying a server that does not answer. "
+        f"\\[default: {db.DEFAULT_CONNECT_TIMEOUT:g}]",
         min=0,
         show_default=False,
     ),
