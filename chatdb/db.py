@@ -10,9 +10,11 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qsl, quote_plus
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event
@@ -62,31 +64,124 @@ class Database:
         return mask_url(self.url)
 
 
-def parse_url(raw: str) -> URL:
-    """Parse a PostgreSQL URL as hosting providers print it, for the psycopg 3 driver."""
+EXPECTED_URL = "postgresql://user:password@host:port/dbname"
+
+# SQLAlchemy's reading of a URL, which is what the connection uses: the scheme, then an
+# optional ``user[:password]@`` in which the password runs to the *first* ``@`` (libpq
+# reads it the same way), then ``host[:port]``, ``/dbname`` and ``?query``.
+_SCHEME = re.compile(r"(?P<scheme>[\w+]+)://")
+_USERINFO = re.compile(r"[^:/]*(?::[^@]*)?@")
+_KEYWORDS = re.compile(r"\s*\w+\s*=")  # host=... password=...: a libpq keyword/value string
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
+def parse_url(raw: str, source: str = "--database-url") -> URL:
+    """Parse a PostgreSQL URL as hosting providers print them, for the psycopg 3 driver.
+
+    ``source`` names where the URL came from. A URL that cannot be used is reported by
+    what is wrong with it, never by echoing it: its password may be anywhere in it."""
     raw = raw.strip()
     if not raw:
-        raise UsageError("the database URL is empty")
+        raise UsageError(f"the database URL from {source} is empty")
+    scheme = _SCHEME.match(raw)
+    if scheme is None:
+        if _KEYWORDS.match(raw):
+            raise _malformed(source, "it is a libpq keyword/value string, not a URL", shape=True)
+        raise _malformed(source, "it does not start with postgresql:// or postgres://", shape=True)
+    if scheme["scheme"] not in _ACCEPTED_SCHEMES:
+        raise UsageError(
+            f"unsupported database URL scheme {scheme['scheme']!r} from {source}: "
+            "use postgresql:// (or postgres://)"
+        )
+    _check_location(raw[scheme.end() :], source)
     try:
         url = make_url(raw)
-    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        raise UsageError(
-            f"malformed database URL: {mask_text(raw)} (expected postgresql://user:password@host:port/dbname)"
+    except (ArgumentError, ValueError):
+        raise _malformed(source, shape=True) from None
+    url = url.set(drivername=_DRIVER)
+    _check_ports(url, source)
+    return url
+
+
+def _malformed(source: str, problem: str | None = None, *, shape: bool = False) -> UsageError:
+    """The one line for a URL that cannot be used: where it came from and what is wrong,
+    never the URL itself. ``shape``: it is not a URL at all, so show what one looks like."""
+    message = f"malformed database URL from {source}"
+    if problem:
+        message += f": {problem}"
+    if shape:
+        message += f" (expected {EXPECTED_URL})"
+    return UsageError(message)
+
+
+def _check_location(rest: str, source: str) -> None:
+    """Refuse what would put part of a password where it is shown (a raw ``@``) and a port
+    that is not a number, before the URL is read. ``rest`` follows ``scheme://``."""
+    userinfo = _USERINFO.match(rest)
+    after = rest[userinfo.end() :] if userinfo else rest
+    location, _, query = after.partition("?")
+    # The userinfo ends at the first "@", so any later "@" means one in the password (or
+    # the user name) that was not percent-encoded: the rest of it would be read as host,
+    # port, database or parameter, and shown.
+    if "@" in location or any("@" in key for key, _ in parse_qsl(query, keep_blank_values=True)):
+        raise _malformed(source, "an '@' after the user name and password (write an '@' in them as %40)")
+    host_port = location.partition("/")[0]
+    if host_port.startswith("["):
+        close = host_port.find("]")
+        if close < 0:
+            raise _malformed(source, "an IPv6 address in [ ] is not closed")
+        after_host = host_port[close + 1 :]
+        if after_host and not after_host.startswith(":"):
+            raise _malformed(source, "something other than :port follows the IPv6 address")
+        port = after_host[1:] if after_host else ""
+    else:
+        port = host_port.partition(":")[2]
+    _check_port(port, source)
+
+
+def _check_port(port: str, source: str) -> None:
+    if not port:
+        return
+    if not _ASCII_DIGITS.fullmatch(port):
+        raise _malformed(source, "a port is not a number")
+    if not 1 <= int(port) <= 65535:
+        raise _malformed(source, f"port {int(port)} is out of range (1 to 65535)")
+
+
+def _check_ports(url: URL, source: str) -> None:
+    """The ``host`` and ``port`` query parameters, as the driver will combine them."""
+    if "host" not in url.query and "port" not in url.query:
+        return
+    ports = url.query.get("port", ())
+    for port in (ports,) if isinstance(ports, str) else ports:
+        for number in port.split(","):
+            _check_port(number, source)
+    try:
+        _, params = _dialect().create_connect_args(url)
+    except ArgumentError:
+        raise _malformed(
+            source,
+            "its host and port parameters do not pair up (give one port, or one per host: "
+            "host=h1,h2&port=p1,p2 or host=h1:p1&host=h2:p2)",
         ) from None
-    if url.drivername not in _ACCEPTED_SCHEMES:
-        raise UsageError(
-            f"unsupported database URL scheme {url.drivername!r}: use postgresql:// (or postgres://)"
-        )
-    return url.set(drivername=_DRIVER)
+    for port in str(params.get("port", "")).split(","):
+        _check_port(port, source)
+
+
+@cache
+def _dialect():
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    return PGDialect_psycopg()
 
 
 def configured_database(cli_url: str | None) -> Database | None:
     """The database a URL was given for, by precedence; None means the embedded default."""
     if cli_url is not None:  # given, even empty: an empty option is a mistake, not a default
-        return Database(parse_url(cli_url), "--database-url")
+        return Database(parse_url(cli_url, "--database-url"), "--database-url")
     for source in ("CHATDB_DATABASE_URL", "DATABASE_URL"):
         if value := os.environ.get(source):
-            return Database(parse_url(value), source)
+            return Database(parse_url(value, source), source)
     return None
 
 
@@ -99,32 +194,32 @@ def resolve_database(cli_url: str | None) -> Database:
     return Database(embedded.ensure_running(), "embedded")
 
 
-def mask_url(url: URL | str) -> str:
-    """The URL with its password (in the userinfo or the query) replaced by ***."""
-    if isinstance(url, str):
-        return mask_text(url)
-    shown = url.set(drivername="postgresql")
-    if "password" in shown.query:
-        shown = shown.update_query_dict({"password": "***"})
-    return shown.render_as_string(hide_password=True)
+def mask_url(url: URL) -> str:
+    """The URL as chatdb shows it: its parsed parts, with the password of the userinfo and
+    of a ``password`` parameter replaced by ***."""
+    shown = url.set(drivername="postgresql", query={}).render_as_string(hide_password=True)
+    if url.query:  # rendered as SQLAlchemy renders it, but a password is *** unencoded
+        shown += "?" + "&".join(
+            f"{quote_plus(key)}={'***' if key == 'password' else quote_plus(value)}"
+            for key in sorted(url.query)
+            for value in ((url.query[key],) if isinstance(url.query[key], str) else url.query[key])
+        )
+    return shown
 
 
-_USERINFO_PASSWORD = re.compile(r"(?P<head>[a-z0-9+.-]+://[^:/@\s]*:)(?P<secret>[^@\s]*)@", re.I)
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&\s]*)", re.I)
+# In free text (a driver's message, a recorded argument) a URL's userinfo runs to the last
+# "@" of its word, so that a password holding a raw "@" is covered whole; a ``password``
+# keyword (libpq keyword/value string, or URL parameter) runs to its end, quoted or not.
+_TEXT_USERINFO = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)\S*@", re.I)
+_TEXT_PASSWORD = re.compile(r"(?P<head>(?:^|(?<=[\s?&]))password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|[^\s&]*)", re.I)
 
 
-def mask_text(message: str, url: URL | None = None) -> str:
-    """Remove any password from a message: URL userinfo, ``password=`` parameters, and the
-    literal password of ``url`` (raw and percent-encoded) wherever it appears."""
-    message = _USERINFO_PASSWORD.sub(lambda m: m["head"] + "***@", message)
-    message = _QUERY_PASSWORD.sub(lambda m: m["head"] + "***", message)
-    if url is not None:
-        secrets = [url.password, url.query.get("password")]
-        for secret in secrets:
-            if isinstance(secret, str) and secret:
-                for form in {secret, quote(secret, safe=""), unquote(secret)}:
-                    message = message.replace(form, "***")
-    return message
+def mask_text(message: str) -> str:
+    """Remove any password from free text by its place in the structure (the userinfo of a
+    URL, a ``password=`` keyword or parameter), never by searching for the password's
+    characters, which would also hide the same characters wherever else they appear."""
+    message = _TEXT_USERINFO.sub(lambda m: m["head"] + "***@", message)
+    return _TEXT_PASSWORD.sub(lambda m: m["head"] + "***", message)
 
 
 def create(
@@ -183,11 +278,16 @@ def connect(
     *,
     application_name: str = "chatdb",
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    on_wait: Callable[[float], None] | None = None,
 ) -> Engine:
     """Create the engine and prove the server answers, retrying transient failures with
-    backoff for up to ``connect_timeout`` seconds. Raises ConnectError otherwise."""
+    backoff for up to ``connect_timeout`` seconds. Raises ConnectError otherwise.
+
+    ``on_wait(waited)`` is called before each retry with the seconds waited so far, so that
+    a caller can show that chatdb is waiting."""
     engine = create(database, application_name=application_name, connect_timeout=connect_timeout)
-    deadline = time.monotonic() + max(connect_timeout, 0.0)
+    started = time.monotonic()
+    deadline = started + max(connect_timeout, 0.0)
     delay = 0.2
     while True:
         try:
@@ -196,8 +296,11 @@ def connect(
                 connection.exec_driver_sql("SELECT 1")
             return engine
         except DBAPIError as exc:
-            message = describe_connect_error(exc, database.url)
-            if _URL_PROBLEM.match(message):
+            message = describe_connect_error(exc)
+            # psycopg refuses a parameter it reads itself (connect_timeout=abc, an unknown
+            # option) with ProgrammingError; libpq's own refusals of a value come without a
+            # SQLSTATE, so only their wording tells them apart.
+            if isinstance(exc.orig, psycopg.ProgrammingError) or _URL_PROBLEM.match(message):
                 engine.dispose()
                 reason = message.removeprefix("connection is bad: ")
                 raise UsageError(
@@ -211,6 +314,8 @@ def connect(
                 raise ConnectError(
                     f"cannot connect to {database.display}: {message}{waited}", hint=_connect_hint(message)
                 ) from None
+            if on_wait is not None:
+                on_wait(time.monotonic() - started)
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 2.0)
 
@@ -230,8 +335,10 @@ def is_transient(exc: DBAPIError) -> bool:
     return any(marker in text for marker in _TRANSIENT)
 
 
-def describe_connect_error(exc: DBAPIError, url: URL) -> str:
-    """libpq's message, reduced to one line, with any secret removed."""
+def describe_connect_error(exc: DBAPIError) -> str:
+    """libpq's message, reduced to one line. libpq and psycopg name hosts, ports, users and
+    databases in their messages, never the password (chatdb hands them the parts of the URL,
+    not the URL); the structural mask is a second line of defence."""
     text = str(exc.orig).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     # libpq repeats "connection to server at ... failed:" per address; keep the reason.
@@ -241,4 +348,4 @@ def describe_connect_error(exc: DBAPIError, url: URL) -> str:
         reason = reason.removeprefix("FATAL:").strip()
         if reason and reason not in reasons:
             reasons.append(reason)
-    return mask_text("; ".join(reasons) or "unknown error", url)
+    return mask_text("; ".join(reasons) or "unknown error")

@@ -340,7 +340,9 @@ def test_malformed_url_exits_2_and_masks_the_password(cli, template, password):
     result = cli("migrate", "--database-url", with_password(template, password))
     assert result.exit_code == 2, result.output
     error_line(result)
-    assert_password_hidden(result, password)
+    for form in {password, with_password("PW", password)}:
+        assert form not in result.output, result.output
+    assert "someone" not in result.output  # a URL that cannot be used is not echoed at all
 
 
 def test_json_errors_do_not_print_the_password(cli):

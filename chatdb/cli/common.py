@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -19,7 +20,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -55,8 +58,11 @@ ConnectTimeout = Annotated[
     float | None,
     typer.Option(
         "--connect-timeout",
-        help="Seconds to keep retrying a server that does not answer "
-        f"[default: {db.DEFAULT_CONNECT_TIMEOUT:g}]",
+        # The option's own default is None, so that one given before the command name
+        # counts when none comes after it: the help states the timeout that then applies
+        # (the bracket escaped, or Rich would read "[default: 10]" as markup and drop it).
+        help="Seconds to keep retrying a server that does not answer. "
+        f"\\[default: {db.DEFAULT_CONNECT_TIMEOUT:g}]",
         min=0,
         show_default=False,
     ),
@@ -73,7 +79,7 @@ class Settings:
 
     database_url: str | None = None
     connect_timeout: float | None = None
-    # The database in use, once resolved, so error messages can mask its password.
+    # The database in use, once resolved.
     database: db.Database | None = None
 
 
@@ -117,11 +123,41 @@ def open_engine(
             f"chatdb: no database URL configured; using the embedded PostgreSQL in {embedded.home()}",
             soft_wrap=True,
         )
-    return db.connect(
-        database,
-        application_name=f"chatdb {command}",
-        connect_timeout=db.DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout,
-    )
+    timeout = db.DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
+    with _waiting(database, timeout) as on_wait:
+        return db.connect(
+            database, application_name=f"chatdb {command}", connect_timeout=timeout, on_wait=on_wait
+        )
+
+
+@contextmanager
+def _waiting(database: db.Database, timeout: float) -> Iterator[Callable[[float], None] | None]:
+    """While the server does not answer, a spinner line on a terminal's stderr says for
+    which database and for how long chatdb waits; it is erased when waiting ends. Off a
+    terminal (cron, pipes) nothing is shown."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    status: Status | None = None
+    since = 0.0
+
+    class Waited:
+        def __rich__(self) -> Text:  # rendered on every refresh: the seconds keep counting
+            waited = min(time.monotonic() - since, timeout)
+            return Text(f"waiting for {database.display} ({int(waited)} s of {timeout:g} s)")
+
+    def on_wait(waited: float) -> None:
+        nonlocal status, since
+        if status is None:
+            since = time.monotonic() - waited
+            status = err.status(Waited())
+            status.start()
+
+    try:
+        yield on_wait
+    finally:
+        if status is not None:
+            status.stop()
 
 
 class Terminated(BaseException):
@@ -163,9 +199,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = kwargs.get("ctx")  # every command that touches a database takes ctx
         json_command = _command_name(ctx) if kwargs.get("as_json") else None
-        url = None
-        if ctx is not None and settings(ctx).database is not None:
-            url = settings(ctx).database.url
         previous = signal.getsignal(signal.SIGTERM)
         in_main_thread = _in_main_thread()
         if in_main_thread:
@@ -173,13 +206,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ChatdbError as exc:
-            if ctx is not None and settings(ctx).database is not None:
-                url = settings(ctx).database.url
-            raise _fail(db.mask_text(exc.message, url), exc.exit_code, exc.hint, json_command) from None
+            # chatdb's own messages show URLs only as Database.display, and never echo a URL
+            # that could not be parsed; the driver's text is masked by structure.
+            raise _fail(exc.message, exc.exit_code, exc.hint, json_command) from None
         except DBAPIError as exc:
-            if ctx is not None and settings(ctx).database is not None:
-                url = settings(ctx).database.url
-            message = db.mask_text(one_line(exc), url)
+            message = db.mask_text(one_line(exc))
             code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
             hint = privileges.HINT if getattr(exc.orig, "sqlstate", None) == "42501" else None
             raise _fail(f"database error: {message}", code, hint, json_command) from None
@@ -192,7 +223,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             if os.environ.get("CHATDB_DEBUG"):
                 traceback.print_exc()
-            message = db.mask_text(f"{type(exc).__name__}: {exc}", url)
+            message = db.mask_text(f"{type(exc).__name__}: {exc}")
             raise _fail(
                 f"internal error: {message}",
                 EXIT_PROBLEM,
