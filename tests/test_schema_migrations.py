@@ -116,6 +116,10 @@ def test_catalog_comparison_sees_drift(migrated_db, create_all_db, change, expec
     migrated_db.execute(change)
     differences = snap(create_all_db).differences(snap(migrated_db.engine))
     assert any(expected in line for line in differences), differences
+    # What `migrate stamp` shows: the same differences, each with both sides.
+    shown = migrations.schema_differences(snap(create_all_db), snap(migrated_db.engine))
+    assert len(shown) == len(differences)
+    assert all(d.expected != d.actual for d in shown), shown
 
 
 def test_every_revision_steps_up_and_down(empty_db):
