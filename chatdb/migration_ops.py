@@ -9,6 +9,12 @@ When chatdb builds a revision's schema in a scratch schema inside a transaction 
 rolled back (``migrate stamp``, ``migrate down``), concurrent builds are impossible and
 unnecessary; the migration context option ``chatdb_concurrently=False`` turns them into
 plain statements.
+
+Timeouts: every transaction of a migration has a local ``lock_timeout`` and
+``statement_timeout`` (alembic/env.py). A statement outside a transaction cannot have
+local ones: online it is watched for lock waits (:func:`lock_wait_limit`); in the offline
+SQL, which psql runs in a session of its own, it runs with ``statement_timeout = 0``
+(it may take long, and blocks no one) under the script's session ``lock_timeout``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,18 @@ def refusal(revision: str, query: str) -> str:
     )
 
 
+def refuse_downgrade(revision: str, query: str) -> None:
+    """Run the refusal of ``revision`` (see :func:`refusal`) in the migration's
+    transaction. Its query may read a whole table, holding only the ACCESS SHARE lock
+    that blocks none of the application's statements, so the transaction's
+    statement_timeout does not apply to it."""
+    timeout = op.get_context().opts.get("chatdb_statement_timeout")
+    op.execute("SET LOCAL statement_timeout = 0")
+    op.execute(refusal(revision, query))
+    if timeout:
+        op.execute(f"SET LOCAL statement_timeout = '{timeout}'")
+
+
 def create_index(
     name: str, table: str, columns: str, *, unique: bool = False, where: str | None = None
 ) -> None:
@@ -56,7 +74,15 @@ def create_index(
         return
     context = op.get_context()
     with context.autocommit_block():
-        if not context.as_sql:
+        if context.as_sql:
+            # psql runs this script again after a failure: an index that an interrupted
+            # build left invalid is dropped (an instant catalog change, under the
+            # script's lock_timeout); a valid one is kept by IF NOT EXISTS.
+            op.execute(
+                "DO $$ BEGIN IF (SELECT NOT indisvalid FROM pg_index"
+                f" WHERE indexrelid = to_regclass('{name}')) THEN DROP INDEX {name}; END IF; END $$"
+            )
+        else:
             valid = (
                 op.get_bind()
                 .execute(
@@ -72,7 +98,9 @@ def create_index(
                 return
             if valid is not None:
                 _outside_transaction(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-        _outside_transaction(f"CREATE {kind} CONCURRENTLY {name} ON {table} {columns}{predicate}")
+        _outside_transaction(
+            f"CREATE {kind} CONCURRENTLY IF NOT EXISTS {name} ON {table} {columns}{predicate}"
+        )
 
 
 def drop_index(name: str) -> None:
@@ -102,8 +130,13 @@ def _outside_transaction(statement: str) -> None:
     (and reach the application's queries). A watchdog on a second connection cancels it
     instead once it has waited for a lock longer than the migration's lock_timeout."""
     context = op.get_context()
+    if context.as_sql:
+        op.execute("SET statement_timeout = 0")
+        op.execute(statement)
+        op.execute(f"SET statement_timeout = '{context.opts['chatdb_statement_timeout']}'")
+        return
     lock_timeout = context.opts.get("chatdb_lock_timeout")
-    if context.as_sql or not lock_timeout:
+    if not lock_timeout:
         op.execute(statement)
         return
     with lock_wait_limit(op.get_bind().engine, statement, lock_timeout):

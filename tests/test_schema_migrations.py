@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import alembic.command
+import alembic.config
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -113,6 +116,10 @@ def test_catalog_comparison_sees_drift(migrated_db, create_all_db, change, expec
     migrated_db.execute(change)
     differences = snap(create_all_db).differences(snap(migrated_db.engine))
     assert any(expected in line for line in differences), differences
+    # What `migrate stamp` shows: the same differences, each with both sides.
+    shown = migrations.schema_differences(snap(create_all_db), snap(migrated_db.engine))
+    assert len(shown) == len(differences)
+    assert all(d.expected != d.actual for d in shown), shown
 
 
 def test_every_revision_steps_up_and_down(empty_db):
@@ -446,10 +453,144 @@ def test_a_concurrent_build_gives_up_after_lock_timeout_without_session_state(em
             migrations.upgrade(empty_db.engine, lock_timeout="300ms")
         waited = time.monotonic() - started
         blocker.rollback()
-    assert "CREATE INDEX CONCURRENTLY idx_messages_conversation_owner" in raised.value.message
+    assert "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_messages_conversation_owner" in raised.value.message
     assert "300ms" in raised.value.message
     assert "lock" in (raised.value.hint or "")
     assert 0.3 <= waited < 10
     with empty_db.engine.connect() as connection:
         assert connection.execute(text("SHOW lock_timeout")).scalar() == "0"
     assert migrations.upgrade(empty_db.engine).current == HEAD
+
+
+# --- timeouts ------------------------------------------------------------------------------
+
+# Every DDL statement the server runs is recorded with the timeouts it ran under, but
+# DROP INDEX CONCURRENTLY: it must be the first action of its transaction, and a write
+# before it is one.
+RECORD_DDL = """
+CREATE TABLE ddl_seen (
+    n serial, statement text, in_transaction boolean, statement_timeout text, lock_timeout text
+);
+CREATE FUNCTION record_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_query() LIKE '%DROP INDEX CONCURRENTLY%' THEN
+        RETURN;
+    END IF;
+    INSERT INTO ddl_seen (statement, in_transaction, statement_timeout, lock_timeout)
+    VALUES (current_query(), now() <> statement_timestamp(),
+            current_setting('statement_timeout'), current_setting('lock_timeout'));
+END $$;
+CREATE EVENT TRIGGER record_ddl ON ddl_command_start EXECUTE FUNCTION record_ddl();
+"""
+
+
+def record_ddl(database) -> None:
+    if not database.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("recording DDL takes an event trigger, which only a superuser may create")
+    database.execute(RECORD_DDL)
+
+
+def ddl_seen(database) -> list[tuple[str, bool, str, str]]:
+    with database.engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT statement, in_transaction, statement_timeout, lock_timeout FROM ddl_seen ORDER BY n")
+        ).all()
+    return [tuple(row) for row in rows]
+
+
+def outside_a_transaction(statement: str) -> bool:
+    return "CONCURRENTLY" in statement or "VALIDATE CONSTRAINT" in statement
+
+
+def test_every_migration_transaction_has_a_statement_timeout(empty_db):
+    """Up and down the chain, each DDL statement in a migration's transaction runs under
+    its statement_timeout as well as its lock_timeout; what runs outside one (CREATE
+    INDEX CONCURRENTLY, VALIDATE CONSTRAINT) may take long, blocks no one, and has none."""
+    record_ddl(empty_db)
+    migrations.upgrade(empty_db.engine)
+    migrations.downgrade(empty_db.engine, "base")
+    seen = ddl_seen(empty_db)
+    assert len(seen) > 20
+    for statement, in_transaction, statement_timeout, lock_timeout in seen:
+        if outside_a_transaction(statement):
+            assert (in_transaction, statement_timeout) == (False, "0"), statement
+        else:
+            assert (statement_timeout, lock_timeout) == ("30s", "5s"), statement
+    assert any(outside_a_transaction(statement) for statement, *_ in seen)
+
+
+def test_offline_sql_sets_the_same_timeouts(empty_db, tmp_path):
+    record_ddl(empty_db)
+    for name, start, end in (("up.sql", None, "head"), ("down.sql", "head", "base")):
+        script = tmp_path / name
+        script.write_text(migrations.offline_sql(start, end))
+        psql_file(empty_db.url, script)
+    seen = ddl_seen(empty_db)
+    assert len(seen) > 20
+    for statement, _, statement_timeout, lock_timeout in seen:
+        expected = "0" if outside_a_transaction(statement) else "30s"
+        assert (statement_timeout, lock_timeout) == (expected, "5s"), statement
+    assert chatdb_tables(empty_db.engine) == set()
+
+
+def test_the_downgrade_refusal_may_read_longer_than_the_statement_timeout(migrated_db):
+    """The refusal of 0003 reads every message when none is a system message, holding a
+    lock that blocks none of the application's statements: the statement_timeout of its
+    transaction does not cut it short. (Here it waits for a lock instead, which counts
+    towards statement_timeout just the same.)"""
+    migrations.downgrade(migrated_db.engine, "0003")
+    config = alembic.config.Config()
+    config.set_main_option("script_location", str(migrations.script_location()))
+    config.attributes.update(connection=migrated_db.engine, statement_timeout="1s", lock_timeout="60s")
+    failure: list[BaseException] = []
+
+    def downgrade() -> None:
+        try:
+            alembic.command.downgrade(config, "0002")
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=downgrade)
+    with migrated_db.engine.connect() as blocker:
+        blocker.execute(text("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE"))
+        worker.start()
+        migrated_db.wait_for_query("DO $$ DECLARE reason", timeout=20)
+        time.sleep(2)  # twice the statement_timeout
+        waiting = migrated_db.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND starts_with(query, 'DO $$ DECLARE reason') AND wait_event_type = 'Lock'"
+        )
+        blocker.rollback()
+    worker.join()
+    assert failure == []
+    assert waiting == 1
+    assert migrations.status(migrated_db.engine).current == "0002_messages"
+
+
+def test_offline_sql_runs_again_after_an_interrupted_index_build(empty_db, migrated_db, tmp_path):
+    """An index build that failed half-way leaves an invalid index behind; running the
+    same SQL again builds it anew (IF NOT EXISTS alone would keep the invalid one)."""
+    migrations.upgrade(empty_db.engine, "0004")
+    empty_db.execute(
+        "INSERT INTO users (id) VALUES ('u1');"
+        " INSERT INTO conversations (id, user_id) VALUES ('00000000-0000-4000-8000-000000000001', 'u1');"
+        " INSERT INTO messages (conversation_id, user_id, role, content)"
+        " SELECT '00000000-0000-4000-8000-000000000001', 'u1', 'user', 'hi' FROM generate_series(1, 2)"
+    )
+    autocommit = create_engine(empty_db.url, isolation_level="AUTOCOMMIT")
+    with autocommit.connect() as connection, pytest.raises(Exception, match="could not create unique index"):
+        connection.execute(
+            text(
+                "CREATE UNIQUE INDEX CONCURRENTLY idx_messages_conversation_owner"
+                " ON messages (conversation_id, user_id)"
+            )
+        )
+    autocommit.dispose()
+    valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_messages_conversation_owner'::regclass"
+    assert empty_db.scalar(valid) is False
+    script = tmp_path / "0005.sql"
+    script.write_text(migrations.offline_sql("0004", "0005"))
+    psql_file(empty_db.url, script)
+    assert empty_db.scalar(valid) is True
+    assert migrations.status(empty_db.engine).up_to_date
+    assert snap(migrated_db.engine).differences(snap(empty_db.engine)) == []

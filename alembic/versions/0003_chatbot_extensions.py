@@ -116,7 +116,7 @@ DOWNGRADE_REFUSAL = (
 
 def downgrade() -> None:
     # Refuse before changing anything (also under a plain `alembic downgrade`).
-    op.execute(ops.refusal(revision, DOWNGRADE_REFUSAL))
+    ops.refuse_downgrade(revision, DOWNGRADE_REFUSAL)
     ops.create_index("idx_conversations_user_id", "conversations", "(user_id)")
     ops.create_index("idx_conversations_updated_at", "conversations", "(updated_at DESC)")
     ops.create_index("idx_conversations_user_status", "conversations", "(user_id, status)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -35,6 +35,11 @@ Target = Annotated[
 
 def _show(revision: str | None) -> str:
     return revision or "base (empty)"
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 table``, ``43,811 rows``."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 @app.callback(invoke_without_command=True)
@@ -136,10 +141,17 @@ def down(
             return
         if not as_json:
             _render_plan(plan)
-        rows = sum(t.rows for t in plan.tables)
+        losses = []
+        if plan.tables:
+            rows = sum(t.rows for t in plan.tables)
+            losses.append(f"{_count(len(plan.tables), 'table')} holding {_count(rows, 'row')}")
+        if plan.columns:
+            values = sum(c.values for c in plan.columns)
+            losses.append(f"{_count(len(plan.columns), 'column')} holding {_count(values, 'value')}")
         confirm(
-            f"Downgrade from {plan.current} to {_show(plan.target)}, dropping "
-            f"{len(plan.tables)} table(s) holding {rows} row(s)?",
+            f"Downgrade from {plan.current} to {_show(plan.target)}"
+            + (f", dropping {' and '.join(losses)}" if losses else "")
+            + "?",
             yes=yes,
             off_terminal="refuse",
         )
@@ -164,13 +176,15 @@ def down(
 def _render_plan(plan: migrations.DowngradePlan) -> None:
     err.print(f"Downgrade from {plan.current} to {_show(plan.target)} undoes: {', '.join(plan.revisions)}")
     if plan.tables:
-        err.print(table("Tables to drop", ["table", ">rows"], ((t.table, t.rows) for t in plan.tables)))
+        err.print(
+            table("Tables to drop", ["table", ">rows"], ((t.table, f"{t.rows:,}") for t in plan.tables))
+        )
     if plan.columns:
         err.print(
             table(
                 "Columns to drop",
                 ["table", "column", ">values"],
-                ((c.table, c.column, c.values) for c in plan.columns),
+                ((c.table, c.column, f"{c.values:,}") for c in plan.columns),
             )
         )
 
@@ -260,7 +274,10 @@ def stamp(
         chatdb migrate stamp 0002 && chatdb migrate
     """
     with disposing(open_engine(ctx, "migrate stamp", database_url, connect_timeout)) as engine:
-        result = migrations.stamp(engine, revision)
+        try:
+            result = migrations.stamp(engine, revision)
+        except migrations.SchemaMismatch as mismatch:
+            _refuse_stamp(mismatch, as_json)
     if as_json:
         print_json(
             "migrate stamp",
@@ -276,13 +293,45 @@ def stamp(
         )
 
 
+def _refuse_stamp(mismatch: migrations.SchemaMismatch, as_json: bool) -> NoReturn:
+    """Every difference: a table for people (before the error line, as a plan is), and
+    a ``differences`` list in the JSON error."""
+    if not as_json:
+        err.print(
+            table(
+                f"The live schema differs from revision {mismatch.revision}",
+                ["table", "what", f"{mismatch.revision} expects", "the database has"],
+                (
+                    (
+                        d.table,
+                        f"{d.kind} {d.name}" if d.name and d.kind != "table" else d.kind,
+                        "(none)" if d.expected is None else d.expected,
+                        "(none)" if d.actual is None else d.actual,
+                    )
+                    for d in mismatch.differences
+                ),
+            )
+        )
+    report_error(mismatch.message, mismatch.hint)
+    if as_json:
+        print_json(
+            "migrate stamp",
+            False,
+            error=mismatch.message,
+            exit_code=mismatch.exit_code,
+            hint=mismatch.hint,
+            differences=mismatch.differences,
+        )
+    raise typer.Exit(mismatch.exit_code)
+
+
 @app.command("sql")
 @handle_errors
 def sql(
     start: Annotated[
-        str | None,
-        typer.Option("--from", help="Revision the database is at [default: base (empty)]."),
-    ] = None,
+        str,
+        typer.Option("--from", help="Revision the database is at; base is an empty database."),
+    ] = migrations.BASE,
     end: Annotated[str, typer.Option("--to", help="Revision to reach.")] = "head",
 ) -> None:
     """Print the migration SQL for review, without touching any database. It applies with
