@@ -1148,7 +1148,9 @@ def test_a_second_signal_rolls_back_the_batch_in_flight_with_several_workers(mig
 
 def test_a_hard_stop_during_a_commit_that_never_ends_still_exits(migrated_db):
     """A second SIGTERM while the batch's COMMIT cannot finish: the run exits anyway,
-    within seconds, and the next run marks it interrupted and finishes the job."""
+    within seconds, leaves no statement behind in the server (the server drops a session
+    whose client is gone: client_connection_check_interval), the run is marked
+    interrupted, by itself or by the next run, and the next run finishes the job."""
     db = migrated_db
     populate(db)
     with _commits_held(db, "DELETE ON conversations") as (held, release):
@@ -1157,12 +1159,24 @@ def test_a_hard_stop_during_a_commit_that_never_ends_still_exits(migrated_db):
         _stop_now(process)
         _, stderr = process.communicate(timeout=30)  # while the COMMIT still waits
         assert process.returncode == 143, stderr
+        deadline = time.monotonic() + 60
+        while db.scalar(_CHATDB_SESSIONS) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert db.scalar(_CHATDB_SESSIONS) == 0  # still before the lock is released
         release()
     again = _start(db, "purge", "--older-than", "90d", "--json")
     stdout, stderr = again.communicate(timeout=60)
     assert again.returncode == 0, stderr
-    assert len(json.loads(stdout)["took_over"]) == 1
+    first = db.scalar("SELECT min(id) FROM chatdb_runs")
+    assert db.scalar("SELECT outcome FROM chatdb_runs WHERE id = :i", i=first) == "interrupted"
+    assert json.loads(stdout)["took_over"] in ([], [first])
     assert db.scalar("SELECT count(*) FROM conversations WHERE updated_at < now() - interval '90 days'") == 0
+
+
+_CHATDB_SESSIONS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND starts_with(application_name, 'chatdb')"
+)
 
 
 def test_max_runtime_stops_cleanly_and_says_what_is_left(cli, migrated_db):
