@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
 import sys
 from typing import Annotated
 
@@ -208,6 +210,11 @@ _CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "
 
 def main() -> None:
     """The console script: usage errors, like every other error, are one line."""
+    if not os.environ.get("CHATDB_DEBUG"):
+        # chatdb reports each error itself, on one line. Libraries log their own on the way
+        # (psycopg: "error ignored terminating <psycopg.Copy [BAD]>" when a COPY loses its
+        # connection), which logging's last-resort handler would print on stderr too.
+        logging.getLogger().addHandler(logging.NullHandler())
     try:
         code = app(prog_name="chatdb", standalone_mode=False)
     except _USAGE_ERROR as exc:
