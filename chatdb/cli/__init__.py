@@ -18,6 +18,7 @@ from chatdb.cli.common import (
     ConnectTimeout,
     DatabaseUrl,
     JsonOutput,
+    closed_pipe,
     disposing,
     handle_errors,
     human_bytes,
@@ -60,7 +61,10 @@ def embedded_group() -> None:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"chatdb {__version__}")
+        try:
+            typer.echo(f"chatdb {__version__}")
+        except BrokenPipeError:
+            closed_pipe()
         raise typer.Exit()
 
 
@@ -216,7 +220,15 @@ def main() -> None:
         # connection), which logging's last-resort handler would print on stderr too.
         logging.getLogger().addHandler(logging.NullHandler())
     try:
-        code = app(prog_name="chatdb", standalone_mode=False)
+        code = _run()
+    except BrokenPipeError:  # the JSON of a usage error to a closed pipe
+        closed_pipe()
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _run() -> object:
+    try:
+        return app(prog_name="chatdb", standalone_mode=False)
     except _USAGE_ERROR as exc:
         if exc.format_message():  # empty after printing the help for no arguments
             command = exc.ctx.command_path if exc.ctx is not None else "chatdb"
@@ -225,11 +237,10 @@ def main() -> None:
             if "--json" in sys.argv[1:]:  # the one JSON object, as for every other error
                 name = command.removeprefix("chatdb").strip()
                 print_json(name, False, error=exc.format_message(), exit_code=EXIT_USAGE, hint=hint)
-        code = EXIT_USAGE
+        return EXIT_USAGE
     except typer.Abort:
         report_error("aborted")
-        code = EXIT_PROBLEM
+        return EXIT_PROBLEM
     except _CLICK_EXCEPTION as exc:
         report_error(exc.format_message())
-        code = exc.exit_code
-    raise SystemExit(code if isinstance(code, int) else 0)
+        return exc.exit_code
