@@ -20,6 +20,7 @@ from chatdb.cli.common import (
     JsonOutput,
     closed_pipe,
     disposing,
+    err,
     handle_errors,
     human_bytes,
     open_engine,
@@ -51,7 +52,8 @@ app.add_typer(embedded_app, name="embedded")
 @embedded_app.callback()
 def embedded_group() -> None:
     """The embedded PostgreSQL that chatdb uses when no database URL is configured. It
-    keeps running between commands; its data lives in CHATDB_HOME (default ./.chatdb).
+    keeps running between commands; its data lives in the nearest .chatdb/ folder (here
+    or in a parent folder, else a new one here), or in CHATDB_HOME when set.
 
     Example:
 
@@ -182,16 +184,19 @@ def status(
 @embedded_app.command("stop")
 @handle_errors
 def embedded_stop() -> None:
-    """Stop the embedded PostgreSQL server (its data stays in CHATDB_HOME).
+    """Stop the embedded PostgreSQL server (its data stays in its .chatdb/ folder).
 
     Example:
 
         chatdb embedded stop
     """
-    if embedded.stop():
-        out.print(f"Stopped the embedded PostgreSQL in {embedded.home()}.")
+    home = embedded.locate()
+    if home.source == "new":
+        out.print(f"No embedded PostgreSQL here: no {embedded.FOLDER}/ in this folder or any parent folder.")
+    elif embedded.stop(home.path):
+        out.print(f"Stopped the embedded PostgreSQL in {home.path}.", markup=False)
     else:
-        out.print(f"The embedded PostgreSQL in {embedded.home()} is not running.")
+        out.print(f"The embedded PostgreSQL in {home.path} is not running.", markup=False)
 
 
 @embedded_app.command("url")
@@ -204,6 +209,8 @@ def embedded_url() -> None:
         psql "$(chatdb embedded url)"
     """
     url = embedded.ensure_running()
+    if embedded.last_started.created:
+        err.print(f"chatdb: {embedded.last_started.describe()}", markup=False)
     typer.echo(url.set(drivername="postgresql").render_as_string(hide_password=False))
 
 

@@ -131,10 +131,8 @@ def open_engine(
     if database.source == "embedded":
         from chatdb import embedded
 
-        err.print(
-            f"chatdb: no database URL configured; using the embedded PostgreSQL in {embedded.home()}",
-            soft_wrap=True,
-        )
+        # Which folder, and whether it was just created (running elsewhere makes a new one).
+        err.print(f"chatdb: {embedded.last_started.describe()}", soft_wrap=True, markup=False)
     return db.connect(
         database,
         application_name=f"chatdb {command}",
