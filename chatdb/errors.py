@@ -8,6 +8,10 @@ EXIT_USAGE = 2  # bad usage or input
 EXIT_CONNECT = 3  # the database cannot be reached or refused the login
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+#: The reader of chatdb's output went away (`chatdb status --json | head -c 10`): what a shell
+#: reports for cat or grep killed there by SIGPIPE (128 + 13), so `set -o pipefail` treats chatdb
+#: like them; 0 would tell a script that output it never delivered was read.
+EXIT_CLOSED_PIPE = 141
 
 
 class ChatdbError(Exception):

@@ -439,3 +439,28 @@ def test_seeding_leaves_schema_metadata_unchanged(migrated_db, cli):
     before = ddl()
     assert seed(cli, migrated_db, "--conversations", "10", "--messages", "50")["fast_path"] is True
     assert ddl() == before
+
+
+def test_a_connection_lost_during_the_copy_is_one_error_line(migrated_db):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
+    process = subprocess.Popen(
+        [
+            *(str(CHATDB), "seed", "--messages", "400000", "--conversations", "20000", "--users", "4000"),
+            *("--database-url", migrated_db.cli_url),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    migrated_db.wait_for_query('COPY "messages"')
+    terminated = migrated_db.scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND starts_with(query, 'COPY \"messages\"')"
+    )
+    _, stderr = process.communicate(timeout=120)
+    assert terminated == 1
+    assert process.returncode == 3, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "connection" in lines[0], stderr
+    assert migrated_db.scalar("SELECT count(*) FROM messages") == 0

@@ -9,6 +9,7 @@ say) rather than recomputed with chatdb's own code.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from xml.etree import ElementTree
 
@@ -565,3 +566,45 @@ def test_an_unreachable_server_exits_3_with_one_json_object(cli):
     payload = json.loads(result.stdout)
     assert payload["command"] == "verify-indexes" and payload["ok"] is False
     assert payload["error"].startswith("cannot connect to postgresql://nobody@127.0.0.1:1/chat")
+
+
+def test_each_fix_statement_comes_out_whole_at_any_width(migrated_db, cli):
+    run_sql(
+        migrated_db,
+        "DROP INDEX idx_messages_conversation_created\n"
+        "CREATE INDEX idx_messages_conversation_created ON messages (conversation_id, created_at)\n"
+        "DROP INDEX idx_conversations_archive_user_id\n"
+        "CREATE INDEX idx_conversations_title ON conversations (title)",
+    )
+    code, payload = verify(cli, migrated_db)
+    assert code == 1
+    statements = {line for check in failed(payload) for line in (check["fix"] or "").splitlines()}
+    statements = {line for line in statements if not line.startswith("--")}
+    assert "DROP INDEX CONCURRENTLY idx_messages_conversation_created;" in statements  # the oracle holds
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+
+    for width in (60, 80, 120, 250, None):  # None: not a terminal (a CI log)
+        env = {"COLUMNS": str(width), "TTY_COMPATIBLE": "1"} if width else {"TTY_COMPATIBLE": "0"}
+        result = cli("verify-indexes", "--database-url", migrated_db.cli_url, env=env)
+        assert result.exit_code == 1, result.output
+        shown = ansi.sub("", result.stdout)
+        words = set(shown.split())
+        flowing = " ".join(shown.split())
+        for statement in statements:
+            # No line break inside a word, and nothing between the words (a table's border).
+            assert set(statement.split()) <= words, (width, statement, shown)
+            assert " ".join(statement.split()) in flowing, (width, statement, shown)
+        if width:
+            assert max(map(len, shown.splitlines())) <= max(width, *map(len, words)), shown
+
+    # What the terminal shows at 60 columns, pasted into psql as it is, repairs the database.
+    result = cli(
+        "verify-indexes", "--database-url", migrated_db.cli_url, env={"COLUMNS": "60", "TTY_COMPATIBLE": "1"}
+    )
+    pasted = ansi.sub("", result.stdout)
+    script = pasted[pasted.index("-- To fix") : pasted.index("FAILED")]
+    sql = " ".join(line for line in script.splitlines() if not line.startswith("--"))
+    run_sql(
+        migrated_db, "\n".join(f"{statement.strip()};" for statement in sql.split(";") if statement.strip())
+    )
+    assert_clean(cli, migrated_db)

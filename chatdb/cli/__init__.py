@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
 import sys
 from typing import Annotated
 
@@ -16,7 +18,9 @@ from chatdb.cli.common import (
     ConnectTimeout,
     DatabaseUrl,
     JsonOutput,
+    closed_pipe,
     disposing,
+    err,
     handle_errors,
     human_bytes,
     open_engine,
@@ -48,7 +52,8 @@ app.add_typer(embedded_app, name="embedded")
 @embedded_app.callback()
 def embedded_group() -> None:
     """The embedded PostgreSQL that chatdb uses when no database URL is configured. It
-    keeps running between commands; its data lives in CHATDB_HOME (default ./.chatdb).
+    keeps running between commands; its data lives in the nearest .chatdb/ folder (here
+    or in a parent folder, else a new one here), or in CHATDB_HOME when set.
 
     Example:
 
@@ -58,7 +63,10 @@ def embedded_group() -> None:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"chatdb {__version__}")
+        try:
+            typer.echo(f"chatdb {__version__}")
+        except BrokenPipeError:
+            closed_pipe()
         raise typer.Exit()
 
 
@@ -176,16 +184,19 @@ def status(
 @embedded_app.command("stop")
 @handle_errors
 def embedded_stop() -> None:
-    """Stop the embedded PostgreSQL server (its data stays in CHATDB_HOME).
+    """Stop the embedded PostgreSQL server (its data stays in its .chatdb/ folder).
 
     Example:
 
         chatdb embedded stop
     """
-    if embedded.stop():
-        out.print(f"Stopped the embedded PostgreSQL in {embedded.home()}.")
+    home = embedded.locate()
+    if home.source == "new":
+        out.print(f"No embedded PostgreSQL here: no {embedded.FOLDER}/ in this folder or any parent folder.")
+    elif embedded.stop(home.path):
+        out.print(f"Stopped the embedded PostgreSQL in {home.path}.", markup=False)
     else:
-        out.print(f"The embedded PostgreSQL in {embedded.home()} is not running.")
+        out.print(f"The embedded PostgreSQL in {home.path} is not running.", markup=False)
 
 
 @embedded_app.command("url")
@@ -198,6 +209,8 @@ def embedded_url() -> None:
         psql "$(chatdb embedded url)"
     """
     url = embedded.ensure_running()
+    if embedded.last_started.created:
+        err.print(f"chatdb: {embedded.last_started.describe()}", markup=False)
     typer.echo(url.set(drivername="postgresql").render_as_string(hide_password=False))
 
 
@@ -208,8 +221,21 @@ _CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "
 
 def main() -> None:
     """The console script: usage errors, like every other error, are one line."""
+    if not os.environ.get("CHATDB_DEBUG"):
+        # chatdb reports each error itself, on one line. Libraries log their own on the way
+        # (psycopg: "error ignored terminating <psycopg.Copy [BAD]>" when a COPY loses its
+        # connection), which logging's last-resort handler would print on stderr too.
+        logging.getLogger().addHandler(logging.NullHandler())
     try:
-        code = app(prog_name="chatdb", standalone_mode=False)
+        code = _run()
+    except BrokenPipeError:  # the JSON of a usage error to a closed pipe
+        closed_pipe()
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _run() -> object:
+    try:
+        return app(prog_name="chatdb", standalone_mode=False)
     except _USAGE_ERROR as exc:
         if exc.format_message():  # empty after printing the help for no arguments
             command = exc.ctx.command_path if exc.ctx is not None else "chatdb"
@@ -218,11 +244,10 @@ def main() -> None:
             if "--json" in sys.argv[1:]:  # the one JSON object, as for every other error
                 name = command.removeprefix("chatdb").strip()
                 print_json(name, False, error=exc.format_message(), exit_code=EXIT_USAGE, hint=hint)
-        code = EXIT_USAGE
+        return EXIT_USAGE
     except typer.Abort:
         report_error("aborted")
-        code = EXIT_PROBLEM
+        return EXIT_PROBLEM
     except _CLICK_EXCEPTION as exc:
         report_error(exc.format_message())
-        code = exc.exit_code
-    raise SystemExit(code if isinstance(code, int) else 0)
+        return exc.exit_code

@@ -13,9 +13,9 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from chatdb import db, privileges
 from chatdb.errors import (
+    EXIT_CLOSED_PIPE,
     EXIT_CONNECT,
     EXIT_INTERRUPTED,
     EXIT_PROBLEM,
@@ -38,9 +39,27 @@ from chatdb.errors import (
     one_line,
 )
 
+
+def closed_pipe() -> NoReturn:
+    """The reader of chatdb's output went away (`chatdb status --json | head -1`). That is no
+    error of chatdb's: stop at once, quietly, as Unix tools do. stdout and stderr now lead to
+    /dev/null, so that what is left in their buffers cannot fail again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # a test runner's stream has no fd
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    raise SystemExit(EXIT_CLOSED_PIPE)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:  # Rich's hook; its own exits 1
+        closed_pipe()
+
+
 # Consoles resolve sys.stdout/sys.stderr at write time, so test runners can capture them.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = _Console(highlight=False, soft_wrap=True)
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 #: A day: longer is a typo, and libpq's connect_timeout must stay an integer.
 MAX_CONNECT_TIMEOUT = 86_400
@@ -119,10 +138,8 @@ def open_engine(
     if database.source == "embedded":
         from chatdb import embedded
 
-        err.print(
-            f"chatdb: no database URL configured; using the embedded PostgreSQL in {embedded.home()}",
-            soft_wrap=True,
-        )
+        # Which folder, and whether it was just created (running elsewhere makes a new one).
+        err.print(f"chatdb: {embedded.last_started.describe()}", soft_wrap=True, markup=False)
     timeout = db.DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
     with _waiting(database, timeout) as on_wait:
         return db.connect(
@@ -220,6 +237,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise _fail("interrupted", EXIT_INTERRUPTED, json_command=json_command) from None
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:
+            closed_pipe()
         except Exception as exc:
             if os.environ.get("CHATDB_DEBUG"):
                 traceback.print_exc()

@@ -3,6 +3,7 @@ declaration exactly, is valid, and serves its query."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,8 @@ from xml.etree import ElementTree
 import typer
 from rich.markup import escape
 from rich.measure import Measurement
+from rich.padding import Padding
+from rich.text import Text
 
 from chatdb import indexes
 from chatdb.cli.common import (
@@ -93,15 +96,71 @@ def verify_indexes(
 
 
 def _print_findings(findings: list[indexes.Check]) -> None:
-    rendered = table(
-        None,
-        ["table", "index", "check", "what is wrong", "how to fix"],
-        ([escape(value or "") for value in (c.table, c.index, c.check, c.detail, c.fix)] for c in findings),
-    )
+    """The findings, then their fixes below them: a statement in a table cell folds at the
+    cell's width, inside identifiers, and cannot be pasted."""
+    rows = [[c.table or "", c.index or "", c.check, c.detail] for c in findings]
+    names = sum(max(len(row[column]) for row in rows) for column in range(3))
+    if not out.is_terminal or out.width >= names + _TABLE_FRAME + _DETAIL_ROOM:
+        rendered = table(None, ["table", "index", "check", "what is wrong"], map(_escaped, rows))
+        if not out.is_terminal:
+            # A CI log has no width: there, each row stays on one line.
+            rendered.width = Measurement.get(out, out.options.update_width(1000), rendered).maximum
+        out.print(rendered)
+    else:  # too narrow for a table that keeps names whole: one finding after the other
+        for check in findings:
+            out.print(Text(f"{_where(check)}: {check.check}", style="bold"), soft_wrap=False)
+            out.print(Padding(Text(check.detail), (0, 0, 0, 2), expand=False), soft_wrap=False)
+    # One fix for several findings (a missing index fails its query and foreign key checks
+    # too) is shown once: its statements are to be run once.
+    fixes: dict[str, list[indexes.Check]] = {}
+    for check in findings:
+        if check.fix and check.check != indexes.REVISION:  # the verdict says `chatdb migrate`
+            fixes.setdefault(check.fix, []).append(check)
+    if not fixes:
+        return
+    out.print()
+    # The whole section reads as one psql script, comments and all.
+    _print_sql("-- To fix, run each statement on its own, outside a transaction (as psql does):")
+    for fix, checks in fixes.items():
+        _print_sql(f"-- {_where(checks[0])}: {', '.join(check.check for check in checks)}")
+        for line in fix.splitlines():
+            _print_sql(line)
+
+
+#: The findings table's borders and padding, and the least room that leaves its last column.
+_TABLE_FRAME, _DETAIL_ROOM = 11, 30
+
+
+def _escaped(row: list[str]) -> list[str]:
+    return [escape(value) for value in row]
+
+
+def _where(check: indexes.Check) -> str:
+    return ".".join(part for part in (check.table, check.index) if part) or "database"
+
+
+def _print_sql(line: str) -> None:
+    """One line of a fix, whole. On a terminal it is broken to the width at spaces outside
+    quotes only, where SQL reads a line break as the space it was, and a ``--`` comment
+    goes on as one; elsewhere (a CI log, a file) it is never broken."""
     if not out.is_terminal:
-        # A CI log has no width: there, each statement of a fix stays on one line.
-        rendered.width = Measurement.get(out, out.options.update_width(1000), rendered).maximum
-    out.print(rendered)
+        out.print(Text(line), soft_wrap=True)
+        return
+    comment = line.startswith("--")
+    prefix = "-- " if comment else ""
+    words = line[2:].split() if comment else _SQL_WORD.findall(line)
+    current = ""
+    for word in words:
+        joined = f"{current} {word}" if current else word
+        if current and len(prefix) + len(joined) > out.width:
+            out.print(Text(prefix + current), soft_wrap=True)
+            joined = word
+        current = joined
+    out.print(Text(prefix + current), soft_wrap=True)
+
+
+#: A word of SQL: what lies between spaces, a quoted literal or identifier counting as one.
+_SQL_WORD = re.compile(r"""(?:'[^']*'|"[^"]*"|[^\s'"]|['"])+""")
 
 
 def _verdict(report: indexes.VerifyReport) -> str:
