@@ -1,0 +1,297 @@
+"""What the lifecycle and scale benchmarks share.
+
+A scratch server (BENCH_DATABASE_URL, a role with CREATEDB, when set, else an embedded
+PostgreSQL in a temporary folder) with seeded databases and copies of them (CREATE
+DATABASE ... TEMPLATE, a CHECKPOINT before each contender); chatdb's commands run as
+whole child processes, Python start included, with their peak RSS; the plain SQL
+baselines; and a concurrent reader running the application's conversation-history query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, text
+
+from chatdb import db, embedded, patterns, schema
+
+CHATDB = Path(sys.executable).with_name("chatdb")
+COMMAND = [str(CHATDB)] if CHATDB.exists() else [sys.executable, "-m", "chatdb"]
+
+
+def run(command: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stdout of one child process.
+
+    The peak RSS is ``ru_maxrss`` from ``os.wait4``. On Linux, wait4 fills its rusage as
+    ``getrusage(RUSAGE_BOTH)`` of the child (kernel/exit.c, ``wait_task_zombie``): the
+    larger of the child's own peak and the peak of every descendant it reaped itself. So
+    for ``chatdb seed``, which forks a generator child and reaps it with ``waitpid``, this
+    is the larger of the parent's and the generator's peaks. (``getrusage(RUSAGE_CHILDREN)``
+    here would give the same only for the largest child this process ever reaped, mixing
+    one run with the next.)
+    """
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.append(process.stdout.read()))
+    reader.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    reader.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{command[:3]} failed ({process.returncode}): {process.stderr.read().decode()}")
+    return elapsed, usage.ru_maxrss * 1024, b"".join(chunks).decode()
+
+
+def lifecycle_command(command: str, older_than: str, target: str, *extra: str) -> list[str]:
+    """``chatdb archive`` or ``chatdb purge`` off a terminal, with --json; a purge's grace
+    period set past every soft delete, so that it deletes exactly what the plain DELETE
+    deletes."""
+    arguments = [*COMMAND, *command.split(), "--older-than", older_than, "--yes", "--json"]
+    arguments += ["--database-url", target, *extra]
+    if command == "purge":
+        arguments += ["--deleted-grace", "36500d"]
+    return arguments
+
+
+class Reader(threading.Thread):
+    """The application's conversation-history query, back to back, timing each."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(daemon=True)
+        self.engine = create_engine(db.parse_url(target), connect_args={"prepare_threshold": None})
+        with self.engine.connect() as connection:
+            self.ids = list(connection.execute(text("SELECT id FROM conversations")).scalars())
+        self.latencies: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random(1)
+        with self.engine.connect() as connection:
+            while not self.stop.is_set():
+                statement = patterns.conversation_history(rng.choice(self.ids))
+                started = time.perf_counter()
+                connection.execute(statement).all()
+                connection.commit()
+                self.latencies.append(time.perf_counter() - started)
+                time.sleep(0.001)
+        self.engine.dispose()
+
+    def p95_ms(self) -> float:
+        return statistics.quantiles(self.latencies, n=100)[94] * 1000
+
+
+def columns(table: str) -> str:
+    return ", ".join(column.name for column in getattr(schema, table).c)
+
+
+def idle(days: int) -> str:
+    return f"updated_at < now() - interval '{days} days'"
+
+
+def moving(days: int) -> str:
+    """The conversations an archive at ``days`` moves."""
+    return f"SELECT id FROM conversations WHERE {idle(days)} AND deleted_at IS NULL"
+
+
+def plain_archive(chosen: str) -> list[str]:
+    """The plain archive of the conversations ``chosen`` selects: INSERT ... SELECT both
+    tables, then DELETE (its cascade deletes the messages)."""
+    return [
+        f"INSERT INTO conversations_archive ({columns('conversations')})"
+        f" SELECT {columns('conversations')} FROM conversations WHERE id IN ({chosen})",
+        f"INSERT INTO messages_archive ({columns('messages')}) SELECT {columns('messages')}"
+        f" FROM messages WHERE conversation_id IN ({chosen})",
+        f"DELETE FROM conversations WHERE id IN ({chosen})",
+    ]
+
+
+class Scratch:
+    """A server for benchmark databases; ``close()`` drops every one it created."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-"))
+        os.chmod(self.workdir, 0o755)
+        raw = os.environ.get("BENCH_DATABASE_URL")
+        self.server = None
+        if raw:
+            self.url = db.parse_url(raw)
+        else:
+            self.server, self.url = embedded.scratch_server(self.workdir / "pgdata")
+        self.admin = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        self.created: list[str] = []
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self.admin.connect() as connection:
+            for name in reversed(self.created):
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.admin.dispose()
+        if self.server is not None:
+            self.server.cleanup()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def target(self, name: str) -> str:
+        """The URL of database ``name``, as a user would type it."""
+        return self.url.set(database=name, drivername="postgresql").render_as_string(hide_password=False)
+
+    def engine(self, name: str, **options: Any) -> Engine:
+        return create_engine(self.url.set(database=name), **options)
+
+    def checkpoint(self) -> None:
+        with self.admin.connect() as connection:
+            connection.execute(text("CHECKPOINT"))
+
+    def database(self, name: str, template: str | None = None) -> str:
+        with self.admin.connect() as connection:
+            clause = f' TEMPLATE "{template}"' if template else ""
+            connection.execute(text(f'CREATE DATABASE "{name}"{clause}'))
+        self.created.append(name)
+        # Each contender starts on a quiet server: no earlier copy left for autovacuum to
+        # clean up, and no checkpoint owed.
+        self.checkpoint()
+        return self.target(name)
+
+    def drop(self, name: str) -> None:
+        with self.admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    def vacuum(self, name: str) -> None:
+        engine = self.engine(name, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(text("VACUUM ANALYZE"))
+        engine.dispose()
+
+    def seeded(self, label: str, messages: int) -> tuple[str, tuple[float, int, str]]:
+        """A database migrated to head and seeded with ``messages`` messages in the shape
+        of every benchmark (a user per 100 messages, a conversation per 20, over 365
+        days), vacuumed and analyzed: its name, and the seed's run (see ``run``)."""
+        name = f"chatdb_bench_{os.getpid()}_{label}"
+        target = self.database(name)
+        subprocess.run([*COMMAND, "migrate", "--database-url", target], check=True, capture_output=True)
+        sizes = ["--users", str(messages // 100), "--conversations", str(messages // 20)]
+        sizes += ["--messages", str(messages), "--days", "365"]
+        seed = run([*COMMAND, "seed", "--database-url", target, *sizes])
+        self.vacuum(name)
+        return name, seed
+
+    def idle_days(self, name: str, share: float = 0.75) -> int:
+        """Whole days of idleness past which about ``share`` of the conversations lie."""
+        engine = self.engine(name)
+        with engine.connect() as connection:
+            age = connection.execute(
+                text(
+                    "SELECT extract(day FROM now() - percentile_disc(:share)"
+                    " WITHIN GROUP (ORDER BY updated_at)) FROM conversations"
+                ),
+                {"share": share},
+            ).scalar_one()
+        engine.dispose()
+        return int(age)
+
+    def lifecycle(
+        self,
+        command: str,
+        template: str,
+        label: str,
+        older_than: str,
+        reader: bool = False,
+        keep: bool = False,
+    ) -> tuple[float, int, dict[str, Any], Reader | None]:
+        """``chatdb archive`` or ``purge`` on a fresh copy of ``template``, beside the
+        concurrent reader when asked: wall seconds, peak RSS, its --json, the reader. The
+        copy is dropped unless ``keep`` (then it is ``{template}_{label}``)."""
+        target = self.database(f"{template}_{label}", template)
+        watcher = None
+        if reader:
+            watcher = Reader(target)
+            watcher.start()
+        elapsed, rss, stdout = run(lifecycle_command(command, older_than, target))
+        if watcher is not None:
+            watcher.stop.set()
+            watcher.join()
+        if not keep:
+            self.drop(f"{template}_{label}")
+        return elapsed, rss, json.loads(stdout), watcher
+
+    def plain_sql(
+        self,
+        template: str,
+        label: str,
+        sessions: list[list[str]],
+        reader: bool = False,
+        setup: tuple[str, ...] = (),
+    ) -> tuple[float, float, int, Reader | None]:
+        """Each session's statements in one transaction, the sessions at once, each from a
+        fresh Python process like the other contenders, after the ``setup`` statements, on
+        a fresh copy of ``template``: (wall seconds, seconds inside the database (the
+        slowest session's), messages gone from the hot table, the concurrent reader if
+        any)."""
+        target = self.database(f"{template}_{label}", template)
+        engine = create_engine(db.parse_url(target))
+        with engine.connect() as connection:
+            for statement in setup:
+                connection.execute(text(statement))
+            connection.commit()
+            before = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
+        watcher = None
+        if reader:
+            watcher = Reader(target)
+            watcher.start()
+        code = (
+            "import sys, time; from sqlalchemy import create_engine, text; "
+            "e = create_engine(sys.argv[1]); c = e.connect(); t = time.perf_counter(); "
+            "[c.execute(text(s)) for s in sys.argv[2:]]; c.commit(); print(time.perf_counter() - t)"
+        )
+        address = db.parse_url(target).render_as_string(hide_password=False)
+        started = time.perf_counter()
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, address, *statements],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for statements in sessions
+        ]
+        outputs = [process.communicate() for process in processes]
+        elapsed = time.perf_counter() - started
+        if watcher is not None:
+            watcher.stop.set()
+            watcher.join()
+        for process, (_, err) in zip(processes, outputs, strict=True):
+            if process.returncode != 0:
+                raise SystemExit(f"plain SQL ({label}) failed: {err}")
+        with engine.connect() as connection:
+            after = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
+        engine.dispose()
+        self.drop(f"{template}_{label}")
+        return elapsed, max(float(out) for out, _ in outputs), before - after, watcher
+
+    def quiet_p95(self, template: str, seconds: float = 5) -> float:
+        """The reader's p95 (ms) on a copy of ``template`` with nothing else running."""
+        name = f"{template}_quiet"
+        watcher = Reader(self.database(name, template))
+        watcher.start()
+        time.sleep(seconds)
+        watcher.stop.set()
+        watcher.join()
+        self.drop(name)
+        return watcher.p95_ms()

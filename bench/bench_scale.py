@@ -1,0 +1,371 @@
+"""Every chatdb command at several sizes of the same database: what grows with the data.
+
+    python bench/bench_scale.py [--sizes 1000000,10000000] [--older-than Nd] [--runs 3]
+
+Seeds each size in the same shape (a user per 100 messages, a conversation per 20, over
+365 days; smallest first), then runs every command as a whole child process, Python start
+included, and records its wall time, throughput, peak RSS and, for the runs that change
+data, the longest transaction and how many took over 250 ms (from their --json):
+
+- `chatdb seed` itself (its peak RSS covers the generator child it forks: see
+  ``_harness.run``);
+- on the seeded database: `chatdb migrate` (a no-op at head: what checking costs),
+  `status`, `verify-indexes`, `archive --older-than N --dry-run` and `purge --older-than
+  N --dry-run` (its default grace of 30 days, as typed), each --runs times in turn
+  (median time, largest RSS);
+- each on a fresh copy (CREATE DATABASE ... TEMPLATE, a CHECKPOINT before each): the
+  plain `DELETE FROM conversations WHERE updated_at < now() - interval 'N days'` and the
+  plain INSERT ... SELECT archive of bench_lifecycle.py, each in one transaction;
+  `chatdb purge --older-than Nd` (grace period past every soft delete, so it deletes
+  what the DELETE deletes) and `chatdb archive --older-than Nd`, with their ratio to
+  those baselines;
+- `chatdb archive restore` of 1,000 conversations named with --conversation, picked
+  across the archive of the copy the archive run left (as many as the smallest size's
+  archive holds, when that is fewer);
+- on the largest size, the steady-state daily job: on a copy purged at N+1 days and
+  vacuumed (yesterday's run), the purge at N days, which takes one day's newly idle
+  conversations; beside it the application's conversation-history query runs back to
+  back, and its p95 is given alone and during the purge.
+
+Then one table: each figure at each size and the largest/smallest ratio, against what it
+should be: linear in the data (about the ratio of the sizes) for work that reads the
+data, flat (at most 1.2x) for work that does not. N defaults to the whole days that
+leave about three quarters of the conversations idle past them (on the smallest size).
+
+Each copy is dropped once measured, and each size's database once its size is done: at
+10,000,000 messages a database takes about 5 GB, and two of them exist at a time.
+Uses BENCH_DATABASE_URL (a role with CREATEDB) when set, else an embedded PostgreSQL in a
+temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from _harness import (  # run as a script: bench/ is on sys.path
+    COMMAND,
+    Reader,
+    Scratch,
+    idle,
+    lifecycle_command,
+    moving,
+    plain_archive,
+    run,
+)
+from sqlalchemy import text
+
+RESTORE = 1_000
+
+
+@dataclass
+class Row:
+    command: str
+    figure: str
+    unit: str  # s, /s, bytes, ms, count, x
+    expect: str  # linear, flat, rate, count, aim, info
+    values: dict[int, float] = field(default_factory=dict)
+    aim: float = 1.2
+
+    def shown(self, value: float | None) -> str:
+        if value is None:
+            return "-"
+        if self.unit == "s":
+            return f"{value:.2f} s"
+        if self.unit == "/s":
+            return f"{value:,.0f}/s"
+        if self.unit == "bytes":
+            return f"{value / 2**30:.2f} GB" if value >= 2**30 else f"{value / 2**20:.0f} MB"
+        if self.unit == "ms":
+            return f"{value * 1000:.0f} ms"
+        if self.unit == "x":
+            return f"{value:.2f}x"
+        return f"{value:,.0f}"
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], Row] = {}
+
+    def add(self, command: str, figure: str, unit: str, expect: str, size: int, value: float, **kw) -> None:
+        row = self.rows.setdefault((command, figure), Row(command, figure, unit, expect, **kw))
+        row.values[size] = value
+
+    def print(self, sizes: list[int]) -> None:
+        factor = sizes[-1] / sizes[0]
+        header = ["command", "figure", *(f"{size:,}" for size in sizes)]
+        lines = []
+        for row in self.rows.values():
+            cells = [row.command, row.figure, *(row.shown(row.values.get(size)) for size in sizes)]
+            first, last = row.values.get(sizes[0]), row.values.get(sizes[-1])
+            ratio, verdict, flag = "-", "", ""
+            comparable = len(sizes) > 1 and first and last is not None
+            if row.expect in ("linear", "flat", "rate") and comparable:
+                value = last / first
+                ratio = f"{value:.2f}x"
+                if row.expect == "linear":
+                    verdict = f"linear (~{factor:g}x ok)"
+                    flag = "  <- more than linear" if value > 1.5 * factor else ""
+                elif row.expect == "flat":
+                    verdict = f"flat (aim <= {row.aim:g}x)"
+                    flag = "  <- over" if value > row.aim else ""
+                else:
+                    verdict = "rate of linear work (~1x)"
+                    flag = "  <- slower" if value < 1 / 1.5 else ""
+            elif row.expect == "flat":
+                verdict = f"flat (aim <= {row.aim:g}x)"
+            elif row.expect == "count":
+                verdict = "aim 0"
+                flag = "  <- over" if any(row.values.values()) else ""
+            elif row.expect == "aim":
+                verdict = f"aim >= {row.aim:.1f}x"
+                flag = "  <- under" if any(v < row.aim for v in row.values.values()) else ""
+            lines.append([*cells, ratio, verdict + flag])
+        header += [f"{sizes[-1]:,}/{sizes[0]:,}", "expected"]
+        widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+
+        def render(line: list[str]) -> str:
+            return "  ".join(
+                cell.ljust(width) if i in (0, 1, len(line) - 1) else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+
+        print(render(header))
+        print("  ".join("-" * width for width in widths))
+        for line in lines:
+            print(render(line))
+
+
+def parse_sizes(raw: str) -> list[int]:
+    try:
+        sizes = sorted({int(part) for part in raw.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of whole numbers: {raw!r}") from None
+    if not sizes or sizes[0] < 100:
+        raise argparse.ArgumentTypeError("each size must be at least 100 messages (a user per 100)")
+    return sizes
+
+
+def parse_days(raw: str) -> int:
+    if not raw.endswith("d") or not raw[:-1].isascii() or not raw[:-1].isdigit() or int(raw[:-1]) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole days such as 90d, not {raw!r}")
+    return int(raw[:-1])
+
+
+def seeded(scratch: Scratch, table: Table, size: int) -> tuple[str, str]:
+    """The database of ``size`` messages, seeded and measured: its name, the server's version."""
+    print(f"seeding {size:,} messages ...", flush=True)
+    base, (seconds, rss, _) = scratch.seeded(f"scale_{size}", size)
+    table.add("seed", "time", "s", "linear", size, seconds)
+    table.add("seed", "messages/s", "/s", "rate", size, size / seconds)
+    table.add("seed (with its generator)", "peak RSS", "bytes", "flat", size, rss, aim=1.1)
+    engine = scratch.engine(base)
+    with engine.connect() as connection:
+        database_bytes, index_bytes = connection.execute(
+            text(
+                "SELECT pg_database_size(current_database()),"
+                " (SELECT sum(pg_indexes_size(oid)) FROM pg_class"
+                "  WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace)"
+            )
+        ).one()
+        server = connection.execute(text("SHOW server_version")).scalar_one()
+    engine.dispose()
+    table.add("database (after VACUUM)", "size", "bytes", "linear", size, database_bytes)
+    table.add("indexes, all tables", "size", "bytes", "linear", size, int(index_bytes))
+    return base, server
+
+
+def reads(scratch: Scratch, table: Table, size: int, base: str, days: int, runs: int) -> dict[str, Any]:
+    """The read-only commands on the seeded database, in turn (so that drift on a shared
+    machine hits them alike), ``runs`` times each: median time, largest RSS. Returns the
+    archive dry run's --json."""
+    print(f"{size:,}: migrate, status, verify-indexes, dry runs ...", flush=True)
+    target = ["--database-url", scratch.target(base)]
+    archive, purge = (f"{command} --older-than {days}d --dry-run" for command in ("archive", "purge"))
+    commands = {
+        "migrate (at head)": [*COMMAND, "migrate", *target],
+        "status": [*COMMAND, "status", *target],
+        "verify-indexes": [*COMMAND, "verify-indexes", *target],
+        archive: [*COMMAND, *archive.split(), "--json", *target],
+        purge: [*COMMAND, *purge.split(), "--json", *target],
+    }
+    samples: dict[str, list[tuple[float, int, str]]] = {label: [] for label in commands}
+    scratch.checkpoint()
+    for _ in range(runs):
+        for label, command in commands.items():
+            samples[label].append(run(command))
+    for label, results in samples.items():
+        seconds = statistics.median(t for t, _, _ in results)
+        table.add(label, "time", "s", "linear" if label in (archive, purge) else "flat", size, seconds)
+        table.add(label, "peak RSS", "bytes", "flat", size, max(r for _, r, _ in results))
+    return json.loads(samples[archive][0][2])
+
+
+def writes(scratch: Scratch, table: Table, size: int, base: str, days: int, plan: dict[str, Any]) -> None:
+    """The plain SQL baselines, then chatdb purge and archive, each on a fresh copy; the
+    archive's copy is kept for the restore."""
+    print(f"{size:,}: plain DELETE, plain INSERT ... SELECT, purge, archive ...", flush=True)
+    baselines = {
+        "purge": ("plain DELETE", [[f"DELETE FROM conversations WHERE {idle(days)}"]]),
+        "archive": ("plain INSERT ... SELECT", [plain_archive(moving(days))]),
+    }
+    for command, (versus, sessions) in baselines.items():
+        base_s, _, base_messages, _ = scratch.plain_sql(base, versus.split()[1].lower(), sessions)
+        label = f"{versus} (one transaction)"
+        table.add(label, "time", "s", "linear", size, base_s)
+        table.add(label, "messages/s", "/s", "rate", size, base_messages / base_s)
+
+        keep = command == "archive"
+        seconds, rss, result, _ = scratch.lifecycle(command, base, command, f"{days}d", keep=keep)
+        done = result["done"]["messages"] + result["done"]["archive_messages"]
+        label = f"chatdb {command}"
+        table.add(label, "time", "s", "linear", size, seconds)
+        table.add(label, "messages/s", "/s", "rate", size, done / seconds)
+        table.add(label, "peak RSS", "bytes", "flat", size, rss)
+        table.add(label, "longest transaction", "ms", "flat", size, result["longest_transaction_seconds"])
+        table.add(label, "over 250 ms", "count", "count", size, result["slow_transactions"])
+        ratio = (done / seconds) / (base_messages / base_s)
+        expect = "aim" if command == "purge" else "info"
+        table.add(f"{label} / {versus}", "messages/s, end to end", "x", expect, size, ratio, aim=1.0)
+        if done != base_messages:
+            print(f"warning: chatdb {command} took {done:,} messages, the {versus} {base_messages:,}")
+        if command == "archive" and plan["planned"]["messages"] != done:
+            planned = plan["planned"]["messages"]
+            print(f"warning: the dry run counted {planned:,} messages, the archive moved {done:,}")
+
+
+def restore(scratch: Scratch, table: Table, size: int, base: str, count: int) -> int:
+    """``chatdb archive restore`` of ``count`` conversations named with --conversation,
+    picked across the archive of the copy the archive run left (then dropped). Returns the
+    count restored: fewer when a small database's archive holds fewer, so that every size
+    restores as many."""
+    print(f"{size:,}: archive restore ...", flush=True)
+    archived = f"{base}_archive"
+    engine = scratch.engine(archived)
+    with engine.connect() as connection:
+        ids = connection.execute(
+            text("SELECT id FROM conversations_archive ORDER BY md5(id::text) LIMIT :n"), {"n": count}
+        ).scalars()
+        named = [option for i in ids for option in ("--conversation", str(i))]
+    engine.dispose()
+    if len(named) // 2 < count:
+        count = len(named) // 2
+        print(f"note: the archive at {size:,} messages holds {count:,} conversations; restoring that many")
+    scratch.checkpoint()
+    target = scratch.target(archived)
+    seconds, rss, stdout = run([*COMMAND, "archive", "restore", *named, "--json", "--database-url", target])
+    scratch.drop(archived)
+    result = json.loads(stdout)
+    if result["done"]["conversations"] != count:
+        print(f"warning: restored {result['done']['conversations']:,} of {count:,} conversations")
+    label = f"chatdb archive restore ({count:,} conversations)"
+    table.add(label, "time", "s", "flat", size, seconds)
+    table.add(label, "messages/s", "/s", "info", size, result["done"]["messages"] / seconds)
+    table.add(label, "peak RSS", "bytes", "flat", size, rss)
+    table.add(label, "longest transaction", "ms", "flat", size, result["longest_transaction_seconds"])
+    return count
+
+
+def parse_runs(raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of runs, at least 1, not {raw!r}")
+    return int(raw)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=[1_000_000, 10_000_000],
+        help="messages in each database, comma-separated (default: 1000000,10000000)",
+    )
+    parser.add_argument(
+        "--older-than",
+        type=parse_days,
+        help="the retention age in whole days, e.g. 90d (default: the days that leave about "
+        "three quarters of the conversations idle past them)",
+    )
+    parser.add_argument("--runs", type=parse_runs, default=3, help="runs of each read-only command; medians")
+    args = parser.parse_args()
+    sizes: list[int] = args.sizes
+    days: int | None = args.older_than
+    count = RESTORE
+    table = Table()
+    scratch = Scratch()
+    try:
+        for size in sizes:
+            base, server = seeded(scratch, table, size)
+            if days is None:
+                days = scratch.idle_days(base)
+            plan = reads(scratch, table, size, base, days, args.runs)
+            writes(scratch, table, size, base, days, plan)
+            count = restore(scratch, table, size, base, count)
+            if size == sizes[-1]:
+                print(f"{size:,}: the daily purge ...", flush=True)
+                daily = daily_job(scratch, base, days)
+            scratch.drop(base)
+    finally:
+        scratch.close()
+
+    print()
+    print(
+        f"PostgreSQL {server}; each size seeded with a user per 100 messages and a conversation per 20, "
+        f"over 365 days; retention {days}d; "
+        f"read-only commands: median of {args.runs}"
+    )
+    table.print(sizes)
+    print()
+    print(
+        f"daily job at {sizes[-1]:,} messages (after a purge at {days + 1}d, vacuumed): "
+        f"chatdb purge --older-than {days}d took {daily['conversations']:,.0f} conversations and "
+        f"{daily['messages']:,.0f} messages in {daily['seconds']:.2f} s "
+        f"({daily['messages'] / daily['seconds']:,.0f} messages/s), "
+        f"peak RSS {daily['rss'] / 2**20:.0f} MB, longest transaction {daily['longest'] * 1000:.0f} ms, "
+        f"{daily['slow']:.0f} over 250 ms"
+    )
+    print(
+        f"conversation history p95: {daily['p95_alone']:.2f} ms alone, {daily['p95_during']:.2f} ms "
+        f"during the daily purge ({daily['queries']:,.0f} queries)"
+    )
+
+
+def daily_job(scratch: Scratch, base: str, days: int) -> dict[str, float]:
+    """The steady-state daily purge: yesterday's (at days + 1), a VACUUM as autovacuum
+    would have run since, then today's (at days), beside the conversation-history reader."""
+    name = f"{base}_daily"
+    target = scratch.database(name, base)
+    run(lifecycle_command("purge", f"{days + 1}d", target))
+    scratch.vacuum(name)
+    scratch.checkpoint()
+    alone = Reader(target)
+    alone.start()
+    time.sleep(5)
+    alone.stop.set()
+    alone.join()
+    during = Reader(target)
+    during.start()
+    elapsed, rss, stdout = run(lifecycle_command("purge", f"{days}d", target))
+    during.stop.set()
+    during.join()
+    scratch.drop(name)
+    result = json.loads(stdout)
+    return {
+        "seconds": elapsed,
+        "rss": rss,
+        "conversations": result["done"]["conversations"] + result["done"]["archive_conversations"],
+        "messages": result["done"]["messages"] + result["done"]["archive_messages"],
+        "longest": result["longest_transaction_seconds"],
+        "slow": result["slow_transactions"],
+        "p95_alone": alone.p95_ms(),
+        "p95_during": during.p95_ms() if len(during.latencies) > 1 else float("nan"),
+        "queries": len(during.latencies),
+    }
+
+
+if __name__ == "__main__":
+    main()
