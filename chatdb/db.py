@@ -194,6 +194,11 @@ def resolve_database(cli_url: str | None) -> Database:
     return Database(embedded.ensure_running(), "embedded")
 
 
+def _values(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A query parameter's values: SQLAlchemy keeps a repeated parameter as a tuple."""
+    return (value,) if isinstance(value, str) else value
+
+
 def mask_url(url: URL) -> str:
     """The URL as chatdb shows it: its parsed parts, with the password of the userinfo and
     of a ``password`` parameter replaced by ***."""
@@ -202,7 +207,7 @@ def mask_url(url: URL) -> str:
         shown += "?" + "&".join(
             f"{quote_plus(key)}={'***' if key == 'password' else quote_plus(value)}"
             for key in sorted(url.query)
-            for value in ((url.query[key],) if isinstance(url.query[key], str) else url.query[key])
+            for value in _values(url.query[key])
         )
     return shown
 

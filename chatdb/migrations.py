@@ -97,11 +97,13 @@ def script_location() -> Path:
     raise StateError(f"chatdb's migration scripts are missing (looked in {package})")
 
 
-def _config(connection: Connection | None = None, **attributes: object) -> Config:
+def _config(
+    connection: Connection | None = None, *, output_buffer: io.StringIO | None = None, **attributes: object
+) -> Config:
     from alembic.config import Config
 
     attributes.setdefault("lock_timeout", DEFAULT_LOCK_TIMEOUT)
-    config = Config(output_buffer=io.StringIO())
+    config = Config(output_buffer=output_buffer or io.StringIO())
     config.set_main_option("script_location", str(script_location()))
     if connection is not None:
         config.attributes["connection"] = connection
@@ -120,7 +122,9 @@ def chain() -> list[Revision]:
     revisions = []
     for script in reversed(list(_script().walk_revisions())):
         message = (script.doc or "").strip().splitlines()[0] if script.doc else ""
-        revisions.append(Revision(script.revision, script.down_revision, message))
+        down = script.down_revision
+        assert down is None or isinstance(down, str)  # the chain is linear: no merge revisions
+        revisions.append(Revision(script.revision, down, message))
     return revisions
 
 
@@ -533,7 +537,8 @@ def offline_sql(start: str | None = None, end: str = "head") -> str:
 
     first = resolve(start) if start else None
     last = resolve(end, first)
-    config = _config()
+    buffer = io.StringIO()
+    config = _config(output_buffer=buffer)
     if _position(last) >= _position(first):
         span = f"{first}:{last or BASE}" if first else (last or BASE)
         command.upgrade(config, span, sql=True)
@@ -544,9 +549,9 @@ def offline_sql(start: str | None = None, end: str = "head") -> str:
         # the whole range come first too, so that none is met after others were undone.
         undone = [r.id for r in reversed(chain()[_position(last) : _position(first)])]
         for revision, query in _refusals(undone):
-            config.output_buffer.write(f"{migration_ops.refusal(revision, query)};\n\n")
+            buffer.write(f"{migration_ops.refusal(revision, query)};\n\n")
         command.downgrade(config, f"{first}:{last or BASE}", sql=True)
-    return config.output_buffer.getvalue()
+    return buffer.getvalue()
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TextClause,
     UniqueConstraint,
     text,
 )
@@ -60,7 +61,7 @@ def _tz() -> TIMESTAMP:
     return TIMESTAMP(timezone=True)
 
 
-def _now() -> text:
+def _now() -> TextClause:
     return text("now()")
 
 
