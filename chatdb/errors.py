@@ -1,4 +1,4 @@
-"""The one error type users can act on, and the exit codes of DESIGN.md."""
+"""The one error type users can act on, and the exit codes (see docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -210,7 +210,7 @@ def _fail(message: str, code: int, hint: str | None = None, json_command: str | 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The error boundary of every command: domain errors become one red line and the
-    exit code of DESIGN.md; Ctrl-C exits 130 and SIGTERM 143; never a traceback."""
+    exit code of docs/architecture.md; Ctrl-C exits 130 and SIGTERM 143; never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
