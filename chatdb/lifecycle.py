@@ -17,8 +17,9 @@ goes whole, with all its messages. The rules that keep other people's data safe:
   never rescans the dead tuples of earlier batches, and rows skipped because another
   session held them (or moved, in physical order) are visited again by a sweep from the
   start before the run ends.
-- ``lock_timeout`` and ``statement_timeout`` on every batch; lock timeouts, deadlocks and
-  serialization failures are retried with backoff and a smaller batch.
+- ``lock_timeout`` and ``statement_timeout`` on every batch; lock and statement timeouts,
+  deadlocks, serialization failures and a foreign-key violation (a user deleted while their
+  conversation was copied) are retried with backoff and a smaller batch.
 - One lifecycle run per database at a time (see ``_Guard``), and an audit row in
   ``chatdb_runs`` for every run, updated in the same transaction as each batch so that
   its counts are exactly what was committed, even after SIGKILL.

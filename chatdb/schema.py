@@ -257,7 +257,8 @@ chatdb_runs = Table(
     Column("client_host", String(255), nullable=True),
     Column("client_pid", Integer, nullable=True),
     Column("started_at", _tz(), nullable=False, server_default=_now()),
-    # The lease: renewed every batch; a run not renewed for a minute may be taken over.
+    # Renewed every batch. A run is taken over only once its guard lock is free; a
+    # heartbeat older than a minute only marks it "(stalled?)" when another run is refused.
     Column("heartbeat_at", _tz(), nullable=False, server_default=_now()),
     Column("finished_at", _tz(), nullable=True),
     Column("outcome", String(20), nullable=False, server_default=text("'running'")),

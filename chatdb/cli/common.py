@@ -185,7 +185,7 @@ class TerminatedRead(Terminated, KeyboardInterrupt):
     """SIGTERM outside the batches of archive and purge. A KeyboardInterrupt too, so that
     psycopg cancels the statement it interrupts in the server, as it does for Ctrl-C,
     instead of leaving it to run (a batch's COMMIT in flight is left to finish: see
-    cli.lifecycle._stop_requests)."""
+    cli.lifecycle._Signals)."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
