@@ -7,6 +7,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import signal
+import subprocess
+import sys
 import time
 from xml.etree import ElementTree
 
@@ -145,6 +148,9 @@ def test_dead_rows_after_a_purge_warn_until_vacuum(seeded, cli):
     seeded.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
     purge = cli("purge", "--older-than", "30d", "--database-url", seeded.cli_url)
     assert purge.exit_code == 0, purge.output
+    # The purge's summary says it left a table needing VACUUM, and how to do it now.
+    assert "Left tables needing VACUUM:" in purge.stdout
+    assert "VACUUM (ANALYZE) messages;" in purge.stdout
     deleted = seeded.scalar("SELECT (counts->>'messages')::int FROM chatdb_runs WHERE command = 'purge'")
     assert deleted > 1000
     wait_for(seeded, "n_dead_tup >= :n FROM pg_stat_all_tables WHERE relname = 'messages'", n=deleted)
@@ -164,6 +170,60 @@ def test_dead_rows_after_a_purge_warn_until_vacuum(seeded, cli):
     dead = one(payload, "vacuum", "dead rows", "messages")
     assert dead["status"] == "ok", dead
     assert "(manual)" in dead["detail"]
+
+
+def test_purge_and_archive_with_vacuum_leave_nothing_to_vacuum(seeded, cli):
+    seeded.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
+    seeded.execute("ALTER TABLE conversations SET (autovacuum_enabled = false)")
+    archive = cli("archive", "--older-than", "60d", "--vacuum", "--json", "--database-url", seeded.cli_url)
+    assert archive.exit_code == 0, archive.output
+    vacuum = json.loads(archive.stdout)["vacuum"]
+    assert vacuum["vacuumed"] == ["conversations", "messages", "conversations_archive", "messages_archive"]
+    assert vacuum["stopped_by"] is None
+    assert json.loads(archive.stdout)["ok"] is True
+    purge = cli("purge", "--older-than", "30d", "--vacuum", "--database-url", seeded.cli_url)
+    assert purge.exit_code == 0, purge.output
+    assert "VACUUM (ANALYZE) done on conversations, messages" in purge.stdout
+    assert "Left tables needing VACUUM" not in purge.stdout
+    wait_for(
+        seeded, "sum(n_dead_tup) = 0 FROM pg_stat_all_tables WHERE relname IN ('messages', 'conversations')"
+    )
+    _, payload = run(cli, seeded)
+    assert all(c["status"] == "ok" for c in found(payload, "vacuum", "dead rows")), found(payload, "vacuum")
+    # --vacuum is recorded with the run's arguments.
+    assert seeded.scalar("SELECT bool_and((arguments->>'vacuum')::bool) FROM chatdb_runs") is True
+
+
+PURGE_VACUUM = (sys.executable, "-m", "chatdb", "purge", "--older-than", "30d", "--vacuum")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_vacuum_in_the_server_and_the_summary_says_so(seeded, signum, code):
+    """The VACUUM waits behind a lock another session holds; the signal cancels it in the
+    server, and the purge, already recorded, keeps its outcome."""
+    with seeded.engine.connect() as blocker:
+        blocker.execute(text("LOCK TABLE conversations IN SHARE UPDATE EXCLUSIVE MODE"))
+        process = subprocess.Popen(
+            [*PURGE_VACUUM, "--database-url", seeded.cli_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            seeded.wait_for_query("VACUUM (ANALYZE)")
+            process.send_signal(signum)
+            stdout, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        blocker.rollback()
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert f"VACUUM stopped ({'interrupted' if code == 130 else 'terminated'})" in stdout
+    assert "deleted" in stdout  # the run's own summary
+    assert seeded.scalar("SELECT outcome FROM chatdb_runs") == "succeeded"
+    assert seeded.scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'VACUUM%'") == 0
 
 
 # --- 2. bloat, 3. integrity (--deep) -----------------------------------------------------------
