@@ -21,6 +21,14 @@ _GUARD = (
 )
 
 
+#: A client's session. Another role's shows its type only to pg_read_all_stats; its user and
+#: database show to all.
+_CLIENT = (
+    "(backend_type = 'client backend'"
+    " OR (backend_type IS NULL AND usename IS NOT NULL AND datname IS NOT NULL))"
+)
+
+
 def _guard() -> dict[str, int]:
     key = lifecycle._GUARD_KEY
     return {"a": key[0], "b": key[1]}
@@ -33,7 +41,7 @@ def _hidden(probe: Probe) -> str:
     hidden = int(
         probe.scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND backend_type = 'client backend' AND state IS NULL"
+            f" AND state IS NULL AND {_CLIENT}"
         )
         or 0
     )
@@ -51,7 +59,7 @@ _POOLER = "-- put a pooler (PgBouncer in transaction mode) in front of the serve
 def connections(probe: Probe) -> list[Finding]:
     limits = probe.thresholds
     row = probe.one(
-        "SELECT count(*) FILTER (WHERE backend_type = 'client backend') AS used,"
+        f"SELECT count(*) FILTER (WHERE {_CLIENT}) AS used,"
         " current_setting('max_connections')::int AS maximum,"
         " current_setting('superuser_reserved_connections')::int"
         "  + coalesce(current_setting('reserved_connections', true)::int, 0) AS reserved"

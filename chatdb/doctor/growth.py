@@ -199,6 +199,17 @@ def growth(probe: Probe, recorded: bool) -> tuple[list[Finding], Growth | None]:
         else f" (this run could not record a sample: role {probe.user} may not INSERT into {HISTORY},"
         " or the database is read-only)"
     )
+    if not series:
+        found.append(
+            Finding(
+                "growth",
+                probe.database,
+                "growth",
+                OK,
+                detail=f"no sample in {HISTORY} yet; each status and doctor run records one{note}",
+                unit="bytes",
+            )
+        )
     order = [DATABASE, *tracked_tables()]
     for name in (n for n in order if n in series):
         samples = series[name]
