@@ -212,6 +212,13 @@ class Vacuum:
     vacuumed: list[str] = field(default_factory=list)
     stopped_by: str | None = None  # a signal stopped the VACUUM: "interrupted", "terminated"
 
+    def left(self) -> dict[str, int]:
+        """The tables that still need VACUUM, with the dead rows the run left in each."""
+        return {table: rows for table, rows in self.needed.items() if table not in self.vacuumed}
+
+    def fix(self) -> str:
+        return " ".join(f"VACUUM (ANALYZE) {table};" for table in self.left())
+
 
 @dataclass
 class RunResult:

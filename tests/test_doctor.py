@@ -613,6 +613,13 @@ def test_a_database_behind_head_or_never_migrated(empty_db, cli):
     assert payload["recorded"] is False
 
 
+def test_help_lists_doctor_after_status_with_an_example(cli):
+    listing = cli("--help").stdout
+    assert listing.index("│ status") < listing.index("│ doctor") < listing.index("│ migrate")
+    help_ = cli("doctor", "--help")
+    assert help_.exit_code == 0 and "Example" in help_.stdout and "--threshold" in help_.stdout
+
+
 def test_thresholds_parse_sizes_and_refuse_nonsense():
     limits = doctor.Thresholds().replace(["bloat_bytes=1.5GB", "dead_ratio=0.5", "dead_rows=10"])
     assert limits.bloat_bytes == 1.5 * (1 << 30) and limits.dead_ratio == 0.5 and limits.dead_rows == 10

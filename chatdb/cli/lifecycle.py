@@ -340,13 +340,12 @@ def _render_vacuum(vacuum: lifecycle.Vacuum) -> None:
             f"[yellow]VACUUM stopped ({vacuum.stopped_by}).[/yellow] Autovacuum will get to the tables"
             " left, or run `chatdb doctor` to see them."
         )
-    left = {table: rows for table, rows in vacuum.needed.items() if table not in vacuum.vacuumed}
+    left = vacuum.left()
     if left and not vacuum.stopped_by:
         tables = ", ".join(f"{table} ({_n(rows, 'dead row')})" for table, rows in left.items())
-        statements = " ".join(f"VACUUM (ANALYZE) {table};" for table in left)
         out.print(
             f"[yellow]Left tables needing VACUUM:[/yellow] {tables}. Autovacuum gets to them in time;"
-            f" to do it now, run {escape(statements)} or give --vacuum next time."
+            f" to do it now, run {escape(vacuum.fix())} or give --vacuum next time."
         )
 
 
