@@ -205,6 +205,23 @@ class Plan:
 
 
 @dataclass
+class Vacuum:
+    """The dead rows a run left (the rows it deleted from each table, where they are enough
+    for the table to need VACUUM, by doctor's rule), and what ``--vacuum`` did about them."""
+
+    needed: dict[str, int] = field(default_factory=dict)
+    vacuumed: list[str] = field(default_factory=list)
+    stopped_by: str | None = None  # a signal stopped the VACUUM: "interrupted", "terminated"
+
+    def left(self) -> dict[str, int]:
+        """The tables that still need VACUUM, with the dead rows the run left in each."""
+        return {table: rows for table, rows in self.needed.items() if table not in self.vacuumed}
+
+    def fix(self) -> str:
+        return " ".join(f"VACUUM (ANALYZE) {table};" for table in self.left())
+
+
+@dataclass
 class RunResult:
     command: str
     run_id: int | None
@@ -221,6 +238,7 @@ class RunResult:
     elapsed_seconds: float = 0.0
     exported: int = 0
     took_over: list[int] = field(default_factory=list)  # earlier runs found dead
+    vacuum: Vacuum = field(default_factory=Vacuum)
 
     @property
     def outcome(self) -> str:
@@ -1638,6 +1656,85 @@ def _masked(arguments: dict[str, Any]) -> dict[str, Any]:
     return {key: db.mask_text(value) if isinstance(value, str) else value for key, value in arguments.items()}
 
 
+# --- VACUUM after a run ---------------------------------------------------------------------
+
+
+def _changed(result: RunResult) -> dict[str, tuple[int, int]]:
+    """The tables a run changed: {table: (rows deleted from it, rows inserted into it)}."""
+    done = result.done
+    if result.command == "archive":
+        changed = {
+            conversations.name: (done.conversations, 0),
+            messages.name: (done.messages, 0),
+            conversations_archive.name: (0, done.conversations),
+            messages_archive.name: (0, done.messages),
+        }
+    else:
+        changed = {
+            conversations.name: (done.conversations, 0),
+            messages.name: (done.messages, 0),
+            conversations_archive.name: (done.archive_conversations, 0),
+            messages_archive.name: (done.archive_messages, 0),
+        }
+    return {table: rows for table, rows in changed.items() if any(rows)}
+
+
+def _dead_left(engine: Engine, result: RunResult) -> dict[str, int]:
+    """The tables whose rows the run deleted are enough for doctor's vacuum check to warn
+    (its default thresholds), against the rows each held before (the planner's count)."""
+    from chatdb.doctor.model import Thresholds
+    from chatdb.doctor.tables import needs_vacuum
+
+    deleted = {table: rows for table, (rows, _) in _changed(result).items() if rows}
+    if not deleted:
+        return {}
+    limits = Thresholds()
+    try:
+        with engine.connect() as connection:
+            before = dict(
+                connection.execute(
+                    text(
+                        "SELECT c.relname, CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint"
+                        " ELSE s.n_live_tup + s.n_dead_tup END"
+                        " FROM pg_class c JOIN pg_stat_all_tables s ON s.relid = c.oid"
+                        " WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = ANY(:names)"
+                    ),
+                    {"names": list(deleted)},
+                ).all()
+            )
+    except DBAPIError:
+        return {}  # a hint only: the run itself is over and recorded
+    return {
+        table: rows
+        for table, rows in deleted.items()
+        if needs_vacuum(rows, max(int(before.get(table) or 0) - rows, 0), limits.dead_ratio, limits.dead_rows)
+    }
+
+
+def vacuum(engine: Engine, result: RunResult) -> None:
+    """``VACUUM (ANALYZE)`` the tables the run changed, one after the other, after its last
+    batch and outside any transaction (VACUUM cannot run in one). It takes no lock that
+    blocks reads or writes; never VACUUM FULL. ``result.vacuum.vacuumed`` lists the tables
+    done, so a signal in the middle leaves it saying which."""
+    # The run's own sessions, back in the pool, report the rows they deleted to the
+    # statistics a moment after their last transaction (PostgreSQL 15 and later batch the
+    # reports): made to report now, so that VACUUM's report comes after theirs, not before.
+    sessions = [engine.connect() for _ in range(engine.pool.checkedin())]
+    try:
+        for session in sessions:
+            if session.connection.dbapi_connection.info.server_version >= 150000:
+                session.execute(text("SELECT pg_stat_force_next_flush()"))
+                session.commit()
+    finally:
+        for session in sessions:
+            session.close()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        quote = connection.dialect.identifier_preparer.quote
+        for table in _changed(result):
+            connection.execute(text(f"VACUUM (ANALYZE) {quote(table)}"))
+            result.vacuum.vacuumed.append(table)
+
+
 # --- the commands --------------------------------------------------------------------------
 
 
@@ -1647,10 +1744,12 @@ def archive(engine: Engine, plan: Plan, options: RunOptions, export: Path | None
     options.validate()
     writer = _Export(export) if export is not None else None
     try:
-        return _Runner(engine, plan, options, writer).run(_archive_phases(plan))
+        result = _Runner(engine, plan, options, writer).run(_archive_phases(plan))
     finally:
         if writer is not None:
             writer.close()
+    result.vacuum.needed = _dead_left(engine, result)
+    return result
 
 
 def purge(engine: Engine, plan: Plan, options: RunOptions) -> RunResult:
@@ -1658,7 +1757,9 @@ def purge(engine: Engine, plan: Plan, options: RunOptions) -> RunResult:
     ``plan.cutoff`` and soft-deleted conversations and messages older than
     ``plan.deleted_cutoff``."""
     options.validate()
-    return _Runner(engine, plan, options, None).run(_purge_phases(plan))
+    result = _Runner(engine, plan, options, None).run(_purge_phases(plan))
+    result.vacuum.needed = _dead_left(engine, result)
+    return result
 
 
 def restore(engine: Engine, plan: Plan, options: RunOptions) -> RunResult:

@@ -4,11 +4,15 @@ checks that name a missing privilege in one line before a command fails half-way
 Two roles besides the tables' owner (the role that runs ``chatdb migrate``):
 
 - the application's role reads and writes the chat tables and reads the archive;
-- the operations role runs ``archive``, ``purge``, ``status`` and ``verify-indexes``: it
-  reads and writes chatdb's tables, records runs in ``chatdb_runs`` and creates temporary
-  tables (``verify-indexes`` builds the declared indexes on empty temporary copies). It
-  owns nothing, so ``migrate`` and ``seed``, the development and staging tools that
-  create, alter, or take over tables, say which privilege it lacks.
+- the operations role runs ``archive``, ``purge``, ``status``, ``verify-indexes`` and
+  ``doctor``: it reads and writes chatdb's tables, records runs in ``chatdb_runs`` and
+  sizes in ``chatdb_size_history``, and creates temporary tables (``verify-indexes``
+  builds the declared indexes on empty temporary copies). It owns nothing, so ``migrate``
+  and ``seed``, the development and staging tools that create, alter, or take over
+  tables, say which privilege it lacks. For ``doctor`` it is also a member of
+  ``pg_monitor`` (``pg_read_all_stats``: every session and statement;
+  ``pg_stat_scan_tables``: pgstattuple), which only a superuser (or a managed service's
+  admin role) may grant.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from chatdb.errors import PrivilegeError, UsageError
 from chatdb.schema import (
     VERSION_TABLE,
     chatdb_runs,
+    chatdb_size_history,
     conversations,
     conversations_archive,
     messages,
@@ -92,15 +97,25 @@ def grant_statements(app_role: str, ops_role: str, database: str, schema: str = 
         RoleGrants(
             ops_role,
             "operations",
-            "runs archive, purge, status and verify-indexes: reads and writes chatdb's tables, "
-            "records runs, creates temporary tables; owns nothing, so it cannot migrate or seed",
+            "runs archive, purge, status, verify-indexes and doctor: reads and writes chatdb's tables, "
+            "records runs and sizes, creates temporary tables; owns nothing, so it cannot migrate or seed",
             [
                 f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {ops};",
                 f"GRANT USAGE ON SCHEMA {sch} TO {ops};",
                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {chat}, {archive} TO {ops};",
                 f"GRANT SELECT, INSERT, UPDATE ON TABLE {tables(chatdb_runs.name)} TO {ops};",
+                f"GRANT SELECT, INSERT, DELETE ON TABLE {tables(chatdb_size_history.name)} TO {ops};",
                 f"GRANT SELECT ON TABLE {tables(VERSION_TABLE, users.name)} TO {ops};",
             ],
+        ),
+        RoleGrants(
+            ops_role,
+            "monitoring",
+            "runs doctor, which needs pg_monitor: pg_read_all_stats (every session and statement) and "
+            "pg_stat_scan_tables (pgstattuple for --deep). Only a superuser, or a role holding it with its "
+            "admin option, may grant it. --deep's amcheck also needs, once that extension is installed: "
+            f"GRANT EXECUTE ON FUNCTION bt_index_check(regclass, boolean) TO {ops};",
+            [f"GRANT pg_monitor TO {ops};"],
         ),
     ]
 

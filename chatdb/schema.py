@@ -17,6 +17,7 @@ Every index names the query pattern it serves (see ``chatdb.patterns``):
 6. the latest lifecycle runs (``chatdb status``), and the one-run-at-a-time guard
 7. deleting a conversation: its owner foreign key's cascade, ``conversation_id = ? AND
    user_id = ?`` on messages
+8. the size history since a time (``chatdb doctor``'s growth check)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ metadata = MetaData()
 #: chatdb's own Alembic version table, so it can live beside the application's.
 VERSION_TABLE = "chatdb_alembic_version"
 #: The revision of the chain whose schema this module declares (a test keeps the two equal).
-HEAD_REVISION = "0005_messages_owner_index"
+HEAD_REVISION = "0006_size_history"
 
 #: The comment chatdb puts on a ``users`` table it created itself. A ``users`` table
 #: without it belongs to the application and is never altered or dropped.
@@ -282,6 +283,25 @@ Index(
     _table=chatdb_runs,
 )
 
+chatdb_size_history = Table(
+    "chatdb_size_history",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), nullable=False),
+    Column("recorded_at", _tz(), nullable=False, server_default=_now()),
+    # The command that recorded the sample: "status" or "doctor".
+    Column("command", Text, nullable=False),
+    # The table measured; NULL for the whole database (pg_database_size).
+    Column("table_name", Text, nullable=True),
+    # The statistics' live rows (no count): NULL for the whole database.
+    Column("row_estimate", BigInteger, nullable=True),
+    # Table, TOAST and indexes.
+    Column("total_bytes", BigInteger, nullable=False),
+    PrimaryKeyConstraint("id", name="chatdb_size_history_pkey"),
+)
+
+# Pattern 8: the samples since a time, for every table at once.
+Index("idx_chatdb_size_history_recorded_at", chatdb_size_history.c.recorded_at)
+
 #: The tables chatdb owns, in dependency order (parents first). ``users`` is not among
 #: them: it belongs to the application unless chatdb created it.
 CHATDB_TABLES: tuple[Table, ...] = (
@@ -290,4 +310,5 @@ CHATDB_TABLES: tuple[Table, ...] = (
     conversations_archive,
     messages_archive,
     chatdb_runs,
+    chatdb_size_history,
 )

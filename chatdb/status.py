@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, select, text
 
 from chatdb import catalog, migrations
+from chatdb.doctor import growth
 from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, chatdb_runs
 
 #: Above this many rows (by the planner's estimate) the count is the estimate: an exact
@@ -51,11 +52,14 @@ class StatusReport:
     migration: migrations.MigrationStatus
     tables: list[TableStats]
     runs: list[RunSummary]
+    #: Whether this run added the tables' sizes to chatdb_size_history (doctor's growth).
+    sizes_recorded: bool = False
 
 
 def gather(engine: Engine) -> StatusReport:
     migration = migrations.status(engine)
     with engine.connect() as connection:
+        recorded = growth.record(connection, "status")
         version, database, user = connection.execute(
             text("SELECT current_setting('server_version'), current_database(), current_user")
         ).one()
@@ -101,4 +105,4 @@ def gather(engine: Engine) -> StatusReport:
                         error=row["error"],
                     )
                 )
-    return StatusReport(version, database, user, migration, tables, runs)
+    return StatusReport(version, database, user, migration, tables, runs, recorded)

@@ -39,6 +39,7 @@ REVISIONS = [
     "0003_chatbot_extensions",
     "0004_archive_and_audit",
     "0005_messages_owner_index",
+    "0006_size_history",
 ]
 HEAD = REVISIONS[-1]
 SECRET = "s3cr3t-Pa55"
@@ -540,7 +541,7 @@ ARCHIVE_ROWS = {"conversations_archive": 1, "messages_archive": 2, "chatdb_runs"
 
 
 def test_down_off_a_terminal_refuses_without_yes(db_with_archive_rows, cli):
-    result = cli("migrate", "down", "-2", "--database-url", db_with_archive_rows.cli_url)
+    result = cli("migrate", "down", "0003", "--database-url", db_with_archive_rows.cli_url)
     assert result.exit_code == 1, result.output
     assert "--yes" in error_line(result)
     for table in ARCHIVE_ROWS:
@@ -550,7 +551,7 @@ def test_down_off_a_terminal_refuses_without_yes(db_with_archive_rows, cli):
 
 
 def test_down_with_yes_shows_the_plan_with_row_counts(db_with_archive_rows, cli):
-    result = cli("migrate", "down", "-2", "--yes", "--database-url", db_with_archive_rows.cli_url)
+    result = cli("migrate", "down", "0003", "--yes", "--database-url", db_with_archive_rows.cli_url)
     assert result.exit_code == 0, result.output
     shown = result.output
     for table, rows in ARCHIVE_ROWS.items():
@@ -581,6 +582,7 @@ def test_down_to_base_json(migrated_db, cli):
         "conversations_archive",
         "messages_archive",
         "chatdb_runs",
+        "chatdb_size_history",
     }
     assert all(is_int(count) for count in rows.values()), rows
     assert rows["users"] == 2
@@ -655,7 +657,7 @@ def run_on_terminal(
 
 
 def test_down_asks_on_a_terminal(db_with_archive_rows):
-    args = ["migrate", "down", "-2", "--database-url", db_with_archive_rows.cli_url]
+    args = ["migrate", "down", "0003", "--database-url", db_with_archive_rows.cli_url]
 
     declined, screen, asked = run_on_terminal(args, "n")
     assert asked, screen

@@ -14,7 +14,7 @@ import pytest
 from conftest import scratch_folder
 
 CHATDB = str(Path(sys.executable).with_name("chatdb"))
-HEAD = "0005_messages_owner_index"
+HEAD = "0006_size_history"
 
 
 def environment(**extra: str) -> dict[str, str]:

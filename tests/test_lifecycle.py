@@ -1221,6 +1221,7 @@ def test_every_run_leaves_an_audit_row_that_status_shows(cli, migrated_db):
         "batch_size": 50,
         "jobs": 2,
         "max_runtime": None,
+        "vacuum": False,
     }
     assert row["cutoff"].isoformat() == out["cutoff"]
     assert row["db_user"] == db.scalar("SELECT current_user")

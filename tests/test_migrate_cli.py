@@ -43,12 +43,10 @@ def test_downgrade_plan_shows_row_counts_with_separators(migrated_db, cli, on_a_
     assert "chatdb_runs 43,811" in shown
     assert "conversations_archive 1" in shown
     assert "messages_archive 0" in shown
+    assert "Downgrade from 0006_size_history to 0004_archive_and_audit" not in shown  # the target is 0003
     assert (
-        "Downgrade from 0005_messages_owner_index to 0004_archive_and_audit" not in shown
-    )  # the target is 0003
-    assert (
-        "Downgrade from 0005_messages_owner_index to 0003_chatbot_extensions,"
-        " dropping 3 tables holding 43,812 rows? [y/N]"
+        "Downgrade from 0006_size_history to 0003_chatbot_extensions,"
+        " dropping 4 tables holding 43,812 rows? [y/N]"
     ) in shown
 
 
@@ -65,6 +63,7 @@ def test_downgrade_question_says_one_table_and_one_row(empty_db, cli, on_a_termi
 
 
 def test_downgrade_question_names_columns_and_no_empty_counts(migrated_db, cli, on_a_terminal):
+    migrations.downgrade(migrated_db.engine, "0005")
     index_only = cli("migrate", "down", "-1", "--database-url", migrated_db.cli_url, input="n\n")
     assert index_only.exit_code == 1, index_only.output
     shown = one_line(index_only.stderr)

@@ -270,15 +270,17 @@ def test_downgrade_plan_counts_what_it_would_drop(migrated_db):
         " INSERT INTO conversations_archive (user_id) VALUES ('u1');"
         " INSERT INTO chatdb_runs (command, outcome) VALUES ('purge', 'succeeded'), ('archive', 'failed')"
     )
-    index_only = migrations.plan_downgrade(migrated_db.engine, "-1")
-    assert index_only.revisions == [HEAD]
-    assert index_only.tables == [] and index_only.columns == []
+    index_only = migrations.plan_downgrade(migrated_db.engine, "0004")
+    assert index_only.revisions == [HEAD, "0005_messages_owner_index"]
+    assert [(t.table, t.rows) for t in index_only.tables] == [("chatdb_size_history", 0)]
+    assert index_only.columns == []
     one_step = migrations.plan_downgrade(migrated_db.engine, "0003")
-    assert one_step.revisions == [HEAD, "0004_archive_and_audit"]
+    assert one_step.revisions == [HEAD, "0005_messages_owner_index", "0004_archive_and_audit"]
     assert {(t.table, t.rows) for t in one_step.tables} == {
         ("conversations_archive", 1),
         ("messages_archive", 0),
         ("chatdb_runs", 2),
+        ("chatdb_size_history", 0),
     }
     two_steps = migrations.plan_downgrade(migrated_db.engine, "0002")
     dropped = {(c.table, c.column): c.values for c in two_steps.columns}
@@ -589,7 +591,7 @@ def test_offline_sql_runs_again_after_an_interrupted_index_build(empty_db, migra
     valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_messages_conversation_owner'::regclass"
     assert empty_db.scalar(valid) is False
     script = tmp_path / "0005.sql"
-    script.write_text(migrations.offline_sql("0004", "0005"))
+    script.write_text(migrations.offline_sql("0004", "head"))
     psql_file(empty_db.url, script)
     assert empty_db.scalar(valid) is True
     assert migrations.status(empty_db.engine).up_to_date

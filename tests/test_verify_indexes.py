@@ -51,6 +51,7 @@ HEAD_INDEXES = {
         "idx_messages_archive_deleted_id",
     },
     "chatdb_runs": {"chatdb_runs_pkey", "idx_chatdb_runs_started_at", "uq_chatdb_runs_one_running"},
+    "chatdb_size_history": {"chatdb_size_history_pkey", "idx_chatdb_size_history_recorded_at"},
 }
 PATTERN_INDEXES = {
     "idx_conversations_user_status_updated",

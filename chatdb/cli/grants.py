@@ -14,7 +14,8 @@ def grants(
     ctx: typer.Context,
     app_role: Annotated[str, typer.Option("--app-role", help="The chatbot backend's role.")],
     ops_role: Annotated[
-        str, typer.Option("--ops-role", help="The role that runs archive, purge, status, verify-indexes.")
+        str,
+        typer.Option("--ops-role", help="The role that runs archive, purge, status, verify-indexes, doctor."),
     ],
     database: Annotated[
         str | None,
@@ -33,10 +34,12 @@ def grants(
     `chatdb migrate`.
 
     The application's role reads and writes conversations, messages and users,
-    and reads the archive. The operations role runs archive, purge, status and
-    verify-indexes: it reads and writes chatdb's tables, records runs in
-    chatdb_runs and creates temporary tables. Neither owns a table, so neither
-    can migrate or seed: those run as the owner.
+    and reads the archive. The operations role runs archive, purge, status,
+    verify-indexes and doctor: it reads and writes chatdb's tables, records runs
+    in chatdb_runs and sizes in chatdb_size_history, and creates temporary
+    tables; doctor also needs pg_monitor, which the last statement grants (as a
+    superuser). Neither owns a table, so neither can migrate or seed: those run
+    as the owner.
 
     Example:
 

@@ -54,6 +54,14 @@ ArchiveJobs = Annotated[
     ),
 ]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Change nothing; report exactly what would change.")]
+VacuumAfter = Annotated[
+    bool,
+    typer.Option(
+        "--vacuum",
+        help="After the last batch, VACUUM (ANALYZE) the tables the run changed "
+        "(it blocks neither reads nor writes; Ctrl-C stops it).",
+    ),
+]
 MaxRuntime = Annotated[
     str | None,
     typer.Option(
@@ -96,7 +104,7 @@ class _Signals:
     def handle(self, signum: int, frame: object) -> None:
         if self.stage == "over":
             return
-        if self.stage == "before":  # a read in flight is cancelled in the server
+        if self.stage in ("before", "vacuum"):  # a read or VACUUM in flight is cancelled in the server
             raise KeyboardInterrupt if signum == signal.SIGINT else TerminatedRead()
         if self.requested:
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
@@ -211,8 +219,10 @@ def _execute(
     jobs: int,
     max_runtime: lifecycle.Duration | None,
     arguments: dict[str, Any],
+    vacuum: Callable[[lifecycle.RunResult], None] | None = None,
 ) -> None:
-    """Show the plan, ask on a terminal, run in batches, and render the summary."""
+    """Show the plan, ask on a terminal, run in batches, VACUUM when asked, and render the
+    summary."""
     if dry_run:
         if as_json:
             print_json(plan.command, True, dry_run=True, **_json_plan(plan))
@@ -244,9 +254,18 @@ def _execute(
                 signals.stage = "before"
             raise
     signals.run_over()  # also when its outcome could not be recorded
+    if vacuum is not None and result.complete:
+        signals.stage = "vacuum"
+        try:
+            vacuum(result)
+        except (KeyboardInterrupt, Terminated) as stop:
+            result.vacuum.stopped_by = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        finally:
+            signals.run_over()
     _render(result, verb, as_json)
-    if result.stopped_by in _STOP_EXIT:
-        raise typer.Exit(_STOP_EXIT[result.stopped_by])
+    stopped = result.stopped_by or result.vacuum.stopped_by
+    if stopped in _STOP_EXIT:
+        raise typer.Exit(_STOP_EXIT[stopped])
 
 
 def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
@@ -269,6 +288,7 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
             slow_transactions=result.slow_transactions,
             elapsed_seconds=round(result.elapsed_seconds, 3),
             took_over=result.took_over,
+            vacuum=result.vacuum,
         )
         return
     for run_id in result.took_over:
@@ -308,6 +328,25 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
             messages = left_over.messages + left_over.archive_messages
             left = f" {_n(conversations, 'conversation')} and {_n(messages, 'message')} are left;"
         out.print(f"[yellow]Stopped ({result.stopped_by}).[/yellow]{left} run the command again to continue.")
+    _render_vacuum(result.vacuum)
+
+
+def _render_vacuum(vacuum: lifecycle.Vacuum) -> None:
+    """Whether the run left tables needing VACUUM, and what --vacuum did."""
+    if vacuum.vacuumed:
+        out.print(f"VACUUM (ANALYZE) done on {', '.join(vacuum.vacuumed)}.")
+    if vacuum.stopped_by:
+        out.print(
+            f"[yellow]VACUUM stopped ({vacuum.stopped_by}).[/yellow] Autovacuum will get to the tables"
+            " left, or run `chatdb doctor` to see them."
+        )
+    left = vacuum.left()
+    if left and not vacuum.stopped_by:
+        tables = ", ".join(f"{table} ({_n(rows, 'dead row')})" for table, rows in left.items())
+        out.print(
+            f"[yellow]Left tables needing VACUUM:[/yellow] {tables}. Autovacuum gets to them in time;"
+            f" to do it now, run {escape(vacuum.fix())} or give --vacuum next time."
+        )
 
 
 def _needs_counts(dry_run: bool, yes: bool) -> bool:
@@ -348,6 +387,7 @@ def archive(
         ),
     ] = None,
     max_runtime: MaxRuntime = None,
+    vacuum: VacuumAfter = False,
     as_json: JsonOutput = False,
     database_url: DatabaseUrl = None,
     connect_timeout: ConnectTimeout = None,
@@ -371,7 +411,7 @@ def archive(
     """
     if ctx.invoked_subcommand is not None:
         adopt_group_options(ctx, database_url, connect_timeout)
-        if older_than is not None or dry_run or export is not None or as_json:
+        if older_than is not None or dry_run or export is not None or as_json or vacuum:
             raise UsageError(
                 f"archive's options go after the subcommand (`chatdb archive {ctx.invoked_subcommand} ...`)"
             )
@@ -404,7 +444,9 @@ def archive(
                 "jobs": jobs,
                 "export": str(export) if export else None,
                 "max_runtime": limit.text if limit else None,
+                "vacuum": vacuum,
             },
+            vacuum=(lambda result: lifecycle.vacuum(engine, result)) if vacuum else None,
         )
 
 
@@ -495,6 +537,7 @@ def purge(
     dry_run: DryRun = False,
     yes: Yes = False,
     max_runtime: MaxRuntime = None,
+    vacuum: VacuumAfter = False,
     as_json: JsonOutput = False,
     database_url: DatabaseUrl = None,
     connect_timeout: ConnectTimeout = None,
@@ -536,5 +579,7 @@ def purge(
                 "batch_size": batch_size,
                 "jobs": jobs,
                 "max_runtime": limit.text if limit else None,
+                "vacuum": vacuum,
             },
+            vacuum=(lambda result: lifecycle.vacuum(engine, result)) if vacuum else None,
         )

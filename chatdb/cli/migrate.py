@@ -254,7 +254,11 @@ def history(as_json: JsonOutput = False) -> None:
         print_json("migrate history", True, revisions=chain, head=chain[-1].id)
         return
     rows = ((r.id, r.down or "", r.message + (" (head)" if r is chain[-1] else "")) for r in chain)
-    out.print(table(None, ["revision", "down from", "description"], rows))
+    rendered = table(None, ["revision", "down from", "description"], rows)
+    if out.width >= 2 * max(len(r.id) for r in chain) + 30:
+        for column in rendered.columns[:2]:
+            column.no_wrap = True  # a revision id stays whole; the description folds
+    out.print(rendered)
 
 
 @app.command("stamp")
