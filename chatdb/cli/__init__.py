@@ -12,7 +12,7 @@ import typer
 
 from chatdb import __version__, embedded
 from chatdb import status as status_module
-from chatdb.cli import grants, lifecycle, migrate, verify
+from chatdb.cli import bench, grants, lifecycle, migrate, verify
 from chatdb.cli import seed as seed_command
 from chatdb.cli.common import (
     ConnectTimeout,
@@ -179,6 +179,9 @@ def status(
         )
     elif migration.current is not None:
         out.print("No archive or purge runs yet.")
+
+
+app.command("bench")(handle_errors(bench.bench_command))
 
 
 @embedded_app.command("stop")
