@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -373,7 +374,7 @@ def _render(result: bench.BenchResult) -> None:
             markup=False,
         )
     if result.steps:
-        out.print(
+        _print_table(
             table(
                 "Capacity search",
                 [">rate (tps)", ">achieved", "every budget", "missed"],
@@ -389,7 +390,7 @@ def _render(result: bench.BenchResult) -> None:
             )
         )
     alone = result.phases[0]
-    out.print(
+    _print_table(
         _figures(
             alone,
             f"{alone.rate_tps:,.6g} tps scheduled, {alone.tps:,.1f} achieved",
@@ -398,9 +399,9 @@ def _render(result: bench.BenchResult) -> None:
     )
     if len(result.phases) > 1:
         during = result.phases[1]
-        out.print(_comparison(alone, during))
+        _print_table(_comparison(alone, during))
         _render_command(during)
-    out.print(_chart(result))
+    _print_table(_chart(result))
     for phase in result.phases:
         for line in phase.errors[:3]:
             out.print(Text(f"pgbench: {line}", style="red"))
@@ -408,6 +409,18 @@ def _render(result: bench.BenchResult) -> None:
     if line:
         out.print(line, markup=False)
     out.print(_verdict(result))
+
+
+def _print_table(rendered: Table) -> None:
+    """Names and figures keep their width where the terminal allows: the last column (the
+    verdicts) wraps first. In a CI log or a file, which have no width, each row stays on
+    one line."""
+    for column in rendered.columns[:-1]:
+        cells = [cell for cell in column.cells if isinstance(cell, str)]
+        column.min_width = max((Text.from_markup(cell).cell_len for cell in cells), default=0)
+    if not out.is_terminal:
+        rendered.width = Measurement.get(out, out.options.update_width(1000), rendered).maximum
+    out.print(rendered)
 
 
 def _figures(phase: bench.Phase, title: str, *, judged: bool) -> Table:
