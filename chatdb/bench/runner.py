@@ -39,8 +39,9 @@ PRECISION = 0.10
 MIN_LATENCY_LIMIT_MS = 1000.0
 #: The longest a --while command is measured.
 MAX_WHILE_SECONDS = 86_400
-#: Transactions of the key-cost measurement.
+#: Transactions of the key-cost measurement, and the cost above which it is worth a note.
 KEY_COST_TRANSACTIONS = 600
+KEY_COST_NOTICEABLE_MS = 0.1
 #: The advisory lock class of bench runs ("benc"); the run's token is the other half.
 _LOCK_CLASS = 0x62656E63
 _ABORTED = re.compile(r"client \d+ script (\d+) aborted")

@@ -373,6 +373,13 @@ def _render(result: bench.BenchResult) -> None:
             f"costs {format_ms(result.key_cost_ms)} per transaction.",
             markup=False,
         )
+        if result.key_cost_ms >= runner.KEY_COST_NOTICEABLE_MS:
+            out.print(
+                Text(
+                    f"Note: more than {runner.KEY_COST_NOTICEABLE_MS} ms; every read's figures include it.",
+                    style="yellow",
+                )
+            )
     if result.steps:
         _print_table(
             table(
