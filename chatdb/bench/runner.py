@@ -37,6 +37,8 @@ PRECISION = 0.10
 #: A transaction already this late when its turn comes is skipped, and counts as missed:
 #: a run that falls behind its schedule does not queue up without end.
 MIN_LATENCY_LIMIT_MS = 1000.0
+#: pgbench runs this long past the transactions measured (see _phase).
+GRACE_SECONDS = 1
 #: The longest a --while command is measured.
 MAX_WHILE_SECONDS = 86_400
 #: Transactions of the key-cost measurement, and the cost above which it is worth a note.
@@ -427,6 +429,10 @@ class _Context:
     def latency_limit_ms(self) -> float:
         return max(MIN_LATENCY_LIMIT_MS, 10 * max((b.limit_ms for b in self.budgets), default=0))
 
+    #: How long pgbench runs on after the transactions measured: by then those it ran
+    #: up to a second late have run too (a run later than that misses any budget).
+    grace_seconds = GRACE_SECONDS
+
 
 def _aborted(errors: Sequence[str]) -> dict[int, int]:
     counts: dict[int, int] = {}
@@ -444,20 +450,33 @@ def _wait(ctx: _Context, running: pgbench.Running, label: str, total: float | No
 
 
 def _phase(ctx: _Context, name: str, rate: float, label: str) -> Phase:
-    """The load at ``rate`` for --duration seconds."""
+    """The load at ``rate``: the transactions scheduled in the --duration seconds from the
+    first one. pgbench runs on for a second after them: when its time is up, a client
+    stops after its transaction in flight, and those it was running late for would be
+    missing from the log, the latest of all."""
     seconds = ctx.request.seconds
-    invocation = ctx.invocation(name, rate=rate, seconds=seconds, latency_limit_ms=ctx.latency_limit_ms)
+    invocation = ctx.invocation(
+        name, rate=rate, seconds=seconds + ctx.grace_seconds, latency_limit_ms=ctx.latency_limit_ms
+    )
     running = pgbench.Running(invocation)
     try:
-        _wait(ctx, running, label, seconds)
+        _wait(ctx, running, label, seconds + ctx.grace_seconds)
         errors = running.check()
     finally:
         running.kill()
-    patterns = stats.figures(
-        ctx.names, list(pgbench.read_log(invocation.log_prefix)), seconds, _aborted(errors)
-    )
+    logged = list(pgbench.read_log(invocation.log_prefix))
+    limit_us = ctx.latency_limit_ms * 1000
+    first = min((_scheduled(t, limit_us) for t in logged), default=0)
+    window = [t for t in logged if _scheduled(t, limit_us) < first + seconds * 1_000_000]
+    patterns = stats.figures(ctx.names, window, seconds, _aborted(errors))
     stats.judge(patterns, ctx.budgets)
     return Phase("alone", rate, seconds, patterns, errors, log=invocation.log_prefix)
+
+
+def _scheduled(t: pgbench.Transaction, limit_us: float) -> float:
+    """When a transaction was due: a skipped one is logged as it is skipped, once it is
+    later than the latency limit."""
+    return t.scheduled_us if t.outcome != "skipped" else t.end_us - limit_us
 
 
 def _during(ctx: _Context, rate: float, argv: tuple[str, ...]) -> Phase:
@@ -494,6 +513,10 @@ def _during(ctx: _Context, rate: float, argv: tuple[str, ...]) -> Phase:
             time.sleep(0.1)
         child.wait()
         ended_wall, seconds = time.time(), time.monotonic() - started
+        grace = time.monotonic() + ctx.grace_seconds
+        while running.poll() is None and time.monotonic() < grace:
+            ctx.tick(label, started, None)
+            time.sleep(0.1)
         running.finish_now()
         errors = running.check()
     finally:
@@ -506,8 +529,11 @@ def _during(ctx: _Context, rate: float, argv: tuple[str, ...]) -> Phase:
                 child.kill()
     outcome = CommandOutcome(argv, child.returncode, seconds, _tail(out_path), _tail(err_path))
     window = (started_wall * 1_000_000, ended_wall * 1_000_000)
+    limit_us = ctx.latency_limit_ms * 1000
     transactions = [
-        t for t in pgbench.read_log(invocation.log_prefix) if window[0] <= t.scheduled_us <= window[1]
+        t
+        for t in pgbench.read_log(invocation.log_prefix)
+        if window[0] <= _scheduled(t, limit_us) <= window[1]
     ]
     patterns = stats.figures(ctx.names, transactions, seconds, _aborted(errors))
     stats.judge(patterns, ctx.budgets)
