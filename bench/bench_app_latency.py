@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="the fixed rate compared (tps)")
     parser.add_argument("--rounds", type=int, default=2, help="turns of chatdb bench and pgbench by hand")
     args = parser.parse_args()
+    # Stopped (Ctrl-C, or SIGTERM, also when started in the background), it still drops its
+    # databases and its server.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 
     workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-latency-"))
     os.chmod(workdir, 0o755)
