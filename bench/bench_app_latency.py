@@ -1,6 +1,6 @@
 """`chatdb bench` on a seeded database: the application's latency budgets at 100 connections.
 
-    python bench/bench_app_latency.py [--messages 1000000] [--clients 100] [--duration 30]
+    python bench/bench_app_latency.py [--messages 1000000] [--clients 100] [--duration 30] [--no-search]
 
 Seeds 1,000,000 messages in 50,000 conversations for 10,000 users over 365 days
 (`chatdb seed`), then measures, each run a whole `chatdb` process as a user runs it:
@@ -12,9 +12,10 @@ Seeds 1,000,000 messages in 50,000 conversations for 10,000 users over 365 days
   rate at all, i.e. saturation (latency is then only service time, never queueing for the
   schedule);
 - the baseline: pgbench run by hand with the very scripts chatdb bench wrote (kept with
-  --log-dir), the same connections and the same rate, next to chatdb bench's own figures
-  for the same load: achieved tps and p50/p95/p99, and their ratio (chatdb bench adds
-  nothing to the load path, so they should agree within run-to-run noise);
+  --log-dir), the same connections and the same rate, in turns with chatdb bench (--rounds,
+  the order alternating), next to chatdb bench's own figures for the same load: achieved
+  tps and p50/p95/p99, and the ratio of their medians (chatdb bench adds nothing to the
+  load path, so they should agree within run-to-run noise);
 - the p95 and p99 of each pattern during `chatdb purge` of about three quarters of the
   conversations, next to alone, at the same rate (`chatdb bench --while`).
 
@@ -142,7 +143,8 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=30, help="seconds of each fixed-rate run")
     parser.add_argument("--step-duration", type=int, default=20, help="seconds of each capacity step")
     parser.add_argument("--rate", type=float, default=1000.0, help="the fixed rate compared (tps)")
-    parser.add_argument("--rounds", type=int, default=2, help="turns of chatdb bench and pgbench by hand")
+    parser.add_argument("--rounds", type=int, default=4, help="turns of chatdb bench and pgbench by hand")
+    parser.add_argument("--no-search", dest="search", action="store_false", help="skip the capacity search")
     args = parser.parse_args()
     # Stopped (Ctrl-C, or SIGTERM, also when started in the background), it still drops its
     # databases and its server.
@@ -205,59 +207,55 @@ def main() -> None:
         common = ["--clients", str(args.clients)]
 
         # 1. The capacity within the budgets.
-        checkpoint()
-        print(f"capacity search, {args.step_duration} s per step ...", flush=True)
-        search = chatdb_bench(target, *common, "--duration", f"{args.step_duration}s")
-        steps = ", ".join(f"{s['rate_tps']:g}{'+' if s['ok'] else '-'}" for s in search["steps"])
-        print(f"  steps (tps, + held, - missed): {steps}")
-        print(f"  load average before/after: {search['_load'][0]} / {search['_load'][1]}")
-        print(f"  carrying a key costs {search['key_cost_ms']} ms per transaction")
-        capacity = search["capacity_tps"]
-        print(f"CAPACITY within the budgets: {capacity} tps ({args.clients} clients)")
-        row(f"at capacity {capacity}", search["phases"][0]["patterns"])
-        for step in search["steps"]:
-            if not step["ok"]:
-                print(f"  {step['rate_tps']:g} tps missed: {', '.join(step['missed'])}")
+        capacity = None
+        if args.search:
+            checkpoint()
+            print(f"capacity search, {args.step_duration} s per step ...", flush=True)
+            search = chatdb_bench(target, *common, "--duration", f"{args.step_duration}s")
+            steps = ", ".join(f"{s['rate_tps']:g}{'+' if s['ok'] else '-'}" for s in search["steps"])
+            print(f"  steps (tps, + held, - missed): {steps}")
+            print(f"  load average before/after: {search['_load'][0]} / {search['_load'][1]}")
+            print(f"  carrying a key costs {search['key_cost_ms']} ms per transaction")
+            capacity = search["capacity_tps"]
+            print(f"CAPACITY within the budgets: {capacity} tps ({args.clients} clients)")
+            row(f"at capacity {capacity}", search["phases"][0]["patterns"])
+            for step in search["steps"]:
+                if not step["ok"]:
+                    print(f"  {step['rate_tps']:g} tps missed: {', '.join(step['missed'])}")
 
         # 2. At the fixed rate, chatdb bench and pgbench by hand in turns (the same scripts,
-        # connections and rate), each after a CHECKPOINT, so that neither inherits the
-        # other's dirty buffers; the medians of the rounds are compared. The insert script
-        # writes to bench's own users, so they are made for the runs by hand too.
+        # connections and rate), each after a CHECKPOINT, the order alternating from round
+        # to round so that neither always inherits the other's aftermath (autovacuum of the
+        # conversations the inserts bumped, the cascade that removed their messages); the
+        # medians of the rounds are compared. The runs by hand use the scripts chatdb bench
+        # wrote in the first round; their insert script writes to bench's own users, so
+        # they are made for the runs by hand too.
         program = pgbench.locate()
         threads = min(args.clients, cores or 1)
         hand_target, _ = pgbench.libpq_target(url.set(database=name))
         mine_rounds: list[list[dict]] = []
         hand_rounds: list[list[dict]] = []
-        for round_ in range(1, args.rounds + 1):
-            logs = workdir / f"fixed{round_}"
+        first_logs = workdir / "fixed1"
+        scripts = [(first_logs / f"{p}.sql", w) for p, w in workload.DEFAULT_MIX.items()]
+
+        def mine(round_: int) -> None:
             checkpoint()
-            print(
-                f"\nround {round_}: chatdb bench at {args.rate:g} tps for {args.duration} s ...", flush=True
-            )
+            print(f"round {round_}: chatdb bench at {args.rate:g} tps for {args.duration} s ...", flush=True)
             at_rate = ("--rate", f"{args.rate:g}", "--duration", f"{args.duration}s")
-            fixed = chatdb_bench(target, *common, *at_rate, "--log-dir", str(logs))
+            fixed = chatdb_bench(target, *common, *at_rate, "--log-dir", str(workdir / f"fixed{round_}"))
             print(
                 f"  load average before/after: {fixed['_load'][0]} / {fixed['_load'][1]}; {verdicts(fixed)}"
             )
             row(f"chatdb bench {args.rate:g}", fixed["phases"][0]["patterns"])
             mine_rounds.append(fixed["phases"][0]["patterns"])
-            scripts = [(logs / f"{p}.sql", w) for p, w in workload.DEFAULT_MIX.items()]
-            token = (logs / "insert.sql").read_text().split("bench-", 1)[1].split("-", 1)[0]
+
+        def hand(round_: int, closed_loop: bool = False) -> None:
+            token = (first_logs / "insert.sql").read_text().split("bench-", 1)[1].split("-", 1)[0]
             rows_engine = create_engine(url.set(database=name))
             runner._create_rows(rows_engine, token, args.clients)
             try:
                 checkpoint()
-                print(f"round {round_}: pgbench by hand at {args.rate:g} tps ...", flush=True)
-                hand, hand_load, hand_command = by_hand(
-                    program, hand_target, scripts, workdir / "hand", f"hand{round_}",
-                    clients=args.clients, threads=threads, rate=args.rate, seconds=args.duration,
-                )  # fmt: skip
-                print(f"  pgbench {hand_command}")
-                print(f"  load average before/after: {hand_load[0]} / {hand_load[1]}")
-                row(f"pgbench by hand {args.rate:g}", as_dicts(hand))
-                hand_rounds.append(as_dicts(hand))
-                if round_ == args.rounds:
-                    checkpoint()
+                if closed_loop:
                     print(f"\nclosed loop (no rate: saturation), {args.duration} s ...", flush=True)
                     closed, closed_load, _ = by_hand(
                         program, hand_target, scripts, workdir / "closed", "closed",
@@ -266,10 +264,30 @@ def main() -> None:
                     print(f"  load average before/after: {closed_load[0]} / {closed_load[1]}")
                     row("closed loop", as_dicts(closed))
                     print(f"  saturation: {sum(p.tps for p in closed):.0f} tps in all")
+                    return
+                print(f"round {round_}: pgbench by hand at {args.rate:g} tps ...", flush=True)
+                figures, hand_load, hand_command = by_hand(
+                    program, hand_target, scripts, workdir / "hand", f"hand{round_}",
+                    clients=args.clients, threads=threads, rate=args.rate, seconds=args.duration,
+                )  # fmt: skip
+                print(f"  pgbench {hand_command}")
+                print(f"  load average before/after: {hand_load[0]} / {hand_load[1]}")
+                row(f"pgbench by hand {args.rate:g}", as_dicts(figures))
+                hand_rounds.append(as_dicts(figures))
             finally:
                 with rows_engine.connect() as connection, connection.begin():
                     runner._remove_run(connection, token)
                 rows_engine.dispose()
+
+        print()
+        for round_ in range(1, args.rounds + 1):
+            if round_ % 2:
+                mine(round_)
+                hand(round_)
+            else:
+                hand(round_)
+                mine(round_)
+        hand(0, closed_loop=True)
         print(f"\nchatdb bench / pgbench by hand, medians of {args.rounds} rounds (1.00 = the same):")
         for index, pattern in enumerate(PATTERNS):
             ratios = []
