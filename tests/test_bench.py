@@ -412,6 +412,8 @@ def test_through_pgbouncer_in_transaction_mode(seeded_db, pooler, cli):  # noqa:
         (["--while", "frobnicate"], "not a chatdb command to run beside bench"),
         (["--while", "purge 'unclosed"], "invalid --while"),
         (["--while", ""], "--while needs a chatdb command"),
+        (["--junit", "/nonexistent/bench.xml"], "cannot write --junit /nonexistent/bench.xml"),
+        (["--html", "/dev/null/bench.html"], "cannot write --html /dev/null/bench.html"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(migrated_db, cli, args, says):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -174,6 +175,9 @@ def bench_command(
         log_dir=log_dir,
     )
     request.validate()
+    for option, path in (("--junit", junit), ("--html", html)):
+        if path is not None:
+            _check_writable(path, option)
     with (
         disposing(open_engine(ctx, COMMAND, database_url, connect_timeout)) as engine,
         _progress() as progress,
@@ -209,6 +213,14 @@ def _while(ctx: typer.Context, raw: str) -> tuple[str, ...]:
         choices = ", ".join(sorted(known - {COMMAND}))
         raise UsageError(f"invalid --while {raw!r}: not a chatdb command to run beside bench ({choices})")
     return tuple(argv)
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """A report that cannot be written is refused before the run, not after it."""
+    folder = path.parent
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        why = "it is a folder" if path.is_dir() else f"{folder} is not a folder chatdb may write to"
+        raise UsageError(f"cannot write {option} {path}: {why}")
 
 
 def _write(path: Path, what: str, write: Callable[[Path], Any]) -> None:
