@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, func, insert, select, tuple_, update
+from sqlalchemy import Connection, Insert, Select, Table, Update, func, insert, select, tuple_, update
 
 from chatdb.schema import conversations, conversations_archive, messages
 
@@ -29,15 +29,23 @@ def recent_conversations(user_id: str, limit: int = 50) -> Select:
     )
 
 
-def conversation_history(conversation_id: uuid.UUID, limit: int = 20) -> Select:
-    """Pattern 2: a conversation's history, newest first (the caller reverses it)."""
+def conversation_history(
+    conversation_id: uuid.UUID, limit: int = 20, *, include_deleted: bool = False
+) -> Select:
+    """Pattern 2: a conversation's history, newest first (the caller reverses it).
+    ``include_deleted`` drops the soft-delete filter: the same query without it, which is
+    what the filter's cost is measured against."""
     m = messages.c
-    return (
-        select(messages)
-        .where(m.conversation_id == conversation_id, m.deleted_at.is_(None))
-        .order_by(m.created_at.desc())
-        .limit(limit)
-    )
+    query = select(messages).where(m.conversation_id == conversation_id)
+    if not include_deleted:
+        query = query.where(m.deleted_at.is_(None))
+    return query.order_by(m.created_at.desc()).limit(limit)
+
+
+def message_by_id(message_id: uuid.UUID) -> Select:
+    """One message by its id (served by the primary key)."""
+    m = messages.c
+    return select(messages).where(m.id == message_id, m.deleted_at.is_(None))
 
 
 def idle_conversations(
@@ -86,18 +94,26 @@ def add_message(
 ) -> uuid.UUID:
     """Insert a message and bump the conversation's ``updated_at`` in one transaction, the
     way the application writes. Returns the new message's id."""
+    add, bump = add_message_statements(conversation_id, user_id, role, content, **columns)
     with connection.begin_nested() if connection.in_transaction() else connection.begin():
-        message_id = connection.execute(
-            insert(messages)
-            .values(conversation_id=conversation_id, user_id=user_id, role=role, content=content, **columns)
-            .returning(messages.c.id)
-        ).scalar_one()
-        connection.execute(
-            update(conversations)
-            .where(conversations.c.id == conversation_id, conversations.c.user_id == user_id)
-            .values(updated_at=func.now())
-        )
+        message_id = connection.execute(add).scalar_one()
+        connection.execute(bump)
     return message_id
+
+
+def add_message_statements(
+    conversation_id: uuid.UUID, user_id: str, role: str, content: str, **columns: Any
+) -> tuple[Insert, Update]:
+    """The two statements of ``add_message``, to run in one transaction in this order: the
+    insert (returning the new id), then the bump of the conversation's ``updated_at``."""
+    return (
+        insert(messages)
+        .values(conversation_id=conversation_id, user_id=user_id, role=role, content=content, **columns)
+        .returning(messages.c.id),
+        update(conversations)
+        .where(conversations.c.id == conversation_id, conversations.c.user_id == user_id)
+        .values(updated_at=func.now()),
+    )
 
 
 @dataclass(frozen=True)

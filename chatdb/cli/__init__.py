@@ -12,7 +12,7 @@ import typer
 
 from chatdb import __version__, embedded
 from chatdb import status as status_module
-from chatdb.cli import doctor, grants, lifecycle, migrate, verify
+from chatdb.cli import bench, doctor, grants, lifecycle, migrate, verify
 from chatdb.cli import seed as seed_command
 from chatdb.cli.common import (
     ConnectTimeout,
@@ -181,6 +181,7 @@ def status(
         out.print("No archive or purge runs yet.")
 
 
+app.command("bench")(handle_errors(bench.bench_command))
 app.command("doctor")(handle_errors(doctor.doctor))
 
 
