@@ -269,6 +269,17 @@ def test_same_seed_same_rows_other_seed_other_rows(migrated_db, second_migrated_
     assert checksum(migrated_db, alone["anchor"], 8) != checksum(migrated_db, first["anchor"], 7)
 
 
+# The rows of seed 7 at these sizes, relative to their anchor (CHECKSUM above): pinned, so a
+# change to the generator that alters the data, however slightly, fails here.
+PINNED_SIZES = ("--users", "25", "--conversations", "120", "--messages", "1500", "--seed", "7")
+PINNED_CHECKSUM = "116ad8963c81ac784771b3a6e118b2c9"
+
+
+def test_a_small_seed_gives_the_pinned_rows(migrated_db, cli):
+    payload = seed(cli, migrated_db, *PINNED_SIZES)
+    assert checksum(migrated_db, payload["anchor"], 7) == PINNED_CHECKSUM
+
+
 def test_the_same_seed_twice_is_refused(migrated_db, cli):
     seed(cli, migrated_db, "--conversations", "20", "--messages", "100")
     again = cli("seed", "--conversations", "20", "--messages", "100", "--database-url", migrated_db.cli_url)
