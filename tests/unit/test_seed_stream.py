@@ -13,6 +13,7 @@ import hashlib
 import pytest
 
 from chatdb import seed as seed_module
+from chatdb.seed import rows
 
 ANCHOR = dt.datetime(2025, 3, 4, 5, 6, 7, 890123, tzinfo=dt.UTC)
 # How the users table's columns are filled: chatdb's own table, and an application's.
@@ -61,7 +62,7 @@ def table_digests(request, user_columns) -> list[str]:
     """The SHA-256 of each table's COPY stream, in load order (users, conversations,
     messages); an empty chunk ends a table."""
     digests, current = [], hashlib.sha256()
-    for chunk, _ in seed_module._all_chunks(request, ANCHOR, user_columns):
+    for chunk, _ in rows.all_chunks(request, ANCHOR, user_columns):
         if not chunk:
             digests.append(current.hexdigest())
             current = hashlib.sha256()
