@@ -214,7 +214,8 @@ def message_chunks(
     The hot loop: it runs once per message. Each kind of message (system prompt, user,
     assistant) keeps a value list holding what its messages share; per message the loop
     writes only what changes (ids and timestamps packed inline), and ``layout.pick``
-    lays the values out in the declared column order.
+    lays the values out in the declared column order. Each row is joined at once: a
+    chunk of small pieces would hold more memory than the rows themselves.
     """
     encode = layout.encode
     encoded = [
@@ -236,7 +237,8 @@ def message_chunks(
     pick = layout.pick
 
     rows: list[bytes] = [copy_encoder.HEADER]
-    extend = rows.extend
+    append = rows.append
+    join = b"".join
     size = 0
     written = 0
     epoch = anchor_us - copy_encoder.POSTGRES_EPOCH_US  # the anchor, in PostgreSQL's epoch
@@ -257,7 +259,7 @@ def message_chunks(
             system[_CONTENT] = prompts[int(random_() * n_prompts)]
             system[_ID] = ((bits(128) & clear) | field).to_bytes(20)
             system[_CREATED] = pack_time(8, epoch - times[0])
-            extend(pick(system))
+            append(join(pick(system)))
             position = 1
         turn = encoded[c.first_turn]
         length = c.length
@@ -271,7 +273,7 @@ def message_chunks(
             user[_CONTENT] = turn.user
             user[_METADATA] = user_meta[int(random_() * n_meta)]
             user[_CREATED] = pack_time(8, epoch - before)
-            extend(pick(user))
+            append(join(pick(user)))
             position += 1
             if position == length:
                 break
@@ -281,7 +283,7 @@ def message_chunks(
             assistant[_CALLS] = turn.tool_calls
             assistant[_RESULTS] = turn.tool_results
             assistant[_CREATED] = pack_time(8, epoch - times[position])
-            extend(pick(assistant))
+            append(join(pick(assistant)))
             position += 1
             turn = encoded[int(random_() * n_turns)]
         written += length
