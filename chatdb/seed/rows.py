@@ -56,6 +56,7 @@ class MessageLayout:
         self.columns = tuple(column.name for column in declaration)
         self.field_count = copy_encoder.field_count(len(declaration))
         self._encoders: dict[str, Callable[[Any], bytes]] = {}
+        encodings: dict[str, str] = {}  # a value may go into several columns, in one encoding
         picked = [0]
         for column in declaration:
             value = column.value or column.name
@@ -66,14 +67,14 @@ class MessageLayout:
                 raise ValueError(f"{where}: declared twice")
             if value not in slots:
                 raise ValueError(f"{where}: no value {value!r}; the seed makes {', '.join(MESSAGE_VALUES)}")
-            if value in self._encoders:
-                raise ValueError(f"{where}: value {value!r} already goes into another column")
             if column.encoding not in copy_encoder.ENCODERS:
                 raise ValueError(
                     f"{where}: no encoding {column.encoding!r}; there are {', '.join(copy_encoder.ENCODERS)}"
                 )
             if _PACKED.get(value, column.encoding) != column.encoding:
                 raise ValueError(f"{where}: the seed packs {value!r} as {_PACKED[value]}")
+            if encodings.setdefault(value, column.encoding) != column.encoding:
+                raise ValueError(f"{where}: {value!r} is encoded as {encodings[value]} for another column")
             self._encoders[value] = copy_encoder.ENCODERS[column.encoding]
             picked.append(slots[value])
         self.pick: Callable[[Sequence[bytes | None]], tuple[bytes, ...]] = operator.itemgetter(*picked)

@@ -217,10 +217,20 @@ def test_the_declared_order_and_columns_decide_the_rows_and_nothing_else():
 
 def test_a_column_may_take_a_value_named_otherwise():
     # The declaration names the value when it is not the column's own (a column renamed
-    # by a migration keeps its data with one edit there).
-    declaration = [SeededColumn("id", "uuid"), SeededColumn("content", "text", value="role")]
+    # by a migration keeps its data with one edit there), and a value may fill several
+    # columns.
+    declaration = [
+        SeededColumn("id", "uuid"),
+        SeededColumn("role", "text"),
+        SeededColumn("content", "text", value="role"),
+        SeededColumn("deleted_at", "timestamptz", value="created_at"),
+        SeededColumn("created_at", "timestamptz"),
+    ]
     messages = seeded_messages(declaration, REQUEST)
-    assert {m["content"] for m in messages} <= set(schema.ROLES)
+    assert len(messages) == REQUEST.messages
+    assert all(m["content"] == m["role"] for m in messages)
+    assert all(m["deleted_at"] == m["created_at"] for m in messages)
+    assert {m["role"] for m in messages} == set(schema.ROLES)
 
 
 @pytest.mark.parametrize(
@@ -230,7 +240,10 @@ def test_a_column_may_take_a_value_named_otherwise():
         ([SeededColumn("role", "varchar")], "no encoding"),
         ([SeededColumn("created_at", "text")], "packs 'created_at' as timestamptz"),
         ([SeededColumn("role", "text"), SeededColumn("role", "text")], "declared twice"),
-        ([SeededColumn("role", "text"), SeededColumn("content", "text", "role")], "already goes"),
+        (
+            [SeededColumn("content", "text"), SeededColumn("metadata", "jsonb", "content")],
+            "as text for another",
+        ),
         ([SeededColumn("content", "text", "sentiment")], "no value 'sentiment'"),
         ([], "no column"),
     ],
