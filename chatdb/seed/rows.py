@@ -108,7 +108,10 @@ CONVERSATION_COLUMNS = (
 
 
 def all_chunks(
-    request: SeedRequest, anchor: dt.datetime, user_columns: list[tuple[str, str]]
+    request: SeedRequest,
+    anchor: dt.datetime,
+    user_columns: list[tuple[str, str]],
+    layout: MessageLayout = MESSAGE_LAYOUT,
 ) -> Iterator[tuple[bytes, int]]:
     """Every table's COPY data in chunks, with rows so far; an empty chunk ends a table.
     ``user_columns`` pairs each users column with what fills it (``load`` chooses them)."""
@@ -132,7 +135,7 @@ def all_chunks(
 
     yield from _conversation_chunks(request, plan, turns, clock)
     yield b"", request.conversations
-    for chunk, written in message_chunks(plan, turns, user_metadata, clock.anchor_us):
+    for chunk, written in message_chunks(plan, turns, user_metadata, clock.anchor_us, layout):
         if chunk:
             yield chunk, written
     yield b"", request.messages

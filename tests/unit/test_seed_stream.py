@@ -1,8 +1,10 @@
 """The seed's COPY data, byte for byte, without a database.
 
 The same seed and sizes give the same rows on every machine and after every change to how
-they are made: each table's stream is pinned by its SHA-256, for a fixed anchor. Changing
-what the seed generates on purpose means computing these again, and saying so.
+they are made: each table's stream is pinned by its SHA-256, for a fixed anchor. The
+messages are laid out with the columns they had when the digests were taken, so a column
+added to ``SEEDED_MESSAGE_COLUMNS`` later leaves these digests as they are. Changing what
+the seed generates on purpose means computing them again, and saying so.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import pytest
 
 from chatdb import seed as seed_module
+from chatdb.schema import SeededColumn
 from chatdb.seed import rows
 
 ANCHOR = dt.datetime(2025, 3, 4, 5, 6, 7, 890123, tzinfo=dt.UTC)
@@ -26,6 +29,22 @@ APP_USERS = [
     ("created_at", "time"),
     ("updated_at", "time"),
 ]
+
+# The messages' columns when the digests were taken.
+MESSAGES = rows.MessageLayout(
+    [
+        SeededColumn("id", "uuid"),
+        SeededColumn("conversation_id", "uuid"),
+        SeededColumn("user_id", "text"),
+        SeededColumn("role", "text"),
+        SeededColumn("content", "text"),
+        SeededColumn("metadata", "jsonb"),
+        SeededColumn("created_at", "timestamptz"),
+        SeededColumn("tool_calls", "jsonb"),
+        SeededColumn("tool_results", "jsonb"),
+        SeededColumn("deleted_at", "timestamptz"),
+    ]
+)
 
 CASES = {
     "seed 7, 25/120/1500 over a year": (
@@ -62,7 +81,7 @@ def table_digests(request, user_columns) -> list[str]:
     """The SHA-256 of each table's COPY stream, in load order (users, conversations,
     messages); an empty chunk ends a table."""
     digests, current = [], hashlib.sha256()
-    for chunk, _ in rows.all_chunks(request, ANCHOR, user_columns):
+    for chunk, _ in rows.all_chunks(request, ANCHOR, user_columns, MESSAGES):
         if not chunk:
             digests.append(current.hexdigest())
             current = hashlib.sha256()
