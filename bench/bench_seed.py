@@ -47,14 +47,15 @@ def naive_load(url: str, users: int, conversations: int, messages: int, seed: in
     from psycopg.types.json import Jsonb
 
     from chatdb import seed as chatdb_seed
+    from chatdb.seed import content, distributions
 
     request = chatdb_seed.SeedRequest(users, conversations, messages, chatdb_seed.DEFAULT_DAYS, seed)
     fake = Faker("en_US")
     fake.seed_instance(seed)
     content_rng = random.Random(seed ^ 0x5EED)
-    turns = chatdb_seed._build_turns(content_rng, fake)
-    user_metadata = chatdb_seed._user_metadata_pool(content_rng)
-    plan = chatdb_seed._Plan(request)
+    turns = content.build_turns(content_rng, fake)
+    user_metadata = content.user_metadata_pool(content_rng)
+    plan = distributions.Plan(request)
     with psycopg.connect(url) as connection:
         anchor = connection.execute("SELECT now()").fetchone()[0]
 
@@ -83,8 +84,8 @@ def naive_load(url: str, users: int, conversations: int, messages: int, seed: in
                             c.status,
                             at(c.created_before),
                             at(c.last_before),
-                            turns[c.first_turn].raw[1],
-                            None if c.metadata == "\\N" else Jsonb({"source": "web"}),
+                            turns[c.first_turn].title,
+                            None if c.metadata is None else Jsonb({"source": "web"}),
                             at(c.deleted_before) if c.deleted_before is not None else None,
                         )
                     )
@@ -95,8 +96,8 @@ def naive_load(url: str, users: int, conversations: int, messages: int, seed: in
                 rng = plan.message_rng()
                 for c in plan.conversations(len(turns)):
                     conversation_id = uuid.UUID(c.id)
-                    turn = turns[c.first_turn].raw
-                    for position, before in enumerate(chatdb_seed._message_times(c, rng)):
+                    turn = turns[c.first_turn]
+                    for position, before in enumerate(distributions.message_times(c, rng)):
                         if position % 2 == 0:
                             meta = user_metadata[int(rng.random() * len(user_metadata))]
                             row = ("user", turn[0], Jsonb(meta) if meta else None, None, None)
@@ -108,7 +109,7 @@ def naive_load(url: str, users: int, conversations: int, messages: int, seed: in
                                 Jsonb(turn[4]) if turn[4] else None,
                                 Jsonb(turn[5]) if turn[5] else None,
                             )
-                            turn = turns[int(rng.random() * len(turns))].raw
+                            turn = turns[int(rng.random() * len(turns))]
                         copy.write_row(
                             (
                                 uuid.uuid4(),

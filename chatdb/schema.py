@@ -22,6 +22,8 @@ Every index names the query pattern it serves (see ``chatdb.patterns``):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -180,6 +182,35 @@ Index(
     messages.c.deleted_at,
     messages.c.id,
     postgresql_where=text("deleted_at IS NOT NULL"),
+)
+
+
+class SeededColumn(NamedTuple):
+    """A column of ``messages`` that ``chatdb seed`` fills, and how."""
+
+    name: str
+    #: The binary COPY encoding of its values: uuid, text (any string type), jsonb,
+    #: timestamptz, int2, int4, int8 or bool (``chatdb.seed.copy_encoder.ENCODERS``).
+    encoding: str
+    #: Which of the seed's per-message values goes there, when not the one named like
+    #: the column (``chatdb.seed.rows.MESSAGE_VALUES`` lists them).
+    value: str | None = None
+
+
+#: What ``chatdb seed`` writes into ``messages``, in COPY order. The seed's COPY column
+#: list, field count and row layout all come from this tuple alone; a column left out
+#: gets its server default (NULL for a nullable column without one).
+SEEDED_MESSAGE_COLUMNS: tuple[SeededColumn, ...] = (
+    SeededColumn("id", "uuid"),
+    SeededColumn("conversation_id", "uuid"),
+    SeededColumn("user_id", "text"),
+    SeededColumn("role", "text"),
+    SeededColumn("content", "text"),
+    SeededColumn("metadata", "jsonb"),
+    SeededColumn("created_at", "timestamptz"),
+    SeededColumn("tool_calls", "jsonb"),
+    SeededColumn("tool_results", "jsonb"),
+    SeededColumn("deleted_at", "timestamptz"),
 )
 
 

@@ -1,0 +1,76 @@
+"""What to seed (``SeedRequest``), what came of it, and the limits of both."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chatdb.errors import UsageError
+
+USER_PREFIX = "seed-"
+DEFAULT_SEED = 42
+DEFAULT_USERS = 20
+DEFAULT_CONVERSATIONS = 100
+DEFAULT_MESSAGES = 1_000
+DEFAULT_DAYS = 365
+MAX_DAYS = 36_500
+#: Far past anything a machine seeds, and inside what the generator's counters hold.
+MAX_COUNT = 10**12
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True)
+class SeedRequest:
+    users: int = DEFAULT_USERS
+    conversations: int = DEFAULT_CONVERSATIONS
+    messages: int = DEFAULT_MESSAGES
+    days: int = DEFAULT_DAYS
+    seed: int = DEFAULT_SEED
+
+    def validate(self) -> None:
+        for name in ("users", "conversations", "messages", "days"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be a positive whole number, not {getattr(self, name)}")
+            if getattr(self, name) > MAX_COUNT:
+                raise UsageError(f"--{name} must be at most {MAX_COUNT:,}, not {getattr(self, name):,}")
+        if not 0 <= self.seed <= MAX_COUNT:
+            raise UsageError(f"--seed must be between 0 and {MAX_COUNT:,}, not {self.seed:,}")
+        if self.messages < self.conversations:
+            raise UsageError(
+                f"--messages ({self.messages}) must be at least --conversations "
+                f"({self.conversations}): every conversation has at least one message"
+            )
+        if self.days > MAX_DAYS:
+            raise UsageError(f"--days must be at most {MAX_DAYS}, not {self.days}")
+
+    @property
+    def user_prefix(self) -> str:
+        return f"{USER_PREFIX}{self.seed}-"
+
+    @property
+    def rows(self) -> int:
+        return self.users + self.conversations + self.messages
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    seed: int
+    users: int
+    conversations: int
+    messages: int
+    anchor: dt.datetime
+    fast_path: bool
+    elapsed: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return (self.users + self.conversations + self.messages) / self.elapsed if self.elapsed else 0.0
+
+
+@dataclass(frozen=True)
+class ResetResult:
+    users: int
+    conversations: int
+    messages: int
