@@ -30,6 +30,7 @@ from chatdb.cli.common import (
     open_engine,
     out,
     print_json,
+    report_file,
     table,
 )
 from chatdb.errors import EXIT_PROBLEM, UsageError
@@ -100,22 +101,10 @@ def bench_command(
         typer.Option("--cleanup", help="Only remove the rows that bench runs killed earlier left behind."),
     ] = False,
     junit: Annotated[
-        Path | None,
-        typer.Option(
-            "--junit",
-            metavar="FILE",
-            dir_okay=False,
-            help="Also write a JUnit XML report (a case per budget).",
-        ),
+        Path | None, report_file("--junit", "Also write a JUnit XML report (a case per budget).")
     ] = None,
     html: Annotated[
-        Path | None,
-        typer.Option(
-            "--html",
-            metavar="FILE",
-            dir_okay=False,
-            help="Also write an HTML report with a latency CDF per pattern.",
-        ),
+        Path | None, report_file("--html", "Also write an HTML report with a latency CDF per pattern.")
     ] = None,
     log_dir: Annotated[
         Path | None,

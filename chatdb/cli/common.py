@@ -192,6 +192,11 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise TerminatedRead()
 
 
+def report_file(option: str, help: str) -> Any:
+    """The option of a report written beside the output (``--junit FILE``, ``--html FILE``)."""
+    return typer.Option(option, metavar="FILE", dir_okay=False, help=help)
+
+
 def report_error(message: str, hint: str | None = None) -> None:
     """One red line on stderr, and a hint line when there is one."""
     # Messages quote the user's input, and Rich would read "[/x]" in it as markup.

@@ -25,6 +25,7 @@ from chatdb.cli.common import (
     open_engine,
     out,
     print_json,
+    report_file,
     table,
 )
 from chatdb.cli.verify import _print_sql
@@ -80,12 +81,7 @@ def doctor(
     show_all: Annotated[bool, typer.Option("--all", help="List the checks that passed too.")] = False,
     junit: Annotated[
         Path | None,
-        typer.Option(
-            "--junit",
-            metavar="FILE",
-            dir_okay=False,
-            help="Also write a JUnit XML report to FILE, for CI systems to display.",
-        ),
+        report_file("--junit", "Also write a JUnit XML report to FILE, for CI systems to display."),
     ] = None,
     as_json: JsonOutput = False,
     database_url: DatabaseUrl = None,

@@ -24,6 +24,7 @@ from chatdb.cli.common import (
     open_engine,
     out,
     print_json,
+    report_file,
     table,
 )
 from chatdb.errors import EXIT_PROBLEM, UsageError
@@ -39,12 +40,7 @@ def verify_indexes(
     ] = False,
     junit: Annotated[
         Path | None,
-        typer.Option(
-            "--junit",
-            metavar="FILE",
-            dir_okay=False,
-            help="Also write a JUnit XML report to FILE, for CI systems to display.",
-        ),
+        report_file("--junit", "Also write a JUnit XML report to FILE, for CI systems to display."),
     ] = None,
     as_json: JsonOutput = False,
     database_url: DatabaseUrl = None,
