@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -195,6 +196,12 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def report_file(option: str, help: str) -> Any:
     """The option of a report written beside the output (``--junit FILE``, ``--html FILE``)."""
     return typer.Option(option, metavar="FILE", dir_okay=False, help=help)
+
+
+JunitReport = Annotated[
+    Path | None,
+    report_file("--junit", "Also write a JUnit XML report to FILE, for CI systems to display."),
+]
 
 
 def report_error(message: str, hint: str | None = None) -> None:

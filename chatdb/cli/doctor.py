@@ -20,12 +20,12 @@ from chatdb.cli.common import (
     ConnectTimeout,
     DatabaseUrl,
     JsonOutput,
+    JunitReport,
     disposing,
     human_bytes,
     open_engine,
     out,
     print_json,
-    report_file,
     table,
 )
 from chatdb.cli.verify import _print_sql
@@ -79,10 +79,7 @@ def doctor(
         ),
     ] = None,
     show_all: Annotated[bool, typer.Option("--all", help="List the checks that passed too.")] = False,
-    junit: Annotated[
-        Path | None,
-        report_file("--junit", "Also write a JUnit XML report to FILE, for CI systems to display."),
-    ] = None,
+    junit: JunitReport = None,
     as_json: JsonOutput = False,
     database_url: DatabaseUrl = None,
     connect_timeout: ConnectTimeout = None,

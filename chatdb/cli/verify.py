@@ -20,11 +20,11 @@ from chatdb.cli.common import (
     ConnectTimeout,
     DatabaseUrl,
     JsonOutput,
+    JunitReport,
     disposing,
     open_engine,
     out,
     print_json,
-    report_file,
     table,
 )
 from chatdb.errors import EXIT_PROBLEM, UsageError
@@ -38,10 +38,7 @@ def verify_indexes(
         bool,
         typer.Option("--allow-extra", help="Accept indexes that chatdb/schema.py does not declare."),
     ] = False,
-    junit: Annotated[
-        Path | None,
-        report_file("--junit", "Also write a JUnit XML report to FILE, for CI systems to display."),
-    ] = None,
+    junit: JunitReport = None,
     as_json: JsonOutput = False,
     database_url: DatabaseUrl = None,
     connect_timeout: ConnectTimeout = None,
