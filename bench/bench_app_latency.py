@@ -44,7 +44,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from chatdb import db, embedded
-from chatdb.bench import pgbench, runner, stats, workload
+from chatdb.bench import pgbench, rows, stats, workload
 
 CHATDB = Path(sys.executable).with_name("chatdb")
 COMMAND = [str(CHATDB)] if CHATDB.exists() else [sys.executable, "-m", "chatdb"]
@@ -252,7 +252,7 @@ def main() -> None:
         def hand(round_: int, closed_loop: bool = False) -> None:
             token = (first_logs / "insert.sql").read_text().split("bench-", 1)[1].split("-", 1)[0]
             rows_engine = create_engine(url.set(database=name))
-            runner._create_rows(rows_engine, token, args.clients)
+            rows.create_rows(rows_engine, token, args.clients)
             try:
                 checkpoint()
                 if closed_loop:
@@ -276,7 +276,7 @@ def main() -> None:
                 hand_rounds.append(as_dicts(figures))
             finally:
                 with rows_engine.connect() as connection, connection.begin():
-                    runner._remove_run(connection, token)
+                    rows.remove_run(connection, token)
                 rows_engine.dispose()
 
         print()
