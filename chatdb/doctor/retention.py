@@ -102,29 +102,19 @@ def _cutoffs(probe: Probe) -> list[tuple[str, str, lifecycle.Duration, lifecycle
     return found
 
 
+def _no_outlook(why: str) -> list[Finding]:
+    return [Finding("retention", None, "outlook", SKIPPED, detail=why)]
+
+
 def retention(probe: Probe) -> list[Finding]:
     cutoffs = _cutoffs(probe)
     if not cutoffs:
-        return [
-            Finding(
-                "retention",
-                None,
-                "outlook",
-                SKIPPED,
-                detail="no --older-than given, and no archive or purge run recorded: "
-                "give --older-than (e.g. 180d) to see what a run would take",
-            )
-        ]
+        return _no_outlook(
+            "no --older-than given, and no archive or purge run recorded: "
+            "give --older-than (e.g. 180d) to see what a run would take"
+        )
     if not {"conversations", "messages", "conversations_archive", "messages_archive"} <= set(probe.tables):
-        return [
-            Finding(
-                "retention",
-                None,
-                "outlook",
-                SKIPPED,
-                detail="chatdb's tables are missing: run `chatdb migrate`",
-            )
-        ]
+        return _no_outlook("chatdb's tables are missing: run `chatdb migrate`")
     deep = probe.options.deep
     measure = _exact if deep else _estimate
     approx = "" if deep else "~"
