@@ -61,15 +61,7 @@ def seed(engine: Engine, request: SeedRequest, progress: Progress | None = None)
             report("indexes", 0, 1)
             _rebuild(connection)
             report("indexes", 1, 1)
-    return SeedResult(
-        seed=request.seed,
-        users=request.users,
-        conversations=request.conversations,
-        messages=request.messages,
-        anchor=anchor,
-        fast_path=fast,
-        elapsed=time.perf_counter() - started,
-    )
+    return SeedResult.of(request, anchor, fast, time.perf_counter() - started)
 
 
 def _user_columns(connection: Connection) -> list[tuple[str, str]]:
