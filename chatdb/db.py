@@ -226,9 +226,11 @@ def create(
     return engine
 
 
-def _libpq_defaults(database: Database, application_name: str, connect_timeout: float) -> dict[str, object]:
+def _libpq_defaults(
+    database: Database, application_name: str, connect_timeout: float
+) -> dict[str, str | int]:
     """The connection parameters chatdb adds where the URL does not give them."""
-    added: dict[str, object] = {}
+    added: dict[str, str | int] = {}
     if "application_name" not in database.url.query:
         added["application_name"] = application_name[:63]
     if "connect_timeout" not in database.url.query:
@@ -355,7 +357,7 @@ class _Failure:
     hint: str | None = None
 
 
-def _diagnose(exc: DBAPIError, database: Database, added: dict[str, object]) -> _Failure:
+def _diagnose(exc: DBAPIError, database: Database, added: dict[str, str | int]) -> _Failure:
     orig = exc.orig
     message = describe_connect_error(exc)
     if isinstance(orig, psycopg.ProgrammingError):  # psycopg refused a parameter it reads itself
@@ -396,7 +398,7 @@ def _refusal(kind: str, message: str, database: Database, conninfo: str) -> _Fai
     return _Failure(kind, message)
 
 
-def _conninfo(database: Database, added: dict[str, object]) -> str:
+def _conninfo(database: Database, added: dict[str, str | int]) -> str:
     """The libpq connection string of ``database``, as the engine's connections get it."""
     _, params = _dialect().create_connect_args(database.url)
     return make_conninfo("", **params, **added)

@@ -40,10 +40,9 @@ def _check_clients(connection: Connection, clients: int) -> None:
     """Refuse more clients than the server has connections for. Through a pooler (which
     multiplexes clients onto fewer server connections) the server's limit does not apply:
     a pooler answers the startup with a backend key of its own, not the server's pid."""
-    if (
-        connection.connection.dbapi_connection.info.backend_pid
-        != connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
-    ):
+    driver = connection.connection.driver_connection
+    assert driver is not None  # a connection in use has its driver's
+    if driver.info.backend_pid != connection.execute(text("SELECT pg_backend_pid()")).scalar_one():
         return
     maximum, superuser_reserved, reserved, usable_reserved, in_use = connection.execute(
         text(

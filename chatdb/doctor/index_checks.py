@@ -24,17 +24,17 @@ def _indexes(probe: Probe, columns: str, joins: str = "", condition: str = "true
     ``index`` and ``columns``, in terms of pg_index ``i``, the index's pg_class ``c`` and
     ``joins``."""
     rows = probe.rows(
-        f"SELECT t.relname AS table, c.relname AS index, {columns}"
+        f"SELECT t.relname AS table, c.relname AS index_name, {columns}"
         " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid"
         f" {joins} WHERE i.indrelid = ANY(:oids) AND {condition} ORDER BY t.relname, c.relname",
         oids=probe.oids,
     )
     order = {name: n for n, name in enumerate(probe.tables)}
-    return sorted(rows, key=lambda r: (order.get(r.table, len(order)), r.index))
+    return sorted(rows, key=lambda r: (order.get(r.table, len(order)), r.index_name))
 
 
 def _use(row: Row, status: str, scans: int, detail: str, fix: str | None = None) -> Finding:
-    return Finding("indexes", row.index, "index use", status, scans, None, detail, fix, "scans")
+    return Finding("indexes", row.index_name, "index use", status, scans, None, detail, fix, "scans")
 
 
 def index_use(probe: Probe) -> list[Finding]:
@@ -59,7 +59,7 @@ def index_use(probe: Probe) -> list[Finding]:
     found = []
     for row in rows:
         scans = int(row.idx_scan or 0)
-        is_declared = row.index in declared
+        is_declared = row.index_name in declared
         where = f"on {row.table}, {size(row.bytes)}"
         if row.constraint:
             enforces = _CONSTRAINTS.get(row.constraint, "a constraint")
@@ -69,7 +69,7 @@ def index_use(probe: Probe) -> list[Finding]:
             extra = "" if is_declared else "; not declared in chatdb/schema.py (verify-indexes says so)"
             found.append(_use(row, OK, scans, f"{where}; {count(scans, 'scan')} {since}{extra}"))
         elif is_declared:
-            pattern = served.get(row.index)
+            pattern = served.get(row.index_name)
             what = f"the pattern it serves ({pattern})" if pattern else "the queries it serves"
             detail = (
                 f"{where}; never scanned {since}: nothing ran {what} since then. "
@@ -81,7 +81,9 @@ def index_use(probe: Probe) -> list[Finding]:
                 f"{where}; not declared in chatdb/schema.py and never scanned {since}: "
                 f"every write to {row.table} maintains its {size(row.bytes)} for no reader"
             )
-            fix = f"DROP INDEX CONCURRENTLY {probe.quote(row.index)};  -- blocks neither reads nor writes"
+            fix = (
+                f"DROP INDEX CONCURRENTLY {probe.quote(row.index_name)};  -- blocks neither reads nor writes"
+            )
             found.append(_use(row, WARN, 0, detail, fix))
     return found
 
@@ -95,7 +97,7 @@ def _not_checked(why: str) -> list[Finding]:
 
 
 def _btree(row: Row, status: str, detail: str, fix: str | None = None) -> Finding:
-    return Finding("integrity", row.index, "btree", status, detail=f"on {row.table}{detail}", fix=fix)
+    return Finding("integrity", row.index_name, "btree", status, detail=f"on {row.table}{detail}", fix=fix)
 
 
 def integrity(probe: Probe) -> list[Finding]:
@@ -139,7 +141,7 @@ def integrity(probe: Probe) -> list[Finding]:
             if not sqlstate.startswith("XX"):  # data_corrupted, index_corrupted, internal errors
                 raise
             fix = (
-                f"REINDEX INDEX CONCURRENTLY {probe.quote(row.index)};  -- rebuilds it from the table;"
+                f"REINDEX INDEX CONCURRENTLY {probe.quote(row.index_name)};  -- rebuilds it from the table;"
                 " then look for the cause (storage, memory, a collation change)"
             )
             found.append(_btree(row, FAIL, f": {one_line(exc)}", fix))

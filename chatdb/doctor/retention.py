@@ -122,11 +122,11 @@ def retention(probe: Probe) -> list[Finding]:
     for label, command, older_than, grace in cutoffs:
         totals = []
         for days in AHEAD:
-            queries = (
-                _archive_queries(older_than, days)
-                if command == "archive"
-                else _purge_queries(older_than, grace, days)
-            )
+            if command == "archive":
+                queries = _archive_queries(older_than, days)
+            else:
+                assert grace is not None  # a purge always has its grace period
+                queries = _purge_queries(older_than, grace, days)
             tally = {"conversations": 0, "messages": 0}
             for kind, query in queries:
                 tally[kind] += measure(probe, query)
