@@ -30,8 +30,11 @@ CHATDB = Path(sys.executable).with_name("chatdb")
 COMMAND = [str(CHATDB)] if CHATDB.exists() else [sys.executable, "-m", "chatdb"]
 
 
-def run(command: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (bytes) and stdout of one child process.
+def run(
+    command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stdout of one child process (in ``env`` and
+    ``cwd`` when given).
 
     The peak RSS is ``ru_maxrss`` from ``os.wait4``. On Linux, wait4 fills its rusage as
     ``getrusage(RUSAGE_BOTH)`` of the child (kernel/exit.c, ``wait_task_zombie``): the
@@ -42,7 +45,7 @@ def run(command: list[str]) -> tuple[float, int, str]:
     one run with the next.)
     """
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.append(process.stdout.read()))
     reader.start()
@@ -53,6 +56,38 @@ def run(command: list[str]) -> tuple[float, int, str]:
     if process.returncode != 0:
         raise SystemExit(f"{command[:3]} failed ({process.returncode}): {process.stderr.read().decode()}")
     return elapsed, usage.ru_maxrss * 1024, b"".join(chunks).decode()
+
+
+def alternate(commands: dict[str, list[str]], runs: int) -> dict[str, list[tuple[float, str]]]:
+    """Each command ``runs`` times, in rounds that alternate them so that drift on a shared
+    machine hits them alike: each run's wall seconds and stdout."""
+    samples: dict[str, list[tuple[float, str]]] = {label: [] for label in commands}
+    for _ in range(runs):
+        for label, command in commands.items():
+            elapsed, _, stdout = run(command)
+            samples[label].append((elapsed, stdout))
+    return samples
+
+
+def print_medians(seconds: dict[str, list[float]], notes: dict[str, str] | None = None) -> list[float]:
+    """A line per label: the median and the fastest wall seconds (and its note); returns
+    the medians, in order."""
+    width = max(len(label) for label in seconds) + 2
+    for label, values in seconds.items():
+        print(
+            f"{label:{width}s} median {statistics.median(values):.3f} s  min {min(values):.3f} s"
+            f"  ({len(values)} runs){(notes or {}).get(label, '')}"
+        )
+    return [statistics.median(values) for values in seconds.values()]
+
+
+def start_baselines(target: str) -> dict[str, list[str]]:
+    """The least a command does: `chatdb --version` (Python start and imports, no
+    database), and `chatdb migrate status` on ``target`` (connecting, reading the revision)."""
+    return {
+        "chatdb --version": [*COMMAND, "--version"],
+        "chatdb migrate status": [*COMMAND, "migrate", "status", "--database-url", target],
+    }
 
 
 def lifecycle_command(command: str, older_than: str, target: str, *extra: str) -> list[str]:
@@ -190,6 +225,11 @@ class Scratch:
         sizes += ["--messages", str(messages), "--days", "365"]
         seed = run([*COMMAND, "seed", "--database-url", target, *sizes])
         self.vacuum(name)
+        engine = self.engine(name)
+        with engine.connect() as connection:
+            found = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
+        engine.dispose()
+        assert found == messages, f"expected {messages:,} messages, found {found:,}"
         return name, seed
 
     def idle_days(self, name: str, share: float = 0.75) -> int:

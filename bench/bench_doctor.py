@@ -25,18 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-from bench_migrate import chatdb_command, server_url  # run as a script: bench/ is on sys.path
-from sqlalchemy import create_engine, text
-
-from chatdb import db, migrations
+from _harness import COMMAND, Scratch, alternate, print_medians, run, start_baselines  # bench/ is on sys.path
+from sqlalchemy import text
 
 #: Eight weeks of hourly samples of the eight rows a run records.
 HISTORY = """
@@ -47,17 +40,6 @@ FROM generate_series(1, 24 * 56) AS h,
      unnest(ARRAY[NULL, 'users', 'conversations', 'messages', 'conversations_archive',
                   'messages_archive', 'chatdb_runs', 'chatdb_size_history']) AS t
 """
-
-
-def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
-    started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(
-            f"{' '.join(command[:2])} failed ({result.returncode}): {result.stdout}{result.stderr}"
-        )
-    return elapsed, result.stdout
 
 
 def blocks(engine) -> int:
@@ -79,28 +61,14 @@ def main() -> None:
     parser.add_argument("--deep-runs", type=int, default=3)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-"))
-    os.chmod(workdir, 0o755)
-    url, server = server_url(workdir)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
-    created: list[str] = []
-    targets: dict[int, str] = {}
-    engines = {}
     deep: dict[int, list[tuple[float, dict, int]]] = {}
-    try:
+    with Scratch() as scratch:
+        targets: dict[int, str] = {}
+        engines = {}
         for size in (args.messages, args.small):
-            name = f"chatdb_bench_doctor_{os.getpid()}_{size}"
-            with admin.connect() as connection:
-                connection.execute(text(f'CREATE DATABASE "{name}"'))
-            created.append(name)
-            target = url.set(database=name)
-            engine = db.connect(db.Database(target, "bench"))
-            migrations.upgrade(engine)
-            typed = target.set(drivername="postgresql").render_as_string(hide_password=False)
-            seed = [*chatdb_command(), "seed", "--database-url", typed, "--messages", str(size)]
-            seed += ["--conversations", str(size // 20), "--users", str(max(size // 100, 1))]
-            print(f"seeding {size:,} messages: {timed(seed, env)[0]:.1f} s", flush=True)
+            name, (seconds, _, _) = scratch.seeded(f"doctor_{size}", size)
+            print(f"seeding {size:,} messages: {seconds:.1f} s", flush=True)
+            engine = engines[size] = scratch.engine(name)
             with engine.connect() as connection:
                 connection.execute(text(HISTORY))
                 connection.execute(text("CREATE EXTENSION IF NOT EXISTS pgstattuple"))
@@ -108,62 +76,33 @@ def main() -> None:
                 connection.commit()
                 connection.execute(text("ANALYZE"))
                 connection.commit()
-                count = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
                 total = connection.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
-            assert count == size, f"expected {size:,} messages, found {count:,}"
             print(f"  database size {total / 2**20:,.0f} MB", flush=True)
-            targets[size] = typed
-            engines[size] = engine
+            targets[size] = scratch.target(name)
 
         def doctor(size: int, *extra: str) -> list[str]:
-            return [*chatdb_command(), "doctor", "--json", *extra, "--database-url", targets[size]]
+            return [*COMMAND, "doctor", "--json", *extra, "--database-url", targets[size]]
 
-        labels = {
-            f"doctor, {args.messages:,} messages": doctor(args.messages),
-            f"doctor, {args.small:,} messages": doctor(args.small),
-            "chatdb --version": [*chatdb_command(), "--version"],
-            "chatdb migrate status": [
-                *chatdb_command(),
-                "migrate",
-                "status",
-                "--database-url",
-                targets[args.messages],
-            ],
-        }
-        samples: dict[str, list[float]] = {label: [] for label in labels}
-        inside: dict[str, list[float]] = {label: [] for label in labels}
-        for _ in range(args.runs):
-            for label, command in labels.items():
-                elapsed, stdout = timed(command, env)
-                samples[label].append(elapsed)
-                if label.startswith("doctor"):
-                    inside[label].append(json.loads(stdout)["elapsed_seconds"])
-
+        commands = {f"doctor, {size:,} messages": doctor(size) for size in (args.messages, args.small)}
+        samples = alternate({**commands, **start_baselines(targets[args.messages])}, args.runs)
         for size in (args.messages, args.small):
             deep[size] = []
             for _ in range(args.deep_runs):
                 before = blocks(engines[size])
-                elapsed, stdout = timed(doctor(size, "--deep"), env)
+                elapsed, _, stdout = run(doctor(size, "--deep"))
                 time.sleep(1)  # the server's block counts reach pg_stat_database a moment later
                 deep[size].append((elapsed, json.loads(stdout), blocks(engines[size]) - before))
-    finally:
         for engine in engines.values():
             engine.dispose()
-        for name in created:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
 
-    for label, values in samples.items():
-        own = f"  (in doctor: {statistics.median(inside[label]):.3f} s)" if inside[label] else ""
-        print(
-            f"{label:34s} median {statistics.median(values):.3f} s  min {min(values):.3f} s"
-            f"  ({len(values)} runs){own}"
-        )
-    large, small, start, migrate_status = (statistics.median(values) for values in samples.values())
+    inside = {
+        label: statistics.median(json.loads(stdout)["elapsed_seconds"] for _, stdout in samples[label])
+        for label in commands
+    }
+    large, small, start, migrate_status = print_medians(
+        {label: [seconds for seconds, _ in runs] for label, runs in samples.items()},
+        {label: f"  (in doctor: {seconds:.3f} s)" for label, seconds in inside.items()},
+    )
     print(
         f"chatdb doctor on {args.messages:,} messages: {large:.3f} s (aim: <= 2 s); "
         f"on {args.small:,}: {small:.3f} s; large/small = {large / small:.2f}x (aim: <= 1.2x)"

@@ -22,19 +22,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
-from pathlib import Path
-
-from sqlalchemy import create_engine, text
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 # --- the baseline (runs in its own process) ----------------------------------------------------
 
@@ -126,31 +116,6 @@ def naive_load(url: str, users: int, conversations: int, messages: int, seed: in
         connection.commit()
 
 
-# --- the harness -------------------------------------------------------------------------------
-
-
-def run(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - started
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    if status != 0:
-        raise SystemExit(f"{command[:3]} failed ({status}): {stderr}")
-    return elapsed, usage.ru_maxrss * 1024
-
-
-def server(workdir: Path):
-    from chatdb import db, embedded
-
-    raw = os.environ.get("BENCH_DATABASE_URL")
-    if raw:
-        return db.parse_url(raw), None
-    instance, url = embedded.scratch_server(workdir / "pgdata")
-    return url, instance
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="chatdb seed benchmark")
     parser.add_argument("--messages", type=int, default=1_000_000)
@@ -164,49 +129,39 @@ def main() -> None:
         naive_load(args.naive, users, conversations, messages, seed=7)
         return
 
+    # Imported here: the baseline's own process (above) starts without them.
+    from _harness import COMMAND, Scratch, run  # bench/ is on sys.path
+
     from chatdb import db, migrations
 
-    workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-"))
-    os.chmod(workdir, 0o755)
-    url, instance = server(workdir)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    scratch = Scratch()
     template = f"chatdb_bench_template_{os.getpid()}"
-    created = [template]
-    chatdb = Path(sys.executable).with_name("chatdb")
-    chatdb_command = [str(chatdb)] if chatdb.exists() else [sys.executable, "-m", "chatdb"]
 
     def fresh(label: str) -> str:
-        name = f"chatdb_bench_{os.getpid()}_{label}"
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-        created.append(name)
-        return url.set(database=name, drivername="postgresql").render_as_string(hide_password=False)
+        return scratch.database(f"chatdb_bench_{os.getpid()}_{label}", template)
 
     def drop(target: str) -> None:
-        name = target.rsplit("/", 1)[1].split("?", 1)[0]
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        scratch.drop(target.rsplit("/", 1)[1].split("?", 1)[0])
 
     def chatdb_seed(size: int, label: str) -> tuple[float, int]:
         target = fresh(f"chatdb_{size}_{label}")
-        command = [*chatdb_command, "seed", "--database-url", target, "--seed", "7"]
+        command = [*COMMAND, "seed", "--database-url", target, "--seed", "7"]
         command += ["--users", str(size // 100), "--conversations", str(size // 20), "--messages", str(size)]
         try:
-            return run(command)
+            return run(command)[:2]
         finally:
             drop(target)
 
     def naive(label: str) -> tuple[float, int]:
         target = fresh(f"naive_{label}")
         try:
-            return run([sys.executable, __file__, "--messages", str(messages), "--naive", target])
+            return run([sys.executable, __file__, "--messages", str(messages), "--naive", target])[:2]
         finally:
             drop(target)
 
     try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{template}"'))
-        engine = db.connect(db.Database(url.set(database=template), "bench"))
+        scratch.database(template)
+        engine = db.connect(db.Database(scratch.url.set(database=template), "bench"))
         migrations.upgrade(engine)
         engine.dispose()
 
@@ -233,13 +188,7 @@ def main() -> None:
                 f"{messages:,} (target < 250 MB, flat)"
             )
     finally:
-        for name in created:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-        if instance is not None:
-            instance.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        scratch.close()
 
 
 if __name__ == "__main__":

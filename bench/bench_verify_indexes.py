@@ -17,29 +17,8 @@ on a quiet machine). The aim is under 2 s on the large database.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import statistics
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 
-from bench_migrate import chatdb_command, server_url  # run as a script: bench/ is on sys.path
-from sqlalchemy import create_engine, text
-
-from chatdb import db, migrations
-
-
-def timed(command: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(
-            f"{' '.join(command[:2])} failed ({result.returncode}): {result.stdout}{result.stderr}"
-        )
-    return elapsed
+from _harness import COMMAND, Scratch, alternate, print_medians, start_baselines  # bench/ is on sys.path
 
 
 def main() -> None:
@@ -49,75 +28,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-"))
-    os.chmod(workdir, 0o755)
-    url, server = server_url(workdir)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
-    created: list[str] = []
-    targets: dict[int, str] = {}
-    try:
+    with Scratch() as scratch:
+        targets: dict[int, str] = {}
         for size in (args.messages, args.small):
-            name = f"chatdb_bench_verify_{os.getpid()}_{size}"
-            with admin.connect() as connection:
-                connection.execute(text(f'CREATE DATABASE "{name}"'))
-            created.append(name)
-            target = url.set(database=name)
-            engine = db.connect(db.Database(target, "bench"))
-            migrations.upgrade(engine)
-            typed = target.set(drivername="postgresql").render_as_string(hide_password=False)
-            seed = [*chatdb_command(), "seed", "--database-url", typed, "--messages", str(size)]
-            seed += ["--conversations", str(size // 20), "--users", str(max(size // 100, 1))]
-            print(f"seeding {size:,} messages: {timed(seed, env):.1f} s", flush=True)
-            with engine.connect() as connection:
-                connection.execute(text("ANALYZE"))
-                connection.commit()
-                count = connection.execute(text("SELECT count(*) FROM messages")).scalar_one()
-            engine.dispose()
-            assert count == size, f"expected {size:,} messages, found {count:,}"
-            targets[size] = typed
-
-        labels = {
-            f"verify-indexes, {args.messages:,} messages": [
-                *chatdb_command(),
-                "verify-indexes",
-                "--database-url",
-                targets[args.messages],
-            ],
-            f"verify-indexes, {args.small:,} messages": [
-                *chatdb_command(),
-                "verify-indexes",
-                "--database-url",
-                targets[args.small],
-            ],
-            "chatdb --version": [*chatdb_command(), "--version"],
-            "chatdb migrate status": [
-                *chatdb_command(),
-                "migrate",
-                "status",
-                "--database-url",
-                targets[args.messages],
-            ],
+            name, (seconds, _, _) = scratch.seeded(f"verify_{size}", size)
+            print(f"seeding {size:,} messages: {seconds:.1f} s", flush=True)
+            targets[size] = scratch.target(name)
+        commands = {
+            f"verify-indexes, {size:,} messages": [*COMMAND, "verify-indexes", "--database-url", target]
+            for size, target in targets.items()
         }
-        samples: dict[str, list[float]] = {label: [] for label in labels}
-        for _ in range(args.runs):
-            for label, command in labels.items():
-                samples[label].append(timed(command, env))
-    finally:
-        for name in created:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        samples = alternate({**commands, **start_baselines(targets[args.messages])}, args.runs)
 
-    for label, values in samples.items():
-        print(
-            f"{label:38s} median {statistics.median(values):.3f} s"
-            f"  min {min(values):.3f} s  ({len(values)} runs)"
-        )
-    large, small, start, migrate_status = (statistics.median(values) for values in samples.values())
+    large, small, start, migrate_status = print_medians(
+        {label: [seconds for seconds, _ in runs] for label, runs in samples.items()}
+    )
     print(
         f"chatdb verify-indexes on {args.messages:,} messages: {large:.3f} s (aim: < 2 s); "
         f"on {args.small:,}: {small:.3f} s; large/small = {large / small:.2f}x (aim: 1, within noise)"

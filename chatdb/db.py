@@ -6,6 +6,7 @@ the embedded PostgreSQL (see ``chatdb.embedded``).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -17,6 +18,9 @@ from typing import Any
 from urllib.parse import parse_qsl, quote_plus
 
 import psycopg
+import psycopg.errors
+from psycopg import pq
+from psycopg.conninfo import make_conninfo
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
@@ -27,29 +31,6 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 
 _ACCEPTED_SCHEMES = {"postgres", "postgresql", "postgresql+psycopg"}
 _DRIVER = "postgresql+psycopg"
-
-# libpq messages for failures worth waiting out (a server starting, restarting or
-# waking up); anything else (wrong password, unknown database, TLS) fails at once.
-_TRANSIENT = (
-    "connection refused",
-    "the database system is starting up",
-    "the database system is shutting down",
-    "the database system is in recovery mode",
-    "the database system is not yet accepting connections",
-    "no such file or directory",  # a Unix socket not created yet
-    "timeout expired",
-    "server closed the connection unexpectedly",
-    "could not receive data from server",
-    "too many connections",
-    # PgBouncer accepts the login and reports the server's absence on the first query.
-    "pgbouncer cannot connect to server",
-    "server login has been failing",
-)
-
-
-# libpq's (and the server's, for `options`) refusals of the URL's own parameters: a bad
-# port, an unknown parameter, a value a parameter does not take.
-_URL_PROBLEM = re.compile(r"(connection is bad: )?invalid [\w ]*(option|value|number|method)\b")
 
 
 @dataclass(frozen=True)
@@ -235,17 +216,28 @@ def create(
 ) -> Engine:
     """The one engine factory. No server-side prepared statements, so that chatdb also
     works through a transaction-pooling PgBouncer."""
-    connect_args: dict[str, object] = {"prepare_threshold": None}
-    if "application_name" not in database.url.query:
-        connect_args["application_name"] = application_name[:63]
-    if "connect_timeout" not in database.url.query:
-        # A host that accepts the connection and never answers must not hang chatdb;
-        # libpq treats values below 2 seconds as 2.
-        connect_args["connect_timeout"] = max(2, math.ceil(connect_timeout))
+    connect_args: dict[str, object] = {
+        "prepare_threshold": None,
+        **_libpq_defaults(database, application_name, connect_timeout),
+    }
     engine = create_engine(database.url, connect_args=connect_args, pool_pre_ping=False)
     event.listen(engine, "connect", _learn_client_check)
     event.listen(engine, "begin", _check_client_in_transaction)
     return engine
+
+
+def _libpq_defaults(
+    database: Database, application_name: str, connect_timeout: float
+) -> dict[str, str | int]:
+    """The connection parameters chatdb adds where the URL does not give them."""
+    added: dict[str, str | int] = {}
+    if "application_name" not in database.url.query:
+        added["application_name"] = application_name[:63]
+    if "connect_timeout" not in database.url.query:
+        # A host that accepts the connection and never answers must not hang chatdb;
+        # libpq treats values below 2 seconds as 2.
+        added["connect_timeout"] = max(2, math.ceil(connect_timeout))
+    return added
 
 
 # A backend whose client vanished (SIGKILL, a lost host) notices only when it next talks
@@ -291,9 +283,11 @@ def connect(
     ``on_wait(waited)`` is called before each retry with the seconds waited so far, so that
     a caller can show that chatdb is waiting."""
     engine = create(database, application_name=application_name, connect_timeout=connect_timeout)
+    added = _libpq_defaults(database, application_name, connect_timeout)
     started = time.monotonic()
     deadline = started + max(connect_timeout, 0.0)
     delay = 0.2
+    refused: _Failure | None = None  # a refusal by a server that answers, asked again once
     while True:
         try:
             with engine.connect() as connection:
@@ -301,43 +295,122 @@ def connect(
                 connection.exec_driver_sql("SELECT 1")
             return engine
         except DBAPIError as exc:
-            message = describe_connect_error(exc)
-            # psycopg refuses a parameter it reads itself (connect_timeout=abc, an unknown
-            # option) with ProgrammingError; libpq's own refusals of a value come without a
-            # SQLSTATE, so only their wording tells them apart.
-            if isinstance(exc.orig, psycopg.ProgrammingError) or _URL_PROBLEM.match(message):
-                engine.dispose()
-                reason = message.removeprefix("connection is bad: ")
-                raise UsageError(
-                    f"bad connection parameter for {database.display}: {reason}",
-                    hint="check the URL (its port and query parameters) and any PG* environment variables",
-                ) from None
-            remaining = deadline - time.monotonic()
-            if not is_transient(exc) or remaining <= 0:
-                engine.dispose()
-                waited = f" (gave up after {connect_timeout:g}s)" if is_transient(exc) else ""
-                raise ConnectError(
-                    f"cannot connect to {database.display}: {message}{waited}", hint=_connect_hint(message)
-                ) from None
-            if on_wait is not None:
-                on_wait(time.monotonic() - started)
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 2.0)
+            failure = _diagnose(exc, database, added)
+        if failure.kind == USAGE:
+            engine.dispose()
+            raise UsageError(
+                f"bad connection parameter for {database.display}: "
+                + failure.message.removeprefix("connection is bad: "),
+                hint="check the URL (its port and query parameters) and any PG* environment variables",
+            )
+        if failure.kind == REFUSED:
+            if refused is None:
+                # The server answered and turned the connection away; it may have become
+                # ready between that and PQping's look: ask once more, at once.
+                refused = failure
+                continue
+            failure = refused
+        remaining = deadline - time.monotonic()
+        if failure.kind != TRANSIENT or remaining <= 0:
+            engine.dispose()
+            waited = f" (gave up after {connect_timeout:g}s)" if failure.kind == TRANSIENT else ""
+            raise ConnectError(
+                f"cannot connect to {database.display}: {failure.message}{waited}", hint=failure.hint
+            )
+        refused = None
+        if on_wait is not None:
+            on_wait(time.monotonic() - started)
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 2.0)
 
 
-def _connect_hint(message: str) -> str | None:
-    lowered = message.lower()
+# How a failure to connect is told, never by the server's words (a server may speak any
+# language, lc_messages): psycopg reports no SQLSTATE for a connection that could not be
+# made, so libpq's PQping says whether a server answered and whether it was one not
+# accepting connections yet (57P03, which libpq reads itself).
+USAGE = "usage"  # a connection parameter is wrong: exit 2
+TRANSIENT = "transient"  # worth waiting out: a server starting, restarting, waking up
+REFUSED = "refused"  # a server that answers turned the connection away
+FINAL = "final"  # anything else: a wrong password, an unknown database, TLS
+
+# Errors after the login that a server or pooler sends while it cannot serve yet: class 08
+# (connection exception; PgBouncer's "cannot connect to server"), admin_shutdown,
+# crash_shutdown, cannot_connect_now, too_many_connections.
+_TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+# A failure with no server behind it is libpq's own, in words made in this process (a
+# Python process keeps the C locale for messages): a server not there yet is one of these;
+# anything else (TLS, a host name that does not resolve) is final.
+_UNREACHABLE = (
+    os.strerror(errno.ECONNREFUSED).lower(),
+    os.strerror(errno.ENOENT).lower(),  # a Unix socket not created yet
+    "timeout expired",
+    "server closed the connection unexpectedly",
+    "could not receive data from server",
+)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    kind: str
+    message: str  # one line, masked
+    hint: str | None = None
+
+
+def _diagnose(exc: DBAPIError, database: Database, added: dict[str, str | int]) -> _Failure:
+    orig = exc.orig
+    message = describe_connect_error(exc)
+    if isinstance(orig, psycopg.ProgrammingError):  # psycopg refused a parameter it reads itself
+        return _Failure(USAGE, message)
+    if isinstance(orig, psycopg.errors.ConnectionTimeout):
+        return _Failure(TRANSIENT, message)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        transient = sqlstate.startswith(_TRANSIENT_SQLSTATES)
+        return _Failure(TRANSIENT if transient else FINAL, message)
+    conninfo = _conninfo(database, added)
+    pgconn = getattr(orig, "pgconn", None)
+    if pgconn is not None and (pgconn.used_password or pgconn.needs_password):
+        # Asked for a password: past the checks by which a server not ready refuses.
+        return _refusal(FINAL, message, database, conninfo)
+    answer = pq.PGconn.ping(conninfo.encode())
+    if answer == pq.Ping.NO_ATTEMPT:  # libpq refused the parameters without trying
+        return _Failure(USAGE, message)
+    if answer == pq.Ping.REJECT:  # 57P03: starting, shutting down, in recovery
+        return _Failure(TRANSIENT, message)
+    if answer == pq.Ping.NO_RESPONSE:
+        lowered = message.lower()
+        if any(words in lowered for words in _UNREACHABLE):
+            return _Failure(TRANSIENT, message)
+        return _Failure(FINAL, message, _connect_hint(lowered))
+    return _refusal(REFUSED, message, database, conninfo)
+
+
+def _refusal(kind: str, message: str, database: Database, conninfo: str) -> _Failure:
+    """A server's refusal; a usage error when it refuses the URL's ``options`` (a setting
+    it does not take): the same connection without them succeeds."""
+    if "options" in database.url.query:
+        try:
+            psycopg.connect(make_conninfo(conninfo, options="")).close()
+        except psycopg.Error:
+            return _Failure(kind, message)
+        return _Failure(USAGE, message)
+    return _Failure(kind, message)
+
+
+def _conninfo(database: Database, added: dict[str, str | int]) -> str:
+    """The libpq connection string of ``database``, as the engine's connections get it."""
+    _, params = _dialect().create_connect_args(database.url)
+    return make_conninfo("", **params, **added)
+
+
+def _connect_hint(lowered: str) -> str | None:
     if "certificate" in lowered or "ssl" in lowered:
         return (
             "check the TLS parameters of the URL: sslmode, and sslrootcert (the file of the CA "
             "that signed the server's certificate)"
         )
     return None
-
-
-def is_transient(exc: DBAPIError) -> bool:
-    text = str(exc.orig).lower()
-    return any(marker in text for marker in _TRANSIENT)
 
 
 def describe_connect_error(exc: DBAPIError) -> str:

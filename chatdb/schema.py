@@ -116,16 +116,80 @@ _ROLE_CHECK = "role IN ('user', 'assistant', 'system')"
 _LENGTH_CHECK = "role != 'user' OR length(content) <= 1000"
 
 
-conversations = Table(
+def _archived(archive: bool) -> list[Column]:
+    """The column an archive table adds to its hot table's."""
+    return [Column("archived_at", _tz(), nullable=False, server_default=_now())] if archive else []
+
+
+def _conversations_table(name: str, *, archive: bool, status_check: str, owner_key: str) -> Table:
+    """``conversations`` and its archive: the same columns, keys and checks."""
+    return Table(
+        name,
+        metadata,
+        *_conversation_columns(),
+        *_archived(archive),
+        PrimaryKeyConstraint("id", name=f"{name}_pkey"),
+        ForeignKeyConstraint(["user_id"], ["users.id"], name=f"{name}_user_id_fkey", ondelete="CASCADE"),
+        CheckConstraint(_STATUS_CHECK, name=status_check),
+        # Target of the messages' (conversation_id, user_id) foreign key: the database
+        # refuses a message whose user is not the owner of its conversation.
+        UniqueConstraint("id", "user_id", name=owner_key),
+    )
+
+
+def _messages_table(
+    name: str, conversations: str, *, archive: bool, role_check: str, length_check: str
+) -> Table:
+    """``messages`` and its archive: the same columns and checks; each message belongs to
+    a conversation of its own user (in ``conversations``). Archived messages reference
+    no user directly: deleting a user reaches them through conversations_archive."""
+    users_key = ForeignKeyConstraint(
+        ["user_id"], ["users.id"], name=f"{name}_user_id_fkey", ondelete="CASCADE"
+    )
+    return Table(
+        name,
+        metadata,
+        *_message_columns(),
+        *_archived(archive),
+        PrimaryKeyConstraint("id", name=f"{name}_pkey"),
+        *([] if archive else [users_key]),
+        ForeignKeyConstraint(
+            ["conversation_id", "user_id"],
+            [f"{conversations}.id", f"{conversations}.user_id"],
+            name=f"fk_{name}_conversation_owner",
+            ondelete="CASCADE",
+        ),
+        CheckConstraint(_ROLE_CHECK, name=role_check),
+        CheckConstraint(_LENGTH_CHECK, name=length_check),
+    )
+
+
+def _by_last_activity(table: Table) -> Index:
+    """Pattern 3: keyset scans in (updated_at, id) order, oldest first."""
+    return Index(f"idx_{table.name}_updated_id", table.c.updated_at, table.c.id)
+
+
+def _soft_deleted(table: Table) -> Index:
+    """Pattern 4: few rows are soft-deleted, so the partial index stays small."""
+    return Index(
+        f"idx_{table.name}_deleted_id",
+        table.c.deleted_at,
+        table.c.id,
+        postgresql_where=text("deleted_at IS NOT NULL"),
+    )
+
+
+def _history(table: Table) -> Index:
+    """Pattern 2, newest first (as seeds 000/001 declare it); also covers the foreign key
+    to the conversations."""
+    return Index(f"idx_{table.name}_conversation_created", table.c.conversation_id, table.c.created_at.desc())
+
+
+conversations = _conversations_table(
     "conversations",
-    metadata,
-    *_conversation_columns(),
-    PrimaryKeyConstraint("id", name="conversations_pkey"),
-    ForeignKeyConstraint(["user_id"], ["users.id"], name="conversations_user_id_fkey", ondelete="CASCADE"),
-    CheckConstraint(_STATUS_CHECK, name="chk_conversation_status"),
-    # Target of the messages' (conversation_id, user_id) foreign key: the database
-    # refuses a message whose user is not the owner of its conversation.
-    UniqueConstraint("id", "user_id", name="uq_conversations_id_user"),
+    archive=False,
+    status_check="chk_conversation_status",
+    owner_key="uq_conversations_id_user",
 )
 
 # Pattern 1; its leading user_id also covers the foreign key to users.
@@ -135,40 +199,19 @@ Index(
     conversations.c.status,
     conversations.c.updated_at.desc(),
 )
-# Pattern 3: keyset scans in (updated_at, id) order, oldest first.
-Index("idx_conversations_updated_id", conversations.c.updated_at, conversations.c.id)
-# Pattern 4: few rows are soft-deleted, so the partial index stays small.
-Index(
-    "idx_conversations_deleted_id",
-    conversations.c.deleted_at,
-    conversations.c.id,
-    postgresql_where=text("deleted_at IS NOT NULL"),
-)
+_by_last_activity(conversations)
+_soft_deleted(conversations)
 
 
-messages = Table(
+messages = _messages_table(
     "messages",
-    metadata,
-    *_message_columns(),
-    PrimaryKeyConstraint("id", name="messages_pkey"),
-    ForeignKeyConstraint(["user_id"], ["users.id"], name="messages_user_id_fkey", ondelete="CASCADE"),
-    ForeignKeyConstraint(
-        ["conversation_id", "user_id"],
-        ["conversations.id", "conversations.user_id"],
-        name="fk_messages_conversation_owner",
-        ondelete="CASCADE",
-    ),
-    CheckConstraint(_ROLE_CHECK, name="chk_message_role"),
-    CheckConstraint(_LENGTH_CHECK, name="chk_user_message_length"),
+    "conversations",
+    archive=False,
+    role_check="chk_message_role",
+    length_check="chk_user_message_length",
 )
 
-# Pattern 2 (newest first, as seeds 000/001 declare it); also covers the foreign key
-# to conversations.
-Index(
-    "idx_messages_conversation_created",
-    messages.c.conversation_id,
-    messages.c.created_at.desc(),
-)
+_history(messages)
 # Pattern 7: the cascade of the owner foreign key when a conversation is deleted
 # (``conversation_id = $1 AND user_id = $2``, a generic plan), one probe per
 # conversation; without it PostgreSQL ANDs the two indexes around it and reads all of
@@ -176,13 +219,7 @@ Index(
 Index("idx_messages_conversation_owner", messages.c.conversation_id, messages.c.user_id)
 # Pattern 5; also covers the foreign key to users (seed 003's name and definition).
 Index("ix_messages_user_id_created_at", messages.c.user_id, messages.c.created_at)
-# Pattern 4.
-Index(
-    "idx_messages_deleted_id",
-    messages.c.deleted_at,
-    messages.c.id,
-    postgresql_where=text("deleted_at IS NOT NULL"),
-)
+_soft_deleted(messages)
 
 
 class SeededColumn(NamedTuple):
@@ -214,68 +251,31 @@ SEEDED_MESSAGE_COLUMNS: tuple[SeededColumn, ...] = (
 )
 
 
-conversations_archive = Table(
+conversations_archive = _conversations_table(
     "conversations_archive",
-    metadata,
-    *_conversation_columns(),
-    Column("archived_at", _tz(), nullable=False, server_default=_now()),
-    PrimaryKeyConstraint("id", name="conversations_archive_pkey"),
-    ForeignKeyConstraint(
-        ["user_id"], ["users.id"], name="conversations_archive_user_id_fkey", ondelete="CASCADE"
-    ),
-    CheckConstraint(_STATUS_CHECK, name="chk_conversations_archive_status"),
-    UniqueConstraint("id", "user_id", name="uq_conversations_archive_id_user"),
+    archive=True,
+    status_check="chk_conversations_archive_status",
+    owner_key="uq_conversations_archive_id_user",
 )
 
 # Restoring a user's archive, and deleting a user; covers the foreign key to users.
 Index("idx_conversations_archive_user_id", conversations_archive.c.user_id)
-# Pattern 3 on the archive: purge ages archived conversations by updated_at too.
-Index(
-    "idx_conversations_archive_updated_id",
-    conversations_archive.c.updated_at,
-    conversations_archive.c.id,
-)
-# Pattern 4 on the archive.
-Index(
-    "idx_conversations_archive_deleted_id",
-    conversations_archive.c.deleted_at,
-    conversations_archive.c.id,
-    postgresql_where=text("deleted_at IS NOT NULL"),
-)
+# Purge ages archived conversations by updated_at too.
+_by_last_activity(conversations_archive)
+_soft_deleted(conversations_archive)
 
 
-messages_archive = Table(
+messages_archive = _messages_table(
     "messages_archive",
-    metadata,
-    *_message_columns(),
-    Column("archived_at", _tz(), nullable=False, server_default=_now()),
-    PrimaryKeyConstraint("id", name="messages_archive_pkey"),
-    # Archived messages belong to archived conversations, with the same owner; deleting
-    # a user reaches them through conversations_archive.
-    ForeignKeyConstraint(
-        ["conversation_id", "user_id"],
-        ["conversations_archive.id", "conversations_archive.user_id"],
-        name="fk_messages_archive_conversation_owner",
-        ondelete="CASCADE",
-    ),
-    CheckConstraint(_ROLE_CHECK, name="chk_messages_archive_role"),
-    CheckConstraint(_LENGTH_CHECK, name="chk_messages_archive_user_message_length"),
+    "conversations_archive",
+    archive=True,
+    role_check="chk_messages_archive_role",
+    length_check="chk_messages_archive_user_message_length",
 )
 
-# Pattern 2 on the archive (export and restore read a conversation's messages); covers
-# the foreign key to conversations_archive.
-Index(
-    "idx_messages_archive_conversation_created",
-    messages_archive.c.conversation_id,
-    messages_archive.c.created_at.desc(),
-)
-# Pattern 4 on the archive.
-Index(
-    "idx_messages_archive_deleted_id",
-    messages_archive.c.deleted_at,
-    messages_archive.c.id,
-    postgresql_where=text("deleted_at IS NOT NULL"),
-)
+# Export and restore read a conversation's messages.
+_history(messages_archive)
+_soft_deleted(messages_archive)
 
 
 chatdb_runs = Table(

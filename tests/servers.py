@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -119,6 +119,28 @@ def make_certificates(folder: Path) -> Certificates:
     )
 
 
+# --- a locale for the server's messages -----------------------------------------------------
+
+
+def message_locale(folder: Path, name: str = "de_DE") -> tuple[str, dict[str, str]]:
+    """A UTF-8 locale ``name`` for a server's ``lc_messages``, and the environment the
+    server needs to find it: an installed one as it is, else one made by ``localedef``
+    into ``folder`` (found through LOCPATH, so nothing is installed on the machine)."""
+    installed = subprocess.run(["locale", "-a"], capture_output=True, text=True).stdout.split()
+    for candidate in installed:
+        if candidate.lower().replace("-", "") == f"{name.lower()}.utf8":
+            return candidate, {}
+    localedef = _program("localedef", "libc-bin")
+    if not Path("/usr/share/i18n/locales", name).is_file():
+        raise Unavailable(f"the definition of the locale {name} is not installed (Debian package locales)")
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [localedef, "-i", name, "-f", "UTF-8", str(folder / f"{name}.UTF-8")], check=True, capture_output=True
+    )
+    folder.chmod(0o755)
+    return f"{name}.UTF-8", {"LOCPATH": str(folder)}
+
+
 # --- a Debian PostgreSQL ---------------------------------------------------------------------
 
 
@@ -131,6 +153,7 @@ class DebianPostgres:
     port: int
     certificates: Certificates
     user: str | None  # the system user it runs as (when the tests run as root)
+    env: dict[str, str] = field(default_factory=dict)  # more environment for the server
 
     @property
     def socket_dir(self) -> Path:
@@ -145,7 +168,13 @@ class DebianPostgres:
 
     def pg_ctl(self, *args: str) -> None:
         command = [str(postgres_bin() / "pg_ctl"), "-D", str(self.data), *args]
-        subprocess.run(_as(self.user, command), check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            _as(self.user, command),
+            check=True,
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, **self.env},
+        )
 
     def start(self) -> None:
         self.pg_ctl("-l", str(self.data / "server.log"), "-w", "start")
@@ -158,7 +187,11 @@ class DebianPostgres:
 
 
 @contextmanager
-def debian_postgres(folder: Path) -> Iterator[DebianPostgres]:
+def debian_postgres(
+    folder: Path, *, settings: str = "", env: dict[str, str] | None = None
+) -> Iterator[DebianPostgres]:
+    """``settings``: more lines for postgresql.conf; ``env``: more environment for the
+    server (LOCPATH, for a locale made in a scratch folder)."""
     binaries = postgres_bin()
     user = _service_user("postgres")
     certificates = make_certificates(folder / "tls")
@@ -183,12 +216,12 @@ def debian_postgres(folder: Path) -> Iterator[DebianPostgres]:
         conf.write(
             f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{data}'\n"
             "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
-            "fsync = off\nmax_connections = 50\n"
+            "fsync = off\nmax_connections = 50\n" + settings
         )
     (data / "pg_hba.conf").write_text(
         "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n"
     )
-    server = DebianPostgres(data, port, certificates, user)
+    server = DebianPostgres(data, port, certificates, user, dict(env or {}))
     server.start()
     try:
         yield server
@@ -196,6 +229,7 @@ def debian_postgres(folder: Path) -> Iterator[DebianPostgres]:
         subprocess.run(
             _as(user, [str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
             capture_output=True,
+            env={**os.environ, **server.env},
         )
 
 

@@ -15,7 +15,8 @@ from sqlalchemy import literal_column, text
 
 from chatdb import db, patterns
 from chatdb import seed as seed_module
-from chatdb.bench import pgbench, runner, stats, workload
+from chatdb.bench import capacity, pgbench, runner, stats, workload
+from chatdb.bench.rows import create_rows
 from chatdb.errors import UsageError
 
 TOKEN = "0badcafe"
@@ -133,7 +134,7 @@ def test_a_read_script_returns_what_the_pattern_returns(seeded_db, name):
 def test_the_insert_script_writes_only_the_clients_own_conversation(seeded_db):
     engine = seeded_db.engine
     before = seeded_db.scalar("SELECT count(*) FROM messages")
-    runner._create_rows(engine, TOKEN, 3)
+    create_rows(engine, TOKEN, 3)
     commands = sql_commands(workload.WORKLOADS["insert"].script(workload.Keys(TOKEN)))
     with engine.connect() as connection:
         connection.exec_driver_sql("UPDATE conversations SET updated_at = now() - interval '1 day'")
@@ -267,7 +268,7 @@ def test_the_capacity_search_closes_in_on_the_highest_rate_that_holds():
 
     def search(limit: float, **options) -> tuple[float | None, list[float]]:
         request = runner.BenchRequest(**options)
-        rate = request.min_capacity or runner.START_RATE
+        rate = request.min_capacity or capacity.START_RATE
         if request.max_rate is not None:
             rate = min(rate, request.max_rate)
         tried, lo, hi = [], None, None
@@ -277,7 +278,7 @@ def test_the_capacity_search_closes_in_on_the_highest_rate_that_holds():
                 lo = rate
             else:
                 hi = rate
-            rate = runner._next_rate(lo, hi, request)
+            rate = capacity.next_rate(lo, hi, request)
         return lo, tried
 
     found, tried = search(1234)

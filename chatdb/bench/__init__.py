@@ -5,10 +5,16 @@ judged against the specification's latency budgets.
   keys they ask for, the mix and the budgets;
 - ``pgbench``: finding pgbench, running it, reading its per-transaction log;
 - ``stats``: percentiles, histograms and verdicts;
-- ``runner``: a whole run (checks, bench's own users, phases, capacity search, cleanup);
+- ``model``: the request and the result;
+- ``rows``: bench's own users and conversations, the run guard, and cleanup;
+- ``phases``: running pgbench at a rate, during a --while command, and the key cost;
+- ``capacity``: the capacity search;
+- ``runner``: a whole run (checks, bench's own rows, phases, capacity search, cleanup);
 - ``report``: the JUnit and HTML reports.
 """
 
-from chatdb.bench.runner import BenchRequest, BenchResult, Phase, Removed, cleanup, run
+from chatdb.bench.model import BenchRequest, BenchResult, Phase, Removed
+from chatdb.bench.rows import cleanup
+from chatdb.bench.runner import run
 
 __all__ = ["BenchRequest", "BenchResult", "Phase", "Removed", "cleanup", "run"]

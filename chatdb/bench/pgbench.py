@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -146,7 +147,9 @@ class Running:
         self.invocation = invocation
         for stale in log_files(invocation.log_prefix):  # of an earlier run into --log-dir
             stale.unlink()
-        env = {**os.environ, **invocation.env}
+        # pgbench's own words (its errors, "client N script M aborted", progress) are read
+        # below: in the C locale they are the same on every machine.
+        env = {**os.environ, **invocation.env, "LC_ALL": "C"}
         with open(invocation.stdout, "wb") as stdout, open(invocation.stderr, "wb") as stderr:
             self.process = popen_tied(
                 invocation.command(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env
@@ -189,6 +192,11 @@ class Running:
         raise StateError(f"pgbench failed: {detail}")
 
 
+# libpq lays out what the server says as "SEVERITY:  text", two spaces, in whatever
+# language the server speaks ("DETAIL:  ...", "FEHLER:  ...").
+_SERVER_LINE = re.compile(r"[^\s:]+:  \S")
+
+
 def error_lines(path: Path) -> list[str]:
     try:
         text = path.read_text(errors="replace")
@@ -199,7 +207,7 @@ def error_lines(path: Path) -> list[str]:
         line = line.strip()
         if line.startswith("pgbench: error:") or line.startswith("pgbench: fatal:"):
             lines.append(mask_text(line.removeprefix("pgbench: ")))
-        elif lines and line.startswith(("DETAIL:", "HINT:", "ERROR:", "FATAL:")) and len(lines[-1]) < 400:
+        elif lines and _SERVER_LINE.match(line) and len(lines[-1]) < 400:
             lines[-1] += " " + mask_text(line)
     return lines
 

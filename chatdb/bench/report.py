@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from xml.etree import ElementTree
 
-from chatdb.bench.runner import BenchResult, Phase
+from chatdb.bench.model import BenchResult, Phase
 from chatdb.bench.stats import OK, PatternFigures
 from chatdb.bench.workload import OVERHEAD, WORKLOADS, format_limit, format_ms
 

@@ -113,6 +113,7 @@ def figures(
     failed = [0] * len(names)
     for t in transactions:
         if t.outcome == "done":
+            assert t.latency_us is not None  # a transaction done has its latency
             latencies[t.script].append(t.latency_us / 1000)
         elif t.outcome == "skipped":
             skipped[t.script] += 1
@@ -149,6 +150,7 @@ def judge(patterns: list[PatternFigures], budgets: Sequence[Budget]) -> None:
             else:
                 value = filtered - unfiltered
         else:
+            assert budget.percentile is not None  # a budget's metric is a percentile, max or overhead
             value = mine.at(budget.percentile)
         status = NO_DATA if value is None else OK if value < budget.limit_ms else FAIL
         mine.budgets.append(BudgetResult(budget, value, status))

@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Integer, String, cast, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql
@@ -58,7 +59,10 @@ class Keys:
 
     token: str
 
-    def read(self, column: str) -> ClauseElement:
+    # Each key stands where a pattern takes a value (a uuid, a user id): typed Any, as the
+    # patterns are typed for the values the application passes them.
+
+    def read(self, column: str) -> Any:
         key = messages.alias("bench_key")
         start = cast(
             func.lpad(func.to_hex(literal_column(f":{KEY_VARIABLE}", Integer)), 8, "0")
@@ -75,12 +79,12 @@ class Keys:
         )
 
     @property
-    def own_user(self) -> ClauseElement:
+    def own_user(self) -> Any:
         client = literal_column(f":{CLIENT_VARIABLE}", Integer)
         return literal(f"{USER_PREFIX}{self.token}-", String).concat(client)
 
     @property
-    def own_conversation(self) -> ClauseElement:
+    def own_conversation(self) -> Any:
         client = literal_column(f":{CLIENT_VARIABLE}", Integer)
         return cast(
             literal(f"{self.token}-0000-4000-8000-", String).concat(func.lpad(func.to_hex(client), 12, "0")),

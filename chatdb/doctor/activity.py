@@ -7,6 +7,9 @@ Other roles' sessions show their state and query only to members of pg_read_all_
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+
+from sqlalchemy import Row
 
 from chatdb import lifecycle
 from chatdb.doctor.model import FAIL, OK, WARN, Finding, count, duration, size
@@ -112,91 +115,100 @@ def connections(probe: Probe) -> list[Finding]:
     return found
 
 
-def _idle_in_transaction(probe: Probe) -> list[Finding]:
-    limit = probe.thresholds.idle_in_transaction_seconds
-    rows = probe.rows(
+def _session(
+    check: str,
+    subject: str | None,
+    status: str,
+    seconds: float,
+    limit: float,
+    detail: str,
+    fix: str | None = None,
+) -> Finding:
+    """A finding about a session, a query or a transaction, measured in seconds."""
+    return Finding("connections", subject, check, status, seconds, limit, detail, fix, "seconds")
+
+
+#: What the guard of a running archive, restore or purge is, where a check meets it.
+_THE_GUARD = "the guard of a running chatdb archive, restore or purge (holds no snapshot)"
+
+
+def _all_clear(probe: Probe, found: list[Finding], check: str, limit: float, detail: str) -> list[Finding]:
+    """``found``, with one finding that says all is well when none of it warns."""
+    if not any(f.status == WARN for f in found):
+        found.append(_session(check, probe.database, OK, 0, limit, detail + _hidden(probe)))
+    return found
+
+
+def _sessions(probe: Probe, condition: str, order: str, limit: float) -> Sequence[Row]:
+    """The other sessions on this database that meet ``condition`` (in terms of
+    pg_stat_activity ``a`` and ``:limit``): who, their state, how long they have been idle
+    and their transaction open, whether it holds back vacuum, and whether it is a guard."""
+    return probe.rows(
         "SELECT a.pid, a.usename, a.application_name, a.state,"
         " extract(epoch FROM now() - a.state_change) AS idle,"
         " extract(epoch FROM now() - a.xact_start) AS open,"
         " a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL AS holds,"
         f" a.pid IN ({_GUARD}) AS guard"
         " FROM pg_stat_activity a WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
-        " AND a.state LIKE 'idle in transaction%' AND a.state_change <= now() - make_interval(secs => :limit)"
-        " ORDER BY a.state_change",
+        f" AND {condition} ORDER BY {order}",
         limit=limit,
         **_guard(),
     )
+
+
+def _who(row: Row) -> str:
+    return f"user {row.usename}, application {row.application_name or '(none)'}"
+
+
+def _idle_in_transaction(probe: Probe) -> list[Finding]:
+    limit = probe.thresholds.idle_in_transaction_seconds
+    rows = _sessions(
+        probe,
+        "a.state LIKE 'idle in transaction%' AND a.state_change <= now() - make_interval(secs => :limit)",
+        "a.state_change",
+        limit,
+    )
     found = []
     for row in rows:
-        who = f"user {row.usename}, application {row.application_name or '(none)'}"
+        who = _who(row)
+        idle = round(float(row.idle), 1)
         if row.guard:
             found.append(
-                Finding(
-                    "connections",
-                    f"pid {row.pid}",
-                    "idle in transaction",
-                    OK,
-                    round(float(row.idle), 1),
-                    limit,
-                    f"{who}: the guard of a running chatdb archive, restore or purge (holds no snapshot)",
-                    unit="seconds",
-                )
+                _session("idle in transaction", f"pid {row.pid}", OK, idle, limit, f"{who}: {_THE_GUARD}")
             )
             continue
-        found.append(
-            Finding(
-                "connections",
-                f"pid {row.pid}",
-                "idle in transaction",
-                WARN,
-                round(float(row.idle), 1),
-                limit,
-                f"{who}: {row.state} for {duration(row.idle)} (transaction open {duration(row.open)}); "
-                + (
-                    "it holds back vacuum on every table, and keeps its locks"
-                    if row.holds
-                    else "it keeps any locks it took (it holds no snapshot: vacuum goes on)"
-                )
-                + ", which purge and archive batches skip or wait for",
-                f"SELECT pg_terminate_backend({row.pid});  -- ends that session; its transaction rolls back",
-                "seconds",
-            )
+        holds = (
+            "it holds back vacuum on every table, and keeps its locks"
+            if row.holds
+            else "it keeps any locks it took (it holds no snapshot: vacuum goes on)"
         )
-    if not any(f.status == WARN for f in found):
-        found.append(
-            Finding(
-                "connections",
-                probe.database,
-                "idle in transaction",
-                OK,
-                0,
-                limit,
-                f"no session idle in a transaction for longer than {duration(limit)}" + _hidden(probe),
-                unit="seconds",
-            )
+        detail = (
+            f"{who}: {row.state} for {duration(row.idle)} (transaction open {duration(row.open)}); "
+            f"{holds}, which purge and archive batches skip or wait for"
         )
-    return found
+        fix = f"SELECT pg_terminate_backend({row.pid});  -- ends that session; its transaction rolls back"
+        found.append(_session("idle in transaction", f"pid {row.pid}", WARN, idle, limit, detail, fix))
+    return _all_clear(
+        probe,
+        found,
+        "idle in transaction",
+        limit,
+        f"no session idle in a transaction for longer than {duration(limit)}",
+    )
 
 
 def _longest_query(probe: Probe) -> list[Finding]:
-    limit = probe.thresholds.long_query_seconds
     row = probe.rows(
         "SELECT pid, usename, application_name, extract(epoch FROM now() - query_start) AS running,"
         " left(regexp_replace(query, '\\s+', ' ', 'g'), 200) AS query"
         " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         " AND backend_type = 'client backend' AND state = 'active' ORDER BY query_start LIMIT 1"
     )
+    limit = probe.thresholds.long_query_seconds
     if not row:
         return [
-            Finding(
-                "connections",
-                probe.database,
-                "longest query",
-                OK,
-                0,
-                limit,
-                "no other query is running" + _hidden(probe),
-                unit="seconds",
+            _session(
+                "longest query", probe.database, OK, 0, limit, "no other query is running" + _hidden(probe)
             )
         ]
     row = row[0]
@@ -206,78 +218,29 @@ def _longest_query(probe: Probe) -> list[Finding]:
         f"running for {duration(running)}: {row.query}"
     )
     if running >= limit:
-        return [
-            Finding(
-                "connections",
-                f"pid {row.pid}",
-                "longest query",
-                WARN,
-                running,
-                limit,
-                detail,
-                f"SELECT pg_cancel_backend({row.pid});  -- cancels that query (the session stays)",
-                "seconds",
-            )
-        ]
-    return [
-        Finding(
-            "connections",
-            f"pid {row.pid}",
-            "longest query",
-            OK,
-            running,
-            limit,
-            detail + _hidden(probe),
-            unit="seconds",
-        )
-    ]
+        fix = f"SELECT pg_cancel_backend({row.pid});  -- cancels that query (the session stays)"
+        return [_session("longest query", f"pid {row.pid}", WARN, running, limit, detail, fix)]
+    return [_session("longest query", f"pid {row.pid}", OK, running, limit, detail + _hidden(probe))]
 
 
 def _long_transactions(probe: Probe) -> list[Finding]:
     """Transactions (and prepared transactions) open longer than the threshold: while one
     holds a snapshot or a transaction id, vacuum cannot remove rows deleted after it began."""
     limit = probe.thresholds.long_transaction_seconds
-    rows = probe.rows(
-        "SELECT a.pid, a.usename, a.application_name, a.state,"
-        " extract(epoch FROM now() - a.xact_start) AS open,"
-        " a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL AS holds,"
-        f" a.pid IN ({_GUARD}) AS guard"
-        " FROM pg_stat_activity a WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
-        " AND a.xact_start <= now() - make_interval(secs => :limit) ORDER BY a.xact_start",
-        limit=limit,
-        **_guard(),
-    )
+    rows = _sessions(probe, "a.xact_start <= now() - make_interval(secs => :limit)", "a.xact_start", limit)
     found = []
     for row in rows:
-        who = f"user {row.usename}, application {row.application_name or '(none)'}"
+        who = _who(row)
+        opened = round(float(row.open), 1)
         if row.guard and not row.holds:
             found.append(
-                Finding(
-                    "connections",
-                    f"pid {row.pid}",
-                    "long transaction",
-                    OK,
-                    round(float(row.open), 1),
-                    limit,
-                    f"{who}: the guard of a running chatdb archive, restore or purge (holds no snapshot)",
-                    unit="seconds",
-                )
+                _session("long transaction", f"pid {row.pid}", OK, opened, limit, f"{who}: {_THE_GUARD}")
             )
             continue
         holds = "holds back vacuum on every table" if row.holds else "holds its locks"
-        found.append(
-            Finding(
-                "connections",
-                f"pid {row.pid}",
-                "long transaction",
-                WARN,
-                round(float(row.open), 1),
-                limit,
-                f"{who}: a transaction open for {duration(row.open)} ({row.state}); it {holds}",
-                f"SELECT pg_terminate_backend({row.pid});  -- ends that session; its transaction rolls back",
-                "seconds",
-            )
-        )
+        detail = f"{who}: a transaction open for {duration(row.open)} ({row.state}); it {holds}"
+        fix = f"SELECT pg_terminate_backend({row.pid});  -- ends that session; its transaction rolls back"
+        found.append(_session("long transaction", f"pid {row.pid}", WARN, opened, limit, detail, fix))
     prepared = probe.rows(
         "SELECT gid, owner, extract(epoch FROM now() - prepared) AS open FROM pg_prepared_xacts"
         " WHERE database = current_database() AND prepared <= now() - make_interval(secs => :limit)"
@@ -285,35 +248,19 @@ def _long_transactions(probe: Probe) -> list[Finding]:
         limit=limit,
     )
     for row in prepared:
-        found.append(
-            Finding(
-                "connections",
-                f"prepared {row.gid}",
-                "long transaction",
-                WARN,
-                round(float(row.open), 1),
-                limit,
-                f"a prepared transaction of {row.owner}, open for {duration(row.open)}: it holds back vacuum "
-                "and keeps its locks until its coordinator commits or rolls it back",
-                f"ROLLBACK PREPARED '{row.gid.replace(chr(39), chr(39) * 2)}';  -- or COMMIT PREPARED, "
-                "as its coordinator decided",
-                "seconds",
-            )
+        detail = (
+            f"a prepared transaction of {row.owner}, open for {duration(row.open)}: it holds back vacuum "
+            "and keeps its locks until its coordinator commits or rolls it back"
         )
-    if not any(f.status == WARN for f in found):
-        found.append(
-            Finding(
-                "connections",
-                probe.database,
-                "long transaction",
-                OK,
-                0,
-                limit,
-                f"no transaction open longer than {duration(limit)}" + _hidden(probe),
-                unit="seconds",
-            )
+        fix = (
+            f"ROLLBACK PREPARED '{row.gid.replace(chr(39), chr(39) * 2)}';  -- or COMMIT PREPARED, "
+            "as its coordinator decided"
         )
-    return found
+        opened = round(float(row.open), 1)
+        found.append(_session("long transaction", f"prepared {row.gid}", WARN, opened, limit, detail, fix))
+    return _all_clear(
+        probe, found, "long transaction", limit, f"no transaction open longer than {duration(limit)}"
+    )
 
 
 def replication_slots(probe: Probe) -> list[Finding]:

@@ -57,7 +57,7 @@ GROUP BY c.oid
 """
 
 _INDEXES = """
-SELECT t.relname AS table, c.relname AS index, c.oid, c.relpages::bigint AS pages, c.reltuples,
+SELECT t.relname AS table, c.relname AS index_name, c.oid, c.relpages::bigint AS pages, c.reltuples,
        pg_relation_size(c.oid) AS bytes,
        current_setting('block_size')::int AS block,
        coalesce((SELECT o.option_value::int FROM pg_options_to_table(c.reloptions) o
@@ -106,11 +106,11 @@ def _index_estimates(probe: Probe) -> list[Measure]:
     for row in rows:
         size_ = int(row.pages) * row.block
         if row.valid and row.bytes <= row.block:  # the metapage alone
-            found.append(Measure(row.table, row.index, int(row.bytes), 0, "empty"))
+            found.append(Measure(row.table, row.index_name, int(row.bytes), 0, "empty"))
             continue
         if row.reltuples < 0 or not row.analyzed or not row.valid:
             found.append(
-                Measure(row.table, row.index, size_, None, "never analyzed" if row.valid else "invalid")
+                Measure(row.table, row.index_name, size_, None, "never analyzed" if row.valid else "invalid")
             )
             continue
         tuple_size = _align(INDEX_TUPLE_HEADER + float(row.width)) + LINE_POINTER
@@ -118,7 +118,7 @@ def _index_estimates(probe: Probe) -> list[Measure]:
         per_page = max(1, math.floor(usable / tuple_size))
         leaves = math.ceil(row.reltuples / per_page)
         expected = (leaves + 1 + math.ceil(leaves / per_page)) * row.block  # leaves, meta, inner
-        found.append(Measure(row.table, row.index, size_, max(0, size_ - expected), "estimated"))
+        found.append(Measure(row.table, row.index_name, size_, max(0, size_ - expected), "estimated"))
     return found
 
 

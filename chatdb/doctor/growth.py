@@ -268,42 +268,23 @@ def _limit(probe: Probe, database: list[Sample], result: Growth, limit: int) -> 
         "-- chatdb archive and chatdb purge move and delete old conversations (the retention area says how"
         " many); VACUUM makes their space reusable, pg_repack gives it back (see the bloat area)"
     )
-    name = probe.database
+
+    def judged(status: str, detail: str) -> Finding:
+        shown = fix if status != OK else None
+        return Finding("growth", probe.database, "size limit", status, current, limit, detail, shown, "bytes")
+
     if current >= limit:
-        return Finding(
-            "growth",
-            name,
-            "size limit",
-            FAIL,
-            current,
-            limit,
-            f"{size(current)}: past the limit of {size(limit)}",
-            fix,
-            "bytes",
-        )
+        return judged(FAIL, f"{size(current)}: past the limit of {size(limit)}")
     per_day = result.per_day
     if per_day is None:
-        return Finding(
-            "growth",
-            name,
-            "size limit",
-            OK,
-            current,
-            limit,
-            f"{size(current)} of {size(limit)}; not enough history to project (a day of samples at least)",
-            unit="bytes",
+        return judged(
+            OK, f"{size(current)} of {size(limit)}; not enough history to project (a day of samples at least)"
         )
     if per_day <= 0:
-        return Finding(
-            "growth",
-            name,
-            "size limit",
+        return judged(
             OK,
-            current,
-            limit,
             f"{size(current)} of {size(limit)}; not growing"
             f" ({_rate(per_day)}/day over the last {FIT_DAYS} days)",
-            unit="bytes",
         )
     left = (limit - current) / per_day
     result.reaches_limit = result.now + dt.timedelta(days=left)
@@ -311,6 +292,4 @@ def _limit(probe: Probe, database: list[Sample], result: Growth, limit: int) -> 
         f"{size(current)} of {size(limit)}; {_rate(per_day)}/day over the last {FIT_DAYS} days: reaches "
         f"{size(limit)} around {result.reaches_limit:%Y-%m-%d} (in {left:,.0f} days)"
     )
-    if left <= days:
-        return Finding("growth", name, "size limit", WARN, current, limit, detail, fix, "bytes")
-    return Finding("growth", name, "size limit", OK, current, limit, detail, unit="bytes")
+    return judged(WARN if left <= days else OK, detail)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError
 
 from chatdb import indexes, patterns
@@ -18,6 +19,24 @@ def _served() -> dict[str, str]:
     return {pattern.index: pattern.name for pattern in patterns.PATTERNS}
 
 
+def _indexes(probe: Probe, columns: str, joins: str = "", condition: str = "true") -> list[Row]:
+    """The indexes of chatdb's tables in the order of its tables, then by name: ``table``,
+    ``index`` and ``columns``, in terms of pg_index ``i``, the index's pg_class ``c`` and
+    ``joins``."""
+    rows = probe.rows(
+        f"SELECT t.relname AS table, c.relname AS index_name, {columns}"
+        " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid"
+        f" {joins} WHERE i.indrelid = ANY(:oids) AND {condition} ORDER BY t.relname, c.relname",
+        oids=probe.oids,
+    )
+    order = {name: n for n, name in enumerate(probe.tables)}
+    return sorted(rows, key=lambda r: (order.get(r.table, len(order)), r.index_name))
+
+
+def _use(row: Row, status: str, scans: int, detail: str, fix: str | None = None) -> Finding:
+    return Finding("indexes", row.index_name, "index use", status, scans, None, detail, fix, "scans")
+
+
 def index_use(probe: Probe) -> list[Finding]:
     """An index never scanned since the statistics were reset. A declared one means the
     application never ran its pattern (keep it); an undeclared one costs every write for
@@ -30,83 +49,55 @@ def index_use(probe: Probe) -> list[Finding]:
         if reset
         else ("since the statistics began (never reset)")
     )
-    rows = probe.rows(
-        "SELECT t.relname AS table, c.relname AS index, s.idx_scan, pg_relation_size(c.oid) AS bytes,"
-        " con.contype::text AS constraint"
-        " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid"
-        " JOIN pg_stat_all_indexes s ON s.indexrelid = i.indexrelid"
+    rows = _indexes(
+        probe,
+        "s.idx_scan, pg_relation_size(c.oid) AS bytes, con.contype::text AS constraint",
+        "JOIN pg_stat_all_indexes s ON s.indexrelid = i.indexrelid"
         " LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid"
-        "  AND con.contype IN ('p', 'u', 'x')"
-        " WHERE i.indrelid = ANY(:oids) ORDER BY t.relname, c.relname",
-        oids=probe.oids,
+        "  AND con.contype IN ('p', 'u', 'x')",
     )
-    order = {name: n for n, name in enumerate(probe.tables)}
     found = []
-    for row in sorted(rows, key=lambda r: (order.get(r.table, len(order)), r.index)):
+    for row in rows:
         scans = int(row.idx_scan or 0)
-        is_declared = row.index in declared
+        is_declared = row.index_name in declared
         where = f"on {row.table}, {size(row.bytes)}"
         if row.constraint:
-            found.append(
-                Finding(
-                    "indexes",
-                    row.index,
-                    "index use",
-                    OK,
-                    scans,
-                    None,
-                    f"{where}; enforces {_CONSTRAINTS.get(row.constraint, 'a constraint')}:"
-                    " every write uses it"
-                    f" ({count(scans, 'scan')} {since})",
-                    unit="scans",
-                )
-            )
+            enforces = _CONSTRAINTS.get(row.constraint, "a constraint")
+            detail = f"{where}; enforces {enforces}: every write uses it ({count(scans, 'scan')} {since})"
+            found.append(_use(row, OK, scans, detail))
         elif scans:
             extra = "" if is_declared else "; not declared in chatdb/schema.py (verify-indexes says so)"
-            found.append(
-                Finding(
-                    "indexes",
-                    row.index,
-                    "index use",
-                    OK,
-                    scans,
-                    None,
-                    f"{where}; {count(scans, 'scan')} {since}{extra}",
-                    unit="scans",
-                )
-            )
+            found.append(_use(row, OK, scans, f"{where}; {count(scans, 'scan')} {since}{extra}"))
         elif is_declared:
-            pattern = served.get(row.index)
+            pattern = served.get(row.index_name)
             what = f"the pattern it serves ({pattern})" if pattern else "the queries it serves"
-            found.append(
-                Finding(
-                    "indexes",
-                    row.index,
-                    "index use",
-                    WARN,
-                    0,
-                    None,
-                    f"{where}; never scanned {since}: nothing ran {what} since then. "
-                    "It is declared in chatdb/schema.py: keep it",
-                    unit="scans",
-                )
+            detail = (
+                f"{where}; never scanned {since}: nothing ran {what} since then. "
+                "It is declared in chatdb/schema.py: keep it"
             )
+            found.append(_use(row, WARN, 0, detail))
         else:
-            found.append(
-                Finding(
-                    "indexes",
-                    row.index,
-                    "index use",
-                    WARN,
-                    0,
-                    None,
-                    f"{where}; not declared in chatdb/schema.py and never scanned {since}: "
-                    f"every write to {row.table} maintains its {size(row.bytes)} for no reader",
-                    f"DROP INDEX CONCURRENTLY {probe.quote(row.index)};  -- blocks neither reads nor writes",
-                    unit="scans",
-                )
+            detail = (
+                f"{where}; not declared in chatdb/schema.py and never scanned {since}: "
+                f"every write to {row.table} maintains its {size(row.bytes)} for no reader"
             )
+            fix = (
+                f"DROP INDEX CONCURRENTLY {probe.quote(row.index_name)};  -- blocks neither reads nor writes"
+            )
+            found.append(_use(row, WARN, 0, detail, fix))
     return found
+
+
+def _not_checked(why: str) -> list[Finding]:
+    return [
+        Finding(
+            "integrity", None, "amcheck", SKIPPED, detail=f"{why}: the indexes' integrity was not checked"
+        )
+    ]
+
+
+def _btree(row: Row, status: str, detail: str, fix: str | None = None) -> Finding:
+    return Finding("integrity", row.index_name, "btree", status, detail=f"on {row.table}{detail}", fix=fix)
 
 
 def integrity(probe: Probe) -> list[Finding]:
@@ -114,53 +105,27 @@ def integrity(probe: Probe) -> list[Finding]:
     ACCESS SHARE lock, as a SELECT does). Corruption is a failure."""
     check = probe.function("amcheck", "bt_index_check")
     if check is None:
-        return [
-            Finding(
-                "integrity",
-                None,
-                "amcheck",
-                SKIPPED,
-                detail="amcheck is not installed in this database (CREATE EXTENSION amcheck; as its owner "
-                "or a superuser): the indexes' integrity was not checked",
-            )
-        ]
+        return _not_checked(
+            "amcheck is not installed in this database"
+            " (CREATE EXTENSION amcheck; as its owner or a superuser)"
+        )
     schema = probe.extensions["amcheck"]
     allowed = probe.scalar(
         "SELECT has_function_privilege(CAST(:signature AS text), 'EXECUTE')",
         signature=f"{probe.quote(schema)}.bt_index_check(regclass, boolean)",
     )
     if not allowed:
-        return [
-            Finding(
-                "integrity",
-                None,
-                "amcheck",
-                SKIPPED,
-                detail=f"role {probe.user} may not run amcheck's bt_index_check ({PRIVILEGE_HINT}): "
-                "the indexes' integrity was not checked",
-            )
-        ]
-    rows = probe.rows(
-        "SELECT t.relname AS table, c.relname AS index, c.oid, i.indisvalid AS valid,"
-        " pg_relation_size(c.oid) AS bytes"
-        " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid"
-        " JOIN pg_am am ON am.oid = c.relam"
-        " WHERE i.indrelid = ANY(:oids) AND am.amname = 'btree' ORDER BY t.relname, c.relname",
-        oids=probe.oids,
+        return _not_checked(f"role {probe.user} may not run amcheck's bt_index_check ({PRIVILEGE_HINT})")
+    rows = _indexes(
+        probe,
+        "c.oid, i.indisvalid AS valid, pg_relation_size(c.oid) AS bytes",
+        "JOIN pg_am am ON am.oid = c.relam",
+        "am.amname = 'btree'",
     )
-    order = {name: n for n, name in enumerate(probe.tables)}
     found = []
-    for row in sorted(rows, key=lambda r: (order.get(r.table, len(order)), r.index)):
+    for row in rows:
         if not row.valid:
-            found.append(
-                Finding(
-                    "integrity",
-                    row.index,
-                    "btree",
-                    SKIPPED,
-                    detail=f"on {row.table}: invalid, not checked (verify-indexes reports it)",
-                )
-            )
+            found.append(_btree(row, SKIPPED, ": invalid, not checked (verify-indexes reports it)"))
             continue
         savepoint = probe.connection.begin_nested()
         try:
@@ -171,34 +136,17 @@ def integrity(probe: Probe) -> list[Finding]:
             savepoint.rollback()
             sqlstate = getattr(exc.orig, "sqlstate", None) or ""
             if sqlstate == "55P03":  # lock_not_available: an ACCESS EXCLUSIVE lock held too long
-                found.append(
-                    Finding(
-                        "integrity",
-                        row.index,
-                        "btree",
-                        SKIPPED,
-                        detail=f"on {row.table}: busy (locked), not checked",
-                    )
-                )
+                found.append(_btree(row, SKIPPED, ": busy (locked), not checked"))
                 continue
             if not sqlstate.startswith("XX"):  # data_corrupted, index_corrupted, internal errors
                 raise
-            found.append(
-                Finding(
-                    "integrity",
-                    row.index,
-                    "btree",
-                    FAIL,
-                    detail=f"on {row.table}: {one_line(exc)}",
-                    fix=f"REINDEX INDEX CONCURRENTLY {probe.quote(row.index)};"
-                    "  -- rebuilds it from the table;"
-                    " then look for the cause (storage, memory, a collation change)",
-                )
+            fix = (
+                f"REINDEX INDEX CONCURRENTLY {probe.quote(row.index_name)};  -- rebuilds it from the table;"
+                " then look for the cause (storage, memory, a collation change)"
             )
+            found.append(_btree(row, FAIL, f": {one_line(exc)}", fix))
             continue
         savepoint.commit()
         probe.read_bytes += int(row.bytes)
-        found.append(
-            Finding("integrity", row.index, "btree", OK, detail=f"on {row.table}, {size(row.bytes)}: intact")
-        )
+        found.append(_btree(row, OK, f", {size(row.bytes)}: intact"))
     return found

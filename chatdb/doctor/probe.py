@@ -94,7 +94,7 @@ def learn(connection: Connection, options: Options, names: Sequence[str]) -> Pro
         )
     }
     ordered = {name: tables[name] for name in names if name in tables}
-    extensions = dict(
+    extensions: dict[str, str] = dict(
         connection.execute(
             text(
                 "SELECT e.extname, n.nspname FROM pg_extension e"

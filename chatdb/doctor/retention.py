@@ -102,29 +102,19 @@ def _cutoffs(probe: Probe) -> list[tuple[str, str, lifecycle.Duration, lifecycle
     return found
 
 
+def _no_outlook(why: str) -> list[Finding]:
+    return [Finding("retention", None, "outlook", SKIPPED, detail=why)]
+
+
 def retention(probe: Probe) -> list[Finding]:
     cutoffs = _cutoffs(probe)
     if not cutoffs:
-        return [
-            Finding(
-                "retention",
-                None,
-                "outlook",
-                SKIPPED,
-                detail="no --older-than given, and no archive or purge run recorded: "
-                "give --older-than (e.g. 180d) to see what a run would take",
-            )
-        ]
+        return _no_outlook(
+            "no --older-than given, and no archive or purge run recorded: "
+            "give --older-than (e.g. 180d) to see what a run would take"
+        )
     if not {"conversations", "messages", "conversations_archive", "messages_archive"} <= set(probe.tables):
-        return [
-            Finding(
-                "retention",
-                None,
-                "outlook",
-                SKIPPED,
-                detail="chatdb's tables are missing: run `chatdb migrate`",
-            )
-        ]
+        return _no_outlook("chatdb's tables are missing: run `chatdb migrate`")
     deep = probe.options.deep
     measure = _exact if deep else _estimate
     approx = "" if deep else "~"
@@ -132,11 +122,11 @@ def retention(probe: Probe) -> list[Finding]:
     for label, command, older_than, grace in cutoffs:
         totals = []
         for days in AHEAD:
-            queries = (
-                _archive_queries(older_than, days)
-                if command == "archive"
-                else _purge_queries(older_than, grace, days)
-            )
+            if command == "archive":
+                queries = _archive_queries(older_than, days)
+            else:
+                assert grace is not None  # a purge always has its grace period
+                queries = _purge_queries(older_than, grace, days)
             tally = {"conversations": 0, "messages": 0}
             for kind, query in queries:
                 tally[kind] += measure(probe, query)

@@ -34,6 +34,10 @@ def pattern_shapes() -> dict[str, str]:
     return {shape(str(p.statement().compile(dialect=dialect))): p.name for p in patterns.PATTERNS}
 
 
+def _unavailable(why: str) -> list[Finding]:
+    return [Finding("statements", None, "pg_stat_statements", SKIPPED, detail=why)]
+
+
 def statements(probe: Probe) -> list[Finding]:
     limits = probe.thresholds
     view = probe.function("pg_stat_statements", "pg_stat_statements")
@@ -42,15 +46,7 @@ def statements(probe: Probe) -> list[Finding]:
             probe.scalar("SELECT current_setting('shared_preload_libraries')") or ""
         )
         how = "CREATE EXTENSION pg_stat_statements; in this database" if loaded else ENABLE
-        return [
-            Finding(
-                "statements",
-                None,
-                "pg_stat_statements",
-                SKIPPED,
-                detail=f"pg_stat_statements is not available: {how}",
-            )
-        ]
+        return _unavailable(f"pg_stat_statements is not available: {how}")
     tables = "|".join(re.escape(table.name) for table in CHATDB_TABLES)
     # Before PostgreSQL 13: total_time, mean_time, max_time.
     prefix = "" if probe.version < 130000 else "exec_"
@@ -82,15 +78,7 @@ def statements(probe: Probe) -> list[Finding]:
     except DBAPIError as exc:
         savepoint.rollback()
         if getattr(exc.orig, "sqlstate", None) == "55000":  # object_not_in_prerequisite_state
-            return [
-                Finding(
-                    "statements",
-                    None,
-                    "pg_stat_statements",
-                    SKIPPED,
-                    detail=f"pg_stat_statements is installed but not loaded: {ENABLE}",
-                )
-            ]
+            return _unavailable(f"pg_stat_statements is installed but not loaded: {ENABLE}")
         raise
     savepoint.commit()
     since = f" since {reset:%Y-%m-%d %H:%M %Z}" if reset else ""

@@ -77,6 +77,12 @@ def _run_since(table: str, runs: list[dict[str, Any]], since: dt.datetime | None
     return ""
 
 
+def _vacuum(
+    table: str, check: str, status: str, rows: int, limit: int, detail: str, fix: str | None = None
+) -> Finding:
+    return Finding("vacuum", table, check, status, rows, limit, detail, fix, "rows")
+
+
 def vacuum(probe: Probe) -> list[Finding]:
     """Dead rows (what archive and purge leave behind) and stale statistics, per table,
     with the time since the last vacuum and analyze, manual or automatic."""
@@ -114,78 +120,29 @@ def vacuum(probe: Probe) -> list[Finding]:
         table = probe.qualified(name)
         share = f"{dead / (live + dead):.0%}" if live + dead else "0%"
         if dead >= limit:
-            found.append(
-                Finding(
-                    "vacuum",
-                    name,
-                    "dead rows",
-                    WARN,
-                    dead,
-                    limit,
-                    f"{count(dead, 'dead row')} ({share} of the table) wait for VACUUM; {last}"
-                    + _run_since(name, runs, vacuumed),
-                    f"VACUUM (ANALYZE) {table};  -- takes no lock that blocks reads or writes",
-                    "rows",
-                )
+            detail = f"{count(dead, 'dead row')} ({share} of the table) wait for VACUUM; {last}" + _run_since(
+                name, runs, vacuumed
             )
+            fix = f"VACUUM (ANALYZE) {table};  -- takes no lock that blocks reads or writes"
+            found.append(_vacuum(name, "dead rows", WARN, dead, limit, detail, fix))
         else:
             found.append(
-                Finding(
-                    "vacuum",
-                    name,
-                    "dead rows",
-                    OK,
-                    dead,
-                    limit,
-                    f"{count(dead, 'dead row')} ({share}); {last}",
-                    unit="rows",
-                )
+                _vacuum(name, "dead rows", OK, dead, limit, f"{count(dead, 'dead row')} ({share}); {last}")
             )
         stale_limit = dead_limit(live, limits.dead_ratio, limits.dead_rows)
         # VACUUM (ANALYZE) analyzes too: one statement fixes both.
         analyze = found[-1].fix if found[-1].status == WARN else f"ANALYZE {table};"
         if analyzed is None and live >= stale_limit:
-            found.append(
-                Finding(
-                    "vacuum",
-                    name,
-                    "analyze",
-                    WARN,
-                    changed,
-                    stale_limit,
-                    f"never analyzed, with {count(live, 'row')}: the planner guesses its sizes",
-                    analyze,
-                    "rows",
-                )
-            )
+            detail = f"never analyzed, with {count(live, 'row')}: the planner guesses its sizes"
+            found.append(_vacuum(name, "analyze", WARN, changed, stale_limit, detail, analyze))
         elif changed >= stale_limit:
-            found.append(
-                Finding(
-                    "vacuum",
-                    name,
-                    "analyze",
-                    WARN,
-                    changed,
-                    stale_limit,
-                    f"{count(changed, 'row')} changed since the last analyze:"
-                    " the planner's statistics are stale",
-                    analyze,
-                    "rows",
-                )
+            detail = (
+                f"{count(changed, 'row')} changed since the last analyze: the planner's statistics are stale"
             )
+            found.append(_vacuum(name, "analyze", WARN, changed, stale_limit, detail, analyze))
         else:
-            found.append(
-                Finding(
-                    "vacuum",
-                    name,
-                    "analyze",
-                    OK,
-                    changed,
-                    stale_limit,
-                    f"{count(changed, 'row')} changed since the last analyze",
-                    unit="rows",
-                )
-            )
+            detail = f"{count(changed, 'row')} changed since the last analyze"
+            found.append(_vacuum(name, "analyze", OK, changed, stale_limit, detail))
     return found
 
 
@@ -278,6 +235,10 @@ def _ages(probe: Probe, name: str, xid: int, mxid: int, settings: Any, fix: str,
     return found
 
 
+def _hit(table: str, check: str, status: str, ratio: float | None, limit: float, detail: str) -> Finding:
+    return Finding("cache", table, check, status, ratio, limit, detail, unit="ratio")
+
+
 def cache(probe: Probe) -> list[Finding]:
     """The share of each table's and its indexes' block reads that shared_buffers served."""
     limits = probe.thresholds
@@ -303,43 +264,15 @@ def cache(probe: Probe) -> list[Finding]:
             total = hit + read
             ratio = round(hit / total, 4) if total else None
             if total < limits.cache_min_blocks:
-                found.append(
-                    Finding(
-                        "cache",
-                        name,
-                        check,
-                        OK,
-                        ratio,
-                        limits.cache_hit_ratio,
-                        f"{count(total, 'block')} read since the statistics were reset: too few to judge",
-                        unit="ratio",
-                    )
-                )
+                detail = f"{count(total, 'block')} read since the statistics were reset: too few to judge"
+                found.append(_hit(name, check, OK, ratio, limits.cache_hit_ratio, detail))
             elif ratio is not None and ratio < limits.cache_hit_ratio:
-                found.append(
-                    Finding(
-                        "cache",
-                        name,
-                        check,
-                        WARN,
-                        ratio,
-                        limits.cache_hit_ratio,
-                        f"{read:,} of {total:,} blocks were not in shared_buffers ({row.shared_buffers}): "
-                        "the working set does not fit; more memory, or a smaller hot set (archive)",
-                        unit="ratio",
-                    )
+                detail = (
+                    f"{read:,} of {total:,} blocks were not in shared_buffers ({row.shared_buffers}): "
+                    "the working set does not fit; more memory, or a smaller hot set (archive)"
                 )
+                found.append(_hit(name, check, WARN, ratio, limits.cache_hit_ratio, detail))
             else:
-                found.append(
-                    Finding(
-                        "cache",
-                        name,
-                        check,
-                        OK,
-                        ratio,
-                        limits.cache_hit_ratio,
-                        f"{hit:,} of {total:,} blocks from shared_buffers",
-                        unit="ratio",
-                    )
-                )
+                detail = f"{hit:,} of {total:,} blocks from shared_buffers"
+                found.append(_hit(name, check, OK, ratio, limits.cache_hit_ratio, detail))
     return found

@@ -61,15 +61,7 @@ def seed(engine: Engine, request: SeedRequest, progress: Progress | None = None)
             report("indexes", 0, 1)
             _rebuild(connection)
             report("indexes", 1, 1)
-    return SeedResult(
-        seed=request.seed,
-        users=request.users,
-        conversations=request.conversations,
-        messages=request.messages,
-        anchor=anchor,
-        fast_path=fast,
-        elapsed=time.perf_counter() - started,
-    )
+    return SeedResult.of(request, anchor, fast, time.perf_counter() - started)
 
 
 def _user_columns(connection: Connection) -> list[tuple[str, str]]:
@@ -128,12 +120,14 @@ def _take_over_if_empty(connection: Connection) -> bool:
         quote = connection.dialect.identifier_preparer.quote
         for table in (messages, conversations):
             for constraint in _droppable(table):
+                assert constraint.name is not None  # schema.py names every constraint
                 connection.execute(
                     text(
                         f"ALTER TABLE {quote(table.name)} DROP CONSTRAINT IF EXISTS {quote(constraint.name)}"
                     )
                 )
             for index in table.indexes:
+                assert index.name is not None  # schema.py names every index
                 connection.execute(text(f"DROP INDEX IF EXISTS {quote(index.name)}"))
     except DBAPIError:
         savepoint.rollback()
@@ -157,7 +151,8 @@ def _rebuild(connection: Connection) -> None:
     which would mark the metadata's constraints as not to be rendered inline, changing
     ``schema.metadata`` for the rest of the process.
     """
-    compiler = connection.dialect.ddl_compiler(connection.dialect, None)
+    # A compiler for its process() alone: it has no statement of its own.
+    compiler = connection.dialect.ddl_compiler(connection.dialect, None)  # type: ignore[arg-type]
     quote = connection.dialect.identifier_preparer.quote
 
     def add(constraint) -> None:
@@ -185,6 +180,7 @@ def _copy(
     binary: bool = False,
 ) -> None:
     raw = connection.connection.driver_connection
+    assert raw is not None  # a connection in use has its driver's
     quoted = ", ".join(f'"{c}"' for c in columns)
     options = " (FORMAT binary)" if binary else ""
     with raw.cursor() as cursor, cursor.copy(f'COPY "{table}" ({quoted}) FROM STDIN{options}') as copy:

@@ -64,6 +64,13 @@ class SeedResult:
     fast_path: bool
     elapsed: float
 
+    @classmethod
+    def of(cls, request: SeedRequest, anchor: dt.datetime, fast_path: bool, elapsed: float) -> SeedResult:
+        """What a run of ``request`` did."""
+        return cls(
+            request.seed, request.users, request.conversations, request.messages, anchor, fast_path, elapsed
+        )
+
     @property
     def rows_per_second(self) -> float:
         return (self.users + self.conversations + self.messages) / self.elapsed if self.elapsed else 0.0

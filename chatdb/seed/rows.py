@@ -135,9 +135,9 @@ def all_chunks(
 
     yield from _conversation_chunks(request, plan, turns, clock)
     yield b"", request.conversations
-    for chunk, written in message_chunks(plan, turns, user_metadata, clock.anchor_us, layout):
-        if chunk:
-            yield chunk, written
+    for data, written in message_chunks(plan, turns, user_metadata, clock.anchor_us, layout):
+        if data:
+            yield data, written
     yield b"", request.messages
 
 

@@ -1,0 +1,68 @@
+"""Each command reads the migration scripts at most once, and a command that only needs to
+know the database is at head reads none (``schema.HEAD_REVISION``, one query).
+
+Counted for real: a chatdb process whose file opens are watched by an audit hook."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+from chatdb import migrations
+
+WATCH = """
+import atexit, collections, json, os, sys
+versions, out = sys.argv[1], sys.argv[2]
+opened = collections.Counter()
+def watch(event, args):
+    if event == "open" and isinstance(args[0], str):
+        path = os.path.realpath(args[0])
+        if path.startswith(versions + os.sep):
+            opened[path] += 1
+atexit.register(lambda: open(out, "w").write(json.dumps(opened)))
+sys.addaudithook(watch)
+sys.argv = ["chatdb", *sys.argv[3:]]
+from chatdb.cli import main
+main()
+"""
+
+
+def script_reads(tmp_path, *args: str) -> Counter[str]:
+    """How often a chatdb run of ``args`` opened each file of the versions folder (its
+    source and its compiled form)."""
+    versions = os.path.realpath(migrations.script_location() / "versions")
+    out = tmp_path / "opened.json"
+    result = subprocess.run(
+        [sys.executable, "-c", WATCH, versions, str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return Counter(json.loads(out.read_text()))
+
+
+def test_a_migration_and_a_downgrade_read_each_script_once(empty_db, tmp_path):
+    url = ("--database-url", empty_db.cli_url)
+    for args in (
+        ("migrate", *url),
+        ("migrate", "down", "-2", "--yes", *url),
+        ("migrate", "up", *url),
+        ("migrate", "sql"),
+    ):
+        opened = script_reads(tmp_path, *args)
+        assert opened, args  # the hook saw the scripts read
+        assert max(opened.values()) == 1, (args, opened)
+
+
+def test_commands_at_head_read_no_script(migrated_db, tmp_path):
+    for args in (
+        ("status", "--json"),
+        ("migrate",),
+        ("migrate", "status"),
+        ("seed", "--users", "2", "--conversations", "2", "--messages", "4"),
+    ):
+        assert script_reads(tmp_path, *args, "--database-url", migrated_db.cli_url) == Counter(), args

@@ -1,0 +1,115 @@
+"""Database URLs without a database: how they are read, and how they are shown with every
+password masked by its place in the URL."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatdb import db
+from chatdb.errors import UsageError
+
+PASSWORD = "s3cr3t/Pa55:x y&z=1"
+ENCODED = "s3cr3t%2FPa55%3Ax%20y%26z%3D1"
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "postgresql+psycopg"])
+def test_the_schemes_providers_print_are_read_for_psycopg(scheme):
+    url = db.parse_url(f"  {scheme}://ops:{ENCODED}@db.example.com:6543/chat?sslmode=require  ")
+    assert url.drivername == "postgresql+psycopg"
+    assert (url.username, url.password, url.host, url.port, url.database) == (
+        "ops",
+        PASSWORD,
+        "db.example.com",
+        6543,
+        "chat",
+    )
+    assert url.query == {"sslmode": "require"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (f"postgresql://ops:{ENCODED}@db.example.com/chat", "postgresql://ops:***@db.example.com/chat"),
+        ("postgresql://ops@db.example.com/chat", "postgresql://ops@db.example.com/chat"),
+        (
+            f"postgres://ops@db.example.com/chat?sslmode=verify-full&password={ENCODED}",
+            "postgresql://ops@db.example.com/chat?password=***&sslmode=verify-full",
+        ),
+        (
+            f"postgresql://ops:{ENCODED}@[::1]:5433/chat?application_name=nightly%20purge",
+            "postgresql://ops:***@[::1]:5433/chat?application_name=nightly+purge",
+        ),
+        (
+            "postgresql://ops@/chat?host=/run/postgresql&host=/tmp",
+            "postgresql://ops@/chat?host=%2Frun%2Fpostgresql&host=%2Ftmp",
+        ),
+    ],
+)
+def test_a_url_is_shown_with_its_passwords_masked(raw, shown):
+    url = db.parse_url(raw)
+    assert db.mask_url(url) == shown
+    assert db.Database(url, "--database-url").display == shown
+    assert PASSWORD not in shown and ENCODED not in shown
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (
+            f"connecting to postgresql://ops:{ENCODED}@db/chat failed",
+            "connecting to postgresql://ops:***@db/chat failed",
+        ),
+        (  # a raw "@" in the password: the userinfo runs to the last "@" of the word
+            "see postgres://ops:Tr0ub@dor@db/chat",
+            "see postgres://ops:***@db/chat",
+        ),
+        ("host=db user=ops password=hunter2 dbname=chat", "host=db user=ops password=*** dbname=chat"),
+        # libpq's quoting: a quoted value runs to the quote that no backslash escapes
+        ("host=db password='it\\'s a \\\\ secret' dbname=chat", "host=db password=*** dbname=chat"),
+        (
+            "postgresql://ops@db/chat?sslmode=require&password=hunter2",
+            "postgresql://ops@db/chat?sslmode=require&password=***",
+        ),
+        ("PASSWORD = hunter2", "PASSWORD = ***"),
+    ],
+)
+def test_free_text_is_masked_where_a_password_stands(text, masked):
+    assert db.mask_text(text) == masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "postgresql://ops@db.example.com/chat",
+        "the password of ops was changed",
+        "/var/backups/old_password=2024.jsonl",
+        "user:name@example.com wrote",
+    ],
+)
+def test_free_text_without_a_password_is_left_as_it_is(text):
+    assert db.mask_text(text) == text
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("host=db password=hunter2", "a libpq keyword/value string"),
+        ("db.example.com:5432/chat", "does not start with postgresql://"),
+        ("mysql://ops:hunter2@db/chat", "unsupported database URL scheme 'mysql'"),
+        ("postgresql://ops:hunter2@x@db/chat", "write an '@' in them as %40"),
+        ("postgresql://ops:hunter2@db:54x2/chat", "a port is not a number"),
+        ("postgresql://ops:hunter2@db:70000/chat", "port 70000 is out of range"),
+        ("postgresql://ops:hunter2@[::1/chat", "an IPv6 address in [ ] is not closed"),
+        ("postgresql://ops:hunter2@[::1]x/chat", "something other than :port follows"),
+        ("postgresql://ops:hunter2@db/chat?host=a,b&port=1,2,3", "do not pair up"),
+    ],
+)
+def test_a_url_that_cannot_be_used_is_refused_without_echoing_it(raw, says):
+    with pytest.raises(UsageError) as refused:
+        db.parse_url(raw, "DATABASE_URL")
+    message = refused.value.message
+    assert says in message
+    assert "DATABASE_URL" in message
+    assert "hunter2" not in message and "ops" not in message
