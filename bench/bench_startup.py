@@ -1,0 +1,159 @@
+"""Start-up of chatdb's commands, whole processes, against the floors they stand on.
+
+A small job is mostly Python starting, so each command imports only what it runs. Every
+command below runs as a child process, Python's start included, its output read and
+thrown away; the rounds take the commands in turn, so that a drift of a shared machine's
+speed touches them alike. Printed: the median wall and CPU seconds of each, and the ratio
+of each chatdb command to its floor, measured in the same run:
+
+- `chatdb --version` to `python -c pass`: it is answered before Typer is imported;
+- `chatdb --help` to the help of a two-command Typer app: what any Typer app pays to
+  print a help page (Typer, Rich and Rich's Markdown);
+- `chatdb status --help` to a command's help in that app (Typer also converts the
+  options it parses, through pydantic);
+- `chatdb status` and `chatdb purge --dry-run` on a migrated database to `python -c
+  'import sqlalchemy, psycopg'`, and to what a data command cannot do without: those,
+  Typer and Rich imported and one query run through SQLAlchemy on a new connection.
+
+    python bench/bench_startup.py [--runs 21]
+
+Uses BENCH_DATABASE_URL (a role with CREATEDB) when set, else starts an embedded
+PostgreSQL in a temporary folder. The aims: --version and --help under 0.1 s, or --help
+within 1.1x of Typer's own help where Typer alone costs more; a data command within 1.2x
+of what it cannot do without, and of the data layer it calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_migrate import chatdb_command, server_url  # run as a script: bench/ is on sys.path
+from sqlalchemy import create_engine, text
+
+PYTHON = sys.executable
+
+#: The smallest Typer app with what chatdb's root has: options of its own, a command with
+#: one, and docstrings as help.
+TYPER_APP = '''
+from typing import Annotated
+import typer
+app = typer.Typer()
+@app.callback()
+def main(url: Annotated[str | None, typer.Option(help="A URL.")] = None) -> None:
+    """An app."""
+@app.command()
+def status(json: Annotated[bool, typer.Option(help="JSON.")] = False) -> None:
+    """A command."""
+@app.command()
+def other() -> None:
+    """Another."""
+app()
+'''
+
+#: What a data command cannot do without: parse (Typer), render (Rich), and a query on a
+#: new connection (SQLAlchemy, psycopg).
+PLAIN_QUERY = (
+    "import sys, typer, rich.console; from sqlalchemy import create_engine, text; "
+    "e = create_engine(sys.argv[1]); c = e.connect(); c.execute(text('SELECT 1')).scalar(); c.close()"
+)
+
+
+def run(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system) of one child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    errors = process.stderr.read().decode() if process.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command[:4])} failed: {errors}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=21)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-"))
+    os.chmod(workdir, 0o755)
+    url, server = server_url(workdir)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    name = f"chatdb_bench_{os.getpid()}_startup"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
+    chatdb = chatdb_command()
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        target = url.set(database=name)
+        typed = target.set(drivername="postgresql").render_as_string(hide_password=False)
+        plain = target.render_as_string(hide_password=False)
+        migrate = [*chatdb, "migrate", "--database-url", typed]
+        subprocess.run(migrate, env=env, check=True, capture_output=True)
+        commands = {
+            "python -c pass": [PYTHON, "-c", "pass"],
+            "python -c 'import typer'": [PYTHON, "-c", "import typer"],
+            "python -c 'import typer, rich.console'": [PYTHON, "-c", "import typer, rich.console"],
+            "python -c 'import sqlalchemy, psycopg'": [PYTHON, "-c", "import sqlalchemy, psycopg"],
+            "Typer app --help": [PYTHON, "-c", TYPER_APP, "--help"],
+            "Typer app status --help": [PYTHON, "-c", TYPER_APP, "status", "--help"],
+            "Typer, Rich, SQLAlchemy: SELECT 1": [PYTHON, "-c", PLAIN_QUERY, plain],
+            "chatdb --version": [*chatdb, "--version"],
+            "chatdb --help": [*chatdb, "--help"],
+            "chatdb status --help": [*chatdb, "status", "--help"],
+            "chatdb status": [*chatdb, "status", "--database-url", typed],
+            "chatdb purge --dry-run": [
+                *chatdb,
+                "purge",
+                "--older-than",
+                "365d",
+                "--dry-run",
+                "--database-url",
+                typed,
+            ],
+        }
+        samples: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
+        for command in commands.values():  # a warm-up each: files in the page cache
+            run(command, env)
+        for _ in range(args.runs):
+            for label, command in commands.items():
+                samples[label].append(run(command, env))
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+        if server is not None:
+            server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    wall = {label: statistics.median(w for w, _ in values) for label, values in samples.items()}
+    cpu = {label: statistics.median(c for _, c in values) for label, values in samples.items()}
+    print(f"medians of {args.runs} runs, whole processes")
+    print(f"{'':40s} {'wall s':>8s} {'cpu s':>8s}")
+    for label in commands:
+        print(f"{label:40s} {wall[label]:8.3f} {cpu[label]:8.3f}")
+    print()
+    print(f"{'ratio (wall, cpu)':60s}")
+    for ours, floor in (
+        ("chatdb --version", "python -c pass"),
+        ("chatdb --help", "Typer app --help"),
+        ("chatdb status --help", "Typer app status --help"),
+        ("chatdb status", "python -c 'import sqlalchemy, psycopg'"),
+        ("chatdb status", "Typer, Rich, SQLAlchemy: SELECT 1"),
+        ("chatdb purge --dry-run", "python -c 'import sqlalchemy, psycopg'"),
+        ("chatdb purge --dry-run", "Typer, Rich, SQLAlchemy: SELECT 1"),
+    ):
+        ratios = f"{wall[ours] / wall[floor]:5.2f}x {cpu[ours] / cpu[floor]:5.2f}x"
+        print(f"{ours} / {floor}:".ljust(62) + ratios)
+
+
+if __name__ == "__main__":
+    main()
