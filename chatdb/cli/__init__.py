@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from chatdb import __version__
 from chatdb.errors import EXIT_CLOSED_PIPE
 
+# typing, not imported here: `chatdb --version` would take a third longer to start.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
     from chatdb.cli.root import app as app
 
 
