@@ -6,7 +6,9 @@ thrown away; the rounds take the commands in turn, so that a drift of a shared m
 speed touches them alike. Printed: the median wall and CPU seconds of each, and the ratio
 of each chatdb command to its floor, measured in the same run:
 
-- `chatdb --version` to `python -c pass`: it is answered before Typer is imported;
+- `chatdb --version` to `python -c pass`, and to `python -c 'import re'`, what the
+  console script that pip writes imports before chatdb: it is answered before Typer is
+  imported;
 - `chatdb --help` to the help of a two-command Typer app: what any Typer app pays to
   print a help page (Typer, Rich and Rich's Markdown);
 - `chatdb status --help` to a command's help in that app (Typer also converts the
@@ -88,7 +90,9 @@ def main() -> None:
     url, server = server_url(workdir)
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
     name = f"chatdb_bench_{os.getpid()}_startup"
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
+    # Byte-compiled, as an installed chatdb is: the warm-up runs write what is missing.
+    unset = ("DATABASE_URL", "CHATDB_DATABASE_URL", "PYTHONDONTWRITEBYTECODE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     chatdb = chatdb_command()
     try:
         with admin.connect() as connection:
@@ -100,6 +104,7 @@ def main() -> None:
         subprocess.run(migrate, env=env, check=True, capture_output=True)
         commands = {
             "python -c pass": [PYTHON, "-c", "pass"],
+            "python -c 'import re'": [PYTHON, "-c", "import re"],
             "python -c 'import typer'": [PYTHON, "-c", "import typer"],
             "python -c 'import typer, rich.console'": [PYTHON, "-c", "import typer, rich.console"],
             "python -c 'import sqlalchemy, psycopg'": [PYTHON, "-c", "import sqlalchemy, psycopg"],
@@ -144,6 +149,7 @@ def main() -> None:
     print(f"{'ratio (wall, cpu)':60s}")
     for ours, floor in (
         ("chatdb --version", "python -c pass"),
+        ("chatdb --version", "python -c 'import re'"),
         ("chatdb --help", "Typer app --help"),
         ("chatdb status --help", "Typer app status --help"),
         ("chatdb status", "python -c 'import sqlalchemy, psycopg'"),

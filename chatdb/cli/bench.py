@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from chatdb import bench, lifecycle
 from chatdb.bench import report, runner, workload
@@ -216,6 +215,8 @@ def _progress() -> Iterator[runner.Progress | None]:
     if not sys.stderr.isatty():
         yield None
         return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

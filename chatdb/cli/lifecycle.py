@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from chatdb import lifecycle
 from chatdb.cli.boundary import Terminated, TerminatedRead
@@ -119,6 +118,8 @@ def _progress(plan: lifecycle.Plan) -> Iterator[Callable[[lifecycle.Tally], None
     if not sys.stderr.isatty() or plan.counts is None or not plan.counts.rows:
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     bar = Progress(
         TextColumn(f"[bold]{plan.command}"),
         BarColumn(),

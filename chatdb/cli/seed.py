@@ -8,14 +8,6 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
 from chatdb import seed as seed_module
 from chatdb.cli.common import JsonOutput, Yes, confirm, disposing, err, out, print_json, table
@@ -31,6 +23,15 @@ def _progress(total: int) -> Iterator[seed_module.Progress | None]:
     if not sys.stderr.isatty():
         yield None
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     bar = Progress(
         TextColumn("[bold]{task.description:<13}"),
         BarColumn(),
