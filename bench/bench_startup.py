@@ -9,10 +9,10 @@ of each chatdb command to its floor, measured in the same run:
 - `chatdb --version` to `python -c pass`, and to `python -c 'import re'`, what the
   console script that pip writes imports before chatdb: it is answered before Typer is
   imported;
-- `chatdb --help` to the help of a two-command Typer app: what any Typer app pays to
-  print a help page (Typer, Rich and Rich's Markdown);
-- `chatdb status --help` to a command's help in that app (Typer also converts the
-  options it parses, through pydantic);
+- `chatdb --help` to the same page drawn by a bare Typer app (the root's options, ten
+  commands): what Typer pays to print it (Typer, Rich and Rich's Markdown);
+- `chatdb status --help` to a command's help in that app, with status's options (Typer
+  also converts the options it parses, through pydantic);
 - `chatdb status` and `chatdb purge --dry-run` on a migrated database to `python -c
   'import sqlalchemy, psycopg'`, and to what a data command cannot do without: those,
   Typer and Rich imported and one query run through SQLAlchemy on a new connection.
@@ -42,21 +42,33 @@ from sqlalchemy import create_engine, text
 
 PYTHON = sys.executable
 
-#: The smallest Typer app with what chatdb's root has: options of its own, a command with
-#: one, and docstrings as help.
+#: chatdb's help drawn by a bare Typer app: the root's options, ten commands with a summary
+#: as long as chatdb's, and a command with status's options.
 TYPER_APP = '''
 from typing import Annotated
 import typer
 app = typer.Typer()
+Url = Annotated[str | None, typer.Option("--database-url", help="The URL of the database to use.")]
+Timeout = Annotated[float | None, typer.Option("--connect-timeout", min=0, help="Seconds to wait.")]
 @app.callback()
-def main(url: Annotated[str | None, typer.Option(help="A URL.")] = None) -> None:
+def main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    url: Url = None,
+    timeout: Timeout = None,
+) -> None:
     """An app."""
-@app.command()
-def status(json: Annotated[bool, typer.Option(help="JSON.")] = False) -> None:
-    """A command."""
-@app.command()
-def other() -> None:
-    """Another."""
+def command(name):
+    def run(
+        json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        url: Url = None,
+        timeout: Timeout = None,
+    ) -> None:
+        """What this command does, in one paragraph as long as the summary of one of chatdb's
+        commands, which says what it changes and for whom, in about twenty words."""
+    app.command(name)(run)
+for name in ("migrate", "seed", "archive", "purge", "verify-indexes", "status", "grants",
+             "doctor", "bench", "embedded"):
+    command(name)
 app()
 '''
 
