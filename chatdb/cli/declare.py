@@ -29,8 +29,7 @@ command then gets, with nothing more from it:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import typer
@@ -41,8 +40,8 @@ from chatdb.cli.boundary import error_boundary
 from chatdb.cli.connect import with_database_options
 
 if TYPE_CHECKING:
+    from typer._click import Command, Parameter
     from typer._click import Context as ClickContext
-    from typer._click import Parameter
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: True: --database-url and --connect-timeout; "url": --database-url alone (a command that
@@ -104,50 +103,43 @@ def summary(fn: Callable[..., Any]) -> str:
 
 # --- the command classes ------------------------------------------------------------------------
 
+if TYPE_CHECKING:
+    _Command = Command  # what the mixins below extend, for the type checker
+else:
+    _Command = object
 
-class ChatdbCommand(TyperCommand):
+
+class ChatdbHelp(_Command):
+    """Help as every chatdb command shows it: no type label beside a flag (Typer labels it
+    ``<bool>``, though a flag takes no value), and 141 when the reader has gone."""
+
+    def get_params(self, ctx: ClickContext) -> list[Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def get_help(self, ctx: ClickContext) -> str:
+        # Typer prints help on a Rich console of its own, which exits 1 when the reader of
+        # stdout has gone (`chatdb --help | head -1`); printing help exits in no other way.
+        try:
+            return super().get_help(ctx)
+        except SystemExit:
+            closed_pipe()
+
+
+class _Boundary(_Command):
     def invoke(self, ctx: ClickContext) -> Any:
         with error_boundary(ctx):
             return super().invoke(ctx)
 
-    def get_params(self, ctx: ClickContext) -> list[Parameter]:
-        return without_flag_labels(super().get_params(ctx))
 
-    def get_help(self, ctx: ClickContext) -> str:
-        with help_output():
-            return super().get_help(ctx)
+class ChatdbCommand(_Boundary, ChatdbHelp, TyperCommand):
+    """A command: run under the error boundary, with chatdb's help."""
 
 
-class ChatdbGroup(TyperGroup):
-    """A group's boundary covers its own callback (`chatdb migrate` alone upgrades); its
-    subcommand's covers the subcommand, so that an error is rendered once."""
-
-    def invoke(self, ctx: ClickContext) -> Any:
-        with error_boundary(ctx):
-            return super().invoke(ctx)
-
-    def get_params(self, ctx: ClickContext) -> list[Parameter]:
-        return without_flag_labels(super().get_params(ctx))
-
-    def get_help(self, ctx: ClickContext) -> str:
-        with help_output():
-            return super().get_help(ctx)
-
-
-def without_flag_labels(params: list[Parameter]) -> list[Parameter]:
-    """A flag takes no value, so its help shows no type (Typer labels it ``<bool>``)."""
-    for param in params:
-        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
-            param.metavar = ""
-    return params
-
-
-@contextmanager
-def help_output() -> Iterator[None]:
-    """Typer prints help on a Rich console of its own, which exits 1 when the reader of
-    stdout has gone (`chatdb --help | head -1`): help ends like any other output there,
-    quietly with 141. Printing help exits in no other way."""
-    try:
-        yield
-    except SystemExit:
-        closed_pipe()
+class ChatdbGroup(_Boundary, ChatdbHelp, TyperGroup):
+    """A group's boundary covers its own callback (`chatdb migrate` alone upgrades) and its
+    subcommand, whose own boundary has already rendered any error of its: an error is
+    rendered once."""

@@ -21,11 +21,11 @@ from typer.core import TyperCommand, TyperGroup
 
 from chatdb.cli import closed_pipe, print_version
 from chatdb.cli.common import print_json, report_error
-from chatdb.cli.declare import callback, help_output, without_flag_labels
+from chatdb.cli.declare import ChatdbHelp, callback
 from chatdb.errors import EXIT_PROBLEM, EXIT_USAGE
 
 if TYPE_CHECKING:
-    from typer._click import Command, Parameter
+    from typer._click import Command
     from typer._click import Context as ClickContext
 
 
@@ -123,18 +123,11 @@ class _Deferred(TyperCommand):
         return self.declared.make_context(info_name, args, parent=parent, **extra)
 
 
-class _Chatdb(TyperGroup):
+class _Chatdb(ChatdbHelp, TyperGroup):
     def __init__(self, **attrs: Any) -> None:
         super().__init__(**attrs)
         for entry in COMMANDS:
             self.add_command(_Deferred(entry))
-
-    def get_params(self, ctx: ClickContext) -> list[Parameter]:
-        return without_flag_labels(super().get_params(ctx))
-
-    def get_help(self, ctx: ClickContext) -> str:
-        with help_output():
-            return super().get_help(ctx)
 
 
 def _version(value: bool) -> None:
