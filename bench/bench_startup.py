@@ -29,16 +29,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from bench_migrate import chatdb_command, server_url  # run as a script: bench/ is on sys.path
-from sqlalchemy import create_engine, text
+from _harness import COMMAND, Scratch  # run as a script: bench/ is on sys.path
+
+from chatdb import db
 
 PYTHON = sys.executable
 
@@ -97,23 +95,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=21)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="chatdb-bench-"))
-    os.chmod(workdir, 0o755)
-    url, server = server_url(workdir)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    name = f"chatdb_bench_{os.getpid()}_startup"
     # Byte-compiled, as an installed chatdb is: the warm-up runs write what is missing.
     unset = ("DATABASE_URL", "CHATDB_DATABASE_URL", "PYTHONDONTWRITEBYTECODE")
     env = {k: v for k, v in os.environ.items() if k not in unset}
-    chatdb = chatdb_command()
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        target = url.set(database=name)
-        typed = target.set(drivername="postgresql").render_as_string(hide_password=False)
-        plain = target.render_as_string(hide_password=False)
-        migrate = [*chatdb, "migrate", "--database-url", typed]
-        subprocess.run(migrate, env=env, check=True, capture_output=True)
+    with Scratch() as scratch:
+        typed = scratch.database(f"chatdb_bench_{os.getpid()}_startup")
+        plain = db.parse_url(typed).render_as_string(hide_password=False)
+        subprocess.run(
+            [*COMMAND, "migrate", "--database-url", typed], env=env, check=True, capture_output=True
+        )
         commands = {
             "python -c pass": [PYTHON, "-c", "pass"],
             "python -c 'import re'": [PYTHON, "-c", "import re"],
@@ -123,12 +113,12 @@ def main() -> None:
             "Typer app --help": [PYTHON, "-c", TYPER_APP, "--help"],
             "Typer app status --help": [PYTHON, "-c", TYPER_APP, "status", "--help"],
             "Typer, Rich, SQLAlchemy: SELECT 1": [PYTHON, "-c", PLAIN_QUERY, plain],
-            "chatdb --version": [*chatdb, "--version"],
-            "chatdb --help": [*chatdb, "--help"],
-            "chatdb status --help": [*chatdb, "status", "--help"],
-            "chatdb status": [*chatdb, "status", "--database-url", typed],
+            "chatdb --version": [*COMMAND, "--version"],
+            "chatdb --help": [*COMMAND, "--help"],
+            "chatdb status --help": [*COMMAND, "status", "--help"],
+            "chatdb status": [*COMMAND, "status", "--database-url", typed],
             "chatdb purge --dry-run": [
-                *chatdb,
+                *COMMAND,
                 "purge",
                 "--older-than",
                 "365d",
@@ -143,13 +133,6 @@ def main() -> None:
         for _ in range(args.runs):
             for label, command in commands.items():
                 samples[label].append(run(command, env))
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
 
     wall = {label: statistics.median(w for w, _ in values) for label, values in samples.items()}
     cpu = {label: statistics.median(c for _, c in values) for label, values in samples.items()}
