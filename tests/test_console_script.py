@@ -40,6 +40,9 @@ def chatdb(*args: str, cwd: Path, **extra: str) -> subprocess.CompletedProcess:
         ["migrate", "sql"],  # no database
         ["grants", "--app-role", "app", "--ops-role", "ops", "--json"],
         ["--version"],
+        ["--help"],  # Typer's help, on a Rich console of its own
+        ["migrate", "--help"],
+        ["status", "--help"],
     ],
     ids=lambda args: " ".join(args[:2]),
 )

@@ -615,7 +615,10 @@ def test_a_database_behind_head_or_never_migrated(empty_db, cli):
 
 def test_help_lists_doctor_after_status_with_an_example(cli):
     listing = cli("--help").stdout
-    assert listing.index("│ status") < listing.index("│ doctor") < listing.index("│ migrate")
+    commands = listing[listing.index("Commands") :]
+    # In the order a user meets them (README, "Commands"): doctor after status and grants.
+    assert commands.index("│ status") < commands.index("│ grants") < commands.index("│ doctor")
+    assert commands.index("│ migrate") < commands.index("│ status")
     help_ = cli("doctor", "--help")
     assert help_.exit_code == 0 and "Example" in help_.stdout and "--threshold" in help_.stdout
 

@@ -13,39 +13,28 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.measure import Measurement
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
 
 from chatdb import bench, lifecycle
-from chatdb.bench import report, runner, stats, workload
-from chatdb.bench.workload import OVERHEAD, format_limit, format_ms
-from chatdb.cli.common import (
-    ConnectTimeout,
-    DatabaseUrl,
-    JsonOutput,
-    disposing,
-    err,
-    open_engine,
-    out,
-    print_json,
-    report_file,
-    table,
-)
+from chatdb.bench import report, runner, workload
+from chatdb.bench.workload import format_limit
+from chatdb.cli.bench_render import COMMAND, removed_line, render
+from chatdb.cli.common import JsonOutput, disposing, err, out, print_json, report_file
+from chatdb.cli.connect import open_engine
+from chatdb.cli.declare import command, new_app
 from chatdb.errors import EXIT_PROBLEM, UsageError
 
-COMMAND = "bench"
+app = new_app()
 
 _BUDGETS_HELP = "; ".join(
     f"{b.key}={format_limit(b.limit_ms).replace(' ', '')}" for b in workload.DEFAULT_BUDGETS
 )
 
 
+@command(app, COMMAND, database=True)
 def bench_command(
     ctx: typer.Context,
     clients: Annotated[
-        int, typer.Option("--clients", help="Concurrent connections (pgbench clients).", min=1)
+        int, typer.Option("--clients", metavar="N", help="Concurrent connections (pgbench clients).", min=1)
     ] = runner.DEFAULT_CLIENTS,
     rate: Annotated[
         float | None,
@@ -66,12 +55,14 @@ def bench_command(
         typer.Option("--max-rate", metavar="TPS", help="The highest rate the capacity search tries."),
     ] = None,
     duration: Annotated[
-        str, typer.Option("--duration", help="How long each rate runs (s, m, h: 60s, 5m).")
+        str,
+        typer.Option("--duration", metavar="DURATION", help="How long each rate runs (s, m, h: 60s, 5m)."),
     ] = f"{runner.DEFAULT_SECONDS}s",
     mix: Annotated[
         str,
         typer.Option(
             "--mix",
+            metavar="MIX",
             help=f"Patterns and their weights. Patterns: {', '.join(workload.WORKLOADS)}.",
         ),
     ] = workload.mix_text(workload.DEFAULT_MIX),
@@ -116,8 +107,6 @@ def bench_command(
         ),
     ] = None,
     as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
 ) -> None:
     """Prove on a live database that the application's queries meet their latency budgets
     under concurrent load, also while archive or purge runs.
@@ -143,12 +132,12 @@ def bench_command(
         chatdb bench --rate 500 --while "purge --older-than 90d"
     """
     if cleanup:
-        with disposing(open_engine(ctx, COMMAND, database_url, connect_timeout)) as engine:
+        with disposing(open_engine(ctx, COMMAND)) as engine:
             removed = bench.cleanup(engine)
         if as_json:
             print_json(COMMAND, True, cleanup=_removed(removed), running=removed.running)
         else:
-            out.print(_removed_line(removed, "Removed") or "No rows of killed bench runs to remove.")
+            out.print(removed_line(removed, "Removed") or "No rows of killed bench runs to remove.")
             if removed.running:
                 out.print(f"Left alone the rows of {removed.running} bench run(s) still going.")
         return
@@ -168,7 +157,7 @@ def bench_command(
         if path is not None:
             _check_writable(path, option)
     with (
-        disposing(open_engine(ctx, COMMAND, database_url, connect_timeout)) as engine,
+        disposing(open_engine(ctx, COMMAND)) as engine,
         _progress() as progress,
     ):
         result = bench.run(engine, request, progress)
@@ -183,7 +172,7 @@ def bench_command(
     if as_json:
         print_json(COMMAND, result.ok, **_json(result))
     else:
-        _render(result)
+        render(result)
     if not result.ok:
         raise typer.Exit(EXIT_PROBLEM)
 
@@ -196,8 +185,9 @@ def _while(ctx: typer.Context, raw: str) -> tuple[str, ...]:
         raise UsageError(f"invalid --while {raw!r}: {exc}") from None
     if not argv:
         raise UsageError('--while needs a chatdb command, such as "purge --older-than 90d"')
-    root = ctx.find_root().command
-    known = set(getattr(root, "commands", {}))
+    from chatdb.cli.root import COMMANDS
+
+    known = {entry.name for entry in COMMANDS}
     if argv[0] in (COMMAND, "chatdb") or argv[0] not in known:
         choices = ", ".join(sorted(known - {COMMAND}))
         raise UsageError(f"invalid --while {raw!r}: not a chatdb command to run beside bench ({choices})")
@@ -225,6 +215,8 @@ def _progress() -> Iterator[runner.Progress | None]:
     if not sys.stderr.isatty():
         yield None
         return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -349,256 +341,3 @@ def _shift(before: float | None, after: float | None) -> float | None:
     if before is None or after is None:
         return None
     return _ms(after - before)
-
-
-# --- people ----------------------------------------------------------------------------------
-
-
-def _render(result: bench.BenchResult) -> None:
-    request = result.request
-    out.print(
-        f"chatdb bench: {request.clients} clients, {request.seconds} s per run, open model "
-        "(latency from each transaction's scheduled start), mix "
-        + ", ".join(f"{name}={weight}" for name, weight in result.mix.items()),
-        markup=False,
-    )
-    for name, reason in result.left_out.items():
-        out.print(Text(f"{name} left out: {reason}", style="yellow"))
-    if result.leftovers.runs:
-        out.print(
-            _removed_line(result.leftovers, "Removed what killed bench runs left behind:"), markup=False
-        )
-    if result.key_cost_ms is not None:
-        out.print(
-            f"Keys: drawn from the ~{result.messages_estimate:,} messages of the database; carrying one "
-            f"costs {format_ms(result.key_cost_ms)} per transaction.",
-            markup=False,
-        )
-        if result.key_cost_ms >= runner.KEY_COST_NOTICEABLE_MS:
-            out.print(
-                Text(
-                    f"Note: more than {runner.KEY_COST_NOTICEABLE_MS} ms; every read's figures include it.",
-                    style="yellow",
-                )
-            )
-    if result.steps:
-        _print_table(
-            table(
-                "Capacity search",
-                [">rate (tps)", ">achieved", "every budget", "missed"],
-                (
-                    (
-                        f"{s.rate_tps:,.6g}",
-                        f"{s.tps:,.1f}",
-                        "[green]held[/green]" if s.ok else "[red]no[/red]",
-                        escape(", ".join(s.missed)),
-                    )
-                    for s in result.steps
-                ),
-            )
-        )
-    alone = result.phases[0]
-    _print_table(
-        _figures(
-            alone,
-            f"{alone.rate_tps:,.6g} tps scheduled, {alone.tps:,.1f} achieved",
-            judged=alone is result.judged,
-        )
-    )
-    if len(result.phases) > 1:
-        during = result.phases[1]
-        _print_table(_comparison(alone, during))
-        _render_command(during)
-    _print_table(_chart(result))
-    for phase in result.phases:
-        for line in phase.errors[:3]:
-            out.print(Text(f"pgbench: {line}", style="red"))
-    line = _removed_line(result.removed, "Removed bench's rows:")
-    if line:
-        out.print(line, markup=False)
-    out.print(_verdict(result))
-
-
-def _print_table(rendered: Table) -> None:
-    """Names and figures keep their width where the terminal allows: the last column (the
-    verdicts) wraps first. In a CI log or a file, which have no width, each row stays on
-    one line."""
-    for column in rendered.columns[:-1]:
-        cells = [cell for cell in column.cells if isinstance(cell, str)]
-        column.min_width = max((Text.from_markup(cell).cell_len for cell in cells), default=0)
-    if not out.is_terminal:
-        rendered.width = Measurement.get(out, out.options.update_width(1000), rendered).maximum
-    out.print(rendered)
-
-
-def _figures(phase: bench.Phase, title: str, *, judged: bool) -> Table:
-    rows = []
-    for p in phase.patterns:
-        rows.append(
-            (
-                p.pattern,
-                f"{p.transactions:,}",
-                f"{p.tps:,.1f}",
-                format_ms(p.p50_ms),
-                format_ms(p.p95_ms),
-                format_ms(p.p99_ms),
-                format_ms(p.max_ms),
-                f"{p.failures + p.skipped:,}",
-                _verdicts(p) if judged else escape(", ".join(r.budget.describe() for r in p.budgets)),
-            )
-        )
-    return table(
-        title,
-        ["pattern", ">transactions", ">tps", ">p50", ">p95", ">p99", ">max", ">failed/late", "budgets"],
-        rows,
-    )
-
-
-def _verdicts(p: stats.PatternFigures) -> str:
-    parts = []
-    for r in p.budgets:
-        shown = format_ms(r.value_ms) if r.metric == OVERHEAD else ""
-        mark = {"ok": "[green]ok[/green]", "fail": "[red]missed[/red]"}.get(r.status, "[red]no data[/red]")
-        parts.append(f"{escape(r.budget.describe())}{' (' + shown + ')' if shown else ''} {mark}")
-    if p.failures:
-        parts.append(f"[red]{p.failures:,} failed[/red]")
-    return "; ".join(parts) if parts else "-"
-
-
-def _comparison(alone: bench.Phase, during: bench.Phase) -> Table:
-    command = " ".join(during.command.argv) if during.command else "?"
-    rows = []
-    for p in during.patterns:
-        before = next(q for q in alone.patterns if q.pattern == p.pattern)
-        rows.append(
-            (
-                p.pattern,
-                f"{p.transactions:,}",
-                format_ms(before.p95_ms),
-                format_ms(p.p95_ms),
-                _signed(before.p95_ms, p.p95_ms),
-                format_ms(before.p99_ms),
-                format_ms(p.p99_ms),
-                _signed(before.p99_ms, p.p99_ms),
-                _verdicts(p),
-            )
-        )
-    return table(
-        escape(f"During `{command}` ({during.seconds:.1f} s, {during.tps:,.1f} tps achieved)")
-        + ": the budgets apply here",
-        [
-            "pattern",
-            ">transactions",
-            ">p95 alone",
-            ">p95 during",
-            ">shift",
-            ">p99 alone",
-            ">p99 during",
-            ">shift",
-            "budgets",
-        ],
-        rows,
-    )
-
-
-def _signed(before: float | None, after: float | None) -> str:
-    if before is None or after is None or not (math.isfinite(before) and math.isfinite(after)):
-        return "-"
-    shift = after - before
-    return ("+" if shift >= 0 else "-") + format_ms(abs(shift))
-
-
-def _render_command(during: bench.Phase) -> None:
-    command = during.command
-    assert command is not None
-    style = "green" if command.exit_code == 0 else "red"
-    out.print(
-        Text(
-            f"`{shlex.join(command.argv)}` ran for {command.seconds:.1f} s and exited {command.exit_code}",
-            style=style,
-        )
-    )
-    shown = command.stdout if command.exit_code == 0 else command.stderr or command.stdout
-    lines = [line for line in shown.splitlines() if line.strip()][-8:]
-    for line in lines:
-        out.print(Text("  " + line))
-
-
-_BLOCKS = " ▁▂▃▄▅▆▇█"
-
-
-def _chart(result: bench.BenchResult) -> Table:
-    """The share of each pattern's transactions per latency bucket, one column a bucket:
-    a column per power of ten and its 2 and 5, buckets past the first budget in red."""
-    rows: list[tuple[str, str, list[int]]] = []
-    for phase in result.phases:
-        for p in phase.patterns:
-            rows.append((p.pattern, phase.name, [b.count for b in p.histogram]))
-    used = [i for i in range(len(stats.BUCKETS_MS) + 1) if any(counts[i] for _, _, counts in rows)]
-    first, last = (min(used), max(used)) if used else (0, 0)
-    bounds = [*stats.BUCKETS_MS, None]
-    columns = ["pattern", "phase"] + [
-        f"≤{format_limit(bounds[i]).replace(' ', '')}" if bounds[i] is not None else ">5s"
-        for i in range(first, last + 1)
-    ]
-    limits = {
-        p.pattern: min((r.limit_ms for r in p.budgets if r.metric != OVERHEAD), default=None)
-        for phase in result.phases
-        for p in phase.patterns
-    }
-    rendered = []
-    for name, phase_name, counts in rows:
-        total = sum(counts) or 1
-        cells = []
-        for i in range(first, last + 1):
-            share = counts[i] / total
-            block = (
-                _BLOCKS[min(len(_BLOCKS) - 1, math.ceil(share * (len(_BLOCKS) - 1)))] if counts[i] else "·"
-            )
-            lower = bounds[i - 1] if i > 0 else 0
-            late = limits[name] is not None and lower is not None and lower >= limits[name]
-            cells.append(f"[red]{block}[/red]" if late and counts[i] else block)
-        rendered.append((name, phase_name, *cells))
-    chart = table("Latency distribution (share of transactions per bucket)", columns, rendered)
-    for column in chart.columns[2:]:
-        column.justify = "center"
-    return chart
-
-
-def _removed_line(removed: bench.Removed, prefix: str) -> str | None:
-    if not removed.users:
-        return None
-    runs = f" of {removed.runs} run{'s' if removed.runs != 1 else ''}" if removed.runs > 1 else ""
-    return (
-        f"{prefix} {removed.users:,} users{runs}, {removed.conversations:,} conversations, "
-        f"{removed.messages:,} messages."
-    )
-
-
-def _verdict(result: bench.BenchResult) -> str:
-    judged = result.judged
-    where = f"at {result.rate_tps:,.6g} tps" + (" during the command" if judged.command else "")
-    lines = []
-    if result.request.rate is None:
-        if result.capacity_tps is None:
-            lines.append(
-                "[red]Capacity: no rate tried held every budget[/red]"
-                f" (the lowest tried: {result.rate_tps:,.6g} tps)."
-            )
-        else:
-            capped = " (the --max-rate: it may go higher)" if result.capacity_capped else " (within 10%)"
-            lines.append(
-                f"Capacity: {result.capacity_tps:,.6g} tps{capped},"
-                " the highest rate at which every budget held."
-            )
-        if result.request.min_capacity is not None and not result.capacity_ok:
-            minimum = result.request.min_capacity
-            lines.append(f"[red]FAILED[/red]: the capacity is below --min-capacity {minimum:,.6g} tps.")
-    if not result.command_ok:
-        lines.append("[red]FAILED[/red]: the --while command did not succeed.")
-    missed = judged.missed()
-    if missed:
-        lines.append(f"[red]FAILED[/red] {where}: " + escape(", ".join(missed)) + ".")
-    elif result.ok:
-        lines.append(f"[green]OK[/green]: every budget held {where}.")
-    return "\n".join(lines)

@@ -1,56 +1,32 @@
-"""What every command shares: options, consoles, the error boundary, output and prompts."""
+"""What commands share to speak: consoles, errors on one line, JSON, tables, SQL to paste,
+the question before a destructive change, and the small options (--json, --yes, report
+files). The database options are in ``chatdb.cli.connect``."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import json
-import os
-import signal
+import re
 import sys
-import time
-import traceback
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.status import Status
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
 
-from chatdb import db, privileges
-from chatdb.errors import (
-    EXIT_CLOSED_PIPE,
-    EXIT_CONNECT,
-    EXIT_INTERRUPTED,
-    EXIT_PROBLEM,
-    EXIT_TERMINATED,
-    ChatdbError,
-    StateError,
-    UsageError,
-    one_line,
-)
+from chatdb.cli import closed_pipe
+from chatdb.errors import StateError
 
-
-def closed_pipe() -> NoReturn:
-    """The reader of chatdb's output went away (`chatdb status --json | head -1`). That is no
-    error of chatdb's: stop at once, quietly, as Unix tools do. stdout and stderr now lead to
-    /dev/null, so that what is left in their buffers cannot fail again at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for stream in (sys.stdout, sys.stderr):
-        with suppress(OSError, ValueError):  # a test runner's stream has no fd
-            os.dup2(devnull, stream.fileno())
-    os.close(devnull)
-    raise SystemExit(EXIT_CLOSED_PIPE)
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 class _Console(Console):
@@ -62,135 +38,10 @@ class _Console(Console):
 out = _Console(highlight=False, soft_wrap=True)
 err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
-#: A day: longer is a typo, and libpq's connect_timeout must stay an integer.
-MAX_CONNECT_TIMEOUT = 86_400
-
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        help="PostgreSQL URL (postgresql://user:password@host:port/db). "
-        "Default: CHATDB_DATABASE_URL, then DATABASE_URL, then the embedded server.",
-        show_default=False,
-    ),
-]
-ConnectTimeout = Annotated[
-    float | None,
-    typer.Option(
-        "--connect-timeout",
-        # The option's own default is None, so that one given before the command name
-        # counts when none comes after it: the help states the timeout that then applies
-        # (the bracket escaped, or Rich would read "[default: 10]" as markup and drop it).
-        help="Seconds to keep retrying a server that does not answer. "
-        f"\\[default: {db.DEFAULT_CONNECT_TIMEOUT:g}]",
-        min=0,
-        show_default=False,
-    ),
-]
 JsonOutput = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")
 ]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-
-
-@dataclasses.dataclass
-class Settings:
-    """Options given before the command name; options after it take precedence."""
-
-    database_url: str | None = None
-    connect_timeout: float | None = None
-    # The database in use, once resolved.
-    database: db.Database | None = None
-
-
-def settings(ctx: typer.Context) -> Settings:
-    root = ctx.find_root()
-    if not isinstance(root.obj, Settings):
-        root.obj = Settings()
-    return root.obj
-
-
-def adopt_group_options(ctx: typer.Context, database_url: str | None, connect_timeout: float | None) -> None:
-    """Options given between a group's name and its subcommand (`chatdb migrate
-    --database-url URL status`) apply to the subcommand."""
-    state = settings(ctx)
-    if database_url is not None:
-        state.database_url = database_url
-    if connect_timeout is not None:
-        state.connect_timeout = connect_timeout
-
-
-def open_engine(
-    ctx: typer.Context,
-    command: str,
-    database_url: str | None = None,
-    connect_timeout: float | None = None,
-) -> Engine:
-    """Resolve the database (announcing the embedded default), connect, and return the
-    engine. Connection problems raise ConnectError (exit 3)."""
-    state = settings(ctx)
-    timeout = connect_timeout if connect_timeout is not None else state.connect_timeout
-    if timeout is not None and not 0 <= timeout <= MAX_CONNECT_TIMEOUT:
-        raise UsageError(
-            f"--connect-timeout must be between 0 and {MAX_CONNECT_TIMEOUT:,} seconds, not {timeout:g}"
-        )
-    database = db.resolve_database(database_url if database_url is not None else state.database_url)
-    state.database = database
-    if database.source == "embedded":
-        from chatdb import embedded
-
-        # Which folder, and whether it was just created (running elsewhere makes a new one).
-        err.print(f"chatdb: {embedded.last_started.describe()}", soft_wrap=True, markup=False)
-    timeout = db.DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
-    with _waiting(database, timeout) as on_wait:
-        return db.connect(
-            database, application_name=f"chatdb {command}", connect_timeout=timeout, on_wait=on_wait
-        )
-
-
-@contextmanager
-def _waiting(database: db.Database, timeout: float) -> Iterator[Callable[[float], None] | None]:
-    """While the server does not answer, a spinner line on a terminal's stderr says for
-    which database and for how long chatdb waits; it is erased when waiting ends. Off a
-    terminal (cron, pipes) nothing is shown."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    status: Status | None = None
-    since = 0.0
-
-    class Waited:
-        def __rich__(self) -> Text:  # rendered on every refresh: the seconds keep counting
-            waited = min(time.monotonic() - since, timeout)
-            return Text(f"waiting for {database.display} ({int(waited)} s of {timeout:g} s)")
-
-    def on_wait(waited: float) -> None:
-        nonlocal status, since
-        if status is None:
-            since = time.monotonic() - waited
-            status = err.status(Waited())
-            status.start()
-
-    try:
-        yield on_wait
-    finally:
-        if status is not None:
-            status.stop()
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so the command stops where it is safe to."""
-
-
-class TerminatedRead(Terminated, KeyboardInterrupt):
-    """SIGTERM outside the batches of archive and purge. A KeyboardInterrupt too, so that
-    psycopg cancels the statement it interrupts in the server, as it does for Ctrl-C,
-    instead of leaving it to run (a batch's COMMIT in flight is left to finish: see
-    cli.lifecycle._Signals)."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise TerminatedRead()
 
 
 def report_file(option: str, help: str) -> Any:
@@ -210,77 +61,6 @@ def report_error(message: str, hint: str | None = None) -> None:
     err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
     if hint:
         err.print(f"hint: {hint}", soft_wrap=True, markup=False)
-
-
-def _fail(message: str, code: int, hint: str | None = None, json_command: str | None = None) -> typer.Exit:
-    """The error on stderr; with --json, also the one JSON object on stdout."""
-    report_error(message, hint)
-    if json_command is not None:
-        print_json(json_command, False, error=message, exit_code=code, hint=hint)
-    return typer.Exit(code)
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The error boundary of every command: domain errors become one red line and the
-    exit code of docs/architecture.md; Ctrl-C exits 130 and SIGTERM 143; never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = kwargs.get("ctx")  # every command that touches a database takes ctx
-        json_command = _command_name(ctx) if kwargs.get("as_json") else None
-        previous = signal.getsignal(signal.SIGTERM)
-        in_main_thread = _in_main_thread()
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, _raise_terminated)
-        try:
-            return fn(*args, **kwargs)
-        except ChatdbError as exc:
-            # chatdb's own messages show URLs only as Database.display, and never echo a URL
-            # that could not be parsed; the driver's text is masked by structure.
-            raise _fail(exc.message, exc.exit_code, exc.hint, json_command) from None
-        except DBAPIError as exc:
-            message = db.mask_text(one_line(exc))
-            code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
-            hint = privileges.HINT if getattr(exc.orig, "sqlstate", None) == "42501" else None
-            raise _fail(f"database error: {message}", code, hint, json_command) from None
-        except Terminated:
-            raise _fail("terminated", EXIT_TERMINATED, json_command=json_command) from None
-        except KeyboardInterrupt:
-            raise _fail("interrupted", EXIT_INTERRUPTED, json_command=json_command) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except BrokenPipeError:
-            closed_pipe()
-        except Exception as exc:
-            if os.environ.get("CHATDB_DEBUG"):
-                traceback.print_exc()
-            message = db.mask_text(f"{type(exc).__name__}: {exc}")
-            raise _fail(
-                f"internal error: {message}",
-                EXIT_PROBLEM,
-                "set CHATDB_DEBUG=1 for the traceback, and please report it",
-                json_command,
-            ) from None
-        finally:
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, previous)
-
-    return wrapper
-
-
-def _command_name(ctx: typer.Context | None) -> str:
-    """The command as the user typed it, without the program name: "migrate status"."""
-    names = []
-    while ctx is not None and ctx.parent is not None:
-        names.insert(0, ctx.info_name or "")
-        ctx = ctx.parent
-    return " ".join(names)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -331,6 +111,30 @@ def human_bytes(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def print_sql(line: str) -> None:
+    """One line of a fix, whole. On a terminal it is broken to the width at spaces outside
+    quotes only, where SQL reads a line break as the space it was, and a ``--`` comment
+    goes on as one; elsewhere (a CI log, a file) it is never broken."""
+    if not out.is_terminal:
+        out.print(Text(line), soft_wrap=True)
+        return
+    comment = line.startswith("--")
+    prefix = "-- " if comment else ""
+    words = line[2:].split() if comment else _SQL_WORD.findall(line)
+    current = ""
+    for word in words:
+        joined = f"{current} {word}" if current else word
+        if current and len(prefix) + len(joined) > out.width:
+            out.print(Text(prefix + current), soft_wrap=True)
+            joined = word
+        current = joined
+    out.print(Text(prefix + current), soft_wrap=True)
+
+
+#: A word of SQL: what lies between spaces, a quoted literal or identifier counting as one.
+_SQL_WORD = re.compile(r"""(?:'[^']*'|"[^"]*"|[^\s'"]|['"])+""")
 
 
 # --- confirmation ---------------------------------------------------------------------------

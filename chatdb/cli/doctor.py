@@ -17,18 +17,17 @@ from rich.text import Text
 from chatdb import doctor as diagnosis
 from chatdb import lifecycle
 from chatdb.cli.common import (
-    ConnectTimeout,
-    DatabaseUrl,
     JsonOutput,
     JunitReport,
     disposing,
     human_bytes,
-    open_engine,
     out,
     print_json,
+    print_sql,
     table,
 )
-from chatdb.cli.verify import _print_sql
+from chatdb.cli.connect import open_engine
+from chatdb.cli.declare import command, new_app
 from chatdb.doctor.model import FAIL, OK, SKIPPED, WARN, Finding, duration
 from chatdb.errors import EXIT_PROBLEM, UsageError
 
@@ -38,7 +37,10 @@ _STYLE = {OK: "green", WARN: "yellow", FAIL: "red", SKIPPED: "dim"}
 _INFORMATIVE = {"growth", "retention"}
 _BAR = 30
 
+app = new_app()
 
+
+@command(app, COMMAND, database=True)
 def doctor(
     ctx: typer.Context,
     deep: Annotated[
@@ -63,6 +65,7 @@ def doctor(
         str | None,
         typer.Option(
             "--older-than",
+            metavar="DURATION",
             help="A retention cutoff (180d) to look ahead at: what passes it now, within 7 and 30 days. "
             "Default: those of the latest archive and purge runs.",
             show_default=False,
@@ -81,8 +84,6 @@ def doctor(
     show_all: Annotated[bool, typer.Option("--all", help="List the checks that passed too.")] = False,
     junit: JunitReport = None,
     as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
 ) -> None:
     """What needs attention: seed 000's monitoring and maintenance list, as checks with
     the statements that fix them.
@@ -105,7 +106,7 @@ def doctor(
     limit = diagnosis.parse_size(size_limit, "--size-limit") if size_limit is not None else None
     cutoff = lifecycle.parse_duration(older_than, "--older-than") if older_than is not None else None
     options = diagnosis.Options(deep=deep, size_limit=limit, older_than=cutoff, thresholds=thresholds)
-    with disposing(open_engine(ctx, COMMAND, database_url, connect_timeout)) as engine:
+    with disposing(open_engine(ctx, COMMAND)) as engine:
         report = diagnosis.diagnose(engine, options)
     if junit is not None:
         write_junit(report, junit, strict)
@@ -236,14 +237,14 @@ def _print_fixes(findings: list[Finding], strict: bool) -> None:
     if not fixes:
         return
     out.print()
-    _print_sql(
+    print_sql(
         "-- To fix, run each statement on its own (as psql does); lines starting with -- say what else to do:"
     )
     for fix, found in fixes.items():
         where = found[0].object or found[0].area
-        _print_sql(f"-- {where}: {', '.join(dict.fromkeys(f.check for f in found))}")
+        print_sql(f"-- {where}: {', '.join(dict.fromkeys(f.check for f in found))}")
         for line in fix.splitlines():
-            _print_sql(line)
+            print_sql(line)
 
 
 def _print_charts(growth: Any) -> None:

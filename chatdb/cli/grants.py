@@ -6,28 +6,39 @@ from typing import Annotated
 
 import typer
 
-from chatdb import db, embedded, privileges
-from chatdb.cli.common import DatabaseUrl, JsonOutput, print_json, settings
+from chatdb.cli.common import JsonOutput, print_json
+from chatdb.cli.connect import configured_url
+from chatdb.cli.declare import command, new_app
+
+app = new_app()
 
 
+# --database-url alone: grants only reads the database's name from it.
+@command(app, "grants", database="url")
 def grants(
     ctx: typer.Context,
-    app_role: Annotated[str, typer.Option("--app-role", help="The chatbot backend's role.")],
+    app_role: Annotated[str, typer.Option("--app-role", metavar="ROLE", help="The chatbot backend's role.")],
     ops_role: Annotated[
         str,
-        typer.Option("--ops-role", help="The role that runs archive, purge, status, verify-indexes, doctor."),
+        typer.Option(
+            "--ops-role",
+            metavar="ROLE",
+            help="The role that runs archive, purge, status, verify-indexes, doctor.",
+        ),
     ],
     database: Annotated[
         str | None,
         typer.Option(
             "--database",
+            metavar="NAME",
             help="Database to grant CONNECT on (default: the configured URL's, else chatdb).",
             show_default=False,
         ),
     ] = None,
-    schema: Annotated[str, typer.Option("--schema", help="Schema of chatdb's tables.")] = "public",
+    schema: Annotated[
+        str, typer.Option("--schema", metavar="NAME", help="Schema of chatdb's tables.")
+    ] = "public",
     as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
 ) -> None:
     """Print the GRANT statements for the application's role and the operations
     role. Needs no database. Run them as the owner of chatdb's tables, after
@@ -45,9 +56,10 @@ def grants(
 
         chatdb grants --app-role chatbot --ops-role chatdb_ops > grants.sql
     """
+    from chatdb import db, embedded, privileges
+
     if database is None:
-        url = database_url if database_url is not None else settings(ctx).database_url
-        configured = db.configured_database(url)
+        configured = db.configured_database(configured_url(ctx))
         database = configured.url.database if configured and configured.url.database else None
     roles = privileges.grant_statements(
         app_role, ops_role, embedded.DATABASE_NAME if database is None else database, schema

@@ -1,56 +1,43 @@
-"""``chatdb archive``, ``chatdb archive restore`` and ``chatdb purge``."""
+"""What ``chatdb archive`` (``chatdb/cli/archive.py``), ``chatdb archive restore`` and
+``chatdb purge`` (``chatdb/cli/purge.py``) share: their options, what signals do during a
+run, the plan, the question, the run in batches and its summary."""
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from chatdb import lifecycle
-from chatdb.cli.common import (
-    ConnectTimeout,
-    DatabaseUrl,
-    JsonOutput,
-    Terminated,
-    TerminatedRead,
-    Yes,
-    adopt_group_options,
-    confirm,
-    disposing,
-    err,
-    handle_errors,
-    open_engine,
-    out,
-    print_json,
-    stdin_is_terminal,
-    table,
-)
-from chatdb.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, UsageError
+from chatdb.cli.boundary import Terminated, TerminatedRead
+from chatdb.cli.common import confirm, err, out, print_json, stdin_is_terminal, table
+from chatdb.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 BatchSize = Annotated[
     int,
     typer.Option(
         "--batch-size",
+        metavar="N",
         help="Most conversations per batch (one short transaction each); "
         "batches shrink on their own to stay short.",
         min=1,
     ),
 ]
 _JOBS_HELP = "Batches in flight at once, each in its own short transaction on its own connection."
-Jobs = Annotated[int, typer.Option("--jobs", help=_JOBS_HELP, min=1, max=lifecycle.MAX_JOBS)]
+Jobs = Annotated[int, typer.Option("--jobs", metavar="N", help=_JOBS_HELP, min=1, max=lifecycle.MAX_JOBS)]
 ArchiveJobs = Annotated[
     int,
     typer.Option(
-        "--jobs", help=f"{_JOBS_HELP[:-1]} (an --export runs one at a time).", min=1, max=lifecycle.MAX_JOBS
+        "--jobs",
+        metavar="N",
+        help=f"{_JOBS_HELP[:-1]} (an --export runs one at a time).",
+        min=1,
+        max=lifecycle.MAX_JOBS,
     ),
 ]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Change nothing; report exactly what would change.")]
@@ -66,6 +53,7 @@ MaxRuntime = Annotated[
     str | None,
     typer.Option(
         "--max-runtime",
+        metavar="DURATION",
         help="Stop cleanly after the batch in flight once this much time has passed (e.g. 30m).",
         show_default=False,
     ),
@@ -73,14 +61,6 @@ MaxRuntime = Annotated[
 
 _PAST = {"move": "moved", "delete": "deleted", "restore": "restored"}
 _STOP_EXIT = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}
-# A conversation id as uuid.UUID reads it, in ASCII hex only (UUID() also takes other
-# scripts' digits, underscores and blanks).
-_UUID = re.compile(
-    r"(?:urn:uuid:)?\{?[0-9a-f]{8}(?:-?[0-9a-f]{4}){3}-?[0-9a-f]{12}\}?", re.ASCII | re.IGNORECASE
-)
-
-
-# --- shared by the three commands -----------------------------------------------------------
 
 
 def _n(count: int, noun: str, plural: str | None = None) -> str:
@@ -88,7 +68,7 @@ def _n(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
 
 
-class _Signals:
+class Signals:
     """What Ctrl-C (SIGINT) and SIGTERM do, from the start of a lifecycle command to its end.
 
     Before the run (planning, counting, the question) they stop at once: a read in flight
@@ -119,8 +99,8 @@ class _Signals:
 
 
 @contextmanager
-def _signals() -> Iterator[_Signals]:
-    state = _Signals()
+def signals() -> Iterator[Signals]:
+    state = Signals()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
         signal.signal(sig, state.handle)
@@ -138,6 +118,8 @@ def _progress(plan: lifecycle.Plan) -> Iterator[Callable[[lifecycle.Tally], None
     if not sys.stderr.isatty() or plan.counts is None or not plan.counts.rows:
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     bar = Progress(
         TextColumn(f"[bold]{plan.command}"),
         BarColumn(),
@@ -152,7 +134,7 @@ def _progress(plan: lifecycle.Plan) -> Iterator[Callable[[lifecycle.Tally], None
         yield lambda done: bar.update(task, completed=done.rows)
 
 
-def _duration(raw: str | None, option: str) -> lifecycle.Duration | None:
+def optional_duration(raw: str | None, option: str) -> lifecycle.Duration | None:
     return None if raw is None else lifecycle.parse_duration(raw, option)
 
 
@@ -206,10 +188,10 @@ def _json_plan(plan: lifecycle.Plan) -> dict[str, Any]:
     return shown
 
 
-def _execute(
+def execute(
     plan: lifecycle.Plan,
     run: Callable[[lifecycle.RunOptions], lifecycle.RunResult],
-    signals: _Signals,
+    signals: Signals,
     *,
     verb: str,
     yes: bool,
@@ -349,237 +331,6 @@ def _render_vacuum(vacuum: lifecycle.Vacuum) -> None:
         )
 
 
-def _needs_counts(dry_run: bool, yes: bool) -> bool:
+def needs_counts(dry_run: bool, yes: bool) -> bool:
     """Counting is exact but costs a scan: only for a dry run, a question or a progress bar."""
     return dry_run or (stdin_is_terminal() and not yes) or sys.stderr.isatty()
-
-
-# --- archive ----------------------------------------------------------------------------------
-
-archive_app = typer.Typer(no_args_is_help=False)
-
-
-@archive_app.callback(invoke_without_command=True)
-@handle_errors
-def archive(
-    ctx: typer.Context,
-    older_than: Annotated[
-        str | None,
-        typer.Option(
-            "--older-than",
-            help="Move conversations idle longer than this (e.g. 180d, 26w, 1d12h).",
-            show_default=False,
-        ),
-    ] = None,
-    batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: ArchiveJobs = lifecycle.DEFAULT_JOBS,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    export: Annotated[
-        Path | None,
-        typer.Option(
-            "--export",
-            help="Also append each moved conversation, with its messages, as one JSON line "
-            "to FILE.jsonl or FILE.jsonl.gz, a regular file or a new path (fsynced before each "
-            "batch commits).",
-            show_default=False,
-            dir_okay=False,
-        ),
-    ] = None,
-    max_runtime: MaxRuntime = None,
-    vacuum: VacuumAfter = False,
-    as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
-) -> None:
-    """Move idle conversations, whole, with all their messages, into the archive tables.
-
-    A conversation is idle when its last activity (updated_at) is older than --older-than,
-    by the database's clock. Soft-deleted conversations stay where they are (purge
-    removes them). Rows move unchanged; archived_at records when. Work is done in short
-    batches that lock only the conversations they move and skip any the application is
-    writing to. Off a terminal it runs without asking (a cron job); Ctrl-C or SIGTERM
-    stop after the current batch, and running it again finishes the job.
-
-    Example:
-
-        chatdb archive --older-than 180d --dry-run
-
-        chatdb archive --older-than 180d --export archive-2026-11.jsonl.gz --yes
-
-        chatdb archive restore --user user_2Nf8
-    """
-    if ctx.invoked_subcommand is not None:
-        adopt_group_options(ctx, database_url, connect_timeout)
-        if older_than is not None or dry_run or export is not None or as_json or vacuum:
-            raise UsageError(
-                f"archive's options go after the subcommand (`chatdb archive {ctx.invoked_subcommand} ...`)"
-            )
-        return
-    if older_than is None:
-        raise UsageError("--older-than is required (for example `chatdb archive --older-than 180d`)")
-    duration = lifecycle.parse_duration(older_than, "--older-than")
-    limit = _duration(max_runtime, "--max-runtime")
-    if export is not None:
-        lifecycle.check_export(export)  # before anything starts: a FIFO would block the run
-    with (
-        _signals() as signals,
-        disposing(open_engine(ctx, "archive", database_url, connect_timeout)) as engine,
-    ):
-        plan = lifecycle.plan_archive(engine, duration, count=_needs_counts(dry_run, yes))
-        _execute(
-            plan,
-            lambda options: lifecycle.archive(engine, plan, options, export),
-            signals,
-            verb="move",
-            yes=yes,
-            dry_run=dry_run,
-            as_json=as_json,
-            batch_size=batch_size,
-            jobs=jobs,
-            max_runtime=limit,
-            arguments={
-                "older_than": duration.text,
-                "batch_size": batch_size,
-                "jobs": jobs,
-                "export": str(export) if export else None,
-                "max_runtime": limit.text if limit else None,
-                "vacuum": vacuum,
-            },
-            vacuum=(lambda result: lifecycle.vacuum(engine, result)) if vacuum else None,
-        )
-
-
-@archive_app.command("restore")
-@handle_errors
-def restore(
-    ctx: typer.Context,
-    conversation: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--conversation", help="An archived conversation's id (repeatable).", show_default=False
-        ),
-    ] = None,
-    user: Annotated[
-        str | None, typer.Option("--user", help="Restore every archived conversation of this user.")
-    ] = None,
-    batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: Jobs = lifecycle.DEFAULT_JOBS,
-    as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
-) -> None:
-    """Move archived conversations back to the hot tables, exactly as they were, with all
-    their messages. If a named conversation is in neither the archive nor the hot tables,
-    nothing is restored; one already in the hot tables is left as it is, so running a
-    stopped restore again finishes it. A --user that is not in the users table is an
-    error. A restored conversation keeps its old updated_at, so the next `chatdb archive`
-    moves it again unless it receives a message first.
-
-    Example:
-
-        chatdb archive restore --conversation 0b9f2c1e-6d1a-4c9e-9a51-3f1f0d2b7a10
-
-        chatdb archive restore --user user_2Nf8 --json
-    """
-    ids = []
-    for raw in conversation or []:
-        if not _UUID.fullmatch(raw):
-            raise UsageError(f"--conversation {raw!r} is not a conversation id (a UUID)")
-        ids.append(uuid.UUID(raw))
-    if bool(ids) == (user is not None):
-        raise UsageError("give either --conversation ID (one or more) or --user ID")
-    if user is not None and not user.strip():
-        raise UsageError("--user: the user id is empty")
-    with (
-        _signals() as signals,
-        disposing(open_engine(ctx, "archive restore", database_url, connect_timeout)) as engine,
-    ):
-        plan = lifecycle.plan_restore(engine, ids, user)
-        _execute(
-            plan,
-            lambda options: lifecycle.restore(engine, plan, options),
-            signals,
-            verb="restore",
-            yes=True,
-            dry_run=False,
-            as_json=as_json,
-            batch_size=batch_size,
-            jobs=jobs,
-            max_runtime=None,
-            arguments={"conversations": [str(i) for i in ids], "user": user, "batch_size": batch_size},
-        )
-
-
-# --- purge ------------------------------------------------------------------------------------
-
-
-@handle_errors
-def purge(
-    ctx: typer.Context,
-    older_than: Annotated[
-        str,
-        typer.Option(
-            "--older-than",
-            help="Delete conversations idle longer than this, hot and archived (e.g. 365d).",
-            show_default=False,
-        ),
-    ],
-    deleted_grace: Annotated[
-        str,
-        typer.Option(
-            "--deleted-grace",
-            help="Also delete soft-deleted conversations and messages deleted longer ago than this.",
-        ),
-    ] = lifecycle.DEFAULT_DELETED_GRACE,
-    batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: Jobs = lifecycle.DEFAULT_JOBS,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    max_runtime: MaxRuntime = None,
-    vacuum: VacuumAfter = False,
-    as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
-) -> None:
-    """Enforce retention: permanently delete conversations idle longer than --older-than,
-    with all their messages, from the hot and the archive tables; and soft-deleted
-    conversations and messages whose deleted_at is older than --deleted-grace.
-
-    The cutoffs come from the database's clock. Work is done in short batches that lock
-    only what they delete and re-check it under the lock: a conversation that receives a
-    message while the purge runs is kept. Users are never deleted. Off a terminal it runs
-    without asking (a cron job); Ctrl-C or SIGTERM stop after the current batch.
-
-    Example:
-
-        chatdb purge --older-than 365d --dry-run
-
-        chatdb purge --older-than 90d --deleted-grace 30d --max-runtime 20m --yes --json
-    """
-    duration = lifecycle.parse_duration(older_than, "--older-than")
-    grace = lifecycle.parse_duration(deleted_grace, "--deleted-grace")
-    limit = _duration(max_runtime, "--max-runtime")
-    with _signals() as signals, disposing(open_engine(ctx, "purge", database_url, connect_timeout)) as engine:
-        plan = lifecycle.plan_purge(engine, duration, grace, count=_needs_counts(dry_run, yes))
-        _execute(
-            plan,
-            lambda options: lifecycle.purge(engine, plan, options),
-            signals,
-            verb="delete",
-            yes=yes,
-            dry_run=dry_run,
-            as_json=as_json,
-            batch_size=batch_size,
-            jobs=jobs,
-            max_runtime=limit,
-            arguments={
-                "older_than": duration.text,
-                "deleted_grace": grace.text,
-                "batch_size": batch_size,
-                "jobs": jobs,
-                "max_runtime": limit.text if limit else None,
-                "vacuum": vacuum,
-            },
-            vacuum=(lambda result: lifecycle.vacuum(engine, result)) if vacuum else None,
-        )

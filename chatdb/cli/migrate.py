@@ -7,29 +7,21 @@ from typing import Annotated, NoReturn
 import typer
 
 from chatdb import migrations
-from chatdb.cli.common import (
-    ConnectTimeout,
-    DatabaseUrl,
-    JsonOutput,
-    Yes,
-    adopt_group_options,
-    confirm,
-    disposing,
-    err,
-    handle_errors,
-    open_engine,
-    out,
-    print_json,
-    report_error,
-    table,
-)
+from chatdb.cli.common import JsonOutput, Yes, confirm, disposing, err, out, print_json, report_error, table
+from chatdb.cli.connect import open_engine
+from chatdb.cli.declare import callback, command, new_app
 from chatdb.errors import EXIT_PROBLEM, UsageError
 
-app = typer.Typer(no_args_is_help=False)
+app = new_app()
 
 Target = Annotated[
     str,
-    typer.Option("--to", help="Target revision: an id, a unique prefix of one, or head.", show_default=True),
+    typer.Option(
+        "--to",
+        metavar="REV",
+        help="Target revision: an id, a unique prefix of one, or head.",
+        show_default=True,
+    ),
 ]
 
 
@@ -42,15 +34,8 @@ def _count(number: int, noun: str) -> str:
     return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
-@app.callback(invoke_without_command=True)
-@handle_errors
-def migrate(
-    ctx: typer.Context,
-    to: Target = "head",
-    as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
-) -> None:
+@callback(app, database=True, invoke_without_command=True)
+def migrate(ctx: typer.Context, to: Target = "head", as_json: JsonOutput = False) -> None:
     """Create and evolve chatdb's schema. Without a subcommand: upgrade the database to
     head (or --to REV); running it again is a no-op.
 
@@ -61,35 +46,27 @@ def migrate(
         chatdb migrate --to 0003 --database-url postgresql://ops@db.internal/chat
     """
     if ctx.invoked_subcommand is not None:
-        adopt_group_options(ctx, database_url, connect_timeout)
         if to != "head" or as_json:
             raise UsageError(
                 f"--to and --json go after the subcommand (`chatdb migrate {ctx.invoked_subcommand} ...`)"
             )
         return
-    _upgrade(ctx, to, as_json, database_url, connect_timeout)
+    _upgrade(ctx, to, as_json)
 
 
-@app.command("up")
-@handle_errors
-def up(
-    ctx: typer.Context,
-    to: Target = "head",
-    as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
-) -> None:
+@command(app, "up", database=True)
+def up(ctx: typer.Context, to: Target = "head", as_json: JsonOutput = False) -> None:
     """Upgrade to head (or --to REV); the same as a plain `chatdb migrate`.
 
     Example:
 
         chatdb migrate up --to 0002
     """
-    _upgrade(ctx, to, as_json, database_url, connect_timeout)
+    _upgrade(ctx, to, as_json)
 
 
-def _upgrade(ctx, to, as_json, database_url, connect_timeout) -> None:
-    with disposing(open_engine(ctx, "migrate", database_url, connect_timeout)) as engine:
+def _upgrade(ctx: typer.Context, to: str, as_json: bool) -> None:
+    with disposing(open_engine(ctx, "migrate")) as engine:
         result = migrations.upgrade(engine, to)
     if as_json:
         print_json(
@@ -109,18 +86,17 @@ def _upgrade(ctx, to, as_json, database_url, connect_timeout) -> None:
         out.print(f"Already at {_show(result.current)}; nothing to do.")
 
 
-@app.command(
+@command(
+    app,
     "down",
+    database=True,
     context_settings={"ignore_unknown_options": True},  # so that a bare -1 is a revision
 )
-@handle_errors
 def down(
     ctx: typer.Context,
     revision: Annotated[str, typer.Argument(help="Target: a revision id, -1 (one step), -N, or base.")],
     yes: Yes = False,
     as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
 ) -> None:
     """Downgrade to REVISION. Shows the tables (with row counts) and columns it would drop,
     then asks; off a terminal it refuses without --yes.
@@ -131,7 +107,7 @@ def down(
 
         chatdb migrate down base --yes
     """
-    with disposing(open_engine(ctx, "migrate down", database_url, connect_timeout)) as engine:
+    with disposing(open_engine(ctx, "migrate down")) as engine:
         plan = migrations.plan_downgrade(engine, revision)
         if not plan.revisions:
             if as_json:
@@ -189,16 +165,13 @@ def _render_plan(plan: migrations.DowngradePlan) -> None:
         )
 
 
-@app.command("status")
-@handle_errors
+@command(app, "status", database=True)
 def status(
     ctx: typer.Context,
     check: Annotated[
         bool, typer.Option("--check", help="Exit 1 when any revision is pending (for CI).")
     ] = False,
     as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
 ) -> None:
     """Current revision, head, and the pending revisions.
 
@@ -206,7 +179,7 @@ def status(
 
         chatdb migrate status --check
     """
-    with disposing(open_engine(ctx, "migrate status", database_url, connect_timeout)) as engine:
+    with disposing(open_engine(ctx, "migrate status")) as engine:
         state = migrations.status(engine)
     failed = not state.known or (check and bool(state.pending))
     problem = None if state.known else migrations.unknown_revision(state.current or "")
@@ -240,8 +213,7 @@ def status(
         raise typer.Exit(EXIT_PROBLEM)
 
 
-@app.command("history")
-@handle_errors
+@command(app, "history")
 def history(as_json: JsonOutput = False) -> None:
     """The migration chain, oldest first. Needs no database.
 
@@ -261,14 +233,11 @@ def history(as_json: JsonOutput = False) -> None:
     out.print(rendered)
 
 
-@app.command("stamp")
-@handle_errors
+@command(app, "stamp", database=True)
 def stamp(
     ctx: typer.Context,
     revision: Annotated[str, typer.Argument(help="The revision the existing tables match.")],
     as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
 ) -> None:
     """Adopt tables that an earlier application release created: prove the live schema
     matches REVISION exactly, then record REVISION without running any migration.
@@ -277,7 +246,7 @@ def stamp(
 
         chatdb migrate stamp 0002 && chatdb migrate
     """
-    with disposing(open_engine(ctx, "migrate stamp", database_url, connect_timeout)) as engine:
+    with disposing(open_engine(ctx, "migrate stamp")) as engine:
         try:
             result = migrations.stamp(engine, revision)
         except migrations.SchemaMismatch as mismatch:
@@ -329,14 +298,13 @@ def _refuse_stamp(mismatch: migrations.SchemaMismatch, as_json: bool) -> NoRetur
     raise typer.Exit(mismatch.exit_code)
 
 
-@app.command("sql")
-@handle_errors
+@command(app, "sql")
 def sql(
     start: Annotated[
         str,
-        typer.Option("--from", help="Revision the database is at; base is an empty database."),
+        typer.Option("--from", metavar="REV", help="Revision the database is at; base is an empty database."),
     ] = migrations.BASE,
-    end: Annotated[str, typer.Option("--to", help="Revision to reach.")] = "head",
+    end: Annotated[str, typer.Option("--to", metavar="REV", help="Revision to reach.")] = "head",
 ) -> None:
     """Print the migration SQL for review, without touching any database. It applies with
     `psql -v ON_ERROR_STOP=1 -f`; CREATE INDEX CONCURRENTLY stands outside a transaction.

@@ -8,29 +8,13 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
 from chatdb import seed as seed_module
-from chatdb.cli.common import (
-    ConnectTimeout,
-    DatabaseUrl,
-    JsonOutput,
-    Yes,
-    confirm,
-    disposing,
-    err,
-    open_engine,
-    out,
-    print_json,
-    table,
-)
+from chatdb.cli.common import JsonOutput, Yes, confirm, disposing, err, out, print_json, table
+from chatdb.cli.connect import open_engine
+from chatdb.cli.declare import command, new_app
+
+app = new_app()
 
 
 @contextmanager
@@ -39,6 +23,15 @@ def _progress(total: int) -> Iterator[seed_module.Progress | None]:
     if not sys.stderr.isatty():
         yield None
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     bar = Progress(
         TextColumn("[bold]{task.description:<13}"),
         BarColumn(),
@@ -64,20 +57,29 @@ def _progress(total: int) -> Iterator[seed_module.Progress | None]:
         yield update
 
 
+@command(app, "seed", database=True)
 def seed(
     ctx: typer.Context,
-    users: Annotated[int, typer.Option("--users", help="Total number of users.")] = seed_module.DEFAULT_USERS,
+    users: Annotated[
+        int, typer.Option("--users", metavar="N", help="Total number of users.")
+    ] = seed_module.DEFAULT_USERS,
     conversations: Annotated[
-        int, typer.Option("--conversations", help="Total number of conversations.")
+        int, typer.Option("--conversations", metavar="N", help="Total number of conversations.")
     ] = seed_module.DEFAULT_CONVERSATIONS,
     messages: Annotated[
-        int, typer.Option("--messages", help="Total number of messages (at least one per conversation).")
+        int,
+        typer.Option(
+            "--messages", metavar="N", help="Total number of messages (at least one per conversation)."
+        ),
     ] = seed_module.DEFAULT_MESSAGES,
     days: Annotated[
-        int, typer.Option("--days", help="Spread the activity over the last DAYS days.")
+        int, typer.Option("--days", metavar="DAYS", help="Spread the activity over the last DAYS days.")
     ] = seed_module.DEFAULT_DAYS,
     seed_value: Annotated[
-        int, typer.Option("--seed", help="Random seed: the same seed and sizes give the same rows.")
+        int,
+        typer.Option(
+            "--seed", metavar="SEED", help="Random seed: the same seed and sizes give the same rows."
+        ),
     ] = seed_module.DEFAULT_SEED,
     reset: Annotated[
         bool,
@@ -85,8 +87,6 @@ def seed(
     ] = False,
     yes: Yes = False,
     as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
 ) -> None:
     """Fill the database with realistic, deterministic fake chat data, loaded with COPY.
 
@@ -102,7 +102,7 @@ def seed(
     """
     request = seed_module.SeedRequest(users, conversations, messages, days, seed_value)
     request.validate()
-    with disposing(open_engine(ctx, "seed", database_url, connect_timeout)) as engine:
+    with disposing(open_engine(ctx, "seed")) as engine:
         removed = None
         if reset:
             existing = seed_module.seeded_counts(engine)

@@ -3,7 +3,6 @@ declaration exactly, is valid, and serves its query."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
@@ -16,22 +15,17 @@ from rich.padding import Padding
 from rich.text import Text
 
 from chatdb import indexes
-from chatdb.cli.common import (
-    ConnectTimeout,
-    DatabaseUrl,
-    JsonOutput,
-    JunitReport,
-    disposing,
-    open_engine,
-    out,
-    print_json,
-    table,
-)
+from chatdb.cli.common import JsonOutput, JunitReport, disposing, out, print_json, print_sql, table
+from chatdb.cli.connect import open_engine
+from chatdb.cli.declare import command, new_app
 from chatdb.errors import EXIT_PROBLEM, UsageError
 
 COMMAND = "verify-indexes"
 
+app = new_app()
 
+
+@command(app, COMMAND, database=True)
 def verify_indexes(
     ctx: typer.Context,
     allow_extra: Annotated[
@@ -40,8 +34,6 @@ def verify_indexes(
     ] = False,
     junit: JunitReport = None,
     as_json: JsonOutput = False,
-    database_url: DatabaseUrl = None,
-    connect_timeout: ConnectTimeout = None,
 ) -> None:
     """Prove that every index chatdb expects exists, matches exactly, is valid
     and serves its query. Run it in CI after `chatdb migrate`, and before deploys.
@@ -65,7 +57,7 @@ def verify_indexes(
 
         chatdb verify-indexes --json --junit verify-indexes.xml
     """
-    with disposing(open_engine(ctx, COMMAND, database_url, connect_timeout)) as engine:
+    with disposing(open_engine(ctx, COMMAND)) as engine:
         report = indexes.verify_indexes(engine, allow_extra=allow_extra)
     if junit is not None:
         write_junit(report, junit)
@@ -113,11 +105,11 @@ def _print_findings(findings: list[indexes.Check]) -> None:
         return
     out.print()
     # The whole section reads as one psql script, comments and all.
-    _print_sql("-- To fix, run each statement on its own, outside a transaction (as psql does):")
+    print_sql("-- To fix, run each statement on its own, outside a transaction (as psql does):")
     for fix, checks in fixes.items():
-        _print_sql(f"-- {_where(checks[0])}: {', '.join(check.check for check in checks)}")
+        print_sql(f"-- {_where(checks[0])}: {', '.join(check.check for check in checks)}")
         for line in fix.splitlines():
-            _print_sql(line)
+            print_sql(line)
 
 
 #: The findings table's borders and padding, and the least room that leaves its last column.
@@ -130,30 +122,6 @@ def _escaped(row: list[str]) -> list[str]:
 
 def _where(check: indexes.Check) -> str:
     return ".".join(part for part in (check.table, check.index) if part) or "database"
-
-
-def _print_sql(line: str) -> None:
-    """One line of a fix, whole. On a terminal it is broken to the width at spaces outside
-    quotes only, where SQL reads a line break as the space it was, and a ``--`` comment
-    goes on as one; elsewhere (a CI log, a file) it is never broken."""
-    if not out.is_terminal:
-        out.print(Text(line), soft_wrap=True)
-        return
-    comment = line.startswith("--")
-    prefix = "-- " if comment else ""
-    words = line[2:].split() if comment else _SQL_WORD.findall(line)
-    current = ""
-    for word in words:
-        joined = f"{current} {word}" if current else word
-        if current and len(prefix) + len(joined) > out.width:
-            out.print(Text(prefix + current), soft_wrap=True)
-            joined = word
-        current = joined
-    out.print(Text(prefix + current), soft_wrap=True)
-
-
-#: A word of SQL: what lies between spaces, a quoted literal or identifier counting as one.
-_SQL_WORD = re.compile(r"""(?:'[^']*'|"[^"]*"|[^\s'"]|['"])+""")
 
 
 def _verdict(report: indexes.VerifyReport) -> str:

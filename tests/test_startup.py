@@ -1,0 +1,68 @@
+"""A command imports only what it runs: `chatdb --version` imports not even Typer, and help
+imports no database library. The console script runs as a process with Python's own
+record of what it imports (PYTHONPROFILEIMPORTTIME); no clock is read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatdb import db
+from chatdb.cli import connect
+
+CHATDB = str(Path(sys.executable).with_name("chatdb"))
+DATABASE_LIBRARIES = {"sqlalchemy", "psycopg", "alembic", "faker"}
+
+
+def imported(*args: str) -> set[str]:
+    """The top-level packages `chatdb ARGS` imported."""
+    done = subprocess.run(
+        [CHATDB, *args],
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    modules = [
+        line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")
+    ]
+    assert modules, done.stderr[-2000:]
+    return {module.split(".")[0] for module in modules}
+
+
+def test_version_is_answered_before_typer_is_imported():
+    assert not imported("--version") & {"typer", "rich", "click", *DATABASE_LIBRARIES}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["status", "--help"],
+        ["grants", "--help"],
+        ["embedded", "--help"],
+        ["embedded", "url", "--help"],
+    ],
+    ids=" ".join,
+)
+def test_help_imports_no_database_library(args):
+    packages = imported(*args)
+    assert "typer" in packages
+    assert not packages & DATABASE_LIBRARIES
+
+
+def test_a_command_that_needs_them_imports_them():
+    """The record above does see these imports: `migrate history` reads the migration chain
+    through Alembic."""
+    assert {"sqlalchemy", "alembic"} <= imported("migrate", "history")
+
+
+def test_the_help_states_the_connect_timeout_the_data_layer_applies():
+    """--connect-timeout's default is declared in the CLI, so that help needs no SQLAlchemy;
+    it is the data layer's."""
+    assert connect.DEFAULT_CONNECT_TIMEOUT == db.DEFAULT_CONNECT_TIMEOUT
