@@ -227,9 +227,10 @@ def reads(scratch: Scratch, table: Table, size: int, base: str, days: int, runs:
         seconds = statistics.median(t for t, _, _ in results)
         table.add(label, "time", "s", "linear" if label in (archive, purge) else "flat", size, seconds)
         table.add(label, "peak RSS", "bytes", "flat", size, max(r for _, r, _ in results))
-    table.add(
-        doctor, "findings (warn, fail)", "count", "info", size, findings(json.loads(samples[doctor][-1][2]))
-    )
+        if label == doctor:
+            table.add(
+                label, "findings (warn, fail)", "count", "info", size, findings(json.loads(results[-1][2]))
+            )
     for command, label in (("archive", archive), ("purge", purge)):
         report = json.loads(samples[label][0][2])
         check_count(scratch, base, f"the {command} dry run counted", command, report, "planned")
