@@ -30,11 +30,31 @@ CHATDB = Path(sys.executable).with_name("chatdb")
 COMMAND = [str(CHATDB)] if CHATDB.exists() else [sys.executable, "-m", "chatdb"]
 
 
+#: Starts the measured command and reports on file descriptor argv[1] its peak RSS (kB,
+#: from wait4) and its wall seconds, then exits with its exit code: see ``run``.
+SPAWN = """
+import os, sys, time
+report, command = int(sys.argv[1]), sys.argv[2:]
+started = time.perf_counter()
+pid = os.posix_spawnp(command[0], command, os.environ)
+_, status, usage = os.wait4(pid, 0)
+elapsed = time.perf_counter() - started
+os.write(report, f"{usage.ru_maxrss} {elapsed}".encode())
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run(
-    command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    command: list[str],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    accept: tuple[int, ...] = (0,),
 ) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes) and stdout of one child process (in ``env`` and
-    ``cwd`` when given).
+    ``cwd`` when given), which must exit
+    with one of the ``accept`` codes (``chatdb doctor`` and ``chatdb bench`` exit 1 on a
+    finding or a missed budget, and still print their --json).
 
     The peak RSS is ``ru_maxrss`` from ``os.wait4``. On Linux, wait4 fills its rusage as
     ``getrusage(RUSAGE_BOTH)`` of the child (kernel/exit.c, ``wait_task_zombie``): the
@@ -43,19 +63,32 @@ def run(
     is the larger of the parent's and the generator's peaks. (``getrusage(RUSAGE_CHILDREN)``
     here would give the same only for the largest child this process ever reaped, mixing
     one run with the next.)
+
+    The child's peak also counts the memory of the process that started it, before its
+    exec: a forked child starts with its parent's resident pages, and a vforked one (as
+    ``subprocess`` and ``posix_spawn`` start them) runs in its parent's memory until the
+    exec, which records that memory's peak as the child's. Waited for from here, every
+    command would weigh at least as much as this benchmark at its largest (the history
+    reader's conversation ids make it over 100 MB at 10M messages). So a bare Python
+    (``-I -S``, a few MB) starts the command, waits for it and reports its figures
+    (``SPAWN``); the wall time is its, around the command alone.
     """
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
-    chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: chunks.append(process.stdout.read()))
-    reader.start()
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - started
-    reader.join()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"{command[:3]} failed ({process.returncode}): {process.stderr.read().decode()}")
-    return elapsed, usage.ru_maxrss * 1024, b"".join(chunks).decode()
+    report, write = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", SPAWN, str(write), *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(write,),
+        env=env,
+        cwd=cwd,
+    )
+    os.close(write)
+    stdout, stderr = process.communicate()
+    with os.fdopen(report, "rb") as figures:
+        kilobytes, elapsed = figures.read().split()
+    if process.returncode not in accept:
+        raise SystemExit(f"{command[:3]} failed ({process.returncode}): {stderr.decode()}")
+    return float(elapsed), int(kilobytes) * 1024, stdout.decode()
 
 
 def alternate(commands: dict[str, list[str]], runs: int) -> dict[str, list[tuple[float, str]]]:

@@ -1,6 +1,7 @@
 """Every chatdb command at several sizes of the same database: what grows with the data.
 
     python bench/bench_scale.py [--sizes 1000000,10000000] [--older-than Nd] [--runs 3]
+        [--no-deep] [--bench-rate 200] [--bench-seconds 20] [--bench-clients 10]
 
 Seeds each size in the same shape (a user per 100 messages, a conversation per 20, over
 365 days; smallest first), then runs every command as a whole child process, Python start
@@ -10,22 +11,32 @@ data, the longest transaction and how many took over 250 ms (from their --json):
 - `chatdb seed` itself (its peak RSS covers the generator child it forks: see
   ``_harness.run``);
 - on the seeded database: `chatdb migrate` (a no-op at head: what checking costs),
-  `status`, `verify-indexes`, `archive --older-than N --dry-run` and `purge --older-than
-  N --dry-run` (its default grace of 30 days, as typed), each --runs times in turn
-  (median time, largest RSS);
+  `status`, `verify-indexes`, `doctor --older-than N` (catalog and statistics only; with
+  how many checks warned or failed), `archive --older-than N --dry-run` and `purge
+  --older-than N --dry-run` (its default grace of 30 days, as typed), each --runs times
+  in turn (median time, largest RSS); each dry run's count is checked against a count at
+  its own cutoffs;
+- `chatdb doctor --deep --older-than N` once (unless --no-deep): it reads every page of
+  the tables and indexes (pgstattuple and amcheck, created on each database) and counts
+  retention exactly; its time, the bytes it read and their rate;
 - each on a fresh copy (CREATE DATABASE ... TEMPLATE, a CHECKPOINT before each): the
   plain `DELETE FROM conversations WHERE updated_at < now() - interval 'N days'` and the
   plain INSERT ... SELECT archive of bench_lifecycle.py, each in one transaction;
   `chatdb purge --older-than Nd` (grace period past every soft delete, so it deletes
   what the DELETE deletes) and `chatdb archive --older-than Nd`, with their ratio to
-  those baselines;
+  those baselines; each run's count is checked against a count at its own cutoff (the
+  baseline's, taken a little earlier, may differ by what became idle in between);
 - `chatdb archive restore` of 1,000 conversations named with --conversation, picked
   across the archive of the copy the archive run left (as many as the smallest size's
   archive holds, when that is fewer);
 - on the largest size, the steady-state daily job: on a copy purged at N+1 days and
   vacuumed (yesterday's run), the purge at N days, which takes one day's newly idle
   conversations; beside it the application's conversation-history query runs back to
-  back, and its p95 is given alone and during the purge.
+  back, and its p95 is given alone and during the purge;
+- last, on the seeded database itself, `chatdb bench` at one fixed, modest rate
+  (--bench-rate, for --bench-seconds, with --bench-clients): each pattern's p95 and the
+  budgets missed. The rate is the same at every size, so the p95s compare the data's
+  effect alone; bench leaves no rows behind.
 
 Then one table: each figure at each size and the largest/smallest ratio, against what it
 should be: linear in the data (about the ratio of the sizes) for work that reads the
@@ -60,6 +71,11 @@ from _harness import (  # run as a script: bench/ is on sys.path
 from sqlalchemy import text
 
 RESTORE = 1_000
+#: chatdb bench at a modest fixed rate, one that a 1M-message database on two shared
+#: cores serves within every budget: the p95s, not the capacity, are compared.
+BENCH_RATE = 200
+BENCH_SECONDS = 20
+BENCH_CLIENTS = 10
 
 
 @dataclass
@@ -81,7 +97,9 @@ class Row:
         if self.unit == "bytes":
             return f"{value / 2**30:.2f} GB" if value >= 2**30 else f"{value / 2**20:.0f} MB"
         if self.unit == "ms":
-            return f"{value * 1000:.0f} ms"
+            return f"{value * 1000:.2f} ms" if value < 0.01 else f"{value * 1000:.0f} ms"
+        if self.unit == "bytes/s":
+            return f"{value / 2**20:,.0f} MB/s"
         if self.unit == "x":
             return f"{value:.2f}x"
         return f"{value:,.0f}"
@@ -165,6 +183,10 @@ def seeded(scratch: Scratch, table: Table, size: int) -> tuple[str, str]:
     table.add("seed (with its generator)", "peak RSS", "bytes", "flat", size, rss, aim=1.1)
     engine = scratch.engine(base)
     with engine.connect() as connection:
+        # what doctor --deep reads with: pgstattuple (exact bloat) and amcheck (integrity)
+        connection.execute(text("CREATE EXTENSION IF NOT EXISTS pgstattuple"))
+        connection.execute(text("CREATE EXTENSION IF NOT EXISTS amcheck"))
+        connection.commit()
         database_bytes, index_bytes = connection.execute(
             text(
                 "SELECT pg_database_size(current_database()),"
@@ -179,17 +201,19 @@ def seeded(scratch: Scratch, table: Table, size: int) -> tuple[str, str]:
     return base, server
 
 
-def reads(scratch: Scratch, table: Table, size: int, base: str, days: int, runs: int) -> dict[str, Any]:
+def reads(scratch: Scratch, table: Table, size: int, base: str, days: int, runs: int) -> None:
     """The read-only commands on the seeded database, in turn (so that drift on a shared
-    machine hits them alike), ``runs`` times each: median time, largest RSS. Returns the
-    archive dry run's --json."""
-    print(f"{size:,}: migrate, status, verify-indexes, dry runs ...", flush=True)
+    machine hits them alike), ``runs`` times each: median time, largest RSS. Checks each
+    dry run's count against a count at its own cutoff."""
+    print(f"{size:,}: migrate, status, verify-indexes, doctor, dry runs ...", flush=True)
     target = ["--database-url", scratch.target(base)]
     archive, purge = (f"{command} --older-than {days}d --dry-run" for command in ("archive", "purge"))
+    doctor = f"doctor --older-than {days}d"
     commands = {
         "migrate (at head)": [*COMMAND, "migrate", *target],
         "status": [*COMMAND, "status", *target],
         "verify-indexes": [*COMMAND, "verify-indexes", *target],
+        doctor: [*COMMAND, *doctor.split(), "--json", *target],
         archive: [*COMMAND, *archive.split(), "--json", *target],
         purge: [*COMMAND, *purge.split(), "--json", *target],
     }
@@ -197,15 +221,87 @@ def reads(scratch: Scratch, table: Table, size: int, base: str, days: int, runs:
     scratch.checkpoint()
     for _ in range(runs):
         for label, command in commands.items():
-            samples[label].append(run(command))
+            # doctor exits 1 when a check fails; its --json is printed all the same
+            samples[label].append(run(command, accept=(0, 1) if label == doctor else (0,)))
     for label, results in samples.items():
         seconds = statistics.median(t for t, _, _ in results)
         table.add(label, "time", "s", "linear" if label in (archive, purge) else "flat", size, seconds)
         table.add(label, "peak RSS", "bytes", "flat", size, max(r for _, r, _ in results))
-    return json.loads(samples[archive][0][2])
+        if label == doctor:
+            table.add(
+                label, "findings (warn, fail)", "count", "info", size, findings(json.loads(results[-1][2]))
+            )
+    for command, label in (("archive", archive), ("purge", purge)):
+        report = json.loads(samples[label][0][2])
+        check_count(scratch, base, f"the {command} dry run counted", command, report, "planned")
 
 
-def writes(scratch: Scratch, table: Table, size: int, base: str, days: int, plan: dict[str, Any]) -> None:
+def findings(report: dict[str, Any]) -> int:
+    """What a doctor run found: its checks that warned or failed."""
+    return report["counts"]["warn"] + report["counts"]["fail"]
+
+
+def doctor_deep(scratch: Scratch, table: Table, size: int, base: str, days: int) -> None:
+    """``chatdb doctor --deep`` once: it reads every page of chatdb's tables and indexes
+    (pgstattuple, amcheck) and counts retention exactly, so it is linear in the data."""
+    print(f"{size:,}: doctor --deep ...", flush=True)
+    scratch.checkpoint()
+    command = [*COMMAND, "doctor", "--deep", "--older-than", f"{days}d", "--json"]
+    seconds, rss, stdout = run([*command, "--database-url", scratch.target(base)], accept=(0, 1))
+    report = json.loads(stdout)
+    label = f"doctor --deep --older-than {days}d (one run)"
+    table.add(label, "time", "s", "linear", size, seconds)
+    table.add(label, "read (pgstattuple, amcheck)", "bytes", "linear", size, report["deep_read_bytes"])
+    table.add(label, "read/s", "bytes/s", "rate", size, report["deep_read_bytes"] / report["deep_seconds"])
+    table.add(label, "peak RSS", "bytes", "flat", size, rss)
+    table.add(label, "findings (warn, fail)", "count", "info", size, findings(report))
+
+
+def expected(scratch: Scratch, base: str, command: str, report: dict[str, Any]) -> int:
+    """The messages ``chatdb archive`` or ``chatdb purge`` takes from ``base`` at the
+    cutoffs of ``report`` (the run's --json: its own, as it printed them), counted on
+    ``base``, which no run changes: an archive moves the conversations idle since before
+    the cutoff and not soft-deleted; a purge deletes those idle since before it or
+    soft-deleted before the deleted cutoff, and the messages soft-deleted before that,
+    in the hot and the archive tables."""
+    params = {"cutoff": report["cutoff"]}
+    idle = "c.updated_at < CAST(:cutoff AS timestamptz)"
+    deleted = "< CAST(:deleted AS timestamptz)"
+    if command == "archive":
+        queries = [
+            f"SELECT count(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            f" WHERE {idle} AND c.deleted_at IS NULL"
+        ]
+    else:
+        params["deleted"] = report["deleted_cutoff"]
+        queries = [
+            f"SELECT count(*) FROM {child} m JOIN {parent} c ON c.id = m.conversation_id"
+            f" WHERE {idle} OR c.deleted_at {deleted} OR m.deleted_at {deleted}"
+            for parent, child in (
+                ("conversations", "messages"),
+                ("conversations_archive", "messages_archive"),
+            )
+        ]
+    engine = scratch.engine(base)
+    with engine.connect() as connection:
+        count = sum(connection.execute(text(query), params).scalar_one() for query in queries)
+    engine.dispose()
+    return int(count)
+
+
+def check_count(
+    scratch: Scratch, base: str, what: str, command: str, report: dict[str, Any], key: str
+) -> None:
+    """Warn when a run's (or a dry run's) messages differ from what its own cutoffs
+    select. Two runs a minute apart take different cutoffs (now() less the age), so their
+    counts may differ: only a count at the same cutoffs says whether one is wrong."""
+    found = report[key]["messages"] + report[key]["archive_messages"]
+    want = expected(scratch, base, command, report)
+    if found != want:
+        print(f"warning: {what} {found:,} messages; its cutoff ({report['cutoff']}) selects {want:,}")
+
+
+def writes(scratch: Scratch, table: Table, size: int, base: str, days: int) -> None:
     """The plain SQL baselines, then chatdb purge and archive, each on a fresh copy; the
     archive's copy is kept for the restore."""
     print(f"{size:,}: plain DELETE, plain INSERT ... SELECT, purge, archive ...", flush=True)
@@ -231,11 +327,9 @@ def writes(scratch: Scratch, table: Table, size: int, base: str, days: int, plan
         ratio = (done / seconds) / (base_messages / base_s)
         expect = "aim" if command == "purge" else "info"
         table.add(f"{label} / {versus}", "messages/s, end to end", "x", expect, size, ratio, aim=1.0)
-        if done != base_messages:
-            print(f"warning: chatdb {command} took {done:,} messages, the {versus} {base_messages:,}")
-        if command == "archive" and plan["planned"]["messages"] != done:
-            planned = plan["planned"]["messages"]
-            print(f"warning: the dry run counted {planned:,} messages, the archive moved {done:,}")
+        # The baseline took its own cutoff (now() when it ran), so its count may differ
+        # by what became idle in between; the run is checked against its own cutoff.
+        check_count(scratch, base, f"chatdb {command} took", command, result, "done")
 
 
 def restore(scratch: Scratch, table: Table, size: int, base: str, count: int) -> int:
@@ -270,6 +364,44 @@ def restore(scratch: Scratch, table: Table, size: int, base: str, count: int) ->
     return count
 
 
+def bench(
+    scratch: Scratch, table: Table, size: int, base: str, rate: float, seconds: int, clients: int
+) -> None:
+    """``chatdb bench`` at one fixed rate: each pattern's p95 (latency from its scheduled
+    start), which should not depend on the data (each is an index lookup). It writes only
+    rows of its own and removes them, so it runs last, on ``base``."""
+    print(f"{size:,}: bench at {rate:g} tps ...", flush=True)
+    scratch.checkpoint()
+    command = [
+        *COMMAND,
+        "bench",
+        "--rate",
+        f"{rate:g}",
+        "--duration",
+        f"{seconds}s",
+        "--clients",
+        str(clients),
+    ]
+    # bench exits 1 when a budget is missed; its --json is printed all the same
+    _, rss, stdout = run([*command, "--json", "--database-url", scratch.target(base)], accept=(0, 1))
+    report = json.loads(stdout)
+    label = f"bench --rate {rate:g} --clients {clients}"
+    (phase,) = report["phases"]
+    table.add(label, "tps achieved", "/s", "info", size, phase["tps"])
+    for pattern in phase["patterns"]:
+        table.add(f"  {pattern['pattern']}", "p95", "ms", "flat", size, pattern["p95_ms"] / 1000)
+    missed = [
+        f"{pattern['pattern']}.{budget['metric']}"
+        for pattern in phase["patterns"]
+        for budget in pattern["budgets"]
+        if budget["status"] != "ok"
+    ]
+    table.add(label, "budgets missed", "count", "count", size, len(missed))
+    if missed:
+        print(f"note: at {size:,} messages bench missed {', '.join(missed)}")
+    table.add(label, "peak RSS (with pgbench)", "bytes", "flat", size, rss)
+
+
 def parse_runs(raw: str) -> int:
     if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of runs, at least 1, not {raw!r}")
@@ -291,6 +423,24 @@ def main() -> None:
         "three quarters of the conversations idle past them)",
     )
     parser.add_argument("--runs", type=parse_runs, default=3, help="runs of each read-only command; medians")
+    parser.add_argument(
+        "--no-deep", dest="deep", action="store_false", help="leave out doctor --deep (it reads every page)"
+    )
+    parser.add_argument(
+        "--bench-rate", type=float, default=BENCH_RATE, help=f"chatdb bench's --rate (default {BENCH_RATE:g})"
+    )
+    parser.add_argument(
+        "--bench-seconds",
+        type=parse_runs,
+        default=BENCH_SECONDS,
+        help=f"chatdb bench's --duration in seconds (default {BENCH_SECONDS})",
+    )
+    parser.add_argument(
+        "--bench-clients",
+        type=parse_runs,
+        default=BENCH_CLIENTS,
+        help=f"chatdb bench's --clients (default {BENCH_CLIENTS})",
+    )
     args = parser.parse_args()
     sizes: list[int] = args.sizes
     days: int | None = args.older_than
@@ -302,12 +452,15 @@ def main() -> None:
             base, server = seeded(scratch, table, size)
             if days is None:
                 days = scratch.idle_days(base)
-            plan = reads(scratch, table, size, base, days, args.runs)
-            writes(scratch, table, size, base, days, plan)
+            reads(scratch, table, size, base, days, args.runs)
+            if args.deep:
+                doctor_deep(scratch, table, size, base, days)
+            writes(scratch, table, size, base, days)
             count = restore(scratch, table, size, base, count)
             if size == sizes[-1]:
                 print(f"{size:,}: the daily purge ...", flush=True)
                 daily = daily_job(scratch, base, days)
+            bench(scratch, table, size, base, args.bench_rate, args.bench_seconds, args.bench_clients)
             scratch.drop(base)
     finally:
         scratch.close()
