@@ -38,7 +38,6 @@ from sqlalchemy import (
     Table,
     Text,
     TextClause,
-    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
@@ -48,7 +47,7 @@ metadata = MetaData()
 #: chatdb's own Alembic version table, so it can live beside the application's.
 VERSION_TABLE = "chatdb_alembic_version"
 #: The revision of the chain whose schema this module declares (a test keeps the two equal).
-HEAD_REVISION = "0006_size_history"
+HEAD_REVISION = "0007_keys_with_user_id"
 
 #: The comment chatdb puts on a ``users`` table it created itself. A ``users`` table
 #: without it belongs to the application and is never altered or dropped.
@@ -120,12 +119,13 @@ conversations = Table(
     "conversations",
     metadata,
     *_conversation_columns(),
-    PrimaryKeyConstraint("id", name="conversations_pkey"),
+    # Holds user_id, the distribution column on Citus, which requires every key of a
+    # distributed table to hold it; id first, so a lookup by id is one probe. Also the
+    # target of the messages' (conversation_id, user_id) foreign key: the database refuses
+    # a message whose user is not the owner of its conversation.
+    PrimaryKeyConstraint("id", "user_id", name="conversations_pkey"),
     ForeignKeyConstraint(["user_id"], ["users.id"], name="conversations_user_id_fkey", ondelete="CASCADE"),
     CheckConstraint(_STATUS_CHECK, name="chk_conversation_status"),
-    # Target of the messages' (conversation_id, user_id) foreign key: the database
-    # refuses a message whose user is not the owner of its conversation.
-    UniqueConstraint("id", "user_id", name="uq_conversations_id_user"),
 )
 
 # Pattern 1; its leading user_id also covers the foreign key to users.
@@ -150,7 +150,7 @@ messages = Table(
     "messages",
     metadata,
     *_message_columns(),
-    PrimaryKeyConstraint("id", name="messages_pkey"),
+    PrimaryKeyConstraint("id", "user_id", name="messages_pkey"),
     ForeignKeyConstraint(["user_id"], ["users.id"], name="messages_user_id_fkey", ondelete="CASCADE"),
     ForeignKeyConstraint(
         ["conversation_id", "user_id"],
@@ -219,12 +219,11 @@ conversations_archive = Table(
     metadata,
     *_conversation_columns(),
     Column("archived_at", _tz(), nullable=False, server_default=_now()),
-    PrimaryKeyConstraint("id", name="conversations_archive_pkey"),
+    PrimaryKeyConstraint("id", "user_id", name="conversations_archive_pkey"),
     ForeignKeyConstraint(
         ["user_id"], ["users.id"], name="conversations_archive_user_id_fkey", ondelete="CASCADE"
     ),
     CheckConstraint(_STATUS_CHECK, name="chk_conversations_archive_status"),
-    UniqueConstraint("id", "user_id", name="uq_conversations_archive_id_user"),
 )
 
 # Restoring a user's archive, and deleting a user; covers the foreign key to users.
@@ -249,7 +248,7 @@ messages_archive = Table(
     metadata,
     *_message_columns(),
     Column("archived_at", _tz(), nullable=False, server_default=_now()),
-    PrimaryKeyConstraint("id", name="messages_archive_pkey"),
+    PrimaryKeyConstraint("id", "user_id", name="messages_archive_pkey"),
     # Archived messages belong to archived conversations, with the same owner; deleting
     # a user reaches them through conversations_archive.
     ForeignKeyConstraint(
@@ -332,6 +331,15 @@ chatdb_size_history = Table(
 
 # Pattern 8: the samples since a time, for every table at once.
 Index("idx_chatdb_size_history_recorded_at", chatdb_size_history.c.recorded_at)
+
+#: On Citus, the column the application's tables are distributed by, and those tables,
+#: co-located, parents first: every conversation's rows, hot and archived, live on one
+#: node, and each query with an equality on user_id goes to that node alone. ``users`` is
+#: a reference table (a copy on every node); chatdb's own small tables stay on the
+#: coordinator (docs/architecture.md, "Running on Citus").
+DISTRIBUTION_COLUMN = "user_id"
+DISTRIBUTED_TABLES: tuple[Table, ...] = (conversations, messages, conversations_archive, messages_archive)
+REFERENCE_TABLES: tuple[Table, ...] = (users,)
 
 #: The tables chatdb owns, in dependency order (parents first). ``users`` is not among
 #: them: it belongs to the application unless chatdb created it.

@@ -33,6 +33,16 @@ Target = Annotated[
 ]
 
 
+ReferenceUsers = Annotated[
+    bool,
+    typer.Option(
+        "--reference-users",
+        help="On Citus: make the application's users table a reference table"
+        " (SELECT create_reference_table('users')); without it, migrate stops and says so.",
+    ),
+]
+
+
 def _show(revision: str | None) -> str:
     return revision or "base (empty)"
 
@@ -47,12 +57,14 @@ def _count(number: int, noun: str) -> str:
 def migrate(
     ctx: typer.Context,
     to: Target = "head",
+    reference_users: ReferenceUsers = False,
     as_json: JsonOutput = False,
     database_url: DatabaseUrl = None,
     connect_timeout: ConnectTimeout = None,
 ) -> None:
     """Create and evolve chatdb's schema. Without a subcommand: upgrade the database to
-    head (or --to REV); running it again is a no-op.
+    head (or --to REV); running it again is a no-op. On a Citus coordinator it also
+    distributes the tables by user_id.
 
     Example:
 
@@ -62,12 +74,13 @@ def migrate(
     """
     if ctx.invoked_subcommand is not None:
         adopt_group_options(ctx, database_url, connect_timeout)
-        if to != "head" or as_json:
+        if to != "head" or as_json or reference_users:
             raise UsageError(
-                f"--to and --json go after the subcommand (`chatdb migrate {ctx.invoked_subcommand} ...`)"
+                "--to, --reference-users and --json go after the subcommand"
+                f" (`chatdb migrate {ctx.invoked_subcommand} ...`)"
             )
         return
-    _upgrade(ctx, to, as_json, database_url, connect_timeout)
+    _upgrade(ctx, to, as_json, database_url, connect_timeout, reference_users)
 
 
 @app.command("up")
@@ -75,6 +88,7 @@ def migrate(
 def up(
     ctx: typer.Context,
     to: Target = "head",
+    reference_users: ReferenceUsers = False,
     as_json: JsonOutput = False,
     database_url: DatabaseUrl = None,
     connect_timeout: ConnectTimeout = None,
@@ -85,12 +99,12 @@ def up(
 
         chatdb migrate up --to 0002
     """
-    _upgrade(ctx, to, as_json, database_url, connect_timeout)
+    _upgrade(ctx, to, as_json, database_url, connect_timeout, reference_users)
 
 
-def _upgrade(ctx, to, as_json, database_url, connect_timeout) -> None:
+def _upgrade(ctx, to, as_json, database_url, connect_timeout, reference_users=False) -> None:
     with disposing(open_engine(ctx, "migrate", database_url, connect_timeout)) as engine:
-        result = migrations.upgrade(engine, to)
+        result = migrations.upgrade(engine, to, reference_users=reference_users)
     if as_json:
         print_json(
             "migrate",
@@ -98,15 +112,19 @@ def _upgrade(ctx, to, as_json, database_url, connect_timeout) -> None:
             previous=result.previous,
             current=result.current,
             applied=result.applied,
+            distributed=result.distributed,
             elapsed_seconds=round(result.elapsed, 3),
         )
-    elif result.applied:
+        return
+    if result.applied:
         out.print(
             f"Migrated from {_show(result.previous)} to {_show(result.current)}: "
             f"applied {', '.join(result.applied)} in {result.elapsed:.2f} s."
         )
-    else:
+    elif not result.distributed:
         out.print(f"Already at {_show(result.current)}; nothing to do.")
+    if result.distributed:
+        out.print(f"Distributed by user_id on Citus, co-located: {', '.join(result.distributed)}.")
 
 
 @app.command(

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import psycopg
 import pytest
 import servers
 from conftest import TestDatabase, scratch_folder
 from sqlalchemy import create_engine
 
-from chatdb import db
+from chatdb import db, migrations
 
 _names = itertools.count()
 
@@ -62,3 +63,32 @@ def _citus_database(cluster: servers.CitusCluster) -> Iterator[CitusDatabase]:
 def citus_db(citus_cluster: servers.CitusCluster) -> Iterator[CitusDatabase]:
     """A fresh database on the cluster, with Citus and both workers, and nothing else."""
     yield from _citus_database(citus_cluster)
+
+
+@pytest.fixture
+def citus_migrated_db(citus_db: CitusDatabase) -> CitusDatabase:
+    """A fresh database on the cluster that ``chatdb migrate`` has distributed."""
+    engine = db.connect(db.Database(citus_db.url, "test"))
+    try:
+        migrations.upgrade(engine)
+    finally:
+        engine.dispose()
+    return citus_db
+
+
+@pytest.fixture
+def plain_db(citus_cluster: servers.CitusCluster) -> Iterator[TestDatabase]:
+    """A database at head on the coordinator's server without the Citus extension: plain
+    PostgreSQL of the same version, to compare with."""
+    name = f"chatdb_plain_{os.getpid()}_{next(_names)}"
+    with psycopg.connect(citus_cluster.coordinator.conninfo(), autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    url = db.parse_url(citus_cluster.url(name))
+    engine = create_engine(url, connect_args={"prepare_threshold": None})
+    try:
+        migrations.upgrade(engine)
+        yield TestDatabase(name, url, engine)
+    finally:
+        engine.dispose()
+        with psycopg.connect(citus_cluster.coordinator.conninfo(), autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
