@@ -54,6 +54,24 @@ class Cluster:
         return entry.kind if entry else None
 
 
+def enabled(connection: Connection) -> bool:
+    """Whether this database has the Citus extension (a coordinator, or a worker)."""
+    return bool(
+        connection.execute(text("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")).scalar()
+    )
+
+
+def sequential(connection: Connection) -> None:
+    """Make the transaction's statements on distributed tables use one connection per node.
+    A transaction that writes a reference table (``users``) after a statement that ran
+    in parallel over the shards of a table with a foreign key to it is refused ("cannot
+    modify table ... because there was a parallel operation on a distributed table"):
+    Citus must see the reference row and the shard rows that refer to it on the same
+    connection. Local to the transaction; nothing on plain PostgreSQL."""
+    if enabled(connection):
+        connection.execute(text("SET LOCAL citus.multi_shard_modify_mode = 'sequential'"))
+
+
 def cluster(connection: Connection) -> Cluster | None:
     """The Citus layout of this database, or None when it has no Citus extension."""
     version = connection.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'citus'")).scalar()
