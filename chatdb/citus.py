@@ -11,6 +11,8 @@ Every function takes a Connection or an Engine, returns plain data and never pri
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, ForeignKeyConstraint, text
@@ -197,3 +199,68 @@ def _check_layout(layout: Cluster) -> None:
                 f"{DISTRIBUTION_COLUMN}; chatdb needs all of a user's rows on one node"
             )
         group = entry.colocation
+
+
+# --- shards ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardIndexes:
+    """The indexes of one shard placement of a distributed table, by the names of the
+    coordinator's (the shard's names carry ``_<shardid>``), each with its definition in
+    the coordinator's terms and whether it is valid and ready."""
+
+    table: str
+    shard: int
+    node: str  # host:port
+    indexes: dict[str, tuple[str, bool]]
+    error: str | None = None  # the worker's error, when the placement could not be read
+
+    @property
+    def where(self) -> str:
+        return f"shard {self.table}_{self.shard} on {self.node}"
+
+
+#: Run on each placement by run_command_on_placements, %s being the shard's name.
+_SHARD_INDEXES = (
+    "SELECT coalesce(json_agg(json_build_array(c.relname, pg_get_indexdef(i.indexrelid),"
+    " i.indisvalid AND i.indisready)), '[]') FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+    " WHERE i.indrelid = '%s'::regclass"
+)
+
+
+def shard_indexes(connection: Connection, table: str) -> list[ShardIndexes]:
+    """The indexes of every shard placement of ``table``, read on the workers."""
+    rows = connection.execute(
+        text(
+            "SELECT shardid, nodename, nodeport, success, result"
+            " FROM run_command_on_placements(CAST(:table AS regclass), :command)"
+            " ORDER BY shardid, nodename, nodeport"
+        ),
+        {"table": table, "command": _SHARD_INDEXES},
+    )
+    found = []
+    for shard, host, port, success, result in rows:
+        node = f"{host}:{port}"
+        if not success:
+            found.append(ShardIndexes(table, shard, node, {}, " ".join(str(result).split())))
+            continue
+        suffix = re.compile(rf"_{shard}\b")
+        indexes = {
+            suffix.sub("", name): (suffix.sub("", definition), bool(valid))
+            for name, definition, valid in json.loads(result)
+        }
+        found.append(ShardIndexes(table, shard, node, indexes))
+    return found
+
+
+def index_definitions(connection: Connection, table: str) -> dict[str, str]:
+    """The coordinator's definition of each index of ``table`` (its shell table)."""
+    rows = connection.execute(
+        text(
+            "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = CAST(:table AS regclass)"
+        ),
+        {"table": table},
+    )
+    return dict(rows.all())
