@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import AddConstraint
 
-from chatdb.errors import StateError, one_line
+from chatdb.errors import ChatdbError, StateError, one_line
 from chatdb.schema import DISTRIBUTED_TABLES, DISTRIBUTION_COLUMN, USERS_CREATED_BY_CHATDB, users
 
 #: citus_table_type as Citus names it, for the tables in its metadata.
@@ -264,3 +264,122 @@ def index_definitions(connection: Connection, table: str) -> dict[str, str]:
         {"table": table},
     )
     return dict(rows.all())
+
+
+# --- sizes and placements ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the shards of a table are: how many on a node, and their size there."""
+
+    table: str
+    node: str  # host:port
+    shards: int
+    total_bytes: int
+
+
+def sizes(connection: Connection, tables: list[str]) -> dict[str, tuple[int, int]]:
+    """(row estimate, bytes) of each of ``tables`` that Citus distributes or replicates,
+    summed over its shards (the coordinator's table of a distributed one is an empty
+    shell). The estimate is the shards' planner statistics, -1 when none was analysed."""
+    found = {}
+    for table in tables:
+        kind = connection.execute(
+            text(
+                "SELECT p.partmethod::text FROM pg_dist_partition p"
+                " WHERE p.logicalrelid = to_regclass(:table)"
+            ),
+            {"table": table},
+        ).scalar()
+        if kind is None:
+            continue
+        estimate = connection.execute(
+            text(
+                "SELECT CASE WHEN bool_and(result::bigint < 0) THEN -1"
+                " ELSE sum(greatest(result::bigint, 0)) END"
+                " FROM run_command_on_shards(CAST(:table AS regclass),"
+                " 'SELECT reltuples::bigint FROM pg_class WHERE oid = ''%s''::regclass')"
+                " WHERE success"
+            ),
+            {"table": table},
+        ).scalar()
+        if kind == "n":  # a reference or a Citus local table: one shard, counted once
+            estimate = (
+                connection.execute(
+                    text("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(:table)"),
+                    {"table": table},
+                ).scalar()
+                if estimate is None
+                else estimate
+            )
+        size = connection.execute(
+            text("SELECT citus_total_relation_size(CAST(:table AS regclass), fail_on_error => false)"),
+            {"table": table},
+        ).scalar()
+        found[table] = (int(estimate if estimate is not None else -1), int(size or 0))
+    return found
+
+
+def placements(connection: Connection, tables: list[str]) -> list[Placement]:
+    """The shards of ``tables`` by node (citus_shards), in table order then node."""
+    rows = connection.execute(
+        text(
+            "SELECT table_name::text, nodename || ':' || nodeport, count(*), coalesce(sum(shard_size), 0)"
+            " FROM citus_shards WHERE table_name::text = ANY(:tables)"
+            " GROUP BY 1, 2 ORDER BY array_position(CAST(:tables AS text[]), table_name::text), 2"
+        ),
+        {"tables": tables},
+    )
+    return [Placement(table, node, int(shards), int(size)) for table, node, shards, size in rows]
+
+
+def refuse_lifecycle(engine: Engine, command: str) -> None:
+    """Refuse to run archive, restore or purge on distributed tables, before anything
+    changes, saying why: their batches do not work there yet (docs/architecture.md,
+    "Running on Citus"), and they would otherwise stop blaming locks."""
+    with engine.connect() as connection:
+        layout = cluster(connection)
+    if layout is None or layout.kind(DISTRIBUTED_TABLES[0].name) != DISTRIBUTED:
+        return
+    raise StateError(
+        f"{command} does not run on distributed tables yet: its batches scan by ctid, which "
+        "finds nothing on the coordinator's empty tables, and lock rows with a SELECT ... FOR "
+        "UPDATE over every shard, which Citus refuses; nothing was changed",
+        hint='--dry-run counts what it would take; see README.md, "Running on Citus"',
+    )
+
+
+# --- errors --------------------------------------------------------------------------------
+
+#: Messages by which Citus says a statement cannot run on how the tables are distributed.
+#: Citus gives most of them SQLSTATE 0A000 (feature_not_supported), some XX000.
+_DISTRIBUTION_PHRASES = (
+    "distributed",
+    "distribution column",
+    "colocated",
+    "co-located",
+    "reference table",
+    "shard",
+    "parallel operation",
+    "multi-shard",
+    "router",
+    "repartition",
+)
+
+
+def distribution_error(exc: BaseException) -> ChatdbError | None:
+    """A StateError that says a statement failed because of how the tables are
+    distributed on Citus (not a lock, not the data), or None when ``exc`` is not one."""
+    orig = getattr(exc, "orig", exc)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate not in ("0A000", "XX000", "25001"):
+        return None
+    message = one_line(exc)
+    if not any(phrase in message.lower() for phrase in _DISTRIBUTION_PHRASES):
+        return None
+    return StateError(
+        f"Citus cannot run this on the distributed tables: {message}",
+        hint="a limit of how the tables are distributed, not a lock or the data: "
+        'see README.md, "Running on Citus"',
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL
 
-from chatdb import migrations, privileges
+from chatdb import citus, migrations, privileges
 from chatdb.bench import pgbench, stats, workload
 from chatdb.bench.stats import PatternFigures
 from chatdb.bench.workload import Budget, Keys
@@ -349,6 +349,8 @@ def _create_rows(engine: Engine, token: str, clients: int) -> int:
 
 def _remove_run(connection: Connection, token: str) -> Removed:
     """Delete the users of one run and, by cascade, everything of theirs."""
+    # On Citus, users is written after the counts read the distributed tables.
+    citus.sequential(connection)
     prefix = f"{workload.USER_PREFIX}{token}-"
     mine = "starts_with(user_id, :prefix) AND user_id ~ :pattern"
     params = {"prefix": prefix, "pattern": workload.USER_ID_PATTERN}

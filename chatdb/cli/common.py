@@ -27,7 +27,7 @@ from rich.text import Text
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from chatdb import db, privileges
+from chatdb import citus, db, privileges
 from chatdb.errors import (
     EXIT_CLOSED_PIPE,
     EXIT_CONNECT,
@@ -239,6 +239,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # that could not be parsed; the driver's text is masked by structure.
             raise _fail(exc.message, exc.exit_code, exc.hint, json_command) from None
         except DBAPIError as exc:
+            if (distributed := citus.distribution_error(exc)) is not None:
+                raise _fail(
+                    db.mask_text(distributed.message), EXIT_PROBLEM, distributed.hint, json_command
+                ) from None
             message = db.mask_text(one_line(exc))
             code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM
             hint = privileges.HINT if getattr(exc.orig, "sqlstate", None) == "42501" else None
@@ -252,6 +256,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except BrokenPipeError:
             closed_pipe()
         except Exception as exc:
+            if (distributed := citus.distribution_error(exc)) is not None:  # psycopg's own, as COPY raises
+                raise _fail(
+                    db.mask_text(distributed.message), EXIT_PROBLEM, distributed.hint, json_command
+                ) from None
             if os.environ.get("CHATDB_DEBUG"):
                 traceback.print_exc()
             message = db.mask_text(f"{type(exc).__name__}: {exc}")
