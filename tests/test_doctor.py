@@ -364,9 +364,9 @@ def test_the_guard_of_a_lifecycle_run_is_named_not_blamed(seeded, cli):
     from chatdb import db, lifecycle
 
     engine = db.create(db.Database(seeded.url, "test"))
-    guard = lifecycle._Guard(engine)
+    guard = lifecycle.Guard(engine)
     try:
-        assert guard._try_lock()
+        assert guard.try_lock()
         pid = guard.connection.execute(text("SELECT pg_backend_pid()")).scalar()
         _, payload = run(cli, seeded, "--threshold", "idle_in_transaction_seconds=0")
         held = one(payload, "connections", "idle in transaction", f"pid {pid}")

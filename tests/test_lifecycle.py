@@ -377,16 +377,14 @@ def test_a_row_that_moves_on_disk_during_the_run_is_still_taken_in_its_newest_ve
 
 @pytest.mark.parametrize("change", ["rename", "message without the bump"])
 @pytest.mark.parametrize("track_counts", ["on", "off"])
-def test_a_conversation_changed_while_the_purge_statement_runs_goes_whole(
-    migrated_db, monkeypatch, track_counts, change
-):
+def test_a_conversation_changed_while_the_purge_statement_runs_goes_whole(migrated_db, track_counts, change):
     """The race of one purge statement: a conversation renamed (still idle) after the
     statement took its snapshot and before it locked the row is locked in a version the
     snapshot cannot see. It must go whole with its messages, or stay whole; never lose
     its messages and stay. A message added then without bumping updated_at (against
     the application's contract) goes with it and is counted. The statement is paused on
     that row (an advisory lock the test holds, waited for by a function added to its
-    window condition) while the change commits."""
+    window condition, through purge's ``phases``) while the change commits."""
     db = migrated_db
     populate(db)
     db.execute(
@@ -418,7 +416,6 @@ def test_a_conversation_changed_while_the_purge_statement_runs_goes_whole(
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(text("VACUUM conversations"))
     snapshot(db)
-    monkeypatch.setattr(lifecycle, "_WINDOW", lifecycle._WINDOW + f" AND pause_at(ctid, '{where}')")
 
     url = db.url.update_query_dict({"options": f"-c track_counts={track_counts}"})
     engine = db_module.connect(db_module.Database(url, "test"))
@@ -430,8 +427,11 @@ def test_a_conversation_changed_while_the_purge_statement_runs_goes_whole(
         options = lifecycle.RunOptions(
             jobs=1, progress=batches.append, should_stop=lambda: "interrupted" if batches else None
         )
+        paused = lifecycle.purge_phases(plan, window=lifecycle.WINDOW + f" AND pause_at(ctid, '{where}')")
         outcome = []
-        run = threading.Thread(target=lambda: outcome.append(lifecycle.purge(engine, plan, options)))
+        run = threading.Thread(
+            target=lambda: outcome.append(lifecycle.purge(engine, plan, options, phases=paused))
+        )
         run.start()
         deadline = time.monotonic() + 30
         while not db.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
@@ -1012,32 +1012,40 @@ def test_an_export_is_cut_back_only_to_a_length_that_describes_it(cli, migrated_
     assert len(_exported(export)) == 3 + out["exported"]
 
 
-def test_a_batch_that_fails_before_writing_its_lines_leaves_the_export_alone(
-    migrated_db, tmp_path, monkeypatch
-):
+def test_a_batch_that_fails_before_writing_its_lines_leaves_the_export_alone(migrated_db, tmp_path):
     """A batch whose audit update fails (here: its run was taken over, and the new run
-    appended meanwhile) rolls back without touching the file: it wrote nothing to undo."""
+    appended meanwhile) rolls back without touching the file: it wrote nothing to undo.
+    After the first batch, the file gets another run's line, and a trigger makes the
+    second batch's audit update find no row to renew, as a run marked by another does
+    (its intent, in a transaction of its own, is recorded)."""
     db = migrated_db
     populate(db)
     archived_earlier = ids(db, "SELECT id FROM conversations_archive")
     export = tmp_path / "a.jsonl"
-    heartbeat = lifecycle._Runner._heartbeat
-    calls = []
+    db.execute(
+        """
+        CREATE FUNCTION taken_over() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF (OLD.counts->>'exported')::int > 0
+               AND NEW.counts->>'exported' IS DISTINCT FROM OLD.counts->>'exported' THEN
+                RETURN NULL;
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER taken_over BEFORE UPDATE ON chatdb_runs FOR EACH ROW EXECUTE FUNCTION taken_over();
+        """
+    )
 
-    def taken_over(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            with export.open("ab") as file:
-                file.write(_OTHER)
-            raise StateError("run is no longer marked running")
-        return heartbeat(self, *args)
+    def appended_meanwhile(done: lifecycle.Tally) -> None:
+        with export.open("ab") as file:
+            file.write(_OTHER)
 
-    monkeypatch.setattr(lifecycle._Runner, "_heartbeat", taken_over)
     engine = engine_for(db)
     try:
         plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
+        options = lifecycle.RunOptions(batch_size=2, jobs=1, progress=appended_meanwhile)
         with pytest.raises(StateError):
-            lifecycle.archive(engine, plan, lifecycle.RunOptions(batch_size=2, jobs=1), export)
+            lifecycle.archive(engine, plan, options, export)
     finally:
         engine.dispose()
     lines = export.read_bytes().splitlines(keepends=True)

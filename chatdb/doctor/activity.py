@@ -30,7 +30,7 @@ _CLIENT = (
 
 
 def _guard() -> dict[str, int]:
-    key = lifecycle._GUARD_KEY
+    key = lifecycle.GUARD_KEY
     return {"a": key[0], "b": key[1]}
 
 

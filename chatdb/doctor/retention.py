@@ -28,7 +28,7 @@ def _cutoff(older_than: lifecycle.Duration, days: int) -> Any:
 
 
 def _archive_queries(older_than: lifecycle.Duration, days: int) -> list[tuple[str, Select]]:
-    chosen = select(conversations.c.id).where(lifecycle._archivable(_cutoff(older_than, days)))
+    chosen = select(conversations.c.id).where(lifecycle.archivable(_cutoff(older_than, days)))
     return [
         ("conversations", chosen),
         ("messages", select(messages.c.id).where(messages.c.conversation_id.in_(chosen))),
@@ -41,7 +41,7 @@ def _purge_queries(
     cutoff, deleted_cutoff = _cutoff(older_than, days), _cutoff(grace, days)
     found = []
     for parent, child in ((conversations, messages), (conversations_archive, messages_archive)):
-        gone = lifecycle._purgeable(parent, cutoff, deleted_cutoff)
+        gone = lifecycle.purgeable(parent, cutoff, deleted_cutoff)
         found.append(("conversations", select(parent.c.id).where(gone)))
         owned = child.join(parent, child.c.conversation_id == parent.c.id)
         found.append(

@@ -1,0 +1,60 @@
+"""The commands: ``archive``, ``purge`` and ``archive restore``, each a plan run through
+its phases by the runner."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from chatdb.lifecycle.export import ExportFile
+from chatdb.lifecycle.models import Plan, RunOptions, RunResult
+from chatdb.lifecycle.phases import Phase, archive_phases, purge_phases, restore_phases
+from chatdb.lifecycle.runner import Runner
+from chatdb.lifecycle.vacuuming import dead_left
+
+
+def archive(
+    engine: Engine,
+    plan: Plan,
+    options: RunOptions,
+    export: Path | None = None,
+    *,
+    phases: Sequence[Phase] | None = None,
+) -> RunResult:
+    """Move every hot conversation idle since before ``plan.cutoff`` (and not soft-deleted),
+    with all its messages, into the archive tables. ``phases`` replaces
+    ``archive_phases(plan)``: the same run (guard, audit row, export, retries) over other
+    statements."""
+    options.validate()
+    writer = ExportFile(export) if export is not None else None
+    try:
+        result = Runner(engine, plan, options, writer).run(archive_phases(plan) if phases is None else phases)
+    finally:
+        if writer is not None:
+            writer.close()
+    result.vacuum.needed = dead_left(engine, result)
+    return result
+
+
+def purge(
+    engine: Engine, plan: Plan, options: RunOptions, *, phases: Sequence[Phase] | None = None
+) -> RunResult:
+    """Delete, from the hot and the archive tables, conversations idle since before
+    ``plan.cutoff`` and soft-deleted conversations and messages older than
+    ``plan.deleted_cutoff``. ``phases`` replaces ``purge_phases(plan)``: the same run over
+    other statements."""
+    options.validate()
+    result = Runner(engine, plan, options, None).run(purge_phases(plan) if phases is None else phases)
+    result.vacuum.needed = dead_left(engine, result)
+    return result
+
+
+def restore(
+    engine: Engine, plan: Plan, options: RunOptions, *, phases: Sequence[Phase] | None = None
+) -> RunResult:
+    """Move archived conversations back to the hot tables, exactly as they were.
+    ``phases`` replaces ``restore_phases(plan)``."""
+    options.validate()
+    return Runner(engine, plan, options, None).run(restore_phases(plan) if phases is None else phases)

@@ -1,0 +1,301 @@
+"""Phases: which rows each command takes, in which order, and what one batch does with
+them, put together from the statements of ``chatdb.lifecycle.statements``.
+
+A command is a list of phases (``archive_phases``, ``purge_phases``, ``restore_phases``)
+that the runner drains one after the other. See docs/architecture.md, "Phases" and
+"Physical order and keyset order"."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Select, Table, exists, select
+
+from chatdb import patterns
+from chatdb.lifecycle import statements
+from chatdb.lifecycle.models import Plan, Tally
+from chatdb.lifecycle.statements import WINDOW, archivable, delete_ids, restorable
+from chatdb.schema import conversations, conversations_archive, messages, messages_archive
+
+#: What one batch does with the ids of the rows it locked, in its transaction.
+Apply = Callable[[Connection, list[uuid.UUID]], Tally]
+
+
+@dataclass
+class Taken:
+    """What one batch did: the rows it picked (and locked), the position after them (see
+    Phase), its counts, and the ids of the conversations it took (for the export)."""
+
+    picked: int = 0
+    last: Any = None
+    tally: Tally = field(default_factory=Tally)
+    ids: list[uuid.UUID] = field(default_factory=list)
+
+
+#: ``take(connection, limit, after)``: see Phase.
+Take = Callable[[Connection, int, Any], Taken]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One kind of work: which rows, in which order, and what to do with a batch of them.
+
+    ``take(connection, limit, after)`` locks up to ``limit`` matching rows FOR UPDATE
+    SKIP LOCKED and deals with them, in the batch's transaction. Keyset phases go in
+    index order: ``after`` is the position (key, id) of the last row taken, shared by
+    the run's workers. With ``blocks`` set, the phase goes through that table in
+    physical order (see in_blocks): ``after`` is a window (ctid, end block) that one
+    worker claimed. ``pending`` is true while any row still matches (locked or not).
+    ``fills`` marks a phase that inserts into tables it makes grow, perhaps from empty
+    (see Batches.replan)."""
+
+    name: str
+    take: Take
+    pending: Select
+    export: bool = False
+    fills: bool = False
+    blocks: Table | None = None
+
+
+# --- what a batch does with its rows -----------------------------------------------------
+
+
+def archive_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+    params = {"ids": ids}
+    connection.execute(statements.archive_conversations(), params)
+    moved_messages = connection.execute(statements.archive_messages(), params).rowcount
+    # No message remains to cascade to: adding one needs a lock on its conversation,
+    # which this transaction holds.
+    moved = connection.execute(delete_ids(conversations, ids)).rowcount
+    return Tally(conversations=moved, messages=moved_messages)
+
+
+def restore_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+    params = {"ids": ids}
+    connection.execute(statements.restore_conversations(), params)
+    restored_messages = connection.execute(statements.restore_messages(), params).rowcount
+    restored = connection.execute(delete_ids(conversations_archive, ids)).rowcount
+    return Tally(archive_conversations=restored, archive_messages=restored_messages)
+
+
+def _deleted(hot: bool, conversations: int, messages: int) -> Tally:
+    """The counts of a batch that deleted conversations (and their messages) from the hot
+    tables or from the archive."""
+    if hot:
+        return Tally(conversations=conversations, messages=messages)
+    return Tally(archive_conversations=conversations, archive_messages=messages)
+
+
+def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
+    def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+        before, counted = connection.execute(statements.xact_deleted(), {"table": child.name}).one()
+        if counted:
+            # The foreign key's cascade deletes the messages, one index probe per
+            # conversation; this transaction's own statistics count them exactly.
+            n_conversations = connection.execute(delete_ids(parent, ids)).rowcount
+            n_messages = (
+                connection.execute(statements.xact_deleted(), {"table": child.name}).scalar_one() - before
+            )
+        else:
+            n_messages = connection.execute(delete_ids(child, ids, "conversation_id")).rowcount
+            n_conversations = connection.execute(delete_ids(parent, ids)).rowcount
+        return _deleted(hot, n_conversations, n_messages)
+
+    return apply
+
+
+def delete_messages(table: Table, hot: bool) -> Apply:
+    def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+        n = connection.execute(delete_ids(table, ids)).rowcount
+        return Tally(messages=n) if hot else Tally(archive_messages=n)
+
+    return apply
+
+
+def export_lines(connection: Connection, ids: Sequence[uuid.UUID]) -> list[str]:
+    """The export's lines of the conversations a batch just archived (see
+    ``statements.export_lines``)."""
+    return list(connection.execute(statements.export_lines(), {"ids": list(ids)}).scalars())
+
+
+# --- how a phase takes its rows ------------------------------------------------------------
+
+
+def keyset(pick: Callable[[int, tuple | None], Select], apply: Apply) -> Take:
+    """A keyset phase: ``pick(limit, after)`` selects ``(id, key)`` of the rows after
+    ``after`` = (key, id), in (key, id) order; ``apply`` deals with their ids."""
+
+    def take(connection: Connection, limit: int, after: tuple | None) -> Taken:
+        rows = connection.execute(statements.skip_locked(pick(limit, after))).all()
+        if not rows:
+            return Taken()
+        ids = [row[0] for row in rows]
+        return Taken(len(rows), (rows[-1][1], rows[-1][0]), apply(connection, ids), ids)
+
+    return take
+
+
+# Batches in physical order. Idle conversations are taken in the order their pages, and
+# mostly their messages' pages, lie on disk, one window of heap blocks at a time (a TID
+# range scan): a run reads and writes each page once, in sequence, where the order of
+# updated_at jumps about the tables (a quarter slower on the seeded database). A full
+# batch leaves the rest of its window to the next, which starts after the largest ctid it
+# took. The scan returns rows in ctid order, so a LIMIT stops it early; no ORDER BY (a
+# sort would read the whole rest of the window for every batch). Nothing relies on that
+# order for correctness: a row the position passed over, like one that moved while the
+# run went (an update writes its new version elsewhere), still matches, and the sweep
+# from the start that follows a pass leaving matching rows behind takes it. Under the
+# lock, a row updated concurrently comes back as its new version; only rows inside the
+# window move its position on.
+
+
+def tid(raw: str) -> tuple[int, int]:
+    """``(block, offset)`` of a ctid in its text form, ``"(12,3)"``."""
+    block, offset = raw.strip("()").split(",")
+    return int(block), int(offset)
+
+
+def in_blocks(table: Table, condition: Any, apply: Apply, window: str = WINDOW) -> Take:
+    """A phase in physical order whose ``apply`` deals with the ids of the rows of
+    ``table`` matching ``condition``. ``window`` is the condition on ctid that keeps a
+    batch in its window (see ``statements.WINDOW``)."""
+
+    def take(connection: Connection, limit: int, claimed: tuple[str, int]) -> Taken:
+        after, end = claimed
+        query = statements.pick_in_window(table, condition, after, end, limit, window)
+        rows = connection.execute(query).all()
+        if not rows:
+            return Taken()
+        ids = [row[0] for row in rows]
+        lower, upper = tid(after), (end, 0)
+        inside = [position for position in (tid(row[1]) for row in rows) if lower < position < upper]
+        last = "({},{})".format(*max(inside)) if inside else None
+        return Taken(len(rows), last, apply(connection, ids), ids)
+
+    return take
+
+
+def counts_tracked(connection: Connection) -> bool:
+    """Whether this session counts the rows it changes (track_counts), asked once per
+    connection."""
+    if "track_counts" not in connection.info:
+        connection.info["track_counts"] = connection.execute(statements.track_counts()).scalar_one()
+    return connection.info["track_counts"]
+
+
+def purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any, window: str = WINDOW) -> Take:
+    """Idle conversations of ``parent`` deleted in physical order, picked and deleted by
+    one statement (``statements.purge_idle``). The foreign key's cascade deletes their
+    messages, one index probe per conversation, and this transaction's own statistics
+    count them exactly: the statement reads the count before the cascade (which runs once
+    it has finished), a query after it the count after.
+
+    A session without statistics (track_counts off) takes the longer way: it locks the
+    conversations, then deletes and counts their messages in a statement of its own,
+    whose snapshot sees every message committed before the lock (one statement's
+    snapshot could miss one, which the cascade would then delete uncounted)."""
+    statement = statements.purge_idle(parent, window)
+    uncounted = in_blocks(
+        parent, parent.c.updated_at < cutoff, delete_conversations(parent, child, hot), window
+    )
+
+    def take(connection: Connection, limit: int, claimed: tuple[str, int]) -> Taken:
+        if not counts_tracked(connection):
+            return uncounted(connection, limit, claimed)
+        after, end = claimed
+        params = {"cutoff": cutoff, "after": after, "end": f"({end},0)", "limit": limit, "table": child.name}
+        # The session's counts not yet reported include earlier transactions': the
+        # cascade's are the difference.
+        before, picked, n_conversations, last = connection.execute(statement, params).one()
+        if not picked:
+            return Taken()
+        n_messages = connection.execute(statements.xact_deleted(), {"table": child.name}).one()[0] - before
+        return Taken(picked, last, _deleted(hot, n_conversations, n_messages))
+
+    return take
+
+
+# --- the commands' phases ------------------------------------------------------------------
+
+
+def archive_phases(plan: Plan, window: str = WINDOW) -> list[Phase]:
+    """``archive``: idle conversations, in physical order, moved with their messages and
+    exported."""
+    return [
+        Phase(
+            "archive idle conversations",
+            in_blocks(conversations, archivable(plan.cutoff), archive_batch, window),
+            select(exists().where(archivable(plan.cutoff))),
+            export=True,
+            fills=True,
+            blocks=conversations,
+        )
+    ]
+
+
+def _soft_deleted(table: Table, cutoff: Any) -> Callable[[int, tuple | None], Select]:
+    """The pick of a keyset phase: rows of ``table`` soft-deleted before ``cutoff``
+    (``patterns.soft_deleted``)."""
+
+    def pick(limit: int, after: tuple | None) -> Select:
+        return patterns.soft_deleted(table, cutoff, limit, after)
+
+    return pick
+
+
+def purge_phases(plan: Plan, window: str = WINDOW) -> list[Phase]:
+    """``purge``: from the hot tables, then from the archive, idle conversations (in
+    physical order, each batch in one statement), soft-deleted conversations and
+    soft-deleted messages (in keyset order). ``window`` is the condition on ctid of the
+    batches in physical order (see ``statements.WINDOW``)."""
+    grace = plan.deleted_cutoff
+    phases = []
+    for parent, child, hot in (
+        (conversations, messages, True),
+        (conversations_archive, messages_archive, False),
+    ):
+        where = "" if hot else " (archive)"
+        phases += [
+            Phase(
+                f"idle conversations{where}",
+                purge_in_blocks(parent, child, hot, plan.cutoff, window),
+                select(exists().where(parent.c.updated_at < plan.cutoff)),
+                blocks=parent,
+            ),
+            Phase(
+                f"soft-deleted conversations{where}",
+                keyset(_soft_deleted(parent, grace), delete_conversations(parent, child, hot)),
+                select(exists().where(parent.c.deleted_at < grace)),
+            ),
+            Phase(
+                f"soft-deleted messages{where}",
+                keyset(_soft_deleted(child, grace), delete_messages(child, hot)),
+                select(exists().where(child.c.deleted_at < grace)),
+            ),
+        ]
+    return phases
+
+
+def restore_phases(plan: Plan) -> list[Phase]:
+    """``archive restore``: the chosen archived conversations, in id order, moved back
+    with their messages."""
+    c = conversations_archive.c
+    chosen = restorable(plan.conversation_ids, plan.user_id)
+
+    def pick(limit: int, after: tuple | None) -> Select:
+        query = chosen.add_columns(c.id)  # (id, key): the key is the id itself
+        if after is not None:
+            query = query.where(c.id > after[1])
+        return query.order_by(c.id).limit(limit)
+
+    return [
+        Phase(
+            "restore archived conversations",
+            keyset(pick, restore_batch),
+            select(exists(chosen)),
+            fills=True,
+        )
+    ]
