@@ -334,22 +334,6 @@ def placements(connection: Connection, tables: list[str]) -> list[Placement]:
     return [Placement(table, node, int(shards), int(size)) for table, node, shards, size in rows]
 
 
-def refuse_lifecycle(engine: Engine, command: str) -> None:
-    """Refuse to run archive, restore or purge on distributed tables, before anything
-    changes, saying why: their batches do not work there yet (docs/architecture.md,
-    "Running on Citus"), and they would otherwise stop blaming locks."""
-    with engine.connect() as connection:
-        layout = cluster(connection)
-    if layout is None or layout.kind(DISTRIBUTED_TABLES[0].name) != DISTRIBUTED:
-        return
-    raise StateError(
-        f"{command} does not run on distributed tables yet: its batches scan by ctid, which "
-        "finds nothing on the coordinator's empty tables, and lock rows with a SELECT ... FOR "
-        "UPDATE over every shard, which Citus refuses; nothing was changed",
-        hint='--dry-run counts what it would take; see README.md, "Running on Citus"',
-    )
-
-
 # --- errors --------------------------------------------------------------------------------
 
 #: Messages by which Citus says a statement cannot run on how the tables are distributed.

@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from chatdb import citus, lifecycle
+from chatdb import lifecycle
 from chatdb.cli.common import (
     ConnectTimeout,
     DatabaseUrl,
@@ -427,8 +427,6 @@ def archive(
         disposing(open_engine(ctx, "archive", database_url, connect_timeout)) as engine,
     ):
         plan = lifecycle.plan_archive(engine, duration, count=_needs_counts(dry_run, yes))
-        if not dry_run:
-            citus.refuse_lifecycle(engine, "archive")
         _execute(
             plan,
             lambda options: lifecycle.archive(engine, plan, options, export),
@@ -498,7 +496,6 @@ def restore(
         disposing(open_engine(ctx, "archive restore", database_url, connect_timeout)) as engine,
     ):
         plan = lifecycle.plan_restore(engine, ids, user)
-        citus.refuse_lifecycle(engine, "archive restore")
         _execute(
             plan,
             lambda options: lifecycle.restore(engine, plan, options),
@@ -565,8 +562,6 @@ def purge(
     limit = _duration(max_runtime, "--max-runtime")
     with _signals() as signals, disposing(open_engine(ctx, "purge", database_url, connect_timeout)) as engine:
         plan = lifecycle.plan_purge(engine, duration, grace, count=_needs_counts(dry_run, yes))
-        if not dry_run:
-            citus.refuse_lifecycle(engine, "purge")
         _execute(
             plan,
             lambda options: lifecycle.purge(engine, plan, options),

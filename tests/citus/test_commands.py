@@ -60,24 +60,6 @@ def test_a_statement_citus_refuses_is_a_distribution_error(citus_migrated_db):
     assert "not a lock" in (error.hint or "")
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("purge", "--older-than", "30d", "--yes"),
-        ("archive", "--older-than", "30d", "--yes"),
-        ("archive", "restore", "--user", "u1"),
-    ],
-)
-def test_the_lifecycle_on_distributed_tables_refuses_before_changing_anything(citus_migrated_db, cli, args):
-    citus_migrated_db.execute("INSERT INTO users (id) VALUES ('u1')")
-    result = run(cli, *args, "--database-url", citus_migrated_db.cli_url)
-    assert result.exit_code == 1
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert "does not run on distributed tables yet" in line
-    assert "lock" not in line.replace("lock rows with", "")
-    assert citus_migrated_db.scalar("SELECT count(*) FROM chatdb_runs") == 0
-
-
 def test_bench_cleans_up_on_the_cluster(citus_migrated_db, cli):
     """bench's clean-up deletes its users (the reference table) after counting their rows
     in the distributed tables, in one transaction."""
