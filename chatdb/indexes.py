@@ -20,14 +20,15 @@ not grow with the data.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.dialects import postgresql
 
-from chatdb import migrations, patterns
+from chatdb import citus, migrations, patterns
 from chatdb.errors import StateError
 from chatdb.index_facts import (
     Declared,
@@ -43,7 +44,7 @@ from chatdb.index_facts import (
     read_index_facts,
     table_oids,
 )
-from chatdb.schema import CHATDB_TABLES
+from chatdb.schema import CHATDB_TABLES, DISTRIBUTED_TABLES, DISTRIBUTION_COLUMN
 
 OK = "ok"
 FAIL = "fail"
@@ -59,6 +60,9 @@ DUPLICATE = "duplicate"
 REDUNDANT = "redundant"
 FOREIGN_KEY = "foreign key"
 QUERY = "query"
+#: On Citus: how a table is distributed, and the indexes of each of its shard placements.
+DISTRIBUTION = "distribution"
+SHARDS = "shards"
 
 #: Planner settings for the query proof, each SET LOCAL in a rolled-back transaction.
 PINNED_PLANNER = ("enable_seqscan", "enable_bitmapscan", "enable_sort")
@@ -140,7 +144,11 @@ def verify_indexes(engine: Engine, *, allow_extra: bool = False) -> VerifyReport
         finally:
             transaction.rollback()
         checks.extend(_table_checks(declared, oids, live, expected, unbuildable, allow_extra, foreign_keys))
-        checks.extend(_query_checks(connection, declared, oids, live, expected))
+        layout = citus.cluster(connection)
+        if layout is not None:
+            checks.extend(_shard_checks(connection, layout, oids, declared))
+        connection.rollback()
+        checks.extend(_query_checks(connection, declared, oids, live, expected, on_citus=layout is not None))
     return VerifyReport(state.current, state.head, checks, time.perf_counter() - started)
 
 
@@ -325,6 +333,97 @@ def _covers(index: IndexFacts, column: str) -> bool:
     return index.valid and index.predicate is None and bool(index.keys) and index.keys[0].column == column
 
 
+# --- on Citus: the distribution and every shard's indexes ---------------------------------------
+
+
+def _shard_checks(
+    connection: Connection, layout: citus.Cluster, oids: dict[str, int], declared: list[Declared]
+) -> Iterator[Check]:
+    """Each table chatdb distributes is distributed by user_id and co-located, and every
+    shard placement has exactly the indexes of the coordinator's table (which the checks
+    above hold to chatdb/schema.py), each valid."""
+    group = None
+    for table in (table.name for table in DISTRIBUTED_TABLES if table.name in oids):
+        entry = layout.tables.get(table)
+        if entry is None or entry.kind != citus.DISTRIBUTED or entry.column != DISTRIBUTION_COLUMN:
+            state = f"distributed by {entry.column}" if entry and entry.column else "not distributed"
+            yield Check(
+                table,
+                None,
+                DISTRIBUTION,
+                FAIL,
+                f"{state} on this Citus cluster; chatdb distributes it by {DISTRIBUTION_COLUMN}",
+                "chatdb migrate",
+            )
+            continue
+        if group is not None and entry.colocation != group:
+            yield Check(
+                table,
+                None,
+                DISTRIBUTION,
+                FAIL,
+                f"not co-located with {DISTRIBUTED_TABLES[0].name}: a user's rows are on several nodes",
+                f"SELECT update_distributed_table_colocation('{table}', colocate_with => "
+                f"'{DISTRIBUTED_TABLES[0].name}');",
+            )
+            continue
+        group = entry.colocation
+        yield Check(table, None, DISTRIBUTION, OK, f"distributed by {DISTRIBUTION_COLUMN}, co-located")
+        # Citus runs an index's DDL on the coordinator on every shard too; IF EXISTS on
+        # each shard, where the index may be missing.
+        fixes = {
+            item.name: f"{item.drop.replace('CONCURRENTLY ', 'CONCURRENTLY IF EXISTS ')}\n{item.create}"
+            for item in declared
+            if item.table == table
+        }
+        yield from _placement_checks(
+            table, citus.index_definitions(connection, table), citus.shard_indexes(connection, table), fixes
+        )
+
+
+def _placement_checks(
+    table: str, coordinator: dict[str, str], placements: list[citus.ShardIndexes], fixes: dict[str, str]
+) -> Iterator[Check]:
+    unread = [placement for placement in placements if placement.error is not None]
+    for placement in unread:
+        yield Check(table, None, SHARDS, FAIL, f"{placement.where} could not be read: {placement.error}")
+    readable = [placement for placement in placements if placement.error is None]
+    for name, definition in sorted(coordinator.items()):
+        problems = []
+        for placement in readable:
+            found = placement.indexes.get(name)
+            if found is None:
+                problems.append(f"missing on {placement.where}")
+            elif found[0] != definition:
+                problems.append(f"on {placement.where} it is {found[0]}")
+            elif not found[1]:
+                problems.append(f"invalid on {placement.where}")
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            yield Check(
+                table,
+                name,
+                SHARDS,
+                FAIL,
+                f"{problems[0]}{more}",
+                fixes.get(name, "-- on the coordinator, drop the index and create it again"),
+            )
+        else:
+            yield Check(
+                table, name, SHARDS, OK, f"on all {len(readable)} shard placements, as on the coordinator"
+            )
+    for placement in readable:
+        for name in sorted(placement.indexes.keys() - coordinator.keys()):
+            yield Check(
+                table,
+                name,
+                SHARDS,
+                FAIL,
+                f"on {placement.where} only, not on the coordinator's table",
+                f"-- on {placement.node}: DROP INDEX CONCURRENTLY {_quote(f'{name}_{placement.shard}')};",
+            )
+
+
 # --- the query proof ------------------------------------------------------------------------
 
 
@@ -334,6 +433,8 @@ def _query_checks(
     oids: dict[str, int],
     live: dict[str, dict[str, IndexFacts]],
     expected: dict[str, dict[str, IndexFacts]],
+    *,
+    on_citus: bool = False,
 ) -> Iterator[Check]:
     table_of = {item.name: item.table for item in declared}
     by_name = {item.name: item for item in declared}
@@ -343,6 +444,14 @@ def _query_checks(
             text("SELECT set_config(name, 'off', true) FROM unnest(CAST(:names AS text[])) AS name"),
             {"names": list(PINNED_PLANNER)},
         )
+        if on_citus:
+            # The proof is the plan each shard runs: EXPLAIN shows every task's plan, and
+            # the planner settings go to the workers too (Citus passes on SET LOCAL
+            # statements, not set_config()).
+            connection.execute(text("SET LOCAL citus.explain_all_tasks = on"))
+            connection.execute(text("SET LOCAL citus.propagate_set_commands = 'local'"))
+            for name in PINNED_PLANNER:
+                connection.execute(text(f"SET LOCAL {name} = off"))
         for pattern in patterns.PATTERNS:
             table = table_of.get(pattern.index)
             if table is None or table not in oids:
@@ -354,8 +463,31 @@ def _query_checks(
                     f"{pattern.name}: its table is missing" if table else f"{pattern.name}: undeclared index",
                 )
                 continue
-            nodes = list(_plan_nodes(explain(connection, pattern)))
-            yield _query_check(pattern, table, nodes, by_name[pattern.index], live.get(table, {}), expected)
+            plan = explain(connection, pattern)
+            tasks = list(_tasks(plan))
+            if not tasks:
+                nodes = list(_plan_nodes(plan))
+                yield _query_check(
+                    pattern, table, nodes, by_name[pattern.index], live.get(table, {}), expected
+                )
+                continue
+            results = [
+                (
+                    node,
+                    _query_check(
+                        pattern, table, nodes, by_name[pattern.index], live.get(table, {}), expected
+                    ),
+                )
+                for node, nodes in tasks
+            ]
+            failed = [(node, check) for node, check in results if check.failed]
+            if failed:
+                node, check = failed[0]
+                where = f"on {len(failed)} of {len(results)} shards, such as one on {node}"
+                yield replace(check, detail=f"{check.detail} ({where})")
+            else:
+                shards = "its user's shard" if len(results) == 1 else f"each of {len(results)} shards"
+                yield replace(results[0][1], detail=f"{results[0][1].detail} on {shards}")
     finally:
         transaction.rollback()
 
@@ -371,6 +503,24 @@ def _plan_nodes(plan: dict) -> Iterator[dict]:
     yield plan
     for child in plan.get("Plans", []):
         yield from _plan_nodes(child)
+
+
+_SHARD_SUFFIX = re.compile(r"_\d+$")
+
+
+def _tasks(plan: dict) -> Iterator[tuple[str, list[dict]]]:
+    """On Citus, each task's plan under the coordinator's Custom Scan, as (the worker, its
+    nodes), index names without their shard's suffix."""
+    for node in _plan_nodes(plan):
+        for task in node.get("Distributed Query", {}).get("Job", {}).get("Tasks", []):
+            worker = task.get("Node", "").replace("host=", "").replace(" port=", ":").split(" dbname")[0]
+            for remote in task.get("Remote Plan", []):
+                for entry in remote:
+                    nodes = [dict(n) for n in _plan_nodes(entry["Plan"])]
+                    for n in nodes:
+                        if "Index Name" in n:
+                            n["Index Name"] = _SHARD_SUFFIX.sub("", n["Index Name"])
+                    yield worker, nodes
 
 
 def _query_check(

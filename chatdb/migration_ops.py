@@ -204,3 +204,74 @@ _CANCEL = text(
     "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
     " WHERE pid = :pid AND query_start = :started AND wait_event_type = 'Lock' AND query = :statement"
 )
+
+
+def replace_primary_key(
+    table: str,
+    columns: tuple[str, ...],
+    *,
+    dependents: tuple[tuple[str, str, str], ...] = (),
+    drop_unique: str | None = None,
+    add_unique: tuple[str, tuple[str, ...]] | None = None,
+) -> None:
+    """Give ``table`` the primary key ``columns`` (the constraint keeps its name) with a
+    short lock. The new unique indexes are built CONCURRENTLY first; then one transaction
+    drops the foreign keys ``dependents`` (table, constraint, definition) that hang on
+    the old key or on ``drop_unique``, drops those, adds the new key (and ``add_unique``,
+    a unique constraint (name, columns)) USING the new indexes, which needs no scan since
+    the columns are NOT NULL, and puts the foreign keys back NOT VALID. Each foreign key is
+    then validated in a statement of its own, which blocks no writes.
+
+    Idempotent: a key that already has ``columns`` is left as it is, and an index left by
+    a run interrupted after the swap is dropped."""
+    key = f"{table}_pkey"
+    new = f"{key}_new"
+    indexes = [(new, columns)] + ([add_unique] if add_unique else [])
+    # Each subcommand in an ALTER TABLE of its own: Citus refuses several in one.
+    before = [f"ALTER TABLE {child} DROP CONSTRAINT IF EXISTS {name}" for child, name, _ in dependents]
+    if drop_unique:
+        before.append(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {drop_unique}")
+    swap = [
+        f"ALTER TABLE {table} DROP CONSTRAINT {key}",
+        f"ALTER TABLE {table} ADD CONSTRAINT {key} PRIMARY KEY USING INDEX {new}",
+    ]
+    if add_unique:
+        swap.append(f"ALTER TABLE {table} ADD CONSTRAINT {add_unique[0]} UNIQUE USING INDEX {add_unique[0]}")
+    after = [
+        f"ALTER TABLE {child} ADD CONSTRAINT {name} {definition} NOT VALID"
+        for child, name, definition in dependents
+    ]
+    wanted = "'{" + ",".join(columns) + "}'::name[]"
+    context = op.get_context()
+    if context.as_sql or not _concurrently():
+        # psql may run the script again after an interruption: the swap is guarded by the
+        # key's columns (the foreign keys are dropped and added again either way), and an
+        # index that a second run built after the swap is dropped.
+        for name, index_columns in indexes:
+            create_index(name, table, f"({', '.join(index_columns)})", unique=True)
+        for statement in before:
+            op.execute(statement)
+        op.execute(
+            f"DO $$ BEGIN IF {_key_columns(key)} IS DISTINCT FROM {wanted}"
+            f" THEN {'; '.join(swap)}; END IF; END $$"
+        )
+        for statement in after:
+            op.execute(statement)
+    elif not op.get_bind().execute(text(f"SELECT {_key_columns(key)} = {wanted}")).scalar():
+        for name, index_columns in indexes:
+            create_index(name, table, f"({', '.join(index_columns)})", unique=True)
+        for statement in (*before, *swap, *after):
+            op.execute(statement)
+    drop_index(new)
+    for child, name, _ in dependents:
+        validate_constraint(child, name)
+
+
+def _key_columns(key: str) -> str:
+    """SQL: the key columns of the index ``key``, in order (NULL when there is none)."""
+    return (
+        "(SELECT array_agg(a.attname ORDER BY k.n) FROM pg_index i"
+        " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)"
+        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+        f" WHERE i.indexrelid = to_regclass('{key}'))"
+    )

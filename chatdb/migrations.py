@@ -83,6 +83,8 @@ class MigrateResult:
     current: str | None
     applied: list[str]
     elapsed: float
+    #: On Citus: the tables this run distributed (chatdb.citus.distribute).
+    distributed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -222,12 +224,22 @@ def _run(engine: Engine, action: str, target: str, lock_timeout: str = DEFAULT_L
 
 
 def upgrade(
-    engine: Engine, target: str = "head", *, lock_timeout: str = DEFAULT_LOCK_TIMEOUT
+    engine: Engine,
+    target: str = "head",
+    *,
+    lock_timeout: str = DEFAULT_LOCK_TIMEOUT,
+    reference_users: bool = False,
 ) -> MigrateResult:
-    """Upgrade to ``target``; a no-op when the database is already there."""
+    """Upgrade to ``target``; a no-op when the database is already there. On Citus, at
+    head, the tables are then distributed (chatdb.citus); ``reference_users`` lets chatdb
+    make the application's ``users`` a reference table."""
+    from chatdb import citus
+
     started = time.perf_counter()
+    cluster = citus.require_users(engine, reference_users=reference_users)
     before = status(engine)
-    if target == "head" and before.current == HEAD_REVISION:  # nothing to do, no script to read
+    if target == "head" and before.current == HEAD_REVISION and cluster is None:
+        # Nothing to do, no script to read (on Citus, the distribution is checked below).
         return MigrateResult(before.current, before.current, [], time.perf_counter() - started)
     if not before.known:
         raise unknown_revision(before.current or "")
@@ -251,7 +263,10 @@ def upgrade(
         _run(engine, "upgrade", goal or BASE, lock_timeout)
     after = status(engine)
     applied = [r.id for r in scripts.between(before.current, after.current)]
-    return MigrateResult(before.current, after.current, applied, time.perf_counter() - started)
+    distributed = []
+    if cluster is not None and after.current == HEAD_REVISION:
+        distributed = citus.distribute(engine, lock_timeout=lock_timeout)
+    return MigrateResult(before.current, after.current, applied, time.perf_counter() - started, distributed)
 
 
 def plan_downgrade(engine: Engine, target: str, *, lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> DowngradePlan:

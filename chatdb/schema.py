@@ -38,7 +38,6 @@ from sqlalchemy import (
     Table,
     Text,
     TextClause,
-    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
@@ -48,7 +47,7 @@ metadata = MetaData()
 #: chatdb's own Alembic version table, so it can live beside the application's.
 VERSION_TABLE = "chatdb_alembic_version"
 #: The revision of the chain whose schema this module declares (a test keeps the two equal).
-HEAD_REVISION = "0006_size_history"
+HEAD_REVISION = "0007_keys_with_user_id"
 
 #: The comment chatdb puts on a ``users`` table it created itself. A ``users`` table
 #: without it belongs to the application and is never altered or dropped.
@@ -121,19 +120,20 @@ def _archived(archive: bool) -> list[Column]:
     return [Column("archived_at", _tz(), nullable=False, server_default=_now())] if archive else []
 
 
-def _conversations_table(name: str, *, archive: bool, status_check: str, owner_key: str) -> Table:
+def _conversations_table(name: str, *, archive: bool, status_check: str) -> Table:
     """``conversations`` and its archive: the same columns, keys and checks."""
     return Table(
         name,
         metadata,
         *_conversation_columns(),
         *_archived(archive),
-        PrimaryKeyConstraint("id", name=f"{name}_pkey"),
+        # Holds user_id, the distribution column on Citus, which requires every key of a
+        # distributed table to hold it; id first, so a lookup by id is one probe. Also the
+        # target of the messages' (conversation_id, user_id) foreign key: the database
+        # refuses a message whose user is not the owner of its conversation.
+        PrimaryKeyConstraint("id", "user_id", name=f"{name}_pkey"),
         ForeignKeyConstraint(["user_id"], ["users.id"], name=f"{name}_user_id_fkey", ondelete="CASCADE"),
         CheckConstraint(_STATUS_CHECK, name=status_check),
-        # Target of the messages' (conversation_id, user_id) foreign key: the database
-        # refuses a message whose user is not the owner of its conversation.
-        UniqueConstraint("id", "user_id", name=owner_key),
     )
 
 
@@ -151,7 +151,7 @@ def _messages_table(
         metadata,
         *_message_columns(),
         *_archived(archive),
-        PrimaryKeyConstraint("id", name=f"{name}_pkey"),
+        PrimaryKeyConstraint("id", "user_id", name=f"{name}_pkey"),
         *([] if archive else [users_key]),
         ForeignKeyConstraint(
             ["conversation_id", "user_id"],
@@ -189,7 +189,6 @@ conversations = _conversations_table(
     "conversations",
     archive=False,
     status_check="chk_conversation_status",
-    owner_key="uq_conversations_id_user",
 )
 
 # Pattern 1; its leading user_id also covers the foreign key to users.
@@ -255,7 +254,6 @@ conversations_archive = _conversations_table(
     "conversations_archive",
     archive=True,
     status_check="chk_conversations_archive_status",
-    owner_key="uq_conversations_archive_id_user",
 )
 
 # Restoring a user's archive, and deleting a user; covers the foreign key to users.
@@ -332,6 +330,15 @@ chatdb_size_history = Table(
 
 # Pattern 8: the samples since a time, for every table at once.
 Index("idx_chatdb_size_history_recorded_at", chatdb_size_history.c.recorded_at)
+
+#: On Citus, the column the application's tables are distributed by, and those tables,
+#: co-located, parents first: every conversation's rows, hot and archived, live on one
+#: node, and each query with an equality on user_id goes to that node alone. ``users`` is
+#: a reference table (a copy on every node); chatdb's own small tables stay on the
+#: coordinator (docs/architecture.md, "Running on Citus").
+DISTRIBUTION_COLUMN = "user_id"
+DISTRIBUTED_TABLES: tuple[Table, ...] = (conversations, messages, conversations_archive, messages_archive)
+REFERENCE_TABLES: tuple[Table, ...] = (users,)
 
 #: The tables chatdb owns, in dependency order (parents first). ``users`` is not among
 #: them: it belongs to the application unless chatdb created it.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, text
 
-from chatdb import catalog, migrations
+from chatdb import catalog, citus, migrations
 from chatdb.doctor import growth
 from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, chatdb_runs
 
@@ -54,6 +54,8 @@ class StatusReport:
     runs: list[RunSummary]
     #: Whether this run added the tables' sizes to chatdb_size_history (doctor's growth).
     sizes_recorded: bool = False
+    #: On Citus: where the shards of the distributed and reference tables are, by node.
+    placements: list[citus.Placement] | None = None
 
 
 def gather(engine: Engine) -> StatusReport:
@@ -66,6 +68,10 @@ def gather(engine: Engine) -> StatusReport:
         names = ("users", *(table.name for table in CHATDB_TABLES))
         present = catalog.table_names(connection)
         quote = connection.dialect.identifier_preparer.quote
+        on_citus = citus.enabled(connection)
+        # On Citus the coordinator's table of a distributed one is an empty shell: the
+        # sizes and estimates are the shards'.
+        sharded = citus.sizes(connection, [n for n in names if n in present]) if on_citus else {}
         tables = []
         for name in (n for n in names if n in present):
             estimate, size, comment = connection.execute(
@@ -76,6 +82,7 @@ def gather(engine: Engine) -> StatusReport:
                 ),
                 {"name": quote(name)},
             ).one()
+            estimate, size = sharded.get(name, (estimate, size))
             exact = estimate < EXACT_COUNT_LIMIT  # -1 (never analysed) counts exactly too
             rows = (
                 connection.execute(text(f"SELECT count(*) FROM {quote(name)}")).scalar_one()
@@ -105,4 +112,5 @@ def gather(engine: Engine) -> StatusReport:
                         error=row["error"],
                     )
                 )
-    return StatusReport(version, database, user, migration, tables, runs, recorded)
+        placements = citus.placements(connection, [t.name for t in tables]) if on_citus else None
+    return StatusReport(version, database, user, migration, tables, runs, recorded, placements)

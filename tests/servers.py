@@ -305,3 +305,111 @@ def pgbouncer(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# --- a Citus cluster -------------------------------------------------------------------------
+
+
+def citus_bin() -> Path:
+    """The Debian PostgreSQL binaries that have the Citus extension installed beside them
+    (``.ci/build-citus.sh`` builds and installs it)."""
+    binaries = postgres_bin()
+    pg_config = binaries / "pg_config"
+    if not pg_config.exists():
+        raise Unavailable(f"{pg_config} is missing (Debian package postgresql-server-dev-*)")
+    libdir = subprocess.run([str(pg_config), "--pkglibdir"], capture_output=True, text=True, check=True)
+    if not (Path(libdir.stdout.strip()) / "citus.so").exists():
+        raise Unavailable(
+            f"Citus is not installed for PostgreSQL {binaries.parent.name} (.ci/build-citus.sh builds it)"
+        )
+    return binaries
+
+
+@dataclass
+class CitusNode:
+    data: Path
+    port: int
+
+    def conninfo(self, database: str = "postgres") -> str:
+        return f"host=localhost port={self.port} user=postgres dbname={database}"
+
+
+@dataclass
+class CitusCluster:
+    """A Citus coordinator and its workers, each a Debian PostgreSQL on localhost with
+    ``shared_preload_libraries = 'citus'``. Citus keeps its metadata per database, so
+    :meth:`create_database` makes the database on every node and registers the workers."""
+
+    coordinator: CitusNode
+    workers: list[CitusNode]
+    user: str | None
+
+    @property
+    def nodes(self) -> list[CitusNode]:
+        return [self.coordinator, *self.workers]
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@localhost:{self.coordinator.port}/{database}"
+
+    def create_database(self, name: str) -> None:
+        for node in self.nodes:
+            with psycopg.connect(node.conninfo(), autocommit=True) as connection:
+                connection.execute(f'CREATE DATABASE "{name}"')
+            with psycopg.connect(node.conninfo(name), autocommit=True) as connection:
+                connection.execute("CREATE EXTENSION citus")
+        with psycopg.connect(self.coordinator.conninfo(name), autocommit=True) as connection:
+            connection.execute("SELECT citus_set_coordinator_host('localhost', %s)", (self.coordinator.port,))
+            for worker in self.workers:
+                connection.execute("SELECT citus_add_node('localhost', %s)", (worker.port,))
+
+    def drop_database(self, name: str) -> None:
+        for node in self.nodes:
+            with psycopg.connect(node.conninfo(), autocommit=True) as connection:
+                connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def citus_cluster(folder: Path, workers: int = 2) -> Iterator[CitusCluster]:
+    """A coordinator and ``workers`` workers on loopback ports, trusting local logins.
+    The nodes reach each other over TCP on localhost, as Citus requires."""
+    binaries = citus_bin()
+    user = _service_user("postgres")
+    _give(folder, user)
+    nodes = []
+    for index in range(workers + 1):
+        data = folder / f"node{index}"
+        data.mkdir()
+        _give(data, user)
+        data.chmod(0o700)
+        subprocess.run(
+            _as(user, [str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]),
+            check=True,
+            capture_output=True,
+        )
+        port = free_port()
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"port = {port}\nunix_socket_directories = '{data}'\n"
+                "shared_preload_libraries = 'citus'\n"
+                # Small enough for three servers on a small machine; eight shards per
+                # table keep a test's database quick to build while each worker holds
+                # several.
+                "shared_buffers = 32MB\nmax_connections = 100\nfsync = off\n"
+                "citus.shard_count = 8\n"
+            )
+        nodes.append(CitusNode(data, port))
+    started: list[CitusNode] = []
+    pg_ctl = str(binaries / "pg_ctl")
+    try:
+        for node in nodes:
+            log = str(node.data / "server.log")
+            command = [pg_ctl, "-D", str(node.data), "-l", log, "-w", "start"]
+            subprocess.run(_as(user, command), check=True, capture_output=True, timeout=120)
+            started.append(node)
+        yield CitusCluster(nodes[0], nodes[1:], user)
+    finally:
+        for node in started:
+            subprocess.run(
+                _as(user, [pg_ctl, "-D", str(node.data), "-m", "immediate", "-w", "stop"]),
+                capture_output=True,
+            )

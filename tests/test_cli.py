@@ -40,6 +40,7 @@ REVISIONS = [
     "0004_archive_and_audit",
     "0005_messages_owner_index",
     "0006_size_history",
+    "0007_keys_with_user_id",
 ]
 HEAD = REVISIONS[-1]
 SECRET = "s3cr3t-Pa55"

@@ -14,7 +14,7 @@ import pytest
 from conftest import scratch_folder
 
 CHATDB = str(Path(sys.executable).with_name("chatdb"))
-HEAD = "0006_size_history"
+HEAD = "0007_keys_with_user_id"
 
 
 def environment(**extra: str) -> dict[str, str]:

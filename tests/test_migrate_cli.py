@@ -43,9 +43,10 @@ def test_downgrade_plan_shows_row_counts_with_separators(migrated_db, cli, on_a_
     assert "chatdb_runs 43,811" in shown
     assert "conversations_archive 1" in shown
     assert "messages_archive 0" in shown
-    assert "Downgrade from 0006_size_history to 0004_archive_and_audit" not in shown  # the target is 0003
+    # The target is 0003.
+    assert "Downgrade from 0007_keys_with_user_id to 0004_archive_and_audit" not in shown
     assert (
-        "Downgrade from 0006_size_history to 0003_chatbot_extensions,"
+        "Downgrade from 0007_keys_with_user_id to 0003_chatbot_extensions,"
         " dropping 4 tables holding 43,812 rows? [y/N]"
     ) in shown
 

@@ -156,7 +156,7 @@ def test_every_command_through_pgbouncer_in_transaction_mode(empty_db, pooler, c
     for step in steps:
         result = cli(*step, "--database-url", url)
         assert result.exit_code == 0, (step, result.output)
-    assert empty_db.scalar("SELECT version_num FROM chatdb_alembic_version") == "0006_size_history"
+    assert empty_db.scalar("SELECT version_num FROM chatdb_alembic_version") == "0007_keys_with_user_id"
     assert empty_db.scalar("SELECT count(*) FROM conversations_archive") > 0
     assert empty_db.scalar("SELECT count(*) FROM chatdb_runs WHERE outcome = 'succeeded'") == 3
     assert leftover_session_state(pooler, empty_db) == []

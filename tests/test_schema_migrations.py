@@ -271,11 +271,16 @@ def test_downgrade_plan_counts_what_it_would_drop(migrated_db):
         " INSERT INTO chatdb_runs (command, outcome) VALUES ('purge', 'succeeded'), ('archive', 'failed')"
     )
     index_only = migrations.plan_downgrade(migrated_db.engine, "0004")
-    assert index_only.revisions == [HEAD, "0005_messages_owner_index"]
+    assert index_only.revisions == [HEAD, "0006_size_history", "0005_messages_owner_index"]
     assert [(t.table, t.rows) for t in index_only.tables] == [("chatdb_size_history", 0)]
     assert index_only.columns == []
     one_step = migrations.plan_downgrade(migrated_db.engine, "0003")
-    assert one_step.revisions == [HEAD, "0005_messages_owner_index", "0004_archive_and_audit"]
+    assert one_step.revisions == [
+        HEAD,
+        "0006_size_history",
+        "0005_messages_owner_index",
+        "0004_archive_and_audit",
+    ]
     assert {(t.table, t.rows) for t in one_step.tables} == {
         ("conversations_archive", 1),
         ("messages_archive", 0),

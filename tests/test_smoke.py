@@ -8,4 +8,4 @@ def test_migrated_db_is_at_head(migrated_db):
 def test_cli_migrate_on_empty_db(empty_db, cli):
     result = cli("migrate", "--database-url", empty_db.cli_url)
     assert result.exit_code == 0, result.output
-    assert "0006_size_history" in result.stdout
+    assert "0007_keys_with_user_id" in result.stdout

@@ -26,7 +26,6 @@ HEAD = REVISIONS[-1]
 HEAD_INDEXES = {
     "conversations": {
         "conversations_pkey",
-        "uq_conversations_id_user",
         "idx_conversations_user_status_updated",
         "idx_conversations_updated_id",
         "idx_conversations_deleted_id",
@@ -40,7 +39,6 @@ HEAD_INDEXES = {
     },
     "conversations_archive": {
         "conversations_archive_pkey",
-        "uq_conversations_archive_id_user",
         "idx_conversations_archive_user_id",
         "idx_conversations_archive_updated_id",
         "idx_conversations_archive_deleted_id",
@@ -389,7 +387,7 @@ def test_asc_desc_predicate_and_include_variants_are_not_duplicates(migrated_db,
         "CREATE INDEX extra_asc ON messages (conversation_id, created_at)\n"
         "CREATE INDEX extra_predicate ON messages (deleted_at, id) WHERE deleted_at > '2020-01-01'\n"
         "CREATE INDEX extra_include ON conversations (updated_at, id) INCLUDE (status)\n"
-        "CREATE INDEX extra_pkey_copy ON conversations (id)",
+        "CREATE INDEX extra_pkey_copy ON conversations (id, user_id)",
     )
 
     code, payload = verify(cli, migrated_db)

@@ -35,22 +35,21 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # Each subcommand in an ALTER TABLE of its own: Citus refuses several in one (on a
+    # cluster whose users is a reference table, these tables are already in its metadata).
+    for table, column, type_ in (
+        ("conversations", "title", "varchar(200)"),
+        ("conversations", "metadata", "jsonb"),
+        ("conversations", "deleted_at", "timestamptz"),
+        ("messages", "tool_calls", "jsonb"),
+        ("messages", "tool_results", "jsonb"),
+        ("messages", "deleted_at", "timestamptz"),
+    ):
+        op.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {type_}")
+    op.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS chk_message_role")
     op.execute(
-        "ALTER TABLE conversations"
-        " ADD COLUMN IF NOT EXISTS title varchar(200),"
-        " ADD COLUMN IF NOT EXISTS metadata jsonb,"
-        " ADD COLUMN IF NOT EXISTS deleted_at timestamptz"
-    )
-    op.execute(
-        "ALTER TABLE messages"
-        " ADD COLUMN IF NOT EXISTS tool_calls jsonb,"
-        " ADD COLUMN IF NOT EXISTS tool_results jsonb,"
-        " ADD COLUMN IF NOT EXISTS deleted_at timestamptz"
-    )
-    op.execute(
-        "ALTER TABLE messages"
-        " DROP CONSTRAINT IF EXISTS chk_message_role,"
-        " ADD CONSTRAINT chk_message_role CHECK (role IN ('user', 'assistant', 'system')) NOT VALID"
+        "ALTER TABLE messages ADD CONSTRAINT chk_message_role"
+        " CHECK (role IN ('user', 'assistant', 'system')) NOT VALID"
     )
     ops.validate_constraint("messages", "chk_message_role")
 
@@ -72,13 +71,12 @@ def upgrade() -> None:
         $$
         """
     )
+    op.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS fk_messages_conversation_owner")
     op.execute(
-        "ALTER TABLE messages"
-        " DROP CONSTRAINT IF EXISTS fk_messages_conversation_owner,"
-        " ADD CONSTRAINT fk_messages_conversation_owner FOREIGN KEY (conversation_id, user_id)"
-        " REFERENCES conversations (id, user_id) ON DELETE CASCADE NOT VALID,"
-        " DROP CONSTRAINT IF EXISTS messages_conversation_id_fkey"
+        "ALTER TABLE messages ADD CONSTRAINT fk_messages_conversation_owner FOREIGN KEY"
+        " (conversation_id, user_id) REFERENCES conversations (id, user_id) ON DELETE CASCADE NOT VALID"
     )
+    op.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS messages_conversation_id_fkey")
     ops.validate_constraint("messages", "fk_messages_conversation_owner")
 
     ops.create_index(
@@ -123,19 +121,17 @@ def downgrade() -> None:
     ops.create_index("idx_messages_conversation_id", "messages", "(conversation_id)")
     ops.create_index("idx_messages_created_at", "messages", "(created_at DESC)")
 
+    op.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS messages_conversation_id_fkey")
     op.execute(
-        "ALTER TABLE messages"
-        " DROP CONSTRAINT IF EXISTS messages_conversation_id_fkey,"
-        " ADD CONSTRAINT messages_conversation_id_fkey FOREIGN KEY (conversation_id)"
+        "ALTER TABLE messages ADD CONSTRAINT messages_conversation_id_fkey FOREIGN KEY (conversation_id)"
         " REFERENCES conversations (id) ON DELETE CASCADE NOT VALID"
     )
     ops.validate_constraint("messages", "messages_conversation_id_fkey")
     op.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS fk_messages_conversation_owner")
     op.execute("ALTER TABLE conversations DROP CONSTRAINT IF EXISTS uq_conversations_id_user")
+    op.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS chk_message_role")
     op.execute(
-        "ALTER TABLE messages"
-        " DROP CONSTRAINT IF EXISTS chk_message_role,"
-        " ADD CONSTRAINT chk_message_role CHECK (role IN ('user', 'assistant')) NOT VALID"
+        "ALTER TABLE messages ADD CONSTRAINT chk_message_role CHECK (role IN ('user', 'assistant')) NOT VALID"
     )
     ops.validate_constraint("messages", "chk_message_role")
 
@@ -147,15 +143,12 @@ def downgrade() -> None:
         "idx_messages_deleted_id",
     ):
         ops.drop_index(name)
-    op.execute(
-        "ALTER TABLE conversations"
-        " DROP COLUMN IF EXISTS title,"
-        " DROP COLUMN IF EXISTS metadata,"
-        " DROP COLUMN IF EXISTS deleted_at"
-    )
-    op.execute(
-        "ALTER TABLE messages"
-        " DROP COLUMN IF EXISTS tool_calls,"
-        " DROP COLUMN IF EXISTS tool_results,"
-        " DROP COLUMN IF EXISTS deleted_at"
-    )
+    for table, column in (
+        ("conversations", "title"),
+        ("conversations", "metadata"),
+        ("conversations", "deleted_at"),
+        ("messages", "tool_calls"),
+        ("messages", "tool_results"),
+        ("messages", "deleted_at"),
+    ):
+        op.execute(f"ALTER TABLE {table} DROP COLUMN IF EXISTS {column}")

@@ -7,7 +7,7 @@ import secrets
 
 from sqlalchemy import Connection, Engine, text
 
-from chatdb import migrations
+from chatdb import citus, migrations
 from chatdb.bench import workload
 from chatdb.bench.model import Removed
 from chatdb.errors import StateError
@@ -111,6 +111,8 @@ def create_rows(engine: Engine, token: str, clients: int) -> int:
 
 def remove_run(connection: Connection, token: str) -> Removed:
     """Delete the users of one run and, by cascade, everything of theirs."""
+    # On Citus, users is written after the counts read the distributed tables.
+    citus.sequential(connection)
     prefix = f"{workload.USER_PREFIX}{token}-"
     mine = "starts_with(user_id, :prefix) AND user_id ~ :pattern"
     params = {"prefix": prefix, "pattern": workload.USER_ID_PATTERN}

@@ -77,8 +77,11 @@ def _unexpected(exc: Exception, json_command: str | None) -> typer.Exit:
     the driver's text by structure (the userinfo of any URL, any password= value)."""
     from sqlalchemy.exc import DBAPIError
 
-    from chatdb import db, privileges
+    from chatdb import citus, db, privileges
 
+    # What Citus refuses for the distribution is said to be that, never blamed on locks.
+    if (distributed := citus.distribution_error(exc)) is not None:
+        return _fail(db.mask_text(distributed.message), EXIT_PROBLEM, distributed.hint, json_command)
     if isinstance(exc, DBAPIError):
         message = db.mask_text(one_line(exc))
         code = EXIT_CONNECT if exc.connection_invalidated else EXIT_PROBLEM

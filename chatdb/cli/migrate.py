@@ -25,6 +25,16 @@ Target = Annotated[
 ]
 
 
+ReferenceUsers = Annotated[
+    bool,
+    typer.Option(
+        "--reference-users",
+        help="On Citus: make the application's users table a reference table"
+        " (SELECT create_reference_table('users')); without it, migrate stops and says so.",
+    ),
+]
+
+
 def _show(revision: str | None) -> str:
     return revision or "base (empty)"
 
@@ -35,9 +45,15 @@ def _count(number: int, noun: str) -> str:
 
 
 @callback(app, database=True, invoke_without_command=True)
-def migrate(ctx: typer.Context, to: Target = "head", as_json: JsonOutput = False) -> None:
+def migrate(
+    ctx: typer.Context,
+    to: Target = "head",
+    reference_users: ReferenceUsers = False,
+    as_json: JsonOutput = False,
+) -> None:
     """Create and evolve chatdb's schema. Without a subcommand: upgrade the database to
-    head (or --to REV); running it again is a no-op.
+    head (or --to REV); running it again is a no-op. On a Citus coordinator it also
+    distributes the tables by user_id.
 
     Example:
 
@@ -46,28 +62,34 @@ def migrate(ctx: typer.Context, to: Target = "head", as_json: JsonOutput = False
         chatdb migrate --to 0003 --database-url postgresql://ops@db.internal/chat
     """
     if ctx.invoked_subcommand is not None:
-        if to != "head" or as_json:
+        if to != "head" or as_json or reference_users:
             raise UsageError(
-                f"--to and --json go after the subcommand (`chatdb migrate {ctx.invoked_subcommand} ...`)"
+                "--to, --reference-users and --json go after the subcommand"
+                f" (`chatdb migrate {ctx.invoked_subcommand} ...`)"
             )
         return
-    _upgrade(ctx, to, as_json)
+    _upgrade(ctx, to, as_json, reference_users)
 
 
 @command(app, "up", database=True)
-def up(ctx: typer.Context, to: Target = "head", as_json: JsonOutput = False) -> None:
+def up(
+    ctx: typer.Context,
+    to: Target = "head",
+    reference_users: ReferenceUsers = False,
+    as_json: JsonOutput = False,
+) -> None:
     """Upgrade to head (or --to REV); the same as a plain `chatdb migrate`.
 
     Example:
 
         chatdb migrate up --to 0002
     """
-    _upgrade(ctx, to, as_json)
+    _upgrade(ctx, to, as_json, reference_users)
 
 
-def _upgrade(ctx: typer.Context, to: str, as_json: bool) -> None:
+def _upgrade(ctx: typer.Context, to: str, as_json: bool, reference_users: bool = False) -> None:
     with disposing(open_engine(ctx, "migrate")) as engine:
-        result = migrations.upgrade(engine, to)
+        result = migrations.upgrade(engine, to, reference_users=reference_users)
     if as_json:
         print_json(
             "migrate",
@@ -75,15 +97,19 @@ def _upgrade(ctx: typer.Context, to: str, as_json: bool) -> None:
             previous=result.previous,
             current=result.current,
             applied=result.applied,
+            distributed=result.distributed,
             elapsed_seconds=round(result.elapsed, 3),
         )
-    elif result.applied:
+        return
+    if result.applied:
         out.print(
             f"Migrated from {_show(result.previous)} to {_show(result.current)}: "
             f"applied {', '.join(result.applied)} in {result.elapsed:.2f} s."
         )
-    else:
+    elif not result.distributed:
         out.print(f"Already at {_show(result.current)}; nothing to do.")
+    if result.distributed:
+        out.print(f"Distributed by user_id on Citus, co-located: {', '.join(result.distributed)}.")
 
 
 @command(

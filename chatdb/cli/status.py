@@ -43,6 +43,7 @@ def status(ctx: typer.Context, as_json: JsonOutput = False) -> None:
             },
             tables=report.tables,
             runs=report.runs,
+            **({"placements": report.placements} if report.placements is not None else {}),
         )
         return
     out.print(f"PostgreSQL {report.server_version}, database {report.database} as {report.user}")
@@ -74,6 +75,14 @@ def status(ctx: typer.Context, as_json: JsonOutput = False) -> None:
                     )
                     for t in report.tables
                 ),
+            )
+        )
+    if report.placements:
+        out.print(
+            table(
+                "Shards on Citus",
+                ["table", "node", ">shards", ">size"],
+                ((p.table, p.node, p.shards, human_bytes(p.total_bytes)) for p in report.placements),
             )
         )
     if report.runs:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
+from chatdb import citus
 from chatdb.doctor.model import FAIL, OK, SKIPPED, WARN, Finding, duration, size
 from chatdb.doctor.probe import Probe
 from chatdb.schema import CHATDB_TABLES, chatdb_size_history
@@ -54,6 +55,17 @@ def record(connection: Connection, command: str) -> bool:
             ).one()
             if not allowed[0]:
                 return False
+            # On Citus the coordinator's table of a distributed (or reference) one holds
+            # nothing: its sample is the sum over its shards.
+            sharded = citus.sizes(connection, list(tracked_tables())) if citus.enabled(connection) else {}
+            for name, (estimate, total) in sharded.items():
+                connection.execute(
+                    text(
+                        f"INSERT INTO {HISTORY} (command, table_name, row_estimate, total_bytes)"
+                        " VALUES (:command, :name, greatest(:estimate, 0), :total)"
+                    ),
+                    {"command": command, "name": name, "estimate": estimate, "total": total},
+                )
             connection.execute(
                 text(
                     f"INSERT INTO {HISTORY} (command, table_name, row_estimate, total_bytes)"
@@ -65,7 +77,7 @@ def record(connection: Connection, command: str) -> bool:
                     "  AND c.relname = ANY(:names)"
                     " UNION ALL SELECT :command, NULL, NULL, pg_database_size(current_database())"
                 ),
-                {"command": command, "names": list(tracked_tables())},
+                {"command": command, "names": [n for n in tracked_tables() if n not in sharded]},
             )
             if allowed[1]:
                 connection.execute(

@@ -3,16 +3,25 @@ its phases by the runner."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sqlalchemy import Engine
 
+from chatdb.lifecycle import distributed
 from chatdb.lifecycle.export import ExportFile
 from chatdb.lifecycle.models import Plan, RunOptions, RunResult
 from chatdb.lifecycle.phases import Phase, archive_phases, purge_phases, restore_phases
 from chatdb.lifecycle.runner import Runner
 from chatdb.lifecycle.vacuuming import dead_left
+
+
+def _phases(engine: Engine, plan: Plan, local: Callable[[Plan], Sequence[Phase]]) -> Sequence[Phase]:
+    """The command's phases: one server's (``local``), or, when chatdb's tables are
+    distributed on Citus, the same work one shard per batch (``distributed``)."""
+    if distributed.applies(engine):
+        return distributed.phases_for(plan.command, plan)
+    return local(plan)
 
 
 def archive(
@@ -30,7 +39,9 @@ def archive(
     options.validate()
     writer = ExportFile(export) if export is not None else None
     try:
-        result = Runner(engine, plan, options, writer).run(archive_phases(plan) if phases is None else phases)
+        result = Runner(engine, plan, options, writer).run(
+            _phases(engine, plan, archive_phases) if phases is None else phases
+        )
     finally:
         if writer is not None:
             writer.close()
@@ -46,7 +57,9 @@ def purge(
     ``plan.deleted_cutoff``. ``phases`` replaces ``purge_phases(plan)``: the same run over
     other statements."""
     options.validate()
-    result = Runner(engine, plan, options, None).run(purge_phases(plan) if phases is None else phases)
+    result = Runner(engine, plan, options, None).run(
+        _phases(engine, plan, purge_phases) if phases is None else phases
+    )
     result.vacuum.needed = dead_left(engine, result)
     return result
 
@@ -57,4 +70,6 @@ def restore(
     """Move archived conversations back to the hot tables, exactly as they were.
     ``phases`` replaces ``restore_phases(plan)``."""
     options.validate()
-    return Runner(engine, plan, options, None).run(restore_phases(plan) if phases is None else phases)
+    return Runner(engine, plan, options, None).run(
+        _phases(engine, plan, restore_phases) if phases is None else phases
+    )

@@ -27,12 +27,14 @@ Apply = Callable[[Connection, list[uuid.UUID]], Tally]
 @dataclass
 class Taken:
     """What one batch did: the rows it picked (and locked), the position after them (see
-    Phase), its counts, and the ids of the conversations it took (for the export)."""
+    Phase), its counts, and the ids of the conversations it took (for the export), with
+    their users when the tables are distributed (``chatdb.lifecycle.distributed``)."""
 
     picked: int = 0
     last: Any = None
     tally: Tally = field(default_factory=Tally)
     ids: list[uuid.UUID] = field(default_factory=list)
+    users: list[str] | None = None
 
 
 #: ``take(connection, limit, after)``: see Phase.
@@ -115,10 +117,15 @@ def delete_messages(table: Table, hot: bool) -> Apply:
     return apply
 
 
-def export_lines(connection: Connection, ids: Sequence[uuid.UUID]) -> list[str]:
+def export_lines(
+    connection: Connection, ids: Sequence[uuid.UUID], users: Sequence[str] | None = None
+) -> list[str]:
     """The export's lines of the conversations a batch just archived (see
-    ``statements.export_lines``)."""
-    return list(connection.execute(statements.export_lines(), {"ids": list(ids)}).scalars())
+    ``statements.export_lines``); of ``users`` only, on one shard, when given."""
+    if users is None:
+        return list(connection.execute(statements.export_lines(), {"ids": list(ids)}).scalars())
+    params = {"ids": list(ids), "users": list(users)}
+    return list(connection.execute(statements.export_lines_of_users(), params).scalars())
 
 
 # --- how a phase takes its rows ------------------------------------------------------------

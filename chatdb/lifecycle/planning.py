@@ -50,7 +50,10 @@ def purge_counts(connection: Connection, cutoff: Any, deleted_cutoff: Any) -> Ta
         # through a join (every message has its conversation): `IN (subquery)` under an OR
         # cannot become a semi-join, and is a SubPlan that turns quadratic once the ids no
         # longer fit in work_mem.
-        owned = child.join(parent, child.c.conversation_id == parent.c.id)
+        # On user_id too, which the owner key holds: on Citus the join is then co-located.
+        owned = child.join(
+            parent, (child.c.conversation_id == parent.c.id) & (child.c.user_id == parent.c.user_id)
+        )
         found.append(
             _count(
                 connection,

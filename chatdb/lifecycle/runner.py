@@ -296,7 +296,7 @@ class Runner:
                         break
                     data = None
                     if phase.export and self.export is not None:
-                        data = self.export.encode(export_lines(connection, taken.ids))
+                        data = self.export.encode(export_lines(connection, taken.ids, taken.users))
                         exported = len(taken.ids)
                         self._record_intent(data)
                     self._heartbeat(connection, taken.tally, exported, data)

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.schema import ForeignKeyConstraint
 
-from chatdb import migrations, privileges
+from chatdb import citus, migrations, privileges
 from chatdb.errors import StateError
 from chatdb.schema import conversations, messages
 from chatdb.seed.child import in_child
@@ -41,6 +41,9 @@ def seed(engine: Engine, request: SeedRequest, progress: Progress | None = None)
     started = time.perf_counter()
     report = progress or (lambda phase, done, total: None)
     with engine.connect() as connection, connection.begin():
+        # On Citus, users (a reference table) is written after the distributed tables
+        # were read and changed in this transaction.
+        citus.sequential(connection)
         privileges.require_table_privileges(
             connection,
             [(p, t) for t in ("users", "conversations", "messages") for p in ("SELECT", "INSERT")],
@@ -227,6 +230,7 @@ def reset(engine: Engine) -> ResetResult:
     theirs. Never touches a row of a user whose id lacks the prefix."""
     migrations.require_head(engine)
     with engine.connect() as connection, connection.begin():
+        citus.sequential(connection)  # as in seed(): users is written last
         privileges.require_table_privileges(
             connection,
             [("SELECT", "users"), ("DELETE", "users")],

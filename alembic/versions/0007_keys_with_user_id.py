@@ -1,0 +1,69 @@
+"""primary keys that hold user_id, so the tables can be distributed by it
+
+On Citus, conversations, messages and their archive tables are distributed by
+``user_id`` (docs/architecture.md, "Running on Citus"), and Citus requires every primary
+key and unique constraint of a distributed table to include the distribution column. The
+primary keys become ``(id, user_id)``: ``id`` first, so a lookup by id alone is still one
+index probe on plain PostgreSQL. The conversations' key then covers what
+``uq_conversations_id_user`` enforced, and the owner foreign key of the messages moves to
+it; the same on the archive tables.
+
+Revision ID: 0007_keys_with_user_id
+Revises: 0006_size_history
+Create Date: 2026-12-08
+
+The tables hold the application's data. Each new key's index is built CONCURRENTLY; the
+swap itself (drop the old key, add the new one USING the index, put the owner foreign key
+back NOT VALID) is one short transaction under the migration's lock_timeout, and the
+foreign key is validated afterwards in a statement of its own, which blocks no writes.
+Each step is idempotent (chatdb.migration_ops.replace_primary_key).
+"""
+
+from __future__ import annotations
+
+from chatdb import migration_ops as ops
+
+revision = "0007_keys_with_user_id"
+down_revision = "0006_size_history"
+branch_labels = None
+depends_on = None
+
+_OWNER = "FOREIGN KEY (conversation_id, user_id) REFERENCES {parent} (id, user_id) ON DELETE CASCADE"
+
+
+def _owner(child: str, parent: str) -> tuple[str, str, str]:
+    return (child, f"fk_{child}_conversation_owner", _OWNER.format(parent=parent))
+
+
+def upgrade() -> None:
+    ops.replace_primary_key(
+        "conversations",
+        ("id", "user_id"),
+        dependents=(_owner("messages", "conversations"),),
+        drop_unique="uq_conversations_id_user",
+    )
+    ops.replace_primary_key("messages", ("id", "user_id"))
+    ops.replace_primary_key(
+        "conversations_archive",
+        ("id", "user_id"),
+        dependents=(_owner("messages_archive", "conversations_archive"),),
+        drop_unique="uq_conversations_archive_id_user",
+    )
+    ops.replace_primary_key("messages_archive", ("id", "user_id"))
+
+
+def downgrade() -> None:
+    ops.replace_primary_key("messages_archive", ("id",))
+    ops.replace_primary_key(
+        "conversations_archive",
+        ("id",),
+        dependents=(_owner("messages_archive", "conversations_archive"),),
+        add_unique=("uq_conversations_archive_id_user", ("id", "user_id")),
+    )
+    ops.replace_primary_key("messages", ("id",))
+    ops.replace_primary_key(
+        "conversations",
+        ("id",),
+        dependents=(_owner("messages", "conversations"),),
+        add_unique=("uq_conversations_id_user", ("id", "user_id")),
+    )

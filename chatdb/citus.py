@@ -1,0 +1,369 @@
+"""Running on Citus: how chatdb's tables are laid out on a cluster, and making that layout.
+
+On a database with the Citus extension (the coordinator of a cluster), ``chatdb migrate``
+distributes ``schema.DISTRIBUTED_TABLES`` by ``schema.DISTRIBUTION_COLUMN``, co-located,
+and the application's ``users`` must be a reference table, which chatdb makes it only
+when it created ``users`` itself or the operator asks (``--reference-users``). chatdb's
+own small tables stay on the coordinator. See docs/architecture.md, "Running on Citus".
+
+Every function takes a Connection or an Engine, returns plain data and never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, ForeignKeyConstraint, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.schema import AddConstraint
+
+from chatdb.errors import ChatdbError, StateError, one_line
+from chatdb.schema import DISTRIBUTED_TABLES, DISTRIBUTION_COLUMN, USERS_CREATED_BY_CHATDB, users
+
+#: citus_table_type as Citus names it, for the tables in its metadata.
+DISTRIBUTED = "distributed"
+REFERENCE = "reference"
+#: A table of the coordinator that Citus added to its metadata (one with a foreign key
+#: to a reference table): it stays on the coordinator.
+CITUS_LOCAL = "local"
+
+CREATE_REFERENCE_USERS = f"SELECT create_reference_table('{users.name}')"
+
+_DIALECT = postgresql.dialect()
+
+
+@dataclass(frozen=True)
+class CitusTable:
+    name: str
+    kind: str  # DISTRIBUTED, REFERENCE or CITUS_LOCAL
+    column: str | None  # the distribution column of a distributed table
+    colocation: int
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the coordinator's metadata says about chatdb's tables. A table it does not
+    list is a plain table of the coordinator."""
+
+    version: str
+    tables: dict[str, CitusTable]
+
+    def kind(self, table: str) -> str | None:
+        entry = self.tables.get(table)
+        return entry.kind if entry else None
+
+
+def enabled(connection: Connection) -> bool:
+    """Whether this database has the Citus extension (a coordinator, or a worker)."""
+    return bool(
+        connection.execute(text("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")).scalar()
+    )
+
+
+def sequential(connection: Connection) -> None:
+    """Make the transaction's statements on distributed tables use one connection per node.
+    A transaction that writes a reference table (``users``) after a statement that ran
+    in parallel over the shards of a table with a foreign key to it is refused ("cannot
+    modify table ... because there was a parallel operation on a distributed table"):
+    Citus must see the reference row and the shard rows that refer to it on the same
+    connection. Local to the transaction; nothing on plain PostgreSQL."""
+    if enabled(connection):
+        connection.execute(text("SET LOCAL citus.multi_shard_modify_mode = 'sequential'"))
+
+
+def cluster(connection: Connection) -> Cluster | None:
+    """The Citus layout of this database, or None when it has no Citus extension."""
+    version = connection.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'citus'")).scalar()
+    if version is None:
+        return None
+    rows = connection.execute(
+        text(
+            "SELECT c.relname, p.partmethod::text, p.repmodel::text,"
+            " column_to_column_name(p.logicalrelid, p.partkey), p.colocationid"
+            " FROM pg_dist_partition p JOIN pg_class c ON c.oid = p.logicalrelid"
+            " WHERE c.relnamespace = current_schema()::regnamespace"
+        )
+    )
+    tables = {}
+    for name, method, model, column, colocation in rows:
+        if method == "h":
+            kind = DISTRIBUTED
+        elif model == "t":
+            kind = REFERENCE
+        else:
+            kind = CITUS_LOCAL
+        tables[name] = CitusTable(name, kind, column if method == "h" else None, colocation)
+    return Cluster(version, tables)
+
+
+def require_users(engine: Engine, *, reference_users: bool = False) -> Cluster | None:
+    """Refuse to migrate a Citus database whose application-owned ``users`` is not a
+    reference table, unless ``reference_users`` (then ``distribute`` makes it one). None
+    when the database has no Citus."""
+    with engine.connect() as connection:
+        layout = cluster(connection)
+        if layout is None:
+            return None
+        comment = connection.execute(
+            text("SELECT obj_description(to_regclass(:name), 'pg_class')"), {"name": users.name}
+        ).scalar()
+        present = connection.execute(text("SELECT to_regclass(:name)"), {"name": users.name}).scalar()
+    kind = layout.kind(users.name)
+    if present is None or kind == REFERENCE:
+        return layout
+    if kind == DISTRIBUTED:
+        raise StateError(
+            f"users is distributed by {layout.tables[users.name].column}; chatdb's distributed "
+            "tables need it as a reference table (a copy on every node)"
+        )
+    if comment != USERS_CREATED_BY_CHATDB and not reference_users:
+        raise StateError(
+            "users is a local table on this Citus cluster and chatdb's distributed tables need it "
+            f"as a reference table: run {CREATE_REFERENCE_USERS}, or pass --reference-users to "
+            "have chatdb run it"
+        )
+    return layout
+
+
+def _owner_keys() -> list[ForeignKeyConstraint]:
+    """The foreign keys between distributed tables (each from a child to its parent)."""
+    names = {table.name for table in DISTRIBUTED_TABLES}
+    return [
+        key
+        for table in DISTRIBUTED_TABLES
+        for key in sorted(table.foreign_key_constraints, key=lambda key: str(key.name))
+        if key.referred_table.name in names
+    ]
+
+
+def distribute(engine: Engine, *, lock_timeout: str) -> list[str]:
+    """Make ``users`` a reference table if it is not one, and distribute every table of
+    ``schema.DISTRIBUTED_TABLES`` that is not distributed yet, co-located with the first,
+    in one transaction. Citus distributes a table only when every foreign key between it
+    and a local table is gone, so the keys between these tables are dropped first and
+    added back (checked) once all are distributed. Returns the tables distributed now.
+
+    A table distributed otherwise (by another column, or not co-located) is a StateError:
+    chatdb's router queries need all of a user's rows on one node."""
+    first = DISTRIBUTED_TABLES[0].name
+    with engine.begin() as connection:
+        connection.execute(text("SELECT set_config('lock_timeout', :t, true)"), {"t": lock_timeout})
+        layout = cluster(connection)
+        assert layout is not None
+        _check_layout(layout)
+        todo = [table.name for table in DISTRIBUTED_TABLES if layout.kind(table.name) != DISTRIBUTED]
+        try:
+            if layout.kind(users.name) != REFERENCE:
+                connection.execute(text(CREATE_REFERENCE_USERS))
+            if not todo:
+                return []
+            keys = _owner_keys()
+            quote = _DIALECT.identifier_preparer.quote
+            for key in keys:
+                connection.execute(
+                    text(f"ALTER TABLE {quote(key.table.name)} DROP CONSTRAINT {quote(str(key.name))}")
+                )
+            for name in todo:
+                connection.execute(
+                    text("SELECT create_distributed_table(:table, :column, colocate_with => :with)"),
+                    {
+                        "table": quote(name),
+                        "column": DISTRIBUTION_COLUMN,
+                        "with": "default" if name == first else quote(first),
+                    },
+                )
+            for key in keys:
+                connection.execute(AddConstraint(key))
+        except DBAPIError as exc:
+            raise StateError(f"could not distribute chatdb's tables: {one_line(exc)}") from None
+    return todo
+
+
+def _check_layout(layout: Cluster) -> None:
+    group = None
+    for table in DISTRIBUTED_TABLES:
+        entry = layout.tables.get(table.name)
+        if entry is None or entry.kind != DISTRIBUTED:
+            continue
+        if entry.column != DISTRIBUTION_COLUMN:
+            raise StateError(
+                f"{table.name} is distributed by {entry.column}; chatdb needs it distributed "
+                f"by {DISTRIBUTION_COLUMN}, co-located with {DISTRIBUTED_TABLES[0].name}"
+            )
+        if group is not None and entry.colocation != group:
+            raise StateError(
+                f"{table.name} is not co-located with the other tables distributed by "
+                f"{DISTRIBUTION_COLUMN}; chatdb needs all of a user's rows on one node"
+            )
+        group = entry.colocation
+
+
+# --- shards ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardIndexes:
+    """The indexes of one shard placement of a distributed table, by the names of the
+    coordinator's (the shard's names carry ``_<shardid>``), each with its definition in
+    the coordinator's terms and whether it is valid and ready."""
+
+    table: str
+    shard: int
+    node: str  # host:port
+    indexes: dict[str, tuple[str, bool]]
+    error: str | None = None  # the worker's error, when the placement could not be read
+
+    @property
+    def where(self) -> str:
+        return f"shard {self.table}_{self.shard} on {self.node}"
+
+
+#: Run on each placement by run_command_on_placements, %s being the shard's name.
+_SHARD_INDEXES = (
+    "SELECT coalesce(json_agg(json_build_array(c.relname, pg_get_indexdef(i.indexrelid),"
+    " i.indisvalid AND i.indisready)), '[]') FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+    " WHERE i.indrelid = '%s'::regclass"
+)
+
+
+def shard_indexes(connection: Connection, table: str) -> list[ShardIndexes]:
+    """The indexes of every shard placement of ``table``, read on the workers."""
+    rows = connection.execute(
+        text(
+            "SELECT shardid, nodename, nodeport, success, result"
+            " FROM run_command_on_placements(CAST(:table AS regclass), :command)"
+            " ORDER BY shardid, nodename, nodeport"
+        ),
+        {"table": table, "command": _SHARD_INDEXES},
+    )
+    found = []
+    for shard, host, port, success, result in rows:
+        node = f"{host}:{port}"
+        if not success:
+            found.append(ShardIndexes(table, shard, node, {}, " ".join(str(result).split())))
+            continue
+        suffix = re.compile(rf"_{shard}\b")
+        indexes = {
+            suffix.sub("", name): (suffix.sub("", definition), bool(valid))
+            for name, definition, valid in json.loads(result)
+        }
+        found.append(ShardIndexes(table, shard, node, indexes))
+    return found
+
+
+def index_definitions(connection: Connection, table: str) -> dict[str, str]:
+    """The coordinator's definition of each index of ``table`` (its shell table)."""
+    rows = connection.execute(
+        text(
+            "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = CAST(:table AS regclass)"
+        ),
+        {"table": table},
+    )
+    return dict(rows.all())
+
+
+# --- sizes and placements ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the shards of a table are: how many on a node, and their size there."""
+
+    table: str
+    node: str  # host:port
+    shards: int
+    total_bytes: int
+
+
+def sizes(connection: Connection, tables: list[str]) -> dict[str, tuple[int, int]]:
+    """(row estimate, bytes) of each of ``tables`` that Citus distributes or replicates,
+    summed over its shards (the coordinator's table of a distributed one is an empty
+    shell). The estimate is the shards' planner statistics, -1 when none was analysed."""
+    found = {}
+    for table in tables:
+        kind = connection.execute(
+            text(
+                "SELECT p.partmethod::text FROM pg_dist_partition p"
+                " WHERE p.logicalrelid = to_regclass(:table)"
+            ),
+            {"table": table},
+        ).scalar()
+        if kind is None:
+            continue
+        estimate = connection.execute(
+            text(
+                "SELECT CASE WHEN bool_and(result::bigint < 0) THEN -1"
+                " ELSE sum(greatest(result::bigint, 0)) END"
+                " FROM run_command_on_shards(CAST(:table AS regclass),"
+                " 'SELECT reltuples::bigint FROM pg_class WHERE oid = ''%s''::regclass')"
+                " WHERE success"
+            ),
+            {"table": table},
+        ).scalar()
+        if kind == "n":  # a reference or a Citus local table: one shard, counted once
+            estimate = (
+                connection.execute(
+                    text("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(:table)"),
+                    {"table": table},
+                ).scalar()
+                if estimate is None
+                else estimate
+            )
+        size = connection.execute(
+            text("SELECT citus_total_relation_size(CAST(:table AS regclass), fail_on_error => false)"),
+            {"table": table},
+        ).scalar()
+        found[table] = (int(estimate if estimate is not None else -1), int(size or 0))
+    return found
+
+
+def placements(connection: Connection, tables: list[str]) -> list[Placement]:
+    """The shards of ``tables`` by node (citus_shards), in table order then node."""
+    rows = connection.execute(
+        text(
+            "SELECT table_name::text, nodename || ':' || nodeport, count(*), coalesce(sum(shard_size), 0)"
+            " FROM citus_shards WHERE table_name::text = ANY(:tables)"
+            " GROUP BY 1, 2 ORDER BY array_position(CAST(:tables AS text[]), table_name::text), 2"
+        ),
+        {"tables": tables},
+    )
+    return [Placement(table, node, int(shards), int(size)) for table, node, shards, size in rows]
+
+
+# --- errors --------------------------------------------------------------------------------
+
+#: Messages by which Citus says a statement cannot run on how the tables are distributed.
+#: Citus gives most of them SQLSTATE 0A000 (feature_not_supported), some XX000.
+_DISTRIBUTION_PHRASES = (
+    "distributed",
+    "distribution column",
+    "colocated",
+    "co-located",
+    "reference table",
+    "shard",
+    "parallel operation",
+    "multi-shard",
+    "router",
+    "repartition",
+)
+
+
+def distribution_error(exc: BaseException) -> ChatdbError | None:
+    """A StateError that says a statement failed because of how the tables are
+    distributed on Citus (not a lock, not the data), or None when ``exc`` is not one."""
+    orig = getattr(exc, "orig", exc)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate not in ("0A000", "XX000", "25001"):
+        return None
+    message = one_line(exc)
+    if not any(phrase in message.lower() for phrase in _DISTRIBUTION_PHRASES):
+        return None
+    return StateError(
+        f"Citus cannot run this on the distributed tables: {message}",
+        hint="a limit of how the tables are distributed, not a lock or the data: "
+        'see README.md, "Running on Citus"',
+    )

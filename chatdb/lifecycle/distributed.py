@@ -1,0 +1,350 @@
+"""The lifecycle's phases on Citus, when chatdb's tables are distributed by ``user_id``:
+every batch is one shard's work, sent as router queries.
+
+Citus refuses a ``SELECT ... FOR UPDATE`` that spans shards, and the coordinator's tables
+are empty shells, so the physical order (ctid windows) of one server finds nothing.
+Here every phase goes in keyset order over ``(shard, user_id, id)``:
+
+- A pass starts by finding, with a plain read over every shard and outside any batch,
+  which users have matching rows, and by asking the coordinator which shard holds each
+  (``get_shard_id_for_distribution_column``). The users are sorted by (shard, user_id).
+- A batch takes the next users of one shard after the pass's position and locks their
+  matching rows ``FOR UPDATE SKIP LOCKED`` with ``user_id = ANY(:users)``: all of those
+  users hash to one shard, so Citus prunes the statement to that shard and sends it
+  whole (a router query), WHERE clause and lock included. The worker's PostgreSQL
+  re-checks the condition on the newest version of each row once it is locked, exactly
+  as on one server.
+- Everything the batch then does (copy, move, delete, the export's lines) names the same
+  users, so it goes to the same shard; the audit row (``chatdb_runs``, on the
+  coordinator) is updated in the same transaction, as on one server.
+
+The position after a batch is (shard's ordinal, user_id, id) of its last row; ``user_id``
+is ordered by its bytes (``COLLATE "C"``), which is Python's order of ``str``. A user or
+row found after the pass's start, or passed over, is taken by the sweep from the start
+that follows a pass that leaves matching rows (the runner's ``pending``). See
+docs/architecture.md, "Running on Citus".
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    Connection,
+    Engine,
+    Select,
+    Table,
+    TextClause,
+    any_,
+    bindparam,
+    collate,
+    exists,
+    literal,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import TEXT, UUID
+
+from chatdb import citus
+from chatdb.lifecycle.models import Plan, Tally
+from chatdb.lifecycle.phases import Phase, Taken
+from chatdb.lifecycle.statements import archivable, ids_param, restorable, skip_locked
+from chatdb.schema import (
+    DISTRIBUTED_TABLES,
+    DISTRIBUTION_COLUMN,
+    conversations,
+    conversations_archive,
+    messages,
+    messages_archive,
+)
+
+#: What one batch does with the rows it locked: ``apply(connection, users, ids)``, the
+#: users (all on one shard) and the ids of the rows.
+Apply = Callable[[Connection, list[str], list[uuid.UUID]], Tally]
+
+#: A user of a pass: (the ordinal of their shard, user_id).
+Entry = tuple[int, str]
+
+_USERS = bindparam("users", type_=ARRAY(TEXT))
+_IDS = bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))
+
+
+def applies(engine: Engine) -> bool:
+    """Whether chatdb's tables are distributed on this database (a Citus coordinator)."""
+    with engine.connect() as connection:
+        layout = citus.cluster(connection)
+    return layout is not None and layout.kind(DISTRIBUTED_TABLES[0].name) == citus.DISTRIBUTED
+
+
+def _bound(statement: str) -> TextClause:
+    return text(statement).bindparams(_USERS, _IDS)
+
+
+class Shards:
+    """The users a pass works through, sorted by (shard's ordinal, user_id), as a phase
+    found them at the start of its latest pass. Shared by the run's workers."""
+
+    def __init__(self, table: Table, condition: Any) -> None:
+        self.table = table
+        self.condition = condition
+        self.entries: list[Entry] = []
+        self.lock = threading.Lock()
+
+    def discover(self, engine: Engine) -> None:
+        """Which users have matching rows now, and on which shard, read in a transaction
+        of its own (a plain read over every shard: it locks nothing)."""
+        with engine.connect() as connection:
+            users = list(
+                connection.execute(select(self.table.c.user_id).where(self.condition).distinct()).scalars()
+            )
+            rows = connection.execute(
+                text(
+                    "SELECT u, get_shard_id_for_distribution_column(CAST(:table AS regclass), u)"
+                    " FROM unnest(CAST(:users AS text[])) AS u"
+                ),
+                {"table": self.table.name, "users": users},
+            ).all()
+            connection.rollback()
+        ordinal = {shard: n for n, shard in enumerate(sorted({shard for _, shard in rows}))}
+        entries = sorted((ordinal[shard], user) for user, shard in rows)
+        with self.lock:
+            self.entries = entries
+
+    def chunk(self, start: Entry, most: int) -> tuple[list[Entry], Entry | None]:
+        """Up to ``most`` users of one shard from ``start`` on, and where the next chunk
+        starts (None at the end of the pass)."""
+        with self.lock:
+            entries = self.entries
+        first = bisect.bisect_left(entries, start)
+        chosen = []
+        for entry in entries[first : first + most]:
+            if entry[0] != entries[first][0]:
+                break
+            chosen.append(entry)
+        after = first + len(chosen)
+        return chosen, (entries[after] if after < len(entries) else None)
+
+
+def _pick(table: Table, condition: Any, users: list[str], limit: int, after: tuple | None) -> Select:
+    """Lock (SKIP LOCKED) up to ``limit`` rows of ``users`` (all on one shard) matching
+    ``condition``, after the row ``after`` = (user_id, id) if given, in (user_id, id)
+    order, and return their ``(user_id, id)``."""
+    c = table.c
+    query = select(c.user_id, c.id).where(c.user_id == any_(literal(users, ARRAY(TEXT))), condition)
+    if after is not None:
+        query = query.where(~((c.user_id == after[0]) & (c.id <= after[1])))
+    return skip_locked(query.order_by(collate(c.user_id, "C"), c.id).limit(limit))
+
+
+def by_shard(table: Table, condition: Any, apply: Apply) -> Callable[..., Taken]:
+    """A phase's ``take`` on distributed tables: lock up to ``limit`` rows of ``table``
+    matching ``condition`` of the next users of one shard after the position ``after`` =
+    (ordinal, user_id, id), and ``apply`` to them, all as router queries."""
+    shards = Shards(table, condition)
+
+    def take(connection: Connection, limit: int, after: tuple | None) -> Taken:
+        if after is None:
+            shards.discover(connection.engine)
+            start: tuple[int, str] | None = (-1, "")
+        else:
+            start = (after[0], after[1])
+        while start is not None:
+            chosen, following = shards.chunk(start, limit)
+            if not chosen:
+                return Taken()
+            ordinal = chosen[0][0]
+            # The row after which to go on, when the chunk starts with the position's user.
+            row = None
+            if after is not None and (after[0], after[1]) == chosen[0]:
+                row = (after[1], after[2])
+            users = [user for _, user in chosen]
+            rows = connection.execute(_pick(table, condition, users, limit, row)).all()
+            if rows:
+                users = list(dict.fromkeys(user for user, _ in rows))
+                ids = [row[1] for row in rows]
+                last = (ordinal, rows[-1][0], rows[-1][1])
+                return Taken(len(rows), last, apply(connection, users, ids), ids, users)
+            start = following
+        return Taken()
+
+    return take
+
+
+# --- what a batch does, one shard at a time --------------------------------------------------
+
+
+def _names(table: Table) -> str:
+    return ", ".join(f'"{column.name}"' for column in table.c)
+
+
+@cache
+def _copy(source: Table, target: Table) -> TextClause:
+    """Insert into ``target`` the batch's conversations of ``source`` (locked by the
+    batch: they cannot change between this copy and their delete)."""
+    names = _names(conversations)
+    return _bound(
+        f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}"'
+        " WHERE user_id = ANY(:users) AND id = ANY(:ids)"
+    )
+
+
+@cache
+def _lock_messages(table: Table) -> TextClause:
+    """Lock the messages of the batch's conversations, and count them. Their
+    conversations are locked already, so no message can be added to them; with the
+    messages locked too, none can change between the copy and the delete that follow
+    (on one server, one statement does both: Citus would carry its rows through the
+    coordinator)."""
+    return _bound(
+        f'SELECT count(*) FROM (SELECT 1 FROM "{table.name}" WHERE user_id = ANY(:users)'
+        " AND conversation_id = ANY(:ids) FOR UPDATE) AS locked"
+    )
+
+
+@cache
+def _copy_messages(source: Table, target: Table) -> TextClause:
+    names = _names(messages)
+    return _bound(
+        f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}"'
+        " WHERE user_id = ANY(:users) AND conversation_id = ANY(:ids)"
+    )
+
+
+@cache
+def _delete(table: Table, key: str = "id") -> TextClause:
+    return _bound(f'DELETE FROM "{table.name}" WHERE user_id = ANY(:users) AND "{key}" = ANY(:ids)')
+
+
+def _move(connection: Connection, parent: Table, child: Table, to_parent: Table, to_child: Table, users, ids):
+    params = {"users": users, "ids": ids}
+    connection.execute(_copy(parent, to_parent), params)
+    connection.execute(_lock_messages(child), params)
+    moved_messages = connection.execute(_copy_messages(child, to_child), params).rowcount
+    connection.execute(_delete(child, "conversation_id"), params)
+    moved = connection.execute(_delete(parent), params).rowcount
+    return moved, moved_messages
+
+
+def archive_batch(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
+    moved, moved_messages = _move(
+        connection, conversations, messages, conversations_archive, messages_archive, users, ids
+    )
+    return Tally(conversations=moved, messages=moved_messages)
+
+
+def restore_batch(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
+    moved, moved_messages = _move(
+        connection, conversations_archive, messages_archive, conversations, messages, users, ids
+    )
+    return Tally(archive_conversations=moved, archive_messages=moved_messages)
+
+
+def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
+    """Delete the batch's conversations and their messages, the messages first in a
+    statement of their own whose snapshot sees every message committed before the lock
+    (so the count is exact: no cascade is left to delete one uncounted)."""
+
+    def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
+        params = {"users": users, "ids": ids}
+        n_messages = connection.execute(_delete(child, "conversation_id"), params).rowcount
+        n_conversations = connection.execute(_delete(parent), params).rowcount
+        if hot:
+            return Tally(conversations=n_conversations, messages=n_messages)
+        return Tally(archive_conversations=n_conversations, archive_messages=n_messages)
+
+    return apply
+
+
+def delete_messages(table: Table, hot: bool) -> Apply:
+    def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
+        n = connection.execute(_delete(table), {"users": users, "ids": ids}).rowcount
+        return Tally(messages=n) if hot else Tally(archive_messages=n)
+
+    return apply
+
+
+# --- the commands' phases ------------------------------------------------------------------
+
+
+def _phase(
+    name: str, table: Table, condition: Any, apply: Apply, *, export: bool = False, fills: bool = False
+) -> Phase:
+    pending = select(exists().where(condition))
+    return Phase(name, by_shard(table, condition, apply), pending, export=export, fills=fills)
+
+
+def archive_phases(plan: Plan) -> list[Phase]:
+    """``archive`` on distributed tables: idle conversations, one shard per batch, moved
+    with their messages and exported."""
+    return [
+        _phase(
+            "archive idle conversations",
+            conversations,
+            archivable(plan.cutoff),
+            archive_batch,
+            export=True,
+            fills=True,
+        )
+    ]
+
+
+def purge_phases(plan: Plan) -> list[Phase]:
+    """``purge`` on distributed tables: the phases of one server, one shard per batch."""
+    grace = plan.deleted_cutoff
+    phases = []
+    for parent, child, hot in (
+        (conversations, messages, True),
+        (conversations_archive, messages_archive, False),
+    ):
+        where = "" if hot else " (archive)"
+        gone = delete_conversations(parent, child, hot)
+        phases += [
+            _phase(f"idle conversations{where}", parent, parent.c.updated_at < plan.cutoff, gone),
+            _phase(
+                f"soft-deleted conversations{where}",
+                parent,
+                parent.c.deleted_at.is_not(None) & (parent.c.deleted_at < grace),
+                gone,
+            ),
+            _phase(
+                f"soft-deleted messages{where}",
+                child,
+                child.c.deleted_at.is_not(None) & (child.c.deleted_at < grace),
+                delete_messages(child, hot),
+            ),
+        ]
+    return phases
+
+
+def restore_phases(plan: Plan) -> list[Phase]:
+    """``archive restore`` on distributed tables: the chosen archived conversations, one
+    shard per batch, moved back with their messages."""
+    chosen = restorable(plan.conversation_ids, plan.user_id)
+    c = conversations_archive.c
+    if plan.conversation_ids:
+        condition = c.id == any_(ids_param(plan.conversation_ids))
+    else:
+        condition = c.user_id == plan.user_id
+    return [
+        Phase(
+            "restore archived conversations",
+            by_shard(conversations_archive, condition, restore_batch),
+            select(exists(chosen)),
+            fills=True,
+        )
+    ]
+
+
+def phases_for(command: str, plan: Plan) -> Sequence[Phase]:
+    """The phases of ``command`` (a ``Plan.command``) on distributed tables."""
+    by_command = {"archive": archive_phases, "purge": purge_phases, "archive restore": restore_phases}
+    return by_command[command](plan)
+
+
+assert DISTRIBUTION_COLUMN == "user_id"  # the statements above name it

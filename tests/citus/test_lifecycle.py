@@ -1,0 +1,300 @@
+"""archive, archive restore and purge on the cluster: the same guarantees as on one server
+(tests/test_lifecycle.py), with every batch confined to one shard
+(``chatdb.lifecycle.distributed``): exact sets against an SQL oracle, rows the
+application holds skipped and then taken, SIGKILL and a rerun, checksums of archive and
+restore, and the export file with each conversation exactly once."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.dialects import postgresql
+from test_lifecycle import (
+    GRACE_DAYS,
+    RETENTION_DAYS,
+    _start,
+    _wait_for_batches,
+    checksum,
+    engine_for,
+    ids,
+    predicted_archive,
+    predicted_purge,
+    run_json,
+    state,
+)
+
+from chatdb import lifecycle
+from chatdb.lifecycle import distributed
+from chatdb.schema import conversations
+
+UNION = (
+    "(SELECT id, user_id, title, updated_at, deleted_at FROM conversations"
+    " UNION ALL SELECT id, user_id, title, updated_at, deleted_at FROM conversations_archive)"
+)
+MUNION = (
+    "(SELECT id, conversation_id, content, created_at, deleted_at FROM messages"
+    " UNION ALL SELECT id, conversation_id, content, created_at, deleted_at FROM messages_archive)"
+)
+
+
+def populate(db, conversations: int = 400, users: int = 12) -> None:
+    """tests/test_lifecycle.py's populate, written as Citus takes it: conversations idle
+    for 0..399 days, one in seven soft-deleted, one to six messages each (one in five
+    soft-deleted), an application user with no conversations, and a share of the old
+    conversations already archived."""
+    db.execute(
+        "INSERT INTO users (id, email, name) SELECT 'u' || g, 'u' || g || '@example.com', 'User ' || g"
+        " FROM generate_series(1, :users) g",
+        users=users,
+    )
+    db.execute("INSERT INTO users (id, email) VALUES ('app-only', 'app@example.com')")
+    db.execute(
+        """
+        INSERT INTO conversations (id, user_id, title, metadata, created_at, updated_at, deleted_at)
+        SELECT gen_random_uuid(), 'u' || (g % :users + 1), 'chat ' || g, jsonb_build_object('n', g),
+               now() - make_interval(days => g % 400 + 1, hours => 3),
+               now() - make_interval(days => g % 400, hours => 3),
+               CASE WHEN g % 7 = 0 THEN now() - make_interval(days => g % 60, hours => 2) END
+        FROM generate_series(1, :n) g
+        """,
+        n=conversations,
+        users=users,
+    )
+    db.execute(
+        """
+        INSERT INTO messages
+          (conversation_id, user_id, role, content, metadata, tool_calls, created_at, deleted_at)
+        SELECT c.id, c.user_id, CASE WHEN k % 2 = 1 THEN 'user' ELSE 'assistant' END,
+               'message ' || k || ' of ' || c.title,
+               CASE WHEN k % 2 = 0 THEN '{"model": "gpt-4o"}'::jsonb END,
+               CASE WHEN k = 2 THEN '[{"name": "add_task"}]'::jsonb END,
+               c.created_at + make_interval(mins => k),
+               CASE WHEN k % 5 = 0 THEN now() - make_interval(days => (k * 17) % 60, hours => 1) END
+        FROM conversations c, generate_series(1, 1 + abs(hashtext(c.id::text)) % 6) k
+        """
+    )
+    chosen = ids(
+        db,
+        "SELECT id FROM conversations WHERE updated_at < now() - interval '200 days'"
+        " AND deleted_at IS NULL ORDER BY id LIMIT 40",
+    )
+    params = {"ids": list(chosen)}
+    db.execute(
+        "INSERT INTO conversations_archive SELECT *, now() FROM conversations WHERE id = ANY(:ids)", **params
+    )
+    db.execute(
+        "INSERT INTO messages_archive SELECT m.*, now() FROM messages m WHERE conversation_id = ANY(:ids)",
+        **params,
+    )
+    db.execute("DELETE FROM conversations WHERE id = ANY(:ids)", **params)
+
+
+def test_a_batch_locks_its_rows_with_a_router_query_on_one_shard(citus_migrated_db):
+    """The users of one batch hash to one shard: Citus sends its SELECT ... FOR UPDATE
+    SKIP LOCKED to that shard whole (one task, the lock on the worker)."""
+    db = citus_migrated_db
+    populate(db)
+    shard_of = dict(
+        db.engine.connect()
+        .execute(
+            text(
+                "SELECT user_id, get_shard_id_for_distribution_column('conversations', user_id)"
+                " FROM (SELECT DISTINCT user_id FROM conversations) u"
+            )
+        )
+        .all()
+    )
+    first = min(shard_of.values())
+    users = sorted(user for user, shard in shard_of.items() if shard == first)
+    now = db.scalar("SELECT now()")
+    query = distributed._pick(
+        conversations, lifecycle.archivable(now), users, 10, (users[0], uuid.UUID(int=0))
+    )
+    sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    with db.engine.connect() as connection:
+        plan = "\n".join(connection.exec_driver_sql("EXPLAIN " + sql).scalars())
+    assert "Task Count: 1" in plan, plan
+    assert "LockRows" in plan, plan
+    engine = engine_for(db)
+    try:
+        assert distributed.applies(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_purge_deletes_exactly_what_sql_predicts_hot_and_archive(citus_migrated_db, jobs):
+    db = citus_migrated_db
+    populate(db)
+    users_before = checksum(db, "users")
+    before = state(db)
+    engine = engine_for(db)
+    try:
+        plan = lifecycle.plan_purge(
+            engine, lifecycle.parse_duration(f"{RETENTION_DAYS}d"), lifecycle.parse_duration(f"{GRACE_DAYS}d")
+        )
+        gone = predicted_purge(db, plan.cutoff, plan.deleted_cutoff)
+        result = lifecycle.purge(engine, plan, lifecycle.RunOptions(batch_size=7, jobs=jobs))
+    finally:
+        engine.dispose()
+    after = state(db)
+    for table, rows in before.items():
+        assert after[table] == rows - gone[table], table
+    assert all(gone[table] for table in gone)
+    assert all(after[table] for table in ("conversations", "messages"))
+    assert result.done.as_dict() == {
+        "conversations": len(gone["conversations"]),
+        "messages": len(gone["messages"]),
+        "archive_conversations": len(gone["conversations_archive"]),
+        "archive_messages": len(gone["messages_archive"]),
+    }
+    assert result.done.as_dict() == plan.counts.as_dict()
+    assert result.batches > 6
+    assert checksum(db, "users") == users_before
+    run = db.scalar("SELECT counts FROM chatdb_runs WHERE id = :i", i=result.run_id)
+    assert (run["conversations"], run["messages"]) == (len(gone["conversations"]), len(gone["messages"]))
+
+
+def test_archive_moves_exactly_the_oracles_rows_exports_each_once_and_restore_brings_them_back(
+    citus_migrated_db, cli, tmp_path
+):
+    db = citus_migrated_db
+    populate(db)
+    db.execute("DELETE FROM conversations_archive")  # start from an empty archive
+    before = {table: checksum(db, table) for table in ("conversations", "messages")}
+    unions = (checksum(db, UNION), checksum(db, MUNION))
+    export = tmp_path / "archive.jsonl"
+    out = run_json(cli, db, "archive", "--older-than", "60d", "--batch-size", "11", "--export", str(export))
+    # The oracle, on the snapshot before: what stays in the hot tables now must not match.
+    assert out["done"]["conversations"] > 0
+    moved = ids(db, "SELECT id FROM conversations_archive")
+    assert moved == ids(
+        db,
+        "SELECT id FROM conversations_archive WHERE updated_at < :c AND deleted_at IS NULL",
+        c=out["cutoff"],
+    )
+    assert predicted_archive(db, out["cutoff"]) == {"conversations": set(), "messages": set()}
+    assert out["done"]["conversations"] == len(moved)
+    assert out["done"]["messages"] == db.scalar("SELECT count(*) FROM messages_archive")
+    assert (checksum(db, UNION), checksum(db, MUNION)) == unions
+    lines = export.read_text().splitlines()
+    exported = [uuid.UUID(json.loads(line)["conversation"]["id"]) for line in lines]
+    assert len(exported) == len(set(exported)) and set(exported) == moved
+    assert sum(len(json.loads(line)["messages"]) for line in lines) == out["done"]["messages"]
+
+    archived = sorted(moved, key=str)
+    one_by_one = run_json(
+        cli, db, "archive", "restore", *[arg for i in archived[:5] for arg in ("--conversation", str(i))]
+    )
+    assert one_by_one["done"]["conversations"] == 5
+    for user in sorted(ids(db, "SELECT DISTINCT user_id FROM conversations_archive")):
+        run_json(cli, db, "archive", "restore", "--user", user)
+    assert db.scalar("SELECT count(*) FROM conversations_archive") == 0
+    assert db.scalar("SELECT count(*) FROM messages_archive") == 0
+    assert {table: checksum(db, table) for table in ("conversations", "messages")} == before
+
+
+def test_rows_the_application_holds_are_skipped_then_taken(citus_migrated_db):
+    db = citus_migrated_db
+    populate(db)
+    user, locked_id = (
+        db.engine.connect()
+        .execute(
+            text(
+                "SELECT user_id, id FROM conversations WHERE updated_at < now() - interval '200 days'"
+                " ORDER BY updated_at LIMIT 1"
+            )
+        )
+        .one()
+    )
+    holder = db.engine.connect()
+    holder.begin()
+    holder.execute(
+        text("SELECT 1 FROM conversations WHERE user_id = :u AND id = :i FOR UPDATE"),
+        {"u": user, "i": locked_id},
+    )
+    process = _start(db, "purge", "--older-than", "90d", "--json")
+    try:
+        deadline = time.monotonic() + 60
+        while (
+            db.scalar("SELECT count(*) FROM conversations WHERE updated_at < now() - interval '90 days'") > 1
+        ):
+            assert time.monotonic() < deadline, "the purge made no progress"
+            time.sleep(0.05)
+        # Everything else is gone; the held conversation waits, its messages with it.
+        assert db.scalar("SELECT count(*) FROM conversations WHERE id = :i", i=locked_id) == 1
+        assert db.scalar("SELECT count(*) FROM messages WHERE conversation_id = :i", i=locked_id) > 0
+        time.sleep(0.3)
+    finally:
+        holder.rollback()
+        holder.close()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout)["ok"]
+    assert db.scalar("SELECT count(*) FROM conversations WHERE id = :i", i=locked_id) == 0
+    assert db.scalar("SELECT count(*) FROM messages WHERE conversation_id = :i", i=locked_id) == 0
+    assert db.scalar("SELECT count(*) FROM conversations WHERE updated_at < now() - interval '90 days'") == 0
+
+
+def test_sigkill_during_archive_then_a_rerun_loses_nothing_and_exports_each_once(
+    citus_migrated_db, cli, tmp_path
+):
+    db = citus_migrated_db
+    populate(db, conversations=1500, users=40)
+    before = (checksum(db, UNION), checksum(db, MUNION))
+    archived_earlier = ids(db, "SELECT id FROM conversations_archive")
+    export = tmp_path / "a.jsonl"
+    process = _start(db, "archive", "--older-than", "60d", "--batch-size", "2", "--export", str(export))
+    _wait_for_batches(db, process)
+    process.kill()
+    process.wait()
+    killed = db.scalar("SELECT id FROM chatdb_runs WHERE outcome = 'running'")
+    assert killed is not None
+    assert (checksum(db, UNION), checksum(db, MUNION)) == before
+    # Messages sit beside their conversation, hot or archived, never split.
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM messages_archive m JOIN conversations c"
+            " ON c.user_id = m.user_id AND c.id = m.conversation_id"
+        )
+        == 0
+    )
+    out = run_json(cli, db, "archive", "--older-than", "60d", "--export", str(export))
+    assert out["took_over"] == [killed]
+    assert (checksum(db, UNION), checksum(db, MUNION)) == before
+    assert predicted_archive(db, out["cutoff"])["conversations"] == set()
+    lines = export.read_text().splitlines()
+    exported = {uuid.UUID(json.loads(line)["conversation"]["id"]) for line in lines}
+    moved = ids(db, "SELECT id FROM conversations_archive") - archived_earlier
+    assert exported == moved
+    assert len(lines) == len(exported)
+    runs = db.engine.connect().execute(text("SELECT outcome FROM chatdb_runs ORDER BY id")).scalars().all()
+    assert runs == ["interrupted", "succeeded"]
+
+
+def test_sigkill_during_purge_then_a_rerun_ends_as_the_oracle_says(citus_migrated_db, cli):
+    db = citus_migrated_db
+    populate(db, conversations=1500, users=40)
+    before = state(db)
+    for table in before:
+        db.execute(f"CREATE TABLE snap_{table} AS SELECT * FROM {table}")
+    process = _start(db, "purge", "--older-than", "90d", "--batch-size", "2")
+    _wait_for_batches(db, process)
+    process.kill()
+    process.wait()
+    assert state(db)["conversations"] != before["conversations"]
+    orphans = (
+        "SELECT count(*) FROM messages m LEFT JOIN conversations c"
+        " ON c.user_id = m.user_id AND c.id = m.conversation_id WHERE c.id IS NULL"
+    )
+    assert db.scalar(orphans) == 0
+    out = run_json(cli, db, "purge", "--older-than", "90d")
+    gone = predicted_purge(db, out["cutoff"], out["deleted_cutoff"], prefix="snap_")
+    after = state(db)
+    for table in before:
+        assert after[table] == before[table] - gone[table], table
+    assert all(gone.values())

@@ -1,0 +1,78 @@
+"""``chatdb migrate`` on a Citus coordinator: the chain, then the layout (README, "Running
+on Citus"): conversations, messages and their archives distributed by user_id and
+co-located, users a reference table, chatdb's own tables on the coordinator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+from test_schema_migrations import snap
+
+from chatdb.schema import CHATDB_TABLES
+
+LAYOUT = (
+    "SELECT json_object_agg(logicalrelid::regclass::text, json_build_array(partmethod,"
+    " column_to_column_name(logicalrelid, partkey), colocationid)) FROM pg_dist_partition"
+)
+APP_USERS = (
+    "CREATE TABLE users (id varchar(255) PRIMARY KEY, email text); INSERT INTO users VALUES ('app-1', 'a@b')"
+)
+
+
+def test_migrate_builds_head_and_distributes_the_tables_by_user_id(citus_db, plain_db, cli):
+    first = cli("migrate", "--database-url", citus_db.cli_url)
+    assert first.exit_code == 0, first.output
+    assert "Distributed by user_id on Citus, co-located: conversations, messages," in first.stdout
+    layout = citus_db.scalar(LAYOUT)
+    distributed = {name: layout[name] for name in layout if layout[name][0] == "h"}
+    assert set(distributed) == {"conversations", "messages", "conversations_archive", "messages_archive"}
+    assert {(column, group) for _, column, group in distributed.values()} == {
+        ("user_id", distributed["conversations"][2])
+    }
+    assert layout["users"][0] == "n"  # reference: chatdb created it, so chatdb made it one
+    assert "chatdb_runs" not in layout and "chatdb_size_history" not in layout
+    # The coordinator's tables are what head declares, keys and foreign keys included.
+    # Citus rebuilds a table it distributes from its own deparse of the definition, which
+    # writes the casts in the CHECK constraints differently (the same check).
+    owned = [table.name for table in CHATDB_TABLES]
+    differences = snap(citus_db.engine, owned).differences(snap(plain_db.engine, owned))
+    assert all(" constraint chk_" in difference for difference in differences), differences
+    with pytest.raises(IntegrityError, match="chk_conversation_status"):
+        citus_db.execute(
+            "INSERT INTO users (id) VALUES ('u');"
+            " INSERT INTO conversations (user_id, status) VALUES ('u', 'gone')"
+        )
+    again = cli("migrate", "--json", "--database-url", citus_db.cli_url)
+    assert again.exit_code == 0, again.output
+    payload = json.loads(again.stdout)
+    assert payload["applied"] == [] and payload["distributed"] == []
+
+
+def test_a_local_application_users_table_stops_migrate_with_the_statement_to_run(citus_db, cli):
+    citus_db.execute(APP_USERS)
+    refused = cli("migrate", "--database-url", citus_db.cli_url)
+    assert refused.exit_code == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert "SELECT create_reference_table('users')" in lines[0]
+    assert "--reference-users" in lines[0]
+    assert citus_db.scalar("SELECT to_regclass('conversations')") is None
+    assert citus_db.scalar("SELECT count(*) FROM pg_dist_partition") == 0
+
+
+def test_reference_users_makes_the_application_users_a_reference_table(citus_db, cli):
+    citus_db.execute(APP_USERS)
+    result = cli("migrate", "--reference-users", "--database-url", citus_db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert citus_db.scalar(LAYOUT)["users"][0] == "n"
+    assert citus_db.scalar("SELECT email FROM users WHERE id = 'app-1'") == "a@b"
+    assert citus_db.scalar("SELECT obj_description('users'::regclass, 'pg_class')") is None
+
+
+def test_an_application_users_already_a_reference_table_is_used_as_it_is(citus_db, cli):
+    citus_db.execute(APP_USERS + "; SELECT create_reference_table('users')")
+    result = cli("migrate", "--database-url", citus_db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert citus_db.scalar(LAYOUT)["messages"][0] == "h"

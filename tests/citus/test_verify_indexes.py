@@ -1,0 +1,80 @@
+"""``chatdb verify-indexes`` on the cluster: the coordinator's tables against schema.py,
+each distributed table's layout, the indexes of every shard placement, and each pattern
+proved on the plans the shards run."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+
+from chatdb.schema import DISTRIBUTED_TABLES
+
+
+def verify(cli, database) -> tuple[int, dict]:
+    result = cli("verify-indexes", "--json", "--database-url", database.cli_url)
+    return result.exit_code, json.loads(result.stdout)
+
+
+def failed(payload) -> list[dict]:
+    return [check for check in payload["checks"] if check["status"] == "fail"]
+
+
+def on_worker(database, table: str, statement: str) -> str:
+    """Run ``statement`` on the worker that holds the first shard of ``table``
+    (``{shard}`` and ``{shard_id}`` stand for the shard's name and id); returns the name."""
+    shard, shard_id, port = database.scalar(
+        "SELECT json_build_array(shard_name, shardid, nodeport) FROM citus_shards"
+        " WHERE table_name = CAST(:t AS regclass) ORDER BY shardid LIMIT 1",
+        t=table,
+    )
+    conninfo = f"host=localhost port={port} user=postgres dbname={database.name}"
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        connection.execute(statement.format(shard=shard, shard_id=shard_id))
+    return shard
+
+
+def test_a_distributed_database_passes_every_check(citus_migrated_db, cli):
+    code, payload = verify(cli, citus_migrated_db)
+    assert code == 0, failed(payload)
+    distribution = {c["table"]: c["detail"] for c in payload["checks"] if c["check"] == "distribution"}
+    assert distribution == {table.name: "distributed by user_id, co-located" for table in DISTRIBUTED_TABLES}
+    shards = [c for c in payload["checks"] if c["check"] == "shards"]
+    assert {c["table"] for c in shards} == {table.name for table in DISTRIBUTED_TABLES}
+    assert all(c["detail"] == "on all 8 shard placements, as on the coordinator" for c in shards)
+    assert {c["index"] for c in shards if c["table"] == "messages"} == {
+        index.name for index in DISTRIBUTED_TABLES[1].indexes
+    } | {"messages_pkey"}
+    queries = {c["index"]: c["detail"] for c in payload["checks"] if c["check"] == "query"}
+    # A pattern with an equality on user_id runs on one shard; the others on every shard.
+    assert queries["idx_conversations_user_status_updated"].endswith("on its user's shard")
+    assert queries["idx_conversations_updated_id"].endswith("on each of 8 shards")
+
+
+def test_an_index_missing_on_one_shard_fails_its_check_and_its_pattern(citus_migrated_db, cli):
+    shard = on_worker(
+        citus_migrated_db, "conversations", "DROP INDEX idx_conversations_updated_id_{shard_id}"
+    )
+    code, payload = verify(cli, citus_migrated_db)
+    assert code == 1
+    found = {(c["table"], c["index"], c["check"]): c["detail"] for c in failed(payload)}
+    assert set(found) == {
+        ("conversations", "idx_conversations_updated_id", "shards"),
+        ("conversations", "idx_conversations_updated_id", "query"),
+    }
+    assert found[("conversations", "idx_conversations_updated_id", "shards")].startswith(
+        f"missing on shard {shard} on localhost:"
+    )
+    assert (
+        "(on 1 of 8 shards, such as one on localhost:"
+        in found[("conversations", "idx_conversations_updated_id", "query")]
+    )
+
+
+def test_an_index_only_on_a_shard_is_found(citus_migrated_db, cli):
+    shard = on_worker(citus_migrated_db, "messages", "CREATE INDEX stray ON {shard} (role)")
+    code, payload = verify(cli, citus_migrated_db)
+    assert code == 1
+    (finding,) = failed(payload)
+    assert (finding["table"], finding["index"], finding["check"]) == ("messages", "stray", "shards")
+    assert finding["detail"].startswith(f"on shard {shard} on localhost:")
