@@ -35,12 +35,18 @@ says why each promise holds):
 - ``phases``: each command's phases, put together from those statements;
 - ``guard``: one run per database at a time;
 - ``export``: the export file protocol, the file's side;
+- ``audit``: the run's row in ``chatdb_runs``, the database's side;
+- ``export_session``: one batch's lines, written, then committed or cut off;
+- ``retry``: which failed batches are tried again, when and how large;
 - ``sizing``: batches and windows that aim at 50 ms;
-- ``runner``: a run from the guard to the outcome: workers, batches, the audit row;
+- ``batch``: one batch, in one transaction;
+- ``workers``: the workers' passes and sweeps over a phase;
+- ``runner``: a run from the guard to the outcome;
 - ``vacuuming``: the dead rows a run left, and ``--vacuum``;
 - ``commands``: ``archive``, ``purge``, ``restore``.
 """
 
+from chatdb.lifecycle.audit import SETTLE_TIMEOUT
 from chatdb.lifecycle.commands import archive, purge, restore
 from chatdb.lifecycle.durations import MAX_DURATION_SECONDS, Duration, parse_duration
 from chatdb.lifecycle.export import ExportFile, check_export
@@ -59,7 +65,7 @@ from chatdb.lifecycle.models import (
 )
 from chatdb.lifecycle.phases import Phase, archive_phases, purge_phases, restore_phases
 from chatdb.lifecycle.planning import plan_archive, plan_purge, plan_restore
-from chatdb.lifecycle.runner import MAX_ATTEMPTS, MAX_LOCKED_SWEEPS, SETTLE_TIMEOUT
+from chatdb.lifecycle.retry import MAX_ATTEMPTS
 from chatdb.lifecycle.sizing import (
     FIRST_BATCH_SIZE,
     FIRST_WINDOW_BLOCKS,
@@ -68,6 +74,7 @@ from chatdb.lifecycle.sizing import (
 )
 from chatdb.lifecycle.statements import LOCK_TIMEOUT, STATEMENT_TIMEOUT, WINDOW, archivable, purgeable
 from chatdb.lifecycle.vacuuming import vacuum
+from chatdb.lifecycle.workers import MAX_LOCKED_SWEEPS
 
 __all__ = [
     "DEAD_HOLDER_WAIT",
