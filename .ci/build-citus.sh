@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and install Citus into the Debian PostgreSQL 15 of this machine, for the tests that
-# start a Citus cluster (tests/citus/). Usage: build-citus.sh SHARED_CITUS_DIR [PG_CONFIG]
+# start a Citus cluster (tests/integration/citus/). Usage: build-citus.sh SHARED_CITUS_DIR [PG_CONFIG]
 #
 # SHARED_CITUS_DIR holds build.sh and the Citus source tarball (../shared/citus beside the
 # repository). Citus 13.2.2 defines its own static have_createdb_privilege() for

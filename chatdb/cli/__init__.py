@@ -3,7 +3,7 @@
 A command imports only what it runs. ``chatdb --version`` is answered here, before Typer
 is imported; the Typer app (``chatdb.cli.root``) imports a command's module only when
 that command runs or shows its own help, and a command's module imports the data layer it
-calls (``tests/test_startup.py`` holds them to it).
+calls (``tests/integration/test_startup.py`` holds them to it).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 #: --connect-timeout's default, in seconds. The data layer's own default
 #: (``db.DEFAULT_CONNECT_TIMEOUT``) is the same; it is not imported from there, so that
-#: `--help` starts without SQLAlchemy (``tests/test_startup.py`` checks that both agree).
+#: `--help` starts without SQLAlchemy (``tests/integration/test_startup.py`` checks that both agree).
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: A day: longer is a typo, and libpq's connect_timeout must stay an integer.
 MAX_CONNECT_TIMEOUT = 86_400

@@ -1,5 +1,5 @@
 """The seed's binary COPY encoder, checked by a small reader of PostgreSQL's binary COPY
-format (no database; tests/test_seed_command.py loads the same fields with a real COPY).
+format (no database; tests/integration/test_seed_command.py loads the same fields with a real COPY).
 
 The format, from PostgreSQL's documentation of COPY: the signature ``PGCOPY\\n\\377\\r\\n\\0``,
 a 32-bit flags word, a 32-bit header extension length and the extension; then per row a

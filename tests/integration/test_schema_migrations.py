@@ -326,7 +326,7 @@ def test_downgrade_below_0003_refuses_before_undoing_anything_while_system_messa
     assert migrated_db.scalar("SELECT count(*) FROM conversations_archive") == 1
     # The revision refuses by itself too (a plain Alembic downgrade).
     migrations.downgrade(migrated_db.engine, "0003")
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     env = {**os.environ, "CHATDB_DATABASE_URL": migrated_db.cli_url}
     env.pop("DATABASE_URL", None)
     result = subprocess.run(
@@ -433,7 +433,7 @@ def test_installed_package_carries_its_migrations():
 
 
 def test_plain_alembic_from_a_checkout(empty_db):
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     alembic = Path(sys.executable).with_name("alembic")
     env = {**os.environ, "CHATDB_DATABASE_URL": empty_db.cli_url}
     env.pop("DATABASE_URL", None)

@@ -27,7 +27,7 @@ from pytest_alembic.tests import (  # noqa: F401  (collected here as tests)
 from chatdb import migrations, schema
 
 REVISIONS = [revision.id for revision in migrations.chain()]
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

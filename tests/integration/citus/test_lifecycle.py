@@ -1,5 +1,5 @@
 """archive, archive restore and purge on the cluster: the same guarantees as on one server
-(tests/test_lifecycle.py), with every batch confined to one shard
+(tests/integration/test_lifecycle.py), with every batch confined to one shard
 (``chatdb.lifecycle.distributed``): exact sets against an SQL oracle, rows the
 application holds skipped and then taken, SIGKILL and a rerun, checksums of archive and
 restore, and the export file with each conversation exactly once."""
@@ -42,7 +42,7 @@ MUNION = (
 
 
 def populate(db, conversations: int = 400, users: int = 12) -> None:
-    """tests/test_lifecycle.py's populate, written as Citus takes it: conversations idle
+    """tests/integration/test_lifecycle.py's populate, written as Citus takes it: conversations idle
     for 0..399 days, one in seven soft-deleted, one to six messages each (one in five
     soft-deleted), an application user with no conversations, and a share of the old
     conversations already archived."""
