@@ -1,50 +1,55 @@
 """Every chatdb command at several sizes of the same database: what grows with the data.
 
     python bench/bench_scale.py [--sizes 1000000,10000000] [--older-than Nd] [--runs 3]
-        [--no-deep] [--bench-rate 200] [--bench-seconds 20] [--bench-clients 10]
+        [--bench-rate 200] [--bench-seconds 20] [--bench-clients 10] [--bench-runs 3]
+        [--parts reads,deep,writes,restore,daily,bench]
 
-Seeds each size in the same shape (a user per 100 messages, a conversation per 20, over
+Seeds every size in the same shape (a user per 100 messages, a conversation per 20, over
 365 days; smallest first), then runs every command as a whole child process, Python start
 included, and records its wall time, throughput, peak RSS and, for the runs that change
-data, the longest transaction and how many took over 250 ms (from their --json):
+data, the longest transaction and how many took over 250 ms (from their --json). The
+parts (--parts measures some of them; the seed always):
 
 - `chatdb seed` itself (its peak RSS covers the generator child it forks: see
   ``_harness.run``);
-- on the seeded database: `chatdb migrate` (a no-op at head: what checking costs),
-  `status`, `verify-indexes`, `doctor --older-than N` (catalog and statistics only; with
-  how many checks warned or failed), `archive --older-than N --dry-run` and `purge
-  --older-than N --dry-run` (its default grace of 30 days, as typed), each --runs times
-  in turn (median time, largest RSS); each dry run's count is checked against a count at
-  its own cutoffs;
-- `chatdb doctor --deep --older-than N` once (unless --no-deep): it reads every page of
-  the tables and indexes (pgstattuple and amcheck, created on each database) and counts
+- reads: on the seeded databases, `chatdb migrate` (a no-op at head: what checking
+  costs), `status`, `verify-indexes`, `doctor --older-than N` (catalog and statistics
+  only; with how many checks warned or failed), `archive --older-than N --dry-run` and
+  `purge --older-than N --dry-run` (its default grace of 30 days, as typed), --runs
+  rounds, each round every command at every size in turn, so that drift on a shared
+  machine hits sizes alike (median time, largest RSS); each dry run's count is checked
+  against a count at its own cutoffs;
+- deep: `chatdb doctor --deep --older-than N` once per size: it reads every page of the
+  tables and indexes (pgstattuple and amcheck, created on each database) and counts
   retention exactly; its time, the bytes it read and their rate;
-- each on a fresh copy (CREATE DATABASE ... TEMPLATE, a CHECKPOINT before each): the
-  plain `DELETE FROM conversations WHERE updated_at < now() - interval 'N days'` and the
-  plain INSERT ... SELECT archive of bench_lifecycle.py, each in one transaction;
+- writes: each on a fresh copy (CREATE DATABASE ... TEMPLATE, a CHECKPOINT before each):
+  the plain `DELETE FROM conversations WHERE updated_at < now() - interval 'N days'` and
+  the plain INSERT ... SELECT archive of bench_lifecycle.py, each in one transaction;
   `chatdb purge --older-than Nd` (grace period past every soft delete, so it deletes
   what the DELETE deletes) and `chatdb archive --older-than Nd`, with their ratio to
-  those baselines; each run's count is checked against a count at its own cutoff (the
-  baseline's, taken a little earlier, may differ by what became idle in between);
-- `chatdb archive restore` of 1,000 conversations named with --conversation, picked
-  across the archive of the copy the archive run left (as many as the smallest size's
-  archive holds, when that is fewer);
-- on the largest size, the steady-state daily job: on a copy purged at N+1 days and
-  vacuumed (yesterday's run), the purge at N days, which takes one day's newly idle
+  those baselines and their batch counts; each run's count is checked against a count
+  at its own cutoff (the baseline's, taken a little earlier, may differ by what became
+  idle in between);
+- restore: `chatdb archive restore` of 1,000 conversations named with --conversation,
+  picked across the archive of the copy the archive run left (as many as the smallest
+  size's archive holds, when that is fewer);
+- daily: on the largest size, the steady-state daily job: on a copy purged at N+1 days
+  and vacuumed (yesterday's run), the purge at N days, which takes one day's newly idle
   conversations; beside it the application's conversation-history query runs back to
   back, and its p95 is given alone and during the purge;
-- last, on the seeded database itself, `chatdb bench` at one fixed, modest rate
-  (--bench-rate, for --bench-seconds, with --bench-clients): each pattern's p95 and the
-  budgets missed. The rate is the same at every size, so the p95s compare the data's
-  effect alone; bench leaves no rows behind.
+- bench: last, on the seeded databases themselves, `chatdb bench` at one fixed, modest
+  rate (--bench-rate, for --bench-seconds, with --bench-clients), --bench-runs rounds of
+  every size in turn: each pattern's median p95 and the runs that missed a budget. The
+  rate is the same at every size, so the p95s compare the data's effect alone; bench
+  leaves no rows behind.
 
 Then one table: each figure at each size and the largest/smallest ratio, against what it
 should be: linear in the data (about the ratio of the sizes) for work that reads the
 data, flat (at most 1.2x) for work that does not. N defaults to the whole days that
 leave about three quarters of the conversations idle past them (on the smallest size).
 
-Each copy is dropped once measured, and each size's database once its size is done: at
-10,000,000 messages a database takes about 5 GB, and two of them exist at a time.
+Every size's database lives until the end, and each copy until it is measured: at
+10,000,000 messages a database takes about 5 GB, so 1M and 10M need about 11 GB.
 Uses BENCH_DATABASE_URL (a role with CREATEDB) when set, else an embedded PostgreSQL in a
 temporary folder.
 """
@@ -71,6 +76,8 @@ from _harness import (  # run as a script: bench/ is on sys.path
 from sqlalchemy import text
 
 RESTORE = 1_000
+#: What is measured after seeding, in this order (see the module's docstring).
+PARTS = ("reads", "deep", "writes", "restore", "daily", "bench")
 #: chatdb bench at a modest fixed rate, one that a 1M-message database on two shared
 #: cores serves within every budget: the p95s, not the capacity, are compared.
 BENCH_RATE = 200
@@ -201,29 +208,33 @@ def seeded(scratch: Scratch, table: Table, size: int) -> tuple[str, str]:
     return base, server
 
 
-def reads(scratch: Scratch, table: Table, size: int, base: str, days: int, runs: int) -> None:
-    """The read-only commands on the seeded database, in turn (so that drift on a shared
-    machine hits them alike), ``runs`` times each: median time, largest RSS. Checks each
-    dry run's count against a count at its own cutoff."""
-    print(f"{size:,}: migrate, status, verify-indexes, doctor, dry runs ...", flush=True)
-    target = ["--database-url", scratch.target(base)]
+def reads(scratch: Scratch, table: Table, bases: dict[int, str], days: int, runs: int) -> None:
+    """The read-only commands on each seeded database, ``runs`` rounds, each round every
+    command at every size in turn (so that drift on a shared machine hits sizes and
+    commands alike): median time, largest RSS. Checks each dry run's count against a
+    count at its own cutoffs."""
+    print(f"migrate, status, verify-indexes, doctor, dry runs at every size, {runs} rounds ...", flush=True)
     archive, purge = (f"{command} --older-than {days}d --dry-run" for command in ("archive", "purge"))
     doctor = f"doctor --older-than {days}d"
     commands = {
-        "migrate (at head)": [*COMMAND, "migrate", *target],
-        "status": [*COMMAND, "status", *target],
-        "verify-indexes": [*COMMAND, "verify-indexes", *target],
-        doctor: [*COMMAND, *doctor.split(), "--json", *target],
-        archive: [*COMMAND, *archive.split(), "--json", *target],
-        purge: [*COMMAND, *purge.split(), "--json", *target],
+        "migrate (at head)": ["migrate"],
+        "status": ["status"],
+        "verify-indexes": ["verify-indexes"],
+        doctor: [*doctor.split(), "--json"],
+        archive: [*archive.split(), "--json"],
+        purge: [*purge.split(), "--json"],
     }
-    samples: dict[str, list[tuple[float, int, str]]] = {label: [] for label in commands}
+    samples: dict[tuple[str, int], list[tuple[float, int, str]]] = {
+        (label, size): [] for label in commands for size in bases
+    }
     scratch.checkpoint()
     for _ in range(runs):
-        for label, command in commands.items():
-            # doctor exits 1 when a check fails; its --json is printed all the same
-            samples[label].append(run(command, accept=(0, 1) if label == doctor else (0,)))
-    for label, results in samples.items():
+        for label, arguments in commands.items():
+            for size, base in bases.items():
+                command = [*COMMAND, *arguments, "--database-url", scratch.target(base)]
+                # doctor exits 1 when a check fails; its --json is printed all the same
+                samples[label, size].append(run(command, accept=(0, 1) if label == doctor else (0,)))
+    for (label, size), results in samples.items():
         seconds = statistics.median(t for t, _, _ in results)
         table.add(label, "time", "s", "linear" if label in (archive, purge) else "flat", size, seconds)
         table.add(label, "peak RSS", "bytes", "flat", size, max(r for _, r, _ in results))
@@ -231,9 +242,11 @@ def reads(scratch: Scratch, table: Table, size: int, base: str, days: int, runs:
             table.add(
                 label, "findings (warn, fail)", "count", "info", size, findings(json.loads(results[-1][2]))
             )
-    for command, label in (("archive", archive), ("purge", purge)):
-        report = json.loads(samples[label][0][2])
-        check_count(scratch, base, f"the {command} dry run counted", command, report, "planned")
+    for size, base in bases.items():
+        for command, label in (("archive", archive), ("purge", purge)):
+            report = json.loads(samples[label, size][0][2])
+            what = f"at {size:,}: the {command} dry run counted"
+            check_count(scratch, base, what, command, report, "planned")
 
 
 def findings(report: dict[str, Any]) -> int:
@@ -324,12 +337,13 @@ def writes(scratch: Scratch, table: Table, size: int, base: str, days: int) -> N
         table.add(label, "peak RSS", "bytes", "flat", size, rss)
         table.add(label, "longest transaction", "ms", "flat", size, result["longest_transaction_seconds"])
         table.add(label, "over 250 ms", "count", "count", size, result["slow_transactions"])
+        table.add(label, "batches", "count", "info", size, result["batches"])
         ratio = (done / seconds) / (base_messages / base_s)
         expect = "aim" if command == "purge" else "info"
         table.add(f"{label} / {versus}", "messages/s, end to end", "x", expect, size, ratio, aim=1.0)
         # The baseline took its own cutoff (now() when it ran), so its count may differ
         # by what became idle in between; the run is checked against its own cutoff.
-        check_count(scratch, base, f"chatdb {command} took", command, result, "done")
+        check_count(scratch, base, f"at {size:,}: chatdb {command} took", command, result, "done")
 
 
 def restore(scratch: Scratch, table: Table, size: int, base: str, count: int) -> int:
@@ -365,13 +379,14 @@ def restore(scratch: Scratch, table: Table, size: int, base: str, count: int) ->
 
 
 def bench(
-    scratch: Scratch, table: Table, size: int, base: str, rate: float, seconds: int, clients: int
+    scratch: Scratch, table: Table, bases: dict[int, str], rate: float, seconds: int, clients: int, runs: int
 ) -> None:
-    """``chatdb bench`` at one fixed rate: each pattern's p95 (latency from its scheduled
-    start), which should not depend on the data (each is an index lookup). It writes only
-    rows of its own and removes them, so it runs last, on ``base``."""
-    print(f"{size:,}: bench at {rate:g} tps ...", flush=True)
-    scratch.checkpoint()
+    """``chatdb bench`` at one fixed rate, ``runs`` rounds of every size in turn: each
+    pattern's median p95 (latency from its scheduled start), which should not depend on
+    the data (each pattern is an index lookup). It writes only rows of its own and
+    removes them, so it runs last, on the seeded databases."""
+    print(f"bench at {rate:g} tps at every size, {runs} rounds ...", flush=True)
+    label = f"bench --rate {rate:g} --clients {clients}"
     command = [
         *COMMAND,
         "bench",
@@ -382,24 +397,51 @@ def bench(
         "--clients",
         str(clients),
     ]
-    # bench exits 1 when a budget is missed; its --json is printed all the same
-    _, rss, stdout = run([*command, "--json", "--database-url", scratch.target(base)], accept=(0, 1))
-    report = json.loads(stdout)
-    label = f"bench --rate {rate:g} --clients {clients}"
-    (phase,) = report["phases"]
-    table.add(label, "tps achieved", "/s", "info", size, phase["tps"])
-    for pattern in phase["patterns"]:
-        table.add(f"  {pattern['pattern']}", "p95", "ms", "flat", size, pattern["p95_ms"] / 1000)
-    missed = [
-        f"{pattern['pattern']}.{budget['metric']}"
-        for pattern in phase["patterns"]
-        for budget in pattern["budgets"]
-        if budget["status"] != "ok"
-    ]
-    table.add(label, "budgets missed", "count", "count", size, len(missed))
-    if missed:
-        print(f"note: at {size:,} messages bench missed {', '.join(missed)}")
-    table.add(label, "peak RSS (with pgbench)", "bytes", "flat", size, rss)
+    reports: dict[int, list[tuple[int, dict[str, Any]]]] = {size: [] for size in bases}
+    for _ in range(runs):
+        for size, base in bases.items():
+            scratch.checkpoint()
+            # bench exits 1 when a budget is missed; its --json is printed all the same
+            _, rss, stdout = run([*command, "--json", "--database-url", scratch.target(base)], accept=(0, 1))
+            reports[size].append((rss, json.loads(stdout)))
+    for size, results in reports.items():
+        phases = [report["phases"][0] for _, report in results]
+        table.add(
+            label, "tps achieved", "/s", "info", size, statistics.median(phase["tps"] for phase in phases)
+        )
+        for pattern in (pattern["pattern"] for pattern in phases[0]["patterns"]):
+            p95 = statistics.median(
+                found["p95_ms"]
+                for phase in phases
+                for found in phase["patterns"]
+                if found["pattern"] == pattern
+            )
+            table.add(f"  {pattern}", f"p95, median of {runs}", "ms", "flat", size, p95 / 1000)
+        missed = sorted(
+            {
+                f"{pattern['pattern']}.{budget['metric']}"
+                for phase in phases
+                for pattern in phase["patterns"]
+                for budget in pattern["budgets"]
+                if budget["status"] != "ok"
+            }
+        )
+        table.add(
+            label, "runs that missed a budget", "count", "count", size, sum(not r["ok"] for _, r in results)
+        )
+        if missed:
+            print(f"note: at {size:,} messages bench missed {', '.join(missed)}")
+        table.add(label, "peak RSS (with pgbench)", "bytes", "flat", size, max(rss for rss, _ in results))
+
+
+def parse_parts(raw: str) -> list[str]:
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(PARTS)}, not {raw!r}")
+    if "restore" in parts and "writes" not in parts:
+        raise argparse.ArgumentTypeError("restore needs writes: it restores from the archive run's copy")
+    return [part for part in PARTS if part in parts]
 
 
 def parse_runs(raw: str) -> int:
@@ -424,9 +466,6 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=parse_runs, default=3, help="runs of each read-only command; medians")
     parser.add_argument(
-        "--no-deep", dest="deep", action="store_false", help="leave out doctor --deep (it reads every page)"
-    )
-    parser.add_argument(
         "--bench-rate", type=float, default=BENCH_RATE, help=f"chatdb bench's --rate (default {BENCH_RATE:g})"
     )
     parser.add_argument(
@@ -441,27 +480,52 @@ def main() -> None:
         default=BENCH_CLIENTS,
         help=f"chatdb bench's --clients (default {BENCH_CLIENTS})",
     )
+    parser.add_argument(
+        "--bench-runs", type=parse_runs, default=3, help="rounds of chatdb bench at every size; medians"
+    )
+    parser.add_argument(
+        "--parts",
+        type=parse_parts,
+        default=list(PARTS),
+        help=f"what to measure after seeding, comma-separated (default: all of {','.join(PARTS)}); "
+        "restore needs writes (it restores from the archive run's copy)",
+    )
     args = parser.parse_args()
     sizes: list[int] = args.sizes
+    parts: list[str] = args.parts
     days: int | None = args.older_than
     count = RESTORE
     table = Table()
     scratch = Scratch()
+    daily: dict[str, float] | None = None
+    bases: dict[int, str] = {}
     try:
         for size in sizes:
-            base, server = seeded(scratch, table, size)
-            if days is None:
-                days = scratch.idle_days(base)
-            reads(scratch, table, size, base, days, args.runs)
-            if args.deep:
+            bases[size], server = seeded(scratch, table, size)
+        if days is None:
+            days = scratch.idle_days(bases[sizes[0]])
+        if "reads" in parts:
+            reads(scratch, table, bases, days, args.runs)
+        for size, base in bases.items():
+            if "deep" in parts:
                 doctor_deep(scratch, table, size, base, days)
-            writes(scratch, table, size, base, days)
-            count = restore(scratch, table, size, base, count)
-            if size == sizes[-1]:
-                print(f"{size:,}: the daily purge ...", flush=True)
-                daily = daily_job(scratch, base, days)
-            bench(scratch, table, size, base, args.bench_rate, args.bench_seconds, args.bench_clients)
-            scratch.drop(base)
+            if "writes" in parts:
+                writes(scratch, table, size, base, days)
+            if "restore" in parts:
+                count = restore(scratch, table, size, base, count)
+        if "daily" in parts:
+            print(f"{sizes[-1]:,}: the daily purge ...", flush=True)
+            daily = daily_job(scratch, bases[sizes[-1]], days)
+        if "bench" in parts:
+            bench(
+                scratch,
+                table,
+                bases,
+                args.bench_rate,
+                args.bench_seconds,
+                args.bench_clients,
+                args.bench_runs,
+            )
     finally:
         scratch.close()
 
@@ -469,9 +533,11 @@ def main() -> None:
     print(
         f"PostgreSQL {server}; each size seeded with a user per 100 messages and a conversation per 20, "
         f"over 365 days; retention {days}d; "
-        f"read-only commands: median of {args.runs}"
+        f"read-only commands: median of {args.runs}; measured: {','.join(parts)}"
     )
     table.print(sizes)
+    if daily is None:
+        return
     print()
     print(
         f"daily job at {sizes[-1]:,} messages (after a purge at {days + 1}d, vacuumed): "
