@@ -52,8 +52,9 @@ def migrate(
     as_json: JsonOutput = False,
 ) -> None:
     """Create and evolve chatdb's schema. Without a subcommand: upgrade the database to
-    head (or --to REV); running it again is a no-op. On a Citus coordinator it also
-    distributes the tables by user_id.
+    head (or --to REV); running it again is a no-op.
+
+    On a Citus coordinator it also distributes the tables by user_id.
 
     Example:
 
