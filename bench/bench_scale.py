@@ -213,7 +213,7 @@ def reads(scratch: Scratch, table: Table, bases: dict[int, str], days: int, runs
     command at every size in turn (so that drift on a shared machine hits sizes and
     commands alike): median time, largest RSS. Checks each dry run's count against a
     count at its own cutoffs."""
-    print(f"migrate, status, verify-indexes, doctor, dry runs at every size, {runs} rounds ...", flush=True)
+    print(f"migrate, status, verify-indexes, doctor, dry runs at every size, rounds: {runs} ...", flush=True)
     archive, purge = (f"{command} --older-than {days}d --dry-run" for command in ("archive", "purge"))
     doctor = f"doctor --older-than {days}d"
     commands = {
@@ -385,7 +385,7 @@ def bench(
     pattern's median p95 (latency from its scheduled start), which should not depend on
     the data (each pattern is an index lookup). It writes only rows of its own and
     removes them, so it runs last, on the seeded databases."""
-    print(f"bench at {rate:g} tps at every size, {runs} rounds ...", flush=True)
+    print(f"bench at {rate:g} tps at every size, rounds: {runs} ...", flush=True)
     label = f"bench --rate {rate:g} --clients {clients}"
     command = [
         *COMMAND,
