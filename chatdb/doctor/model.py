@@ -9,9 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich import filesize
-
 from chatdb.errors import UsageError
+from chatdb.units import size as size
 
 OK = "ok"
 WARN = "warn"
@@ -204,18 +203,6 @@ class Report:
 
 
 # --- words for details --------------------------------------------------------------------------
-
-
-#: pg_size_pretty's units: 1024-based, written as PostgreSQL writes them.
-_SIZE_SUFFIXES = ["B", "kB", "MB", "GB", "TB"]
-
-
-def size(count: float | None) -> str:
-    """Bytes as pg_size_pretty writes them, one decimal: "512 B", "1.5 MB", "12.0 GB"."""
-    if count is None:
-        return "?"
-    unit, suffix = filesize.pick_unit_and_suffix(int(abs(count)), _SIZE_SUFFIXES, 1024)
-    return f"{count / unit:.{0 if unit == 1 else 1}f} {suffix}"
 
 
 def duration(seconds: float | None) -> str:
