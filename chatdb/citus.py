@@ -18,10 +18,15 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, ForeignKeyConstraint, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.schema import AddConstraint
 
 from chatdb.errors import ChatdbError, StateError, one_line
-from chatdb.schema import DISTRIBUTED_TABLES, DISTRIBUTION_COLUMN, USERS_CREATED_BY_CHATDB, users
+from chatdb.schema import (
+    DISTRIBUTED_TABLES,
+    DISTRIBUTION_COLUMN,
+    USERS_CREATED_BY_CHATDB,
+    add_constraint_sql,
+    users,
+)
 
 #: citus_table_type as Citus names it, for the tables in its metadata.
 DISTRIBUTED = "distributed"
@@ -176,7 +181,7 @@ def distribute(engine: Engine, *, lock_timeout: str) -> list[str]:
                     },
                 )
             for key in keys:
-                connection.execute(AddConstraint(key))
+                connection.execute(text(add_constraint_sql(key)))
         except DBAPIError as exc:
             raise StateError(f"could not distribute chatdb's tables: {one_line(exc)}") from None
     return todo

@@ -28,6 +28,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    Constraint,
     ForeignKeyConstraint,
     Identity,
     Index,
@@ -40,6 +41,7 @@ from sqlalchemy import (
     TextClause,
     text,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 
 metadata = MetaData()
@@ -350,3 +352,18 @@ CHATDB_TABLES: tuple[Table, ...] = (
     chatdb_runs,
     chatdb_size_history,
 )
+
+
+def add_constraint_sql(constraint: Constraint) -> str:
+    """``ALTER TABLE … ADD …`` for one of this module's constraints, in PostgreSQL's SQL.
+
+    Rendered by the dialect's DDL compiler rather than executed as ``AddConstraint``,
+    which marks the constraint as not to be rendered inline: every later ``create_all``
+    of the process would then leave it out of its table.
+    """
+    dialect = postgresql.dialect()
+    compiler = dialect.ddl_compiler(dialect, None)  # type: ignore[arg-type]  # for process() alone
+    table = constraint.table
+    assert isinstance(table, Table)
+    quote = dialect.identifier_preparer.quote
+    return f"ALTER TABLE {quote(table.name)} ADD {compiler.process(constraint)}"

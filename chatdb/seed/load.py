@@ -20,7 +20,7 @@ from sqlalchemy.sql.schema import ForeignKeyConstraint
 
 from chatdb import citus, migrations, privileges
 from chatdb.errors import StateError
-from chatdb.schema import conversations, messages
+from chatdb.schema import add_constraint_sql, conversations, messages
 from chatdb.seed.child import in_child
 from chatdb.seed.request import USER_PREFIX, Progress, ResetResult, SeedRequest, SeedResult
 from chatdb.seed.rows import CONVERSATION_COLUMNS, MESSAGE_LAYOUT, all_chunks
@@ -148,19 +148,10 @@ def _droppable(table):
 
 
 def _rebuild(connection: Connection) -> None:
-    """Recreate, from chatdb.schema, what ``_take_over_if_empty`` dropped.
-
-    The DDL is rendered by the dialect's DDL compiler rather than through AddConstraint,
-    which would mark the metadata's constraints as not to be rendered inline, changing
-    ``schema.metadata`` for the rest of the process.
-    """
-    # A compiler for its process() alone: it has no statement of its own.
-    compiler = connection.dialect.ddl_compiler(connection.dialect, None)  # type: ignore[arg-type]
-    quote = connection.dialect.identifier_preparer.quote
+    """Recreate, from chatdb.schema, what ``_take_over_if_empty`` dropped."""
 
     def add(constraint) -> None:
-        definition = compiler.process(constraint)
-        connection.execute(text(f"ALTER TABLE {quote(constraint.table.name)} ADD {definition}"))
+        connection.execute(text(add_constraint_sql(constraint)))
 
     for table in (conversations, messages):
         for constraint in reversed(_droppable(table)):

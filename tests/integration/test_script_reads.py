@@ -6,25 +6,27 @@ Counted for real: a chatdb process whose file opens are watched by an audit hook
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
 
-from chatdb import migrations
+import chatdb
 
 WATCH = """
 import atexit, collections, json, os, sys
-versions, out = sys.argv[1], sys.argv[2]
+from chatdb.revisions import script_location
+versions = os.path.realpath(script_location() / "versions")
+out = sys.argv[1]
 opened = collections.Counter()
 def watch(event, args):
     if event == "open" and isinstance(args[0], str):
         path = os.path.realpath(args[0])
         if path.startswith(versions + os.sep):
             opened[path] += 1
-atexit.register(lambda: open(out, "w").write(json.dumps(opened)))
+import chatdb
+atexit.register(lambda: open(out, "w").write(json.dumps([chatdb.__file__, opened])))
 sys.addaudithook(watch)
-sys.argv = ["chatdb", *sys.argv[3:]]
+sys.argv = ["chatdb", *sys.argv[2:]]
 from chatdb.cli import main
 main()
 """
@@ -32,17 +34,20 @@ main()
 
 def script_reads(tmp_path, *args: str) -> Counter[str]:
     """How often a chatdb run of ``args`` opened each file of the versions folder (its
-    source and its compiled form)."""
-    versions = os.path.realpath(migrations.script_location() / "versions")
+    source and its compiled form). The child finds the folder from the chatdb it imports,
+    and runs outside the checkout, so that it imports the installed chatdb as the tests do."""
     out = tmp_path / "opened.json"
     result = subprocess.run(
-        [sys.executable, "-c", WATCH, versions, str(out), *args],
+        [sys.executable, "-c", WATCH, str(out), *args],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    return Counter(json.loads(out.read_text()))
+    module, opened = json.loads(out.read_text())
+    assert module == chatdb.__file__  # the same chatdb as the tests'
+    return Counter(opened)
 
 
 def test_a_migration_and_a_downgrade_read_each_script_once(empty_db, tmp_path):
