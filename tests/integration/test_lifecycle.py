@@ -897,6 +897,30 @@ def _stop_now(process, signum: int = signal.SIGTERM) -> None:
     process.send_signal(signum)
 
 
+def _waiting_to_settle(db, process) -> None:
+    """Wait until the run, stopped while its batch's COMMIT is held, waits to learn how
+    that COMMIT ends: its read of the audit row ``FOR SHARE`` waits for the batch's
+    transaction (for SETTLE_TIMEOUT at the most, after which it gives up and exits)."""
+    deadline = time.monotonic() + 60
+    while not db.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query LIKE '%chatdb_runs%FOR SHARE%'"
+    ):
+        assert process.poll() is None, "the run did not wait to learn how its COMMIT ended"
+        assert time.monotonic() < deadline, "the run never read its audit row"
+        time.sleep(0.01)
+
+
+def _no_longer_waiting(db, backend: int) -> None:
+    """Wait until the batch's backend no longer waits at its COMMIT (it was cancelled)."""
+    deadline = time.monotonic() + 60
+    while db.scalar(
+        "SELECT count(*) FROM pg_locks WHERE pid = :p AND locktype = 'advisory' AND NOT granted", p=backend
+    ):
+        assert time.monotonic() < deadline, "the COMMIT was not cancelled"
+        time.sleep(0.01)
+
+
 def _exported(path) -> list[uuid.UUID]:
     raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
     return [uuid.UUID(json.loads(line)["conversation"]["id"]) for line in raw.decode().splitlines()]
@@ -1074,7 +1098,7 @@ def test_an_export_batch_stopped_during_its_commit_keeps_its_lines_exactly_if_it
         process = _start(
             db, "archive", "--older-than", "60d", "--batch-size", "2", "--export", str(export), "--json"
         )
-        held(process)
+        batch = held(process)
         # Half a batch still being written, as far as anyone else can tell.
         with export.open("ab") as file:
             file.write(b'{"conversation": {"id": ')
@@ -1086,9 +1110,10 @@ def test_an_export_batch_stopped_during_its_commit_keeps_its_lines_exactly_if_it
         export.write_bytes(before[: -len(b'{"conversation": {"id": ')])
 
         _stop_now(process, signum)  # during the COMMIT
-        time.sleep(0.5)
         if signum == signal.SIGTERM:
-            assert process.poll() is None  # still waiting to learn how the COMMIT ended
+            _waiting_to_settle(db, process)  # still waiting to learn how the COMMIT ended
+        else:
+            _no_longer_waiting(db, batch)  # Ctrl-C cancelled the COMMIT in the server
         release()
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == code, stderr
