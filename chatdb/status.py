@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, text
 
-from chatdb import catalog, citus, migrations
-from chatdb.doctor import growth
+from chatdb import catalog, citus, migrations, size_history
 from chatdb.schema import CHATDB_TABLES, USERS_CREATED_BY_CHATDB, chatdb_runs
 
 #: Above this many rows (by the planner's estimate) the count is the estimate: an exact
@@ -61,7 +60,7 @@ class StatusReport:
 def gather(engine: Engine) -> StatusReport:
     migration = migrations.status(engine)
     with engine.connect() as connection:
-        recorded = growth.record(connection, "status")
+        recorded = size_history.record(connection, "status")
         version, database, user = connection.execute(
             text("SELECT current_setting('server_version'), current_database(), current_user")
         ).one()

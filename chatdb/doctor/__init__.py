@@ -20,7 +20,7 @@ from collections.abc import Callable
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from chatdb import migrations
+from chatdb import migrations, size_history
 from chatdb.doctor import activity, bloat, growth, index_checks, retention, statements, tables
 from chatdb.doctor.model import (
     AREAS,
@@ -84,7 +84,7 @@ def diagnose(engine: Engine, options: Options) -> Report:
     with engine.connect() as connection:
         revision, schema_finding = _revision(connection)
         connection.rollback()
-        recorded = growth.record(connection, options.command) if options.record else False
+        recorded = size_history.record(connection, options.command) if options.record else False
         with connection.begin() as transaction:
             probe = learn(connection, options, [table.name for table in CHATDB_TABLES])
             transaction.rollback()

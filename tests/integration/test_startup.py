@@ -20,6 +20,11 @@ DATABASE_LIBRARIES = {"sqlalchemy", "psycopg", "alembic", "faker"}
 
 def imported(*args: str) -> set[str]:
     """The top-level packages `chatdb ARGS` imported."""
+    return {module.split(".")[0] for module in imported_modules(*args)}
+
+
+def imported_modules(*args: str) -> set[str]:
+    """Every module `chatdb ARGS` imported."""
     done = subprocess.run(
         [CHATDB, *args],
         env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
@@ -32,7 +37,7 @@ def imported(*args: str) -> set[str]:
         line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")
     ]
     assert modules, done.stderr[-2000:]
-    return {module.split(".")[0] for module in modules}
+    return set(modules)
 
 
 def test_version_is_answered_before_typer_is_imported():
@@ -66,3 +71,15 @@ def test_the_help_states_the_connect_timeout_the_data_layer_applies():
     """--connect-timeout's default is declared in the CLI, so that help needs no SQLAlchemy;
     it is the data layer's."""
     assert connect.DEFAULT_CONNECT_TIMEOUT == db.DEFAULT_CONNECT_TIMEOUT
+
+
+def test_status_imports_neither_alembic_nor_the_doctor_nor_the_lifecycle(migrated_db):
+    """status checks the revision with one query, and records its size sample through
+    chatdb.size_history: what it imports is the data layer it runs."""
+    modules = imported_modules("status", "--database-url", migrated_db.cli_url)
+    assert {"chatdb.status", "chatdb.size_history", "sqlalchemy"} <= modules
+    assert not {
+        m
+        for m in modules
+        if m.split(".")[0] == "alembic" or m.startswith(("chatdb.doctor", "chatdb.lifecycle"))
+    }
