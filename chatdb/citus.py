@@ -37,6 +37,10 @@ CITUS_LOCAL = "local"
 
 CREATE_REFERENCE_USERS = f"SELECT create_reference_table('{users.name}')"
 
+#: The revision whose primary keys include the distribution column: below it, Citus
+#: cannot hold the tables distributed.
+LAYOUT_REVISION = "0007_keys_with_user_id"
+
 _DIALECT = postgresql.dialect()
 
 
@@ -131,6 +135,30 @@ def require_users(engine: Engine, *, reference_users: bool = False) -> Cluster |
             "have chatdb run it"
         )
     return layout
+
+
+def distributed_tables(connection: Connection) -> list[str]:
+    """chatdb's tables that Citus distributes in this database (none without Citus)."""
+    layout = cluster(connection)
+    if layout is None:
+        return []
+    return [table.name for table in DISTRIBUTED_TABLES if layout.kind(table.name) == DISTRIBUTED]
+
+
+def refuse_below_layout(connection: Connection, target: str, action: str, undone: list[str]) -> None:
+    """Refuse to ``action`` ("downgrade to", "stamp") ``target`` when ``undone`` (the
+    revisions it leaves not applied) holds ``LAYOUT_REVISION`` and chatdb's tables are
+    distributed: their keys must keep ``user_id``. Citus itself would stop a downgrade
+    half-way, with the revisions after it already undone."""
+    if LAYOUT_REVISION not in undone:
+        return
+    distributed = distributed_tables(connection)
+    if distributed:
+        raise StateError(
+            f"cannot {action} {target} on Citus: the distributed tables ({', '.join(distributed)}) "
+            f"need primary keys that include {DISTRIBUTION_COLUMN}, which revisions below "
+            f"{LAYOUT_REVISION} do not have"
+        )
 
 
 def _owner_keys() -> list[ForeignKeyConstraint]:
