@@ -299,6 +299,57 @@ def index_definitions(connection: Connection, table: str) -> dict[str, str]:
     return dict(rows.all())
 
 
+@dataclass(frozen=True)
+class PlacementResult:
+    """What a command returned on one shard placement: its single value, read as JSON, or
+    the worker's error when the placement could not be read."""
+
+    table: str
+    shard: int
+    node: str  # host:port
+    value: object = None
+    error: str | None = None
+
+
+def on_placements(connection: Connection, table: str, command: str) -> list[PlacementResult]:
+    """Run ``command`` on every shard placement of ``table`` (``%s`` is the shard's name,
+    as in ``format()``: a literal ``%`` is ``%%``); it returns one JSON value."""
+    rows = connection.execute(
+        text(
+            "SELECT shardid, nodename, nodeport, success, result"
+            " FROM run_command_on_placements(CAST(:table AS regclass), :command)"
+            " ORDER BY shardid, nodename, nodeport"
+        ),
+        {"table": table, "command": command},
+    )
+    found = []
+    for shard, host, port, success, result in rows:
+        node = f"{host}:{port}"
+        if success:
+            found.append(PlacementResult(table, int(shard), node, json.loads(result) if result else None))
+        else:
+            found.append(PlacementResult(table, int(shard), node, error=" ".join(str(result).split())))
+    return found
+
+
+def on_workers(connection: Connection, command: str) -> list[PlacementResult]:
+    """Run ``command`` (one JSON value) in this database on every worker; ``table`` is
+    empty and ``shard`` 0 in what it returns."""
+    rows = connection.execute(
+        text(
+            "SELECT nodename, nodeport, success, result FROM run_command_on_workers(:command)"
+            " ORDER BY nodename, nodeport"
+        ),
+        {"command": command},
+    )
+    return [
+        PlacementResult("", 0, f"{host}:{port}", json.loads(result) if success and result else None)
+        if success
+        else PlacementResult("", 0, f"{host}:{port}", error=" ".join(str(result).split()))
+        for host, port, success, result in rows
+    ]
+
+
 # --- sizes and placements ------------------------------------------------------------------
 
 
