@@ -154,12 +154,16 @@ def test_sizes_ages_and_cache_come_from_each_node(seeded, cli):
 
 
 def test_checks_of_one_server_say_so_on_a_cluster(seeded, cli):
-    seeded.execute("CREATE EXTENSION amcheck")
+    seeded.execute("CREATE EXTENSION amcheck; CREATE EXTENSION pgstattuple")
     _, payload = doctor(cli, seeded, "--deep")
     skipped = {(c["area"], c["object"]): c["detail"] for c in payload["checks"] if c["status"] == "skipped"}
     assert "coordinator's sessions" in skipped[("connections", "workers")]
     assert "coordinator's replication slots" in skipped[("replication", "workers")]
     assert "empty shells" in skipped[("integrity", "shards")]
+    assert "on Citus, --deep measures the coordinator's own tables only" in skipped[("bloat", None)]
+    measured = {c["object"]: c["detail"] for c in payload["checks"] if c["check"] == "table bloat"}
+    assert "(pgstattuple)" in measured["chatdb_runs"] or "empty" in measured["chatdb_runs"]
+    assert "summed over 8 shards on 2 nodes" in measured["messages"]
     checked = {c["object"] for c in payload["checks"] if c["area"] == "integrity" and c["status"] == "ok"}
     assert "chatdb_runs_pkey" in checked and "messages_pkey" not in checked
 
