@@ -37,6 +37,10 @@ CITUS_LOCAL = "local"
 
 CREATE_REFERENCE_USERS = f"SELECT create_reference_table('{users.name}')"
 
+#: The revision whose primary keys include the distribution column: below it, Citus
+#: cannot hold the tables distributed.
+LAYOUT_REVISION = "0007_keys_with_user_id"
+
 _DIALECT = postgresql.dialect()
 
 
@@ -131,6 +135,30 @@ def require_users(engine: Engine, *, reference_users: bool = False) -> Cluster |
             "have chatdb run it"
         )
     return layout
+
+
+def distributed_tables(connection: Connection) -> list[str]:
+    """chatdb's tables that Citus distributes in this database (none without Citus)."""
+    layout = cluster(connection)
+    if layout is None:
+        return []
+    return [table.name for table in DISTRIBUTED_TABLES if layout.kind(table.name) == DISTRIBUTED]
+
+
+def refuse_below_layout(connection: Connection, target: str, action: str, undone: list[str]) -> None:
+    """Refuse to ``action`` ("downgrade to", "stamp") ``target`` when ``undone`` (the
+    revisions it leaves not applied) holds ``LAYOUT_REVISION`` and chatdb's tables are
+    distributed: their keys must keep ``user_id``. Citus itself would stop a downgrade
+    half-way, with the revisions after it already undone."""
+    if LAYOUT_REVISION not in undone:
+        return
+    distributed = distributed_tables(connection)
+    if distributed:
+        raise StateError(
+            f"cannot {action} {target} on Citus: the distributed tables ({', '.join(distributed)}) "
+            f"need primary keys that include {DISTRIBUTION_COLUMN}, which revisions below "
+            f"{LAYOUT_REVISION} do not have"
+        )
 
 
 def _owner_keys() -> list[ForeignKeyConstraint]:
@@ -269,6 +297,57 @@ def index_definitions(connection: Connection, table: str) -> dict[str, str]:
         {"table": table},
     )
     return dict(rows.all())
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    """What a command returned on one shard placement: its single value, read as JSON, or
+    the worker's error when the placement could not be read."""
+
+    table: str
+    shard: int
+    node: str  # host:port
+    value: object = None
+    error: str | None = None
+
+
+def on_placements(connection: Connection, table: str, command: str) -> list[PlacementResult]:
+    """Run ``command`` on every shard placement of ``table`` (``%s`` is the shard's name,
+    as in ``format()``: a literal ``%`` is ``%%``); it returns one JSON value."""
+    rows = connection.execute(
+        text(
+            "SELECT shardid, nodename, nodeport, success, result"
+            " FROM run_command_on_placements(CAST(:table AS regclass), :command)"
+            " ORDER BY shardid, nodename, nodeport"
+        ),
+        {"table": table, "command": command},
+    )
+    found = []
+    for shard, host, port, success, result in rows:
+        node = f"{host}:{port}"
+        if success:
+            found.append(PlacementResult(table, int(shard), node, json.loads(result) if result else None))
+        else:
+            found.append(PlacementResult(table, int(shard), node, error=" ".join(str(result).split())))
+    return found
+
+
+def on_workers(connection: Connection, command: str) -> list[PlacementResult]:
+    """Run ``command`` (one JSON value) in this database on every worker; ``table`` is
+    empty and ``shard`` 0 in what it returns."""
+    rows = connection.execute(
+        text(
+            "SELECT nodename, nodeport, success, result FROM run_command_on_workers(:command)"
+            " ORDER BY nodename, nodeport"
+        ),
+        {"command": command},
+    )
+    return [
+        PlacementResult("", 0, f"{host}:{port}", json.loads(result) if success and result else None)
+        if success
+        else PlacementResult("", 0, f"{host}:{port}", error=" ".join(str(result).split()))
+        for host, port, success, result in rows
+    ]
 
 
 # --- sizes and placements ------------------------------------------------------------------

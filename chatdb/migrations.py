@@ -287,7 +287,11 @@ def plan_downgrade(engine: Engine, target: str, *, lock_timeout: str = DEFAULT_L
     plan = DowngradePlan(state.current, goal, list(reversed(undone)))
     if not undone:
         return plan
+    from chatdb import citus
+
     with engine.connect() as connection:
+        citus.refuse_below_layout(connection, goal or BASE, "downgrade to", plan.revisions)
+        connection.rollback()
         # The role that would run the downgrade: say which privilege it lacks, before
         # building the target revision for comparison needs one.
         privileges.require_migrate(connection, (*_OWNED, VERSION_TABLE))
@@ -367,12 +371,16 @@ class SchemaMismatch(StateError):
 def stamp(engine: Engine, target: str) -> StampResult:
     """Record ``target`` as the database's revision without running migrations, after
     proving that the live tables are exactly what the chain builds at ``target``."""
+    from chatdb import citus
+
     with engine.connect() as connection:
         previous = current_revision(connection)
         scripts = revisions.load()
         if previous is not None and previous not in scripts.ids:
             raise unknown_revision(previous)
         goal = scripts.resolve(target, previous)
+        unapplied = [r.id for r in scripts.between(goal, scripts.head)]
+        citus.refuse_below_layout(connection, goal or BASE, "stamp", unapplied)
         privileges.require_migrate(connection, (*_OWNED, VERSION_TABLE))
         expected = schema_at(connection, goal)
         # users is the application's table when adopting; its own columns are its business.

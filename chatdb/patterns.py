@@ -30,22 +30,31 @@ def recent_conversations(user_id: str, limit: int = 50) -> Select:
 
 
 def conversation_history(
-    conversation_id: uuid.UUID, limit: int = 20, *, include_deleted: bool = False
+    conversation_id: uuid.UUID,
+    limit: int = 20,
+    *,
+    include_deleted: bool = False,
+    user_id: str | None = None,
 ) -> Select:
     """Pattern 2: a conversation's history, newest first (the caller reverses it).
     ``include_deleted`` drops the soft-delete filter: the same query without it, which is
-    what the filter's cost is measured against."""
+    what the filter's cost is measured against. ``user_id``, the conversation's owner:
+    on Citus it sends the query to the one shard of that user (without it, to all)."""
     m = messages.c
     query = select(messages).where(m.conversation_id == conversation_id)
+    if user_id is not None:
+        query = query.where(m.user_id == user_id)
     if not include_deleted:
         query = query.where(m.deleted_at.is_(None))
     return query.order_by(m.created_at.desc()).limit(limit)
 
 
-def message_by_id(message_id: uuid.UUID) -> Select:
-    """One message by its id (served by the primary key)."""
+def message_by_id(message_id: uuid.UUID, user_id: str | None = None) -> Select:
+    """One message by its id (served by the primary key, ``(id, user_id)``). ``user_id``,
+    the message's owner: on Citus it sends the query to the one shard of that user."""
     m = messages.c
-    return select(messages).where(m.id == message_id, m.deleted_at.is_(None))
+    query = select(messages).where(m.id == message_id, m.deleted_at.is_(None))
+    return query if user_id is None else query.where(m.user_id == user_id)
 
 
 def idle_conversations(

@@ -5,10 +5,11 @@ running pgbench; ``capacity``: the search)."""
 from __future__ import annotations
 
 from contextlib import ExitStack
+from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from chatdb import migrations, privileges
+from chatdb import citus, migrations, privileges
 from chatdb.bench import capacity, pgbench, phases, rows, workload
 from chatdb.bench.model import (
     DEFAULT_CLIENTS,
@@ -106,7 +107,7 @@ def run(engine: Engine, request: BenchRequest, progress: Progress | None = None)
         leftovers = cleanup(engine, keep=token)
         if "insert" in mix:
             created = rows.create_rows(engine, token, request.clients)
-        keys = Keys(token)
+        keys = Keys(token, _sample(engine, estimate) if reads else ())
         with ExitStack() as stack:
             folder = phases.folder(stack, request.log_dir)
             names, scripts = [], []
@@ -118,7 +119,8 @@ def run(engine: Engine, request: BenchRequest, progress: Progress | None = None)
             ctx = phases.Context(
                 program, target, env, folder, request, names, scripts, budgets, engine.url, progress
             )
-            key_cost = phases.key_cost(ctx, keys) if reads else None
+            # Keys drawn before the run cost the server nothing (chosen on the client).
+            key_cost = phases.key_cost(ctx, keys) if reads and not keys.sample else None
             steps: list[Step] = []
             capacity_tps, capped = None, False
             if request.rate is not None:
@@ -157,6 +159,18 @@ def run(engine: Engine, request: BenchRequest, progress: Progress | None = None)
     )
 
 
+def _sample(engine: Engine, estimate: int) -> tuple[dict[str, Any], ...]:
+    """On Citus, the messages the read patterns draw their keys from (``Keys.sample``);
+    nothing on one server, where each statement looks its key up."""
+    with engine.connect() as connection:
+        layout = citus.cluster(connection)
+        if layout is None or layout.kind("messages") != citus.DISTRIBUTED:
+            return ()
+        sample = workload.sample_keys(connection, estimate)
+        connection.rollback()
+    return sample
+
+
 def _preflight(engine: Engine, request: BenchRequest) -> tuple[dict[str, int], dict[str, str], bool, int]:
     """What can run as this role on this database: the mix as run, what was left out and
     why, whether it reads, and the planner's estimate of the messages."""
@@ -178,6 +192,9 @@ def _preflight(engine: Engine, request: BenchRequest) -> tuple[dict[str, int], d
         estimate = connection.execute(
             text("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass('messages')")
         ).scalar_one()
+        if citus.enabled(connection):
+            # A distributed table's estimate is its shards' (the coordinator's is empty).
+            estimate = max(citus.sizes(connection, ["messages"]).get("messages", (estimate, 0))[0], estimate)
         if reads and not connection.execute(text("SELECT EXISTS (SELECT 1 FROM messages)")).scalar_one():
             raise StateError(
                 "the database holds no messages for the read patterns to ask for",

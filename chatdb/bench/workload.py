@@ -8,13 +8,15 @@ the application's own call is where its key comes from (see ``Keys``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, String, cast, func, literal, literal_column, select
+from sqlalchemy import Connection, Integer, String, cast, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.sql import ClauseElement
@@ -58,11 +60,22 @@ class Keys:
     """
 
     token: str
+    #: On Citus: messages drawn before the run (``sample_keys``), each a dict of
+    #: ``KEY_COLUMNS``. A key looked up inside a statement would send it to every shard (a
+    #: subquery over all of them, then no shard to prune to), so each read script holds
+    #: one branch per message of the sample with its keys as literals, and pgbench picks
+    #: one at random on the client: what reaches the server is the application's own
+    #: router query. Empty: the keys are looked up in each statement, as above.
+    sample: tuple[dict[str, Any], ...] = ()
+    #: The message of the sample a statement is compiled for.
+    chosen: dict[str, Any] | None = None
 
     # Each key stands where a pattern takes a value (a uuid, a user id): typed Any, as the
     # patterns are typed for the values the application passes them.
 
     def read(self, column: str) -> Any:
+        if self.chosen is not None:
+            return literal(self.chosen[column], messages.c[column].type)
         key = messages.alias("bench_key")
         start = cast(
             func.lpad(func.to_hex(literal_column(f":{KEY_VARIABLE}", Integer)), 8, "0")
@@ -77,6 +90,12 @@ class Keys:
             .correlate(None)
             .scalar_subquery()
         )
+
+    @property
+    def owner(self) -> Any:
+        """The user of the message read, for the patterns that take it only to be routed
+        (on Citus); None when the keys are looked up in each statement."""
+        return self.read("user_id") if self.chosen is not None else None
 
     @property
     def own_user(self) -> Any:
@@ -119,6 +138,13 @@ class Workload:
         above, every other value a literal (``-M simple`` sends them as text). A writing
         pattern runs in one transaction, as ``patterns.add_message`` does."""
         lines = [f"-- chatdb bench: {self.title} (chatdb.patterns.{self.source})"]
+        if not self.writes and keys.sample:
+            lines.append(rf"\set {KEY_VARIABLE} random(0, {len(keys.sample) - 1})")
+            for n, chosen in enumerate(keys.sample):
+                lines.append(rf"\{'if' if n == 0 else 'elif'} :{KEY_VARIABLE} = {n}")
+                statements = self.statements(dataclasses.replace(keys, chosen=chosen))
+                lines += [compile_sql(statement) for statement in statements]
+            return "\n".join([*lines, r"\endif"]) + "\n"
         if not self.writes:
             lines.append(_KEY_SET)
         sql = [compile_sql(statement) for statement in self.statements(keys)]
@@ -145,7 +171,9 @@ WORKLOADS: dict[str, Workload] = {
             f"a conversation's {HISTORY_LIMIT} newest messages",
             "conversation_history",
             False,
-            lambda k: [patterns.conversation_history(k.read("conversation_id"), HISTORY_LIMIT)],
+            lambda k: [
+                patterns.conversation_history(k.read("conversation_id"), HISTORY_LIMIT, user_id=k.owner)
+            ],
         ),
         Workload(
             "recent",
@@ -168,7 +196,7 @@ WORKLOADS: dict[str, Workload] = {
             "one message by id",
             "message_by_id",
             False,
-            lambda k: [patterns.message_by_id(k.read("id"))],
+            lambda k: [patterns.message_by_id(k.read("id"), k.owner)],
         ),
         Workload(
             "history-unfiltered",
@@ -176,11 +204,33 @@ WORKLOADS: dict[str, Workload] = {
             "conversation_history",
             False,
             lambda k: [
-                patterns.conversation_history(k.read("conversation_id"), HISTORY_LIMIT, include_deleted=True)
+                patterns.conversation_history(
+                    k.read("conversation_id"), HISTORY_LIMIT, include_deleted=True, user_id=k.owner
+                )
             ],
         ),
     )
 }
+
+
+#: The columns of a message that the read patterns take as keys.
+KEY_COLUMNS = ("id", "conversation_id", "user_id")
+#: How many messages a run on Citus draws its keys from.
+SAMPLE_SIZE = 1000
+
+
+def sample_keys(connection: Connection, estimate: int, size: int = SAMPLE_SIZE) -> tuple[dict[str, Any], ...]:
+    """Up to ``size`` messages drawn at random, each as likely as any (so a conversation
+    or a user is drawn in proportion to its messages, as the lookup above does). One
+    read of every shard (``TABLESAMPLE BERNOULLI``, sized from the row estimate), with
+    no LIMIT: on Citus one would favour the shards that answer first."""
+    share = 100.0 if estimate <= 0 else min(100.0, 100.0 * 3 * size / estimate)
+    sampled = messages.tablesample(func.bernoulli(share))
+    rows = connection.execute(select(*(sampled.c[column] for column in KEY_COLUMNS))).all()
+    if len(rows) < size and share < 100:
+        rows = connection.execute(select(*(messages.c[column] for column in KEY_COLUMNS))).all()
+    chosen = random.sample(rows, min(size, len(rows)))
+    return tuple(dict(row._mapping) for row in chosen)
 
 
 #: The carrier of the keys on its own, and the same query without the lookup: the

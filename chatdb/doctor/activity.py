@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
 
 from sqlalchemy import Row
 
-from chatdb import lifecycle
-from chatdb.doctor.model import FAIL, OK, WARN, Finding, count, duration, size
+from chatdb import citus, lifecycle
+from chatdb.doctor import shards
+from chatdb.doctor.model import FAIL, OK, SKIPPED, WARN, Finding, count, duration, size
 from chatdb.doctor.probe import PRIVILEGE_HINT, Probe
 
 #: chatdb's archive, restore and purge hold a transaction-level advisory lock in an open,
@@ -59,15 +62,42 @@ def _hidden(probe: Probe) -> str:
 _POOLER = "-- put a pooler (PgBouncer in transaction mode) in front of the server, or raise max_connections"
 
 
+_IN_USE = (
+    f"SELECT count(*) FILTER (WHERE {_CLIENT}) AS used,"
+    " current_setting('max_connections')::int AS maximum,"
+    " current_setting('superuser_reserved_connections')::int"
+    "  + coalesce(current_setting('reserved_connections', true)::int, 0) AS reserved"
+    " FROM pg_stat_activity"
+)
+
+
 def connections(probe: Probe) -> list[Finding]:
+    found = _in_use(probe, probe.one(_IN_USE), "server", None)
+    if probe.sharded:
+        # The coordinator's queries reach the shards through connections of its own to
+        # each worker: a worker's slots run out as a server's do.
+        command = f"SELECT row_to_json(x) FROM ({_IN_USE}) x"
+        for worker in citus.on_workers(probe.connection, command):
+            if worker.error is not None or not isinstance(worker.value, dict):
+                detail = f"the worker could not be read: {worker.error}"
+                found.append(
+                    Finding("connections", f"server {worker.node}", "in use", SKIPPED, detail=detail)
+                )
+                continue
+            row = SimpleNamespace(**worker.value)
+            found += _in_use(probe, row, f"server {worker.node}", worker.node)
+    found += _idle_in_transaction(probe)
+    found += _longest_query(probe)
+    found += _long_transactions(probe)
+    if probe.sharded:
+        found.append(
+            shards.only_coordinator("connections", "sessions idle in a transaction, queries and transactions")
+        )
+    return found
+
+
+def _in_use(probe: Probe, row: Any, name: str, node: str | None) -> list[Finding]:
     limits = probe.thresholds
-    row = probe.one(
-        f"SELECT count(*) FILTER (WHERE {_CLIENT}) AS used,"
-        " current_setting('max_connections')::int AS maximum,"
-        " current_setting('superuser_reserved_connections')::int"
-        "  + coalesce(current_setting('reserved_connections', true)::int, 0) AS reserved"
-        " FROM pg_stat_activity"
-    )
     available = max(1, int(row.maximum) - int(row.reserved))
     used = int(row.used)
     warn_at = math.ceil(limits.connections_warn * available)
@@ -81,7 +111,7 @@ def connections(probe: Probe) -> list[Finding]:
         found.append(
             Finding(
                 "connections",
-                "server",
+                name,
                 "in use",
                 FAIL,
                 used,
@@ -89,13 +119,14 @@ def connections(probe: Probe) -> list[Finding]:
                 detail + ": new connections are about to be refused",
                 _POOLER,
                 "connections",
+                node,
             )
         )
     elif used >= warn_at:
         found.append(
             Finding(
                 "connections",
-                "server",
+                name,
                 "in use",
                 WARN,
                 used,
@@ -103,15 +134,13 @@ def connections(probe: Probe) -> list[Finding]:
                 detail,
                 _POOLER,
                 "connections",
+                node,
             )
         )
     else:
         found.append(
-            Finding("connections", "server", "in use", OK, used, warn_at, detail, unit="connections")
+            Finding("connections", name, "in use", OK, used, warn_at, detail, unit="connections", node=node)
         )
-    found += _idle_in_transaction(probe)
-    found += _longest_query(probe)
-    found += _long_transactions(probe)
     return found
 
 
@@ -273,8 +302,10 @@ def replication_slots(probe: Probe) -> list[Finding]:
         "  ELSE pg_current_wal_lsn() END, restart_lsn)::bigint AS retained"
         " FROM pg_replication_slots ORDER BY slot_name"
     )
+    coordinator = [shards.only_coordinator("replication", "replication slots")] if probe.sharded else []
     if not rows:
         return [
+            *coordinator,
             Finding(
                 "replication",
                 "server",
@@ -284,9 +315,9 @@ def replication_slots(probe: Probe) -> list[Finding]:
                 limit,
                 "no replication slots",
                 unit="bytes",
-            )
+            ),
         ]
-    found = []
+    found = coordinator
     for row in rows:
         retained = int(row.retained or 0)
         state = "active" if row.active else "inactive"

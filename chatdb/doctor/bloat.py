@@ -8,8 +8,12 @@ role may use it (pg_stat_scan_tables, part of pg_monitor)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
+from chatdb.doctor import shards
 from chatdb.doctor.model import OK, SKIPPED, WARN, Finding, size
 from chatdb.doctor.probe import PRIVILEGE_HINT, Probe
 
@@ -39,6 +43,8 @@ class Measure:
     size: int  # bytes, as of the measurement
     wasted: int | None  # None: cannot be estimated (no statistics yet)
     how: str  # how it was measured, for the detail
+    node: str | None = None  # on Citus: the node whose shards these are (None: all of them)
+    shards: str = ""  # on Citus: which shards, for the detail
 
 
 _TABLES = """
@@ -82,9 +88,19 @@ ORDER BY t.relname, c.relname
 """
 
 
+def _on_shards(query: str) -> str:
+    """``query`` for one shard placement (``%s``, its name), its rows as a JSON array."""
+    one = query.replace("ANY(:oids)", "'%s'::regclass").replace(":btree_fill", str(BTREE_FILLFACTOR))
+    return f"SELECT coalesce(json_agg(x), '[]') FROM ({one.replace(':expression', str(EXPRESSION_WIDTH))}) x"
+
+
 def _table_estimates(probe: Probe) -> list[Measure]:
+    return _table_measures(probe.rows(_TABLES, oids=probe.oids))
+
+
+def _table_measures(rows: Sequence[Any]) -> list[Measure]:
     found = []
-    for row in probe.rows(_TABLES, oids=probe.oids):
+    for row in rows:
         size_ = int(row.pages) * row.block
         if row.bytes == 0:
             found.append(Measure(row.relname, None, 0, 0, "empty"))
@@ -101,8 +117,12 @@ def _table_estimates(probe: Probe) -> list[Measure]:
 
 
 def _index_estimates(probe: Probe) -> list[Measure]:
-    found = []
     rows = probe.rows(_INDEXES, oids=probe.oids, btree_fill=BTREE_FILLFACTOR, expression=EXPRESSION_WIDTH)
+    return _index_measures(rows)
+
+
+def _index_measures(rows: Sequence[Any]) -> list[Measure]:
+    found = []
     for row in rows:
         size_ = int(row.pages) * row.block
         if row.valid and row.bytes <= row.block:  # the metapage alone
@@ -139,6 +159,8 @@ def _deep(probe: Probe) -> tuple[list[Measure], str | None]:
     block = int(probe.scalar("SELECT current_setting('block_size')::int"))
     found = []
     for name, oid in probe.tables.items():
+        if name in probe.sharded:
+            continue  # the coordinator's table is an empty shell
         row = probe.one(
             f"SELECT table_len, dead_tuple_len, free_space FROM {tuple_stats}(CAST(:oid AS oid)::regclass)",
             oid=oid,
@@ -181,6 +203,51 @@ def _deep(probe: Probe) -> tuple[list[Measure], str | None]:
     return found, None
 
 
+def _sharded(probe: Probe) -> tuple[list[Measure], list[Finding]]:
+    """On Citus: the estimates of each sharded table and its indexes from its shards'
+    statistics, summed per group of shards (``shards.groups``)."""
+    tables = shards.read(probe, "bloat tables", _on_shards(_TABLES))
+    indexes = shards.read(probe, "bloat indexes", _on_shards(_INDEXES))
+    by_shard: dict[tuple[str, int], list[Measure]] = {}
+    for read, measure_rows in ((tables, _table_measures), (indexes, _index_measures)):
+        for result in (result for results in read.values() for result in results):
+            if result.error is None and isinstance(result.value, list):
+                measured = measure_rows([SimpleNamespace(**row) for row in result.value])
+                by_shard.setdefault((result.node, result.shard), []).extend(
+                    Measure(
+                        result.table,
+                        None if m.index is None else shards.index_name(m.index, result.shard),
+                        m.size,
+                        m.wasted,
+                        m.how,
+                    )
+                    for m in measured
+                )
+    found: list[Measure] = []
+    for name, results in tables.items():
+        for group in shards.groups(probe, name, results):
+            summed: dict[str | None, list[Measure]] = {}
+            for shard in group.shards:
+                for measure in by_shard.get((shard.node, shard.shard), []):
+                    summed.setdefault(measure.index, []).append(measure)
+            for index, measures in summed.items():
+                known = [m.wasted for m in measures if m.wasted is not None]
+                hows = {m.how for m in measures}
+                how = hows.pop() if len(hows) == 1 else "estimated"
+                found.append(
+                    Measure(
+                        name,
+                        index,
+                        sum(m.size for m in measures),
+                        sum(known) if known or how == "empty" else None,
+                        how,
+                        group.node,
+                        group.where,
+                    )
+                )
+    return found, shards.unread("bloat", tables) + shards.unread("bloat", indexes)
+
+
 def bloat(probe: Probe) -> list[Finding]:
     found: list[Finding] = []
     measures: list[Measure] = []
@@ -188,10 +255,27 @@ def bloat(probe: Probe) -> list[Finding]:
         measures, reason = _deep(probe)
         if reason:
             found.append(Finding("bloat", None, "pgstattuple", SKIPPED, detail=reason))
+        elif probe.sharded:
+            found.append(
+                Finding(
+                    "bloat",
+                    None,
+                    "pgstattuple",
+                    SKIPPED,
+                    detail="on Citus, --deep measures the coordinator's own tables only; those with "
+                    f"shards ({', '.join(probe.sharded)}) are estimated from their shards' statistics",
+                )
+            )
     if not measures:
         measures = _table_estimates(probe) + _index_estimates(probe)
+    if probe.sharded:
+        sharded, unread = _sharded(probe)
+        found += unread
+        measures = [m for m in measures if m.table not in probe.sharded] + sharded
     order = {name: n for n, name in enumerate(probe.tables)}
-    measures.sort(key=lambda m: (order.get(m.table, len(order)), m.index is not None, m.index or ""))
+    measures.sort(
+        key=lambda m: (order.get(m.table, len(order)), m.index is not None, m.index or "", m.node or "")
+    )
     for measure in measures:
         found.append(_judge(probe, measure))
     return found
@@ -200,6 +284,9 @@ def bloat(probe: Probe) -> list[Finding]:
 def _judge(probe: Probe, measure: Measure) -> Finding:
     limits = probe.thresholds
     name = measure.index or measure.table
+    if measure.node is not None:
+        name = f"{name} on {measure.node}"
+    shards_ = f"; {measure.shards}" if measure.shards else ""
     check = "index bloat" if measure.index else "table bloat"
     limit = max(limits.bloat_bytes, math.ceil(limits.bloat_ratio * measure.size))
     where = f" of {measure.table}" if measure.index else ""
@@ -210,20 +297,38 @@ def _judge(probe: Probe, measure: Measure) -> Finding:
             else "no estimate: never analyzed (the vacuum area says so)"
         )
         return Finding(
-            "bloat", name, check, OK, None, limit, f"{size(measure.size)}{where}; {reason}", unit="bytes"
+            "bloat",
+            name,
+            check,
+            OK,
+            None,
+            limit,
+            f"{size(measure.size)}{where}; {reason}{shards_}",
+            unit="bytes",
+            node=measure.node,
         )
     if measure.how == "empty":
-        return Finding("bloat", name, check, OK, 0, limit, f"empty{where}", unit="bytes")
+        return Finding(
+            "bloat", name, check, OK, 0, limit, f"empty{where}{shards_}", unit="bytes", node=measure.node
+        )
     share = f"{measure.wasted / measure.size:.0%}" if measure.size else "0%"
     detail = (
         f"{size(measure.wasted)} of {size(measure.size)}{where} ({share}) holds no live row ({measure.how})"
+        + shards_
     )
     if measure.wasted < limit:
-        return Finding("bloat", name, check, OK, measure.wasted, limit, detail, unit="bytes")
+        return Finding(
+            "bloat", name, check, OK, measure.wasted, limit, detail, unit="bytes", node=measure.node
+        )
     if measure.index:
         fix = (
             f"REINDEX INDEX CONCURRENTLY {probe.quote(measure.index)};  -- builds it anew beside the old one;"
             " blocks neither reads nor writes"
+        )
+    elif measure.table in probe.sharded:
+        fix = (
+            f"-- on Citus, pg_repack runs on each worker, for each shard of {measure.table} there\n"
+            "-- (citus_shards lists them): through the coordinator it would see an empty table"
         )
     else:
         table = f"{probe.schema}.{measure.table}"
@@ -243,4 +348,5 @@ def _judge(probe: Probe, measure: Measure) -> Finding:
         detail + "; VACUUM makes the space reusable but does not give it back",
         fix,
         "bytes",
+        measure.node,
     )

@@ -7,6 +7,7 @@ from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError
 
 from chatdb import indexes, patterns
+from chatdb.doctor import shards
 from chatdb.doctor.model import FAIL, OK, SKIPPED, WARN, Finding, count, size
 from chatdb.doctor.probe import PRIVILEGE_HINT, Probe
 from chatdb.errors import one_line
@@ -33,16 +34,16 @@ def _indexes(probe: Probe, columns: str, joins: str = "", condition: str = "true
     return sorted(rows, key=lambda r: (order.get(r.table, len(order)), r.index_name))
 
 
-def _use(row: Row, status: str, scans: int, detail: str, fix: str | None = None) -> Finding:
-    return Finding("indexes", row.index_name, "index use", status, scans, None, detail, fix, "scans")
+def _use(
+    row: Row, label: str, node: str | None, status: str, scans: int, detail: str, fix: str | None = None
+) -> Finding:
+    return Finding("indexes", label, "index use", status, scans, None, detail, fix, "scans", node)
 
 
 def index_use(probe: Probe) -> list[Finding]:
     """An index never scanned since the statistics were reset. A declared one means the
     application never ran its pattern (keep it); an undeclared one costs every write for
     nothing."""
-    declared = {item.name for item in indexes.declared_indexes()}
-    served = _served()
     reset = probe.scalar("SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()")
     since = (
         f"since the statistics were reset at {reset:%Y-%m-%d %H:%M %Z}"
@@ -56,35 +57,69 @@ def index_use(probe: Probe) -> list[Finding]:
         " LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid"
         "  AND con.contype IN ('p', 'u', 'x')",
     )
-    found = []
+    stats = shards.read(probe, "tables", shards.TABLE_STATS)
+    found = shards.unread("indexes", stats)
     for row in rows:
-        scans = int(row.idx_scan or 0)
-        is_declared = row.index_name in declared
-        where = f"on {row.table}, {size(row.bytes)}"
-        if row.constraint:
-            enforces = _CONSTRAINTS.get(row.constraint, "a constraint")
-            detail = f"{where}; enforces {enforces}: every write uses it ({count(scans, 'scan')} {since})"
-            found.append(_use(row, OK, scans, detail))
-        elif scans:
-            extra = "" if is_declared else "; not declared in chatdb/schema.py (verify-indexes says so)"
-            found.append(_use(row, OK, scans, f"{where}; {count(scans, 'scan')} {since}{extra}"))
-        elif is_declared:
-            pattern = served.get(row.index_name)
-            what = f"the pattern it serves ({pattern})" if pattern else "the queries it serves"
-            detail = (
-                f"{where}; never scanned {since}: nothing ran {what} since then. "
-                "It is declared in chatdb/schema.py: keep it"
+        if row.table not in stats:
+            found += _index_use_of(
+                probe, row, since, row.index_name, None, "", int(row.idx_scan or 0), row.bytes
             )
-            found.append(_use(row, WARN, 0, detail))
-        else:
-            detail = (
-                f"{where}; not declared in chatdb/schema.py and never scanned {since}: "
-                f"every write to {row.table} maintains its {size(row.bytes)} for no reader"
-            )
-            fix = (
-                f"DROP INDEX CONCURRENTLY {probe.quote(row.index_name)};  -- blocks neither reads nor writes"
-            )
-            found.append(_use(row, WARN, 0, detail, fix))
+            continue
+        for group in shards.groups(probe, row.table, stats[row.table]):
+            scans = bytes_ = 0
+            for shard in group.shards:
+                assert isinstance(shard.value, dict)
+                for name, (scanned, held) in shard.value["indexes"].items():
+                    if shards.index_name(name, shard.shard) == row.index_name:
+                        scans, bytes_ = scans + int(scanned), bytes_ + int(held)
+            label = group.label(row.index_name)
+            found += _index_use_of(probe, row, since, label, group.node, f"; {group.where}", scans, bytes_)
+    return found
+
+
+def _index_use_of(
+    probe: Probe,
+    row: Row,
+    since: str,
+    label: str,
+    node: str | None,
+    shards_: str,
+    scans: int,
+    bytes_: int,
+) -> list[Finding]:
+    """The index use finding of one index (or, on Citus, of its shards in a group named
+    ``label``, ``shards_`` saying which)."""
+    declared = {item.name for item in indexes.declared_indexes()}
+    served = _served()
+    found = []
+    is_declared = row.index_name in declared
+    where = f"on {row.table}, {size(bytes_)}"
+    if row.constraint:
+        enforces = _CONSTRAINTS.get(row.constraint, "a constraint")
+        detail = (
+            f"{where}; enforces {enforces}: every write uses it ({count(scans, 'scan')} {since}){shards_}"
+        )
+        found.append(_use(row, label, node, OK, scans, detail))
+    elif scans:
+        extra = "" if is_declared else "; not declared in chatdb/schema.py (verify-indexes says so)"
+        found.append(
+            _use(row, label, node, OK, scans, f"{where}; {count(scans, 'scan')} {since}{extra}{shards_}")
+        )
+    elif is_declared:
+        pattern = served.get(row.index_name)
+        what = f"the pattern it serves ({pattern})" if pattern else "the queries it serves"
+        detail = (
+            f"{where}; never scanned {since}: nothing ran {what} since then. "
+            f"It is declared in chatdb/schema.py: keep it{shards_}"
+        )
+        found.append(_use(row, label, node, WARN, 0, detail))
+    else:
+        detail = (
+            f"{where}; not declared in chatdb/schema.py and never scanned {since}: "
+            f"every write to {row.table} maintains its {size(bytes_)} for no reader{shards_}"
+        )
+        fix = f"DROP INDEX CONCURRENTLY {probe.quote(row.index_name)};  -- blocks neither reads nor writes"
+        found.append(_use(row, label, node, WARN, 0, detail, fix))
     return found
 
 
@@ -123,7 +158,16 @@ def integrity(probe: Probe) -> list[Finding]:
         "am.amname = 'btree'",
     )
     found = []
+    if probe.sharded:
+        detail = (
+            "on Citus the coordinator's indexes of "
+            f"{', '.join(probe.sharded)} are empty shells, not checked; their shards' are on the "
+            "workers (bt_index_check there, on each shard's index)"
+        )
+        found.append(Finding("integrity", "shards", "amcheck", SKIPPED, detail=detail))
     for row in rows:
+        if row.table in probe.sharded:
+            continue
         if not row.valid:
             found.append(_btree(row, SKIPPED, ": invalid, not checked (verify-indexes reports it)"))
             continue

@@ -52,6 +52,10 @@ class Finding:
     detail: str = ""
     fix: str | None = None
     unit: str | None = None
+    #: On Citus: the node (host:port) whose shards a finding judges; ``object`` then
+    #: names it too. None for the coordinator's own objects, and for a table's figures
+    #: summed over all its shards.
+    node: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The shape of ``--json``'s ``checks`` (the unit is for people: README says which
@@ -65,6 +69,7 @@ class Finding:
             "threshold": self.threshold,
             "detail": self.detail,
             "fix": self.fix,
+            "node": self.node,
         }
 
 

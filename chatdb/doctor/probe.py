@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, text
 
+from chatdb import citus
 from chatdb.doctor.model import Options, Thresholds
 
 
@@ -32,6 +33,11 @@ class Probe:
     extensions: dict[str, str] = field(default_factory=dict)
     #: Bytes that --deep read (pgstattuple, amcheck).
     read_bytes: int = 0
+    #: On Citus: chatdb's tables whose rows are in shards on the workers (their table on
+    #: the coordinator is an empty shell), by kind (chatdb.citus.DISTRIBUTED or REFERENCE).
+    sharded: dict[str, str] = field(default_factory=dict)
+    #: What the checks read from the shards once, for all of them (chatdb.doctor.shards).
+    cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def thresholds(self) -> Thresholds:
@@ -103,6 +109,14 @@ def learn(connection: Connection, options: Options, names: Sequence[str]) -> Pro
             )
         ).all()
     )
+    sharded = {}
+    layout = citus.cluster(connection)
+    if layout is not None:
+        sharded = {
+            name: entry.kind
+            for name, entry in layout.tables.items()
+            if name in ordered and entry.kind in (citus.DISTRIBUTED, citus.REFERENCE)
+        }
     return Probe(
         connection,
         options,
@@ -116,4 +130,5 @@ def learn(connection: Connection, options: Options, names: Sequence[str]) -> Pro
         bool(superuser or scan_tables),
         bool(read_only),
         extensions,
+        sharded=sharded,
     )

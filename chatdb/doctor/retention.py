@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, func, literal, or_, select
+from sqlalchemy import Select, and_, func, literal, or_, select, tuple_
 
 from chatdb import lifecycle
 from chatdb.doctor.model import OK, SKIPPED, Finding
@@ -27,23 +27,31 @@ def _cutoff(older_than: lifecycle.Duration, days: int) -> Any:
     return func.now() - func.make_interval(0, 0, 0, 0, 0, 0, literal(older_than.seconds - days * 86400))
 
 
-def _archive_queries(older_than: lifecycle.Duration, days: int) -> list[tuple[str, Select]]:
+def _archive_queries(
+    older_than: lifecycle.Duration, days: int, colocated: bool = False
+) -> list[tuple[str, Select]]:
+    """``colocated``: a message joins its conversation by its owner key, ``user_id``
+    included, so that Citus runs the query on each shard by itself (the same rows)."""
     chosen = select(conversations.c.id).where(lifecycle.archivable(_cutoff(older_than, days)))
-    return [
-        ("conversations", chosen),
-        ("messages", select(messages.c.id).where(messages.c.conversation_id.in_(chosen))),
-    ]
+    owned: Any = messages.c.conversation_id.in_(chosen)
+    if colocated:
+        owners = select(conversations.c.id, conversations.c.user_id)
+        owned = tuple_(messages.c.conversation_id, messages.c.user_id).in_(
+            owners.where(lifecycle.archivable(_cutoff(older_than, days)))
+        )
+    return [("conversations", chosen), ("messages", select(messages.c.id).where(owned))]
 
 
 def _purge_queries(
-    older_than: lifecycle.Duration, grace: lifecycle.Duration, days: int
+    older_than: lifecycle.Duration, grace: lifecycle.Duration, days: int, colocated: bool = False
 ) -> list[tuple[str, Select]]:
     cutoff, deleted_cutoff = _cutoff(older_than, days), _cutoff(grace, days)
     found = []
     for parent, child in ((conversations, messages), (conversations_archive, messages_archive)):
         gone = lifecycle.purgeable(parent, cutoff, deleted_cutoff)
         found.append(("conversations", select(parent.c.id).where(gone)))
-        owned = child.join(parent, child.c.conversation_id == parent.c.id)
+        key = child.c.conversation_id == parent.c.id
+        owned = child.join(parent, and_(key, child.c.user_id == parent.c.user_id) if colocated else key)
         found.append(
             (
                 "messages",
@@ -54,9 +62,17 @@ def _purge_queries(
 
 
 def _estimate(probe: Probe, query: Select) -> int:
+    """The planner's row estimate. On Citus, the coordinator's plan of a distributed
+    query carries no estimate of its own: the shards' plans do (``explain_all_tasks``)."""
     compiled = query.compile(dialect=probe.connection.dialect)
+    if probe.sharded:
+        probe.connection.exec_driver_sql("SET LOCAL citus.explain_all_tasks = on")
     plan = probe.connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params).scalar_one()
-    return int(plan[0]["Plan"]["Plan Rows"])
+    top = plan[0]["Plan"]
+    job = top.get("Distributed Query", {}).get("Job")
+    if job is None:
+        return int(top["Plan Rows"])
+    return sum(int(task["Remote Plan"][0][0]["Plan"]["Plan Rows"]) for task in job["Tasks"])
 
 
 def _exact(probe: Probe, query: Select) -> int:
@@ -118,15 +134,16 @@ def retention(probe: Probe) -> list[Finding]:
     deep = probe.options.deep
     measure = _exact if deep else _estimate
     approx = "" if deep else "~"
+    colocated = "messages" in probe.sharded
     found = []
     for label, command, older_than, grace in cutoffs:
         totals = []
         for days in AHEAD:
             if command == "archive":
-                queries = _archive_queries(older_than, days)
+                queries = _archive_queries(older_than, days, colocated)
             else:
                 assert grace is not None  # a purge always has its grace period
-                queries = _purge_queries(older_than, grace, days)
+                queries = _purge_queries(older_than, grace, days, colocated)
             tally = {"conversations": 0, "messages": 0}
             for kind, query in queries:
                 tally[kind] += measure(probe, query)

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from types import SimpleNamespace
 from typing import Any
 
-from chatdb.doctor.model import FAIL, OK, WARN, Finding, count, duration
+from chatdb import citus
+from chatdb.doctor import shards
+from chatdb.doctor.model import FAIL, OK, SKIPPED, WARN, Finding, count, duration
 from chatdb.doctor.probe import Probe
 
 #: Which lifecycle commands delete rows from which table, and the count that says how many
@@ -78,15 +81,22 @@ def _run_since(table: str, runs: list[dict[str, Any]], since: dt.datetime | None
 
 
 def _vacuum(
-    table: str, check: str, status: str, rows: int, limit: int, detail: str, fix: str | None = None
+    table: str,
+    check: str,
+    status: str,
+    rows: int,
+    limit: int,
+    detail: str,
+    fix: str | None = None,
+    node: str | None = None,
 ) -> Finding:
-    return Finding("vacuum", table, check, status, rows, limit, detail, fix, "rows")
+    return Finding("vacuum", table, check, status, rows, limit, detail, fix, "rows", node)
 
 
 def vacuum(probe: Probe) -> list[Finding]:
     """Dead rows (what archive and purge leave behind) and stale statistics, per table,
-    with the time since the last vacuum and analyze, manual or automatic."""
-    limits = probe.thresholds
+    with the time since the last vacuum and analyze, manual or automatic. On Citus, a
+    sharded table's are its shards', per node and summed over all (``shards``)."""
     rows = probe.rows(
         "SELECT c.relname, s.n_live_tup, s.n_dead_tup, s.n_mod_since_analyze,"
         " s.last_vacuum, s.last_autovacuum, s.last_analyze, s.last_autoanalyze, c.reloptions,"
@@ -96,53 +106,86 @@ def vacuum(probe: Probe) -> list[Finding]:
     )
     runs = _recent_runs(probe)
     by_name = {row.relname: row for row in rows}
-    found: list[Finding] = []
+    stats = shards.read(probe, "tables", shards.TABLE_STATS)
+    found: list[Finding] = shards.unread("vacuum", stats)
     for name in probe.tables:
         row = by_name.get(name)
         if row is None:
             continue
-        live, dead, changed = (
-            int(row.n_live_tup or 0),
-            int(row.n_dead_tup or 0),
-            int(row.n_mod_since_analyze or 0),
+        if name not in stats:
+            found += _vacuum_of(probe, name, name, None, "", row, runs)
+            continue
+        for group in shards.groups(probe, name, stats[name]):
+            values = group.values()
+            last_vacuum, last_autovacuum = shards.stalest(values, "last_vacuum", "last_autovacuum")
+            last_analyze, last_autoanalyze = shards.stalest(values, "last_analyze", "last_autoanalyze")
+            summed = SimpleNamespace(
+                n_live_tup=sum(int(v["live"] or 0) for v in values),
+                n_dead_tup=sum(int(v["dead"] or 0) for v in values),
+                n_mod_since_analyze=sum(int(v["changed"] or 0) for v in values),
+                last_vacuum=last_vacuum,
+                last_autovacuum=last_autovacuum,
+                last_analyze=last_analyze,
+                last_autoanalyze=last_autoanalyze,
+                reloptions=row.reloptions,
+                now=row.now,
+                autovacuum=all(v["autovacuum"] for v in values),
+            )
+            found += _vacuum_of(probe, name, group.label(name), group.node, f"; {group.where}", summed, runs)
+    return found
+
+
+def _vacuum_of(
+    probe: Probe, name: str, label: str, node: str | None, where: str, row: Any, runs: list[dict[str, Any]]
+) -> list[Finding]:
+    """The dead rows and analyze findings of one table (or, on Citus, of a group of its
+    shards, named ``label``, ``where`` saying which)."""
+    limits = probe.thresholds
+    found: list[Finding] = []
+    live, dead, changed = (
+        int(row.n_live_tup or 0),
+        int(row.n_dead_tup or 0),
+        int(row.n_mod_since_analyze or 0),
+    )
+    vacuumed = max((t for t in (row.last_vacuum, row.last_autovacuum) if t), default=None)
+    analyzed = max((t for t in (row.last_analyze, row.last_autoanalyze) if t), default=None)
+    last = (
+        f"last vacuum {_when(vacuumed, row.last_vacuum, row.now)}, "
+        f"last analyze {_when(analyzed, row.last_analyze, row.now)}"
+    )
+    if _autovacuum_off(row.reloptions):
+        last += "; autovacuum is off for this table"
+    elif not row.autovacuum:
+        last += "; autovacuum is off on this server"
+    limit = dead_limit(live + dead, limits.dead_ratio, limits.dead_rows)
+    table = probe.qualified(name)
+    share = f"{dead / (live + dead):.0%}" if live + dead else "0%"
+    if dead >= limit:
+        detail = (
+            f"{count(dead, 'dead row')} ({share} of the table) wait for VACUUM; {last}"
+            + _run_since(name, runs, vacuumed)
+            + where
         )
-        vacuumed = max((t for t in (row.last_vacuum, row.last_autovacuum) if t), default=None)
-        analyzed = max((t for t in (row.last_analyze, row.last_autoanalyze) if t), default=None)
-        last = (
-            f"last vacuum {_when(vacuumed, row.last_vacuum, row.now)}, "
-            f"last analyze {_when(analyzed, row.last_analyze, row.now)}"
+        fix = f"VACUUM (ANALYZE) {table};  -- takes no lock that blocks reads or writes"
+        found.append(_vacuum(label, "dead rows", WARN, dead, limit, detail, fix, node))
+    else:
+        detail = f"{count(dead, 'dead row')} ({share}); {last}{where}"
+        found.append(_vacuum(label, "dead rows", OK, dead, limit, detail, node=node))
+    stale_limit = dead_limit(live, limits.dead_ratio, limits.dead_rows)
+    # VACUUM (ANALYZE) analyzes too: one statement fixes both.
+    analyze = found[-1].fix if found[-1].status == WARN else f"ANALYZE {table};"
+    if analyzed is None and live >= stale_limit:
+        detail = f"never analyzed, with {count(live, 'row')}: the planner guesses its sizes{where}"
+        found.append(_vacuum(label, "analyze", WARN, changed, stale_limit, detail, analyze, node))
+    elif changed >= stale_limit:
+        detail = (
+            f"{count(changed, 'row')} changed since the last analyze: "
+            f"the planner's statistics are stale{where}"
         )
-        if _autovacuum_off(row.reloptions):
-            last += "; autovacuum is off for this table"
-        elif not row.autovacuum:
-            last += "; autovacuum is off on this server"
-        limit = dead_limit(live + dead, limits.dead_ratio, limits.dead_rows)
-        table = probe.qualified(name)
-        share = f"{dead / (live + dead):.0%}" if live + dead else "0%"
-        if dead >= limit:
-            detail = f"{count(dead, 'dead row')} ({share} of the table) wait for VACUUM; {last}" + _run_since(
-                name, runs, vacuumed
-            )
-            fix = f"VACUUM (ANALYZE) {table};  -- takes no lock that blocks reads or writes"
-            found.append(_vacuum(name, "dead rows", WARN, dead, limit, detail, fix))
-        else:
-            found.append(
-                _vacuum(name, "dead rows", OK, dead, limit, f"{count(dead, 'dead row')} ({share}); {last}")
-            )
-        stale_limit = dead_limit(live, limits.dead_ratio, limits.dead_rows)
-        # VACUUM (ANALYZE) analyzes too: one statement fixes both.
-        analyze = found[-1].fix if found[-1].status == WARN else f"ANALYZE {table};"
-        if analyzed is None and live >= stale_limit:
-            detail = f"never analyzed, with {count(live, 'row')}: the planner guesses its sizes"
-            found.append(_vacuum(name, "analyze", WARN, changed, stale_limit, detail, analyze))
-        elif changed >= stale_limit:
-            detail = (
-                f"{count(changed, 'row')} changed since the last analyze: the planner's statistics are stale"
-            )
-            found.append(_vacuum(name, "analyze", WARN, changed, stale_limit, detail, analyze))
-        else:
-            detail = f"{count(changed, 'row')} changed since the last analyze"
-            found.append(_vacuum(name, "analyze", OK, changed, stale_limit, detail))
+        found.append(_vacuum(label, "analyze", WARN, changed, stale_limit, detail, analyze, node))
+    else:
+        detail = f"{count(changed, 'row')} changed since the last analyze{where}"
+        found.append(_vacuum(label, "analyze", OK, changed, stale_limit, detail, node=node))
     return found
 
 
@@ -180,22 +223,77 @@ def wraparound(probe: Probe) -> list[Finding]:
         oids=probe.oids,
     )
     ages = {row.relname: row for row in tables}
-    for name in probe.tables:
-        row = ages.get(name)
-        if row is not None:
+    if probe.sharded:
+        workers = citus.on_workers(probe.connection, _WORKER_AGE)
+        for worker in workers:
+            if worker.error is not None or not isinstance(worker.value, dict):
+                found.append(
+                    Finding(
+                        "wraparound",
+                        f"{probe.database} on {worker.node}",
+                        "transaction id age",
+                        SKIPPED,
+                        detail=f"the worker could not be read: {worker.error}",
+                        node=worker.node,
+                    )
+                )
+                continue
+            fix = (
+                f"-- on the worker {worker.node}, from a shell: vacuumdb --freeze --analyze "
+                f"--dbname={probe.database}"
+            )
             found += _ages(
                 probe,
-                name,
-                int(row.xid),
-                int(row.mxid),
+                f"{probe.database} on {worker.node}",
+                int(worker.value["xid"]),
+                int(worker.value["mxid"]),
                 settings,
-                f"VACUUM (FREEZE, ANALYZE) {probe.qualified(name)};",
-                what="the table",
+                fix,
+                what="the worker's database",
+                node=worker.node,
+            )
+    stats = shards.read(probe, "tables", shards.TABLE_STATS)
+    found += shards.unread("wraparound", stats)
+    for name in probe.tables:
+        row = ages.get(name)
+        if row is None:
+            continue
+        fix = f"VACUUM (FREEZE, ANALYZE) {probe.qualified(name)};"
+        if name not in stats:
+            found += _ages(probe, name, int(row.xid), int(row.mxid), settings, fix, what="the table")
+            continue
+        for group in shards.groups(probe, name, stats[name]):
+            values = group.values()
+            found += _ages(
+                probe,
+                group.label(name),
+                max((int(v["xid"]) for v in values), default=0),
+                max((int(v["mxid"]) for v in values), default=0),
+                settings,
+                fix,
+                what="the table's oldest shard" + ("" if group.node is None else f" on {group.node}"),
+                node=group.node,
             )
     return found
 
 
-def _ages(probe: Probe, name: str, xid: int, mxid: int, settings: Any, fix: str, what: str) -> list[Finding]:
+#: On each worker: the ages of the database there.
+_WORKER_AGE = (
+    "SELECT json_build_object('xid', age(datfrozenxid), 'mxid', mxid_age(datminmxid))"
+    " FROM pg_database WHERE datname = current_database()"
+)
+
+
+def _ages(
+    probe: Probe,
+    name: str,
+    xid: int,
+    mxid: int,
+    settings: Any,
+    fix: str,
+    what: str,
+    node: str | None = None,
+) -> list[Finding]:
     limits = probe.thresholds
     found = []
     for check, age, maximum, setting in (
@@ -230,18 +328,26 @@ def _ages(probe: Probe, name: str, xid: int, mxid: int, settings: Any, fix: str,
                 detail,
                 fix if status != OK else None,
                 "transactions",
+                node,
             )
         )
     return found
 
 
-def _hit(table: str, check: str, status: str, ratio: float | None, limit: float, detail: str) -> Finding:
-    return Finding("cache", table, check, status, ratio, limit, detail, unit="ratio")
+def _hit(
+    table: str,
+    check: str,
+    status: str,
+    ratio: float | None,
+    limit: float,
+    detail: str,
+    node: str | None = None,
+) -> Finding:
+    return Finding("cache", table, check, status, ratio, limit, detail, unit="ratio", node=node)
 
 
 def cache(probe: Probe) -> list[Finding]:
     """The share of each table's and its indexes' block reads that shared_buffers served."""
-    limits = probe.thresholds
     rows = probe.rows(
         "SELECT s.relname, s.heap_blks_hit + coalesce(s.toast_blks_hit, 0) AS table_hit,"
         " s.heap_blks_read + coalesce(s.toast_blks_read, 0) AS table_read,"
@@ -252,27 +358,47 @@ def cache(probe: Probe) -> list[Finding]:
         oids=probe.oids,
     )
     by_name = {row.relname: row for row in rows}
-    found = []
+    stats = shards.read(probe, "tables", shards.TABLE_STATS)
+    found = shards.unread("cache", stats)
     for name in probe.tables:
         row = by_name.get(name)
         if row is None:
             continue
-        for check, hit, read in (
-            ("table cache hit", int(row.table_hit), int(row.table_read)),
-            ("index cache hit", int(row.index_hit), int(row.index_read)),
-        ):
-            total = hit + read
-            ratio = round(hit / total, 4) if total else None
-            if total < limits.cache_min_blocks:
-                detail = f"{count(total, 'block')} read since the statistics were reset: too few to judge"
-                found.append(_hit(name, check, OK, ratio, limits.cache_hit_ratio, detail))
-            elif ratio is not None and ratio < limits.cache_hit_ratio:
-                detail = (
-                    f"{read:,} of {total:,} blocks were not in shared_buffers ({row.shared_buffers}): "
-                    "the working set does not fit; more memory, or a smaller hot set (archive)"
-                )
-                found.append(_hit(name, check, WARN, ratio, limits.cache_hit_ratio, detail))
-            else:
-                detail = f"{hit:,} of {total:,} blocks from shared_buffers"
-                found.append(_hit(name, check, OK, ratio, limits.cache_hit_ratio, detail))
+        if name not in stats:
+            found += _cache_of(probe, name, None, "", row)
+            continue
+        for group in shards.groups(probe, name, stats[name]):
+            values = group.values()
+            summed = SimpleNamespace(
+                shared_buffers=row.shared_buffers,
+                **{key: sum(int(v[key] or 0) for v in values) for key in _BLOCKS},
+            )
+            found += _cache_of(probe, group.label(name), group.node, f"; {group.where}", summed)
+    return found
+
+
+_BLOCKS = ("table_hit", "table_read", "index_hit", "index_read")
+
+
+def _cache_of(probe: Probe, name: str, node: str | None, where: str, row: Any) -> list[Finding]:
+    limits = probe.thresholds
+    found = []
+    for check, hit, read in (
+        ("table cache hit", int(row.table_hit), int(row.table_read)),
+        ("index cache hit", int(row.index_hit), int(row.index_read)),
+    ):
+        total = hit + read
+        ratio = round(hit / total, 4) if total else None
+        if total < limits.cache_min_blocks:
+            detail = f"{count(total, 'block')} read since the statistics were reset: too few to judge{where}"
+            found.append(_hit(name, check, OK, ratio, limits.cache_hit_ratio, detail, node))
+        elif ratio is not None and ratio < limits.cache_hit_ratio:
+            detail = (
+                f"{read:,} of {total:,} blocks were not in shared_buffers ({row.shared_buffers}): "
+                f"the working set does not fit; more memory, or a smaller hot set (archive){where}"
+            )
+            found.append(_hit(name, check, WARN, ratio, limits.cache_hit_ratio, detail, node))
+        else:
+            detail = f"{hit:,} of {total:,} blocks from shared_buffers{where}"
+            found.append(_hit(name, check, OK, ratio, limits.cache_hit_ratio, detail, node))
     return found

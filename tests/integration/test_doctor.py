@@ -21,7 +21,7 @@ from chatdb import doctor, migrations
 from chatdb.schema import HEAD_REVISION
 
 SEED = ("--users", "20", "--conversations", "200", "--messages", "2000", "--days", "365")
-KEYS = {"area", "object", "check", "status", "value", "threshold", "detail", "fix"}
+KEYS = {"area", "object", "check", "status", "value", "threshold", "detail", "fix", "node"}
 
 
 def run(cli, database, *args: str):

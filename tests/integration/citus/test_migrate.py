@@ -76,3 +76,33 @@ def test_an_application_users_already_a_reference_table_is_used_as_it_is(citus_d
     result = cli("migrate", "--database-url", citus_db.cli_url)
     assert result.exit_code == 0, result.output
     assert citus_db.scalar(LAYOUT)["messages"][0] == "h"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("migrate", "down", "-1", "--yes"),
+        ("migrate", "down", "0003", "--yes"),
+        ("migrate", "down", "base", "--yes"),
+        ("migrate", "stamp", "0006"),
+    ],
+    ids=["down-1", "down-0003", "down-base", "stamp-0006"],
+)
+def test_going_below_the_keys_with_user_id_is_refused_before_anything_changes(citus_migrated_db, cli, args):
+    before = citus_migrated_db.scalar(LAYOUT)
+    result = cli(*args, "--database-url", citus_migrated_db.cli_url)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "on Citus: the distributed tables (conversations, messages," in lines[0]
+    assert "need primary keys that include user_id" in lines[0]
+    assert "Traceback" not in result.output
+    assert (
+        citus_migrated_db.scalar("SELECT version_num FROM chatdb_alembic_version") == "0007_keys_with_user_id"
+    )
+    assert citus_migrated_db.scalar(LAYOUT) == before
+    keys = citus_migrated_db.scalar(
+        "SELECT json_object_agg(conrelid::regclass::text, pg_get_constraintdef(oid)) FROM pg_constraint"
+        " WHERE contype = 'p' AND conrelid::regclass::text LIKE ANY (ARRAY['conversations%', 'messages%'])"
+    )
+    assert set(keys.values()) == {"PRIMARY KEY (id, user_id)"}, keys
