@@ -23,7 +23,7 @@ command then gets, with nothing more from it:
 - its docstring as its help, each paragraph flowed to the terminal's width and an example
   (indented lines) kept line by line; the first paragraph is its summary in listings;
 - no type label beside a flag (``--json``, not ``--json <bool>``); an option that takes a
-  value names it with ``metavar`` (``--older-than DURATION``).
+  value names it (``--older-than DURATION``), declared with ``chatdb.cli.options.option()``.
 """
 
 from __future__ import annotations
