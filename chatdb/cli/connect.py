@@ -21,6 +21,7 @@ from rich.text import Text
 
 from chatdb.cli.common import err
 from chatdb.cli.options import option
+from chatdb.defaults import DEFAULT_CONNECT_TIMEOUT
 from chatdb.errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
 
     from chatdb import db
 
-#: --connect-timeout's default, in seconds. The data layer's own default
-#: (``db.DEFAULT_CONNECT_TIMEOUT``) is the same; it is not imported from there, so that
-#: `--help` starts without SQLAlchemy (``tests/integration/test_startup.py`` checks that both agree).
-DEFAULT_CONNECT_TIMEOUT = 10.0
 #: A day: longer is a typo, and libpq's connect_timeout must stay an integer.
 MAX_CONNECT_TIMEOUT = 86_400
 
