@@ -213,7 +213,7 @@ def run_command(
     audit row records."""
     with signals() as stops, disposing(open_engine(ctx, request.command)) as engine:
         planned = plan(engine, request.counts())
-        execute(
+        _execute(
             planned,
             lambda options: run(engine, planned, options),
             stops,
@@ -223,7 +223,7 @@ def run_command(
         )
 
 
-def execute(
+def _execute(
     plan: lifecycle.Plan,
     run: Callable[[lifecycle.RunOptions], lifecycle.RunResult],
     signals: Signals,
