@@ -25,9 +25,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
+from chatdb.defaults import DEFAULT_CONNECT_TIMEOUT
 from chatdb.errors import ConnectError, UsageError
-
-DEFAULT_CONNECT_TIMEOUT = 10.0
 
 _ACCEPTED_SCHEMES = {"postgres", "postgresql", "postgresql+psycopg"}
 _DRIVER = "postgresql+psycopg"

@@ -24,7 +24,7 @@ from chatdb.schema import CHATDB_TABLES
 _CONSTRAINT_KINDS = {"p": "PRIMARY KEY", "u": "UNIQUE", "x": "EXCLUDE"}
 #: Statements are rendered for PostgreSQL, identifiers quoted only where needed.
 _DIALECT = postgresql.dialect()
-_quote = _DIALECT.identifier_preparer.quote
+quote = _DIALECT.identifier_preparer.quote
 
 
 # --- catalog facts --------------------------------------------------------------------------
@@ -199,12 +199,12 @@ def declared_indexes() -> list[Declared]:
     compiler = _DIALECT.ddl_compiler(_DIALECT, None)  # type: ignore[arg-type]
     found = []
     for table in CHATDB_TABLES:
-        name_of_table = _quote(table.name)
+        name_of_table = quote(table.name)
         for constraint in _index_constraints(table):
             assert isinstance(constraint.name, str)  # schema.py names every constraint
-            name = _quote(constraint.name)
+            name = quote(constraint.name)
             kind = "PRIMARY KEY" if isinstance(constraint, PrimaryKeyConstraint) else "UNIQUE"
-            columns = ", ".join(_quote(column.name) for column in constraint.columns)
+            columns = ", ".join(quote(column.name) for column in constraint.columns)
             found.append(
                 Declared(
                     table.name,
@@ -223,7 +223,7 @@ def declared_indexes() -> list[Declared]:
                     index.name,
                     CreateIndex(index),
                     _concurrently(str(CreateIndex(index).compile(dialect=_DIALECT))) + ";",
-                    f"DROP INDEX CONCURRENTLY {_quote(index.name)};",
+                    f"DROP INDEX CONCURRENTLY {quote(index.name)};",
                 )
             )
     return found
@@ -249,7 +249,7 @@ def expected_facts(
     tables = list(tables)
     for table in tables:
         connection.execute(
-            text(f"CREATE TEMPORARY TABLE {_quote(table)} (LIKE {_quote(live_schema)}.{_quote(table)})")
+            text(f"CREATE TEMPORARY TABLE {quote(table)} (LIKE {quote(live_schema)}.{quote(table)})")
         )
     # From here on, unqualified table names are the temporary copies (functions still
     # resolve in the live schema), so the declared DDL builds on them unchanged.

@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.dialects import postgresql
 
 from chatdb import citus, migrations, patterns
 from chatdb.errors import StateError
@@ -40,11 +39,12 @@ from chatdb.index_facts import (
     expected_facts,
     listed,
     prefix_of,
+    quote,
     read_foreign_keys,
     read_index_facts,
     table_oids,
 )
-from chatdb.schema import CHATDB_TABLES, DISTRIBUTED_TABLES, DISTRIBUTION_COLUMN
+from chatdb.schema import CHATDB_TABLES
 
 OK = "ok"
 FAIL = "fail"
@@ -66,10 +66,6 @@ SHARDS = "shards"
 
 #: Planner settings for the query proof, each SET LOCAL in a rolled-back transaction.
 PINNED_PLANNER = ("enable_seqscan", "enable_bitmapscan", "enable_sort")
-
-#: Statements in fixes are rendered for PostgreSQL, identifiers quoted only where needed.
-_DIALECT = postgresql.dialect()
-_quote = _DIALECT.identifier_preparer.quote
 
 
 @dataclass(frozen=True)
@@ -146,7 +142,9 @@ def verify_indexes(engine: Engine, *, allow_extra: bool = False) -> VerifyReport
         checks.extend(_table_checks(declared, oids, live, expected, unbuildable, allow_extra, foreign_keys))
         layout = citus.cluster(connection)
         if layout is not None:
-            checks.extend(_shard_checks(connection, layout, oids, declared))
+            from chatdb.index_shards import shard_checks  # on Citus only; it builds on this module's checks
+
+            checks.extend(shard_checks(connection, layout, oids, declared))
         connection.rollback()
         checks.extend(_query_checks(connection, declared, oids, live, expected, on_citus=layout is not None))
     return VerifyReport(state.current, state.head, checks, time.perf_counter() - started)
@@ -236,8 +234,8 @@ def _extra_checks(index: IndexFacts, allow_extra: bool) -> Iterator[Check]:
 
 def _drop(index: IndexFacts) -> str:
     if index.constraint_name is not None:
-        return f"ALTER TABLE {_quote(index.table)} DROP CONSTRAINT {_quote(index.constraint_name)};"
-    return f"DROP INDEX CONCURRENTLY {_quote(index.name)};"
+        return f"ALTER TABLE {quote(index.table)} DROP CONSTRAINT {quote(index.constraint_name)};"
+    return f"DROP INDEX CONCURRENTLY {quote(index.name)};"
 
 
 def _validity_check(index: IndexFacts, fix: str) -> Check:
@@ -317,7 +315,7 @@ def _foreign_key_check(
             fix = f"{declared[name].drop}\n{fix}"
     else:
         name = None
-        fix = f"CREATE INDEX CONCURRENTLY ON {_quote(key.table)} ({_quote(first)});"
+        fix = f"CREATE INDEX CONCURRENTLY ON {quote(key.table)} ({quote(first)});"
     return Check(
         key.table,
         name,
@@ -331,97 +329,6 @@ def _foreign_key_check(
 
 def _covers(index: IndexFacts, column: str) -> bool:
     return index.valid and index.predicate is None and bool(index.keys) and index.keys[0].column == column
-
-
-# --- on Citus: the distribution and every shard's indexes ---------------------------------------
-
-
-def _shard_checks(
-    connection: Connection, layout: citus.Cluster, oids: dict[str, int], declared: list[Declared]
-) -> Iterator[Check]:
-    """Each table chatdb distributes is distributed by user_id and co-located, and every
-    shard placement has exactly the indexes of the coordinator's table (which the checks
-    above hold to chatdb/schema.py), each valid."""
-    group = None
-    for table in (table.name for table in DISTRIBUTED_TABLES if table.name in oids):
-        entry = layout.tables.get(table)
-        if entry is None or entry.kind != citus.DISTRIBUTED or entry.column != DISTRIBUTION_COLUMN:
-            state = f"distributed by {entry.column}" if entry and entry.column else "not distributed"
-            yield Check(
-                table,
-                None,
-                DISTRIBUTION,
-                FAIL,
-                f"{state} on this Citus cluster; chatdb distributes it by {DISTRIBUTION_COLUMN}",
-                "chatdb migrate",
-            )
-            continue
-        if group is not None and entry.colocation != group:
-            yield Check(
-                table,
-                None,
-                DISTRIBUTION,
-                FAIL,
-                f"not co-located with {DISTRIBUTED_TABLES[0].name}: a user's rows are on several nodes",
-                f"SELECT update_distributed_table_colocation('{table}', colocate_with => "
-                f"'{DISTRIBUTED_TABLES[0].name}');",
-            )
-            continue
-        group = entry.colocation
-        yield Check(table, None, DISTRIBUTION, OK, f"distributed by {DISTRIBUTION_COLUMN}, co-located")
-        # Citus runs an index's DDL on the coordinator on every shard too; IF EXISTS on
-        # each shard, where the index may be missing.
-        fixes = {
-            item.name: f"{item.drop.replace('CONCURRENTLY ', 'CONCURRENTLY IF EXISTS ')}\n{item.create}"
-            for item in declared
-            if item.table == table
-        }
-        yield from _placement_checks(
-            table, citus.index_definitions(connection, table), citus.shard_indexes(connection, table), fixes
-        )
-
-
-def _placement_checks(
-    table: str, coordinator: dict[str, str], placements: list[citus.ShardIndexes], fixes: dict[str, str]
-) -> Iterator[Check]:
-    unread = [placement for placement in placements if placement.error is not None]
-    for placement in unread:
-        yield Check(table, None, SHARDS, FAIL, f"{placement.where} could not be read: {placement.error}")
-    readable = [placement for placement in placements if placement.error is None]
-    for name, definition in sorted(coordinator.items()):
-        problems = []
-        for placement in readable:
-            found = placement.indexes.get(name)
-            if found is None:
-                problems.append(f"missing on {placement.where}")
-            elif found[0] != definition:
-                problems.append(f"on {placement.where} it is {found[0]}")
-            elif not found[1]:
-                problems.append(f"invalid on {placement.where}")
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            yield Check(
-                table,
-                name,
-                SHARDS,
-                FAIL,
-                f"{problems[0]}{more}",
-                fixes.get(name, "-- on the coordinator, drop the index and create it again"),
-            )
-        else:
-            yield Check(
-                table, name, SHARDS, OK, f"on all {len(readable)} shard placements, as on the coordinator"
-            )
-    for placement in readable:
-        for name in sorted(placement.indexes.keys() - coordinator.keys()):
-            yield Check(
-                table,
-                name,
-                SHARDS,
-                FAIL,
-                f"on {placement.where} only, not on the coordinator's table",
-                f"-- on {placement.node}: DROP INDEX CONCURRENTLY {_quote(f'{name}_{placement.shard}')};",
-            )
 
 
 # --- the query proof ------------------------------------------------------------------------

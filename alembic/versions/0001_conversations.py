@@ -20,8 +20,6 @@ from alembic import op
 
 revision = "0001_conversations"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
@@ -48,18 +46,8 @@ def upgrade() -> None:
         sa.Column("id", UUID(as_uuid=True), server_default=sa.text("gen_random_uuid()")),
         sa.Column("user_id", sa.String(255), nullable=False),
         sa.Column("status", sa.String(20), nullable=False, server_default=sa.text("'active'")),
-        sa.Column(
-            "created_at",
-            sa.TIMESTAMP(timezone=True),
-            nullable=False,
-            server_default=sa.text("now()"),
-        ),
-        sa.Column(
-            "updated_at",
-            sa.TIMESTAMP(timezone=True),
-            nullable=False,
-            server_default=sa.text("now()"),
-        ),
+        sa.Column("created_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=sa.text("now()")),
+        sa.Column("updated_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=sa.text("now()")),
         sa.PrimaryKeyConstraint("id", name="conversations_pkey"),
         sa.ForeignKeyConstraint(
             ["user_id"], ["users.id"], name="conversations_user_id_fkey", ondelete="CASCADE"

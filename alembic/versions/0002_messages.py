@@ -16,8 +16,6 @@ from alembic import op
 
 revision = "0002_messages"
 down_revision = "0001_conversations"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
@@ -29,12 +27,7 @@ def upgrade() -> None:
         sa.Column("role", sa.String(20), nullable=False),
         sa.Column("content", sa.Text, nullable=False),
         sa.Column("metadata", JSONB, nullable=True),
-        sa.Column(
-            "created_at",
-            sa.TIMESTAMP(timezone=True),
-            nullable=False,
-            server_default=sa.text("now()"),
-        ),
+        sa.Column("created_at", sa.TIMESTAMP(timezone=True), nullable=False, server_default=sa.text("now()")),
         sa.PrimaryKeyConstraint("id", name="messages_pkey"),
         sa.ForeignKeyConstraint(
             ["conversation_id"],

@@ -30,8 +30,6 @@ from chatdb import migration_ops as ops
 
 revision = "0003_chatbot_extensions"
 down_revision = "0002_messages"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -16,8 +16,6 @@ from alembic import op
 
 revision = "0004_archive_and_audit"
 down_revision = "0003_chatbot_extensions"
-branch_labels = None
-depends_on = None
 
 _NOW = sa.text("now()")
 

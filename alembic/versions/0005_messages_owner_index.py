@@ -22,8 +22,6 @@ from chatdb import migration_ops as ops
 
 revision = "0005_messages_owner_index"
 down_revision = "0004_archive_and_audit"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

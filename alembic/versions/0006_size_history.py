@@ -21,8 +21,6 @@ from alembic import op
 
 revision = "0006_size_history"
 down_revision = "0005_messages_owner_index"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

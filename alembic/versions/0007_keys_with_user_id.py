@@ -25,10 +25,10 @@ from chatdb import migration_ops as ops
 
 revision = "0007_keys_with_user_id"
 down_revision = "0006_size_history"
-branch_labels = None
-depends_on = None
 
 _OWNER = "FOREIGN KEY (conversation_id, user_id) REFERENCES {parent} (id, user_id) ON DELETE CASCADE"
+#: Each conversations table with its messages table, hot then archive.
+_TABLES = (("conversations", "messages"), ("conversations_archive", "messages_archive"))
 
 
 def _owner(child: str, parent: str) -> tuple[str, str, str]:
@@ -36,34 +36,22 @@ def _owner(child: str, parent: str) -> tuple[str, str, str]:
 
 
 def upgrade() -> None:
-    ops.replace_primary_key(
-        "conversations",
-        ("id", "user_id"),
-        dependents=(_owner("messages", "conversations"),),
-        drop_unique="uq_conversations_id_user",
-    )
-    ops.replace_primary_key("messages", ("id", "user_id"))
-    ops.replace_primary_key(
-        "conversations_archive",
-        ("id", "user_id"),
-        dependents=(_owner("messages_archive", "conversations_archive"),),
-        drop_unique="uq_conversations_archive_id_user",
-    )
-    ops.replace_primary_key("messages_archive", ("id", "user_id"))
+    for parent, child in _TABLES:
+        ops.replace_primary_key(
+            parent,
+            ("id", "user_id"),
+            dependents=(_owner(child, parent),),
+            drop_unique=f"uq_{parent}_id_user",
+        )
+        ops.replace_primary_key(child, ("id", "user_id"))
 
 
 def downgrade() -> None:
-    ops.replace_primary_key("messages_archive", ("id",))
-    ops.replace_primary_key(
-        "conversations_archive",
-        ("id",),
-        dependents=(_owner("messages_archive", "conversations_archive"),),
-        add_unique=("uq_conversations_archive_id_user", ("id", "user_id")),
-    )
-    ops.replace_primary_key("messages", ("id",))
-    ops.replace_primary_key(
-        "conversations",
-        ("id",),
-        dependents=(_owner("messages", "conversations"),),
-        add_unique=("uq_conversations_id_user", ("id", "user_id")),
-    )
+    for parent, child in reversed(_TABLES):
+        ops.replace_primary_key(child, ("id",))
+        ops.replace_primary_key(
+            parent,
+            ("id",),
+            dependents=(_owner(child, parent),),
+            add_unique=(f"uq_{parent}_id_user", ("id", "user_id")),
+        )

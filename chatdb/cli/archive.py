@@ -11,21 +11,9 @@ from typing import Annotated
 import typer
 
 from chatdb import lifecycle
-from chatdb.cli.common import JsonOutput, Yes, disposing
-from chatdb.cli.connect import open_engine
+from chatdb.cli import lifecycle as lifecycle_cli
 from chatdb.cli.declare import callback, command, new_app
-from chatdb.cli.lifecycle import (
-    ArchiveJobs,
-    BatchSize,
-    DryRun,
-    Jobs,
-    MaxRuntime,
-    VacuumAfter,
-    execute,
-    needs_counts,
-    optional_duration,
-    signals,
-)
+from chatdb.cli.options import JsonOutput, Yes, option
 from chatdb.errors import UsageError
 
 # A conversation id as uuid.UUID reads it, in ASCII hex only (UUID() also takes other
@@ -36,37 +24,37 @@ _UUID = re.compile(
 
 app = new_app()
 
+OlderThan = Annotated[
+    str | None,
+    option("--older-than", "DURATION", "Move conversations idle longer than this (e.g. 180d, 26w, 1d12h)."),
+]
+Export = Annotated[
+    Path | None,
+    option(
+        "--export",
+        "FILE",
+        "Also append each moved conversation, with its messages, as one JSON line to FILE.jsonl or "
+        "FILE.jsonl.gz, a regular file or a new path (fsynced before each batch commits).",
+        dir_okay=False,
+    ),
+]
+Conversation = Annotated[
+    list[str] | None, option("--conversation", "ID", "An archived conversation's id (repeatable).")
+]
+User = Annotated[str | None, option("--user", "ID", "Restore every archived conversation of this user.")]
+
 
 @callback(app, database=True, invoke_without_command=True)
 def archive(
     ctx: typer.Context,
-    older_than: Annotated[
-        str | None,
-        typer.Option(
-            "--older-than",
-            metavar="DURATION",
-            help="Move conversations idle longer than this (e.g. 180d, 26w, 1d12h).",
-            show_default=False,
-        ),
-    ] = None,
-    batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: ArchiveJobs = lifecycle.DEFAULT_JOBS,
-    dry_run: DryRun = False,
+    older_than: OlderThan = None,
+    batch_size: lifecycle_cli.BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
+    jobs: lifecycle_cli.ArchiveJobs = lifecycle.DEFAULT_JOBS,
+    dry_run: lifecycle_cli.DryRun = False,
     yes: Yes = False,
-    export: Annotated[
-        Path | None,
-        typer.Option(
-            "--export",
-            metavar="FILE",
-            help="Also append each moved conversation, with its messages, as one JSON line "
-            "to FILE.jsonl or FILE.jsonl.gz, a regular file or a new path (fsynced before each "
-            "batch commits).",
-            show_default=False,
-            dir_okay=False,
-        ),
-    ] = None,
-    max_runtime: MaxRuntime = None,
-    vacuum: VacuumAfter = False,
+    export: Export = None,
+    max_runtime: lifecycle_cli.MaxRuntime = None,
+    vacuum: lifecycle_cli.VacuumAfter = False,
     as_json: JsonOutput = False,
 ) -> None:
     """Move idle conversations, whole, with all their messages, into the archive tables.
@@ -95,55 +83,32 @@ def archive(
     if older_than is None:
         raise UsageError("--older-than is required (for example `chatdb archive --older-than 180d`)")
     duration = lifecycle.parse_duration(older_than, "--older-than")
-    limit = optional_duration(max_runtime, "--max-runtime")
+    limit = lifecycle_cli.optional_duration(max_runtime, "--max-runtime")
     if export is not None:
         lifecycle.check_export(export)  # before anything starts: a FIFO would block the run
-    with (
-        signals() as stops,
-        disposing(open_engine(ctx, "archive")) as engine,
-    ):
-        plan = lifecycle.plan_archive(engine, duration, count=needs_counts(dry_run, yes))
-        execute(
-            plan,
-            lambda options: lifecycle.archive(engine, plan, options, export),
-            stops,
-            verb="move",
-            yes=yes,
-            dry_run=dry_run,
-            as_json=as_json,
-            batch_size=batch_size,
-            jobs=jobs,
-            max_runtime=limit,
-            arguments={
-                "older_than": duration.text,
-                "batch_size": batch_size,
-                "jobs": jobs,
-                "export": str(export) if export else None,
-                "max_runtime": limit.text if limit else None,
-                "vacuum": vacuum,
-            },
-            vacuum=(lambda result: lifecycle.vacuum(engine, result)) if vacuum else None,
-        )
+    lifecycle_cli.run_command(
+        ctx,
+        lifecycle_cli.Request("archive", "move", batch_size, jobs, yes, dry_run, as_json, limit, vacuum),
+        lambda engine, count: lifecycle.plan_archive(engine, duration, count=count),
+        lambda engine, plan, options: lifecycle.archive(engine, plan, options, export),
+        {
+            "older_than": duration.text,
+            "batch_size": batch_size,
+            "jobs": jobs,
+            "export": str(export) if export else None,
+            "max_runtime": limit.text if limit else None,
+            "vacuum": vacuum,
+        },
+    )
 
 
 @command(app, "restore", database=True)
 def restore(
     ctx: typer.Context,
-    conversation: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--conversation",
-            metavar="ID",
-            help="An archived conversation's id (repeatable).",
-            show_default=False,
-        ),
-    ] = None,
-    user: Annotated[
-        str | None,
-        typer.Option("--user", metavar="ID", help="Restore every archived conversation of this user."),
-    ] = None,
-    batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: Jobs = lifecycle.DEFAULT_JOBS,
+    conversation: Conversation = None,
+    user: User = None,
+    batch_size: lifecycle_cli.BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
+    jobs: lifecycle_cli.Jobs = lifecycle.DEFAULT_JOBS,
     as_json: JsonOutput = False,
 ) -> None:
     """Move archived conversations back to the hot tables, exactly as they were, with all
@@ -168,21 +133,10 @@ def restore(
         raise UsageError("give either --conversation ID (one or more) or --user ID")
     if user is not None and not user.strip():
         raise UsageError("--user: the user id is empty")
-    with (
-        signals() as stops,
-        disposing(open_engine(ctx, "archive restore")) as engine,
-    ):
-        plan = lifecycle.plan_restore(engine, ids, user)
-        execute(
-            plan,
-            lambda options: lifecycle.restore(engine, plan, options),
-            stops,
-            verb="restore",
-            yes=True,
-            dry_run=False,
-            as_json=as_json,
-            batch_size=batch_size,
-            jobs=jobs,
-            max_runtime=None,
-            arguments={"conversations": [str(i) for i in ids], "user": user, "batch_size": batch_size},
-        )
+    lifecycle_cli.run_command(
+        ctx,
+        lifecycle_cli.Request("archive restore", "restore", batch_size, jobs, yes=True, as_json=as_json),
+        lambda engine, count: lifecycle.plan_restore(engine, ids, user),
+        lifecycle.restore,
+        {"conversations": [str(i) for i in ids], "user": user, "batch_size": batch_size},
+    )

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,9 +17,11 @@ from chatdb import bench, lifecycle
 from chatdb.bench import report, runner, workload
 from chatdb.bench.workload import format_limit
 from chatdb.cli.bench_render import COMMAND, removed_line, render
-from chatdb.cli.common import JsonOutput, disposing, err, out, print_json, report_file
+from chatdb.cli.common import disposing, out, print_json, progress_bar, write_report
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
+from chatdb.cli.findings import write_junit
+from chatdb.cli.options import JsonOutput, option, report_file
 from chatdb.errors import EXIT_PROBLEM, UsageError
 
 app = new_app()
@@ -29,83 +30,76 @@ _BUDGETS_HELP = "; ".join(
     f"{b.key}={format_limit(b.limit_ms).replace(' ', '')}" for b in workload.DEFAULT_BUDGETS
 )
 
+Clients = Annotated[int, option("--clients", "N", "Concurrent connections (pgbench clients).", min=1)]
+Rate = Annotated[
+    float | None,
+    option(
+        "--rate",
+        "TPS",
+        "Schedule transactions at this rate and judge every budget there. "
+        "Without it, bench finds the capacity: the highest rate at which every budget holds.",
+    ),
+]
+MinCapacity = Annotated[
+    float | None, option("--min-capacity", "TPS", "Exit 1 when the capacity is below this rate.")
+]
+MaxRate = Annotated[float | None, option("--max-rate", "TPS", "The highest rate the capacity search tries.")]
+RunDuration = Annotated[str, option("--duration", "DURATION", "How long each rate runs (s, m, h: 60s, 5m).")]
+Mix = Annotated[
+    str, option("--mix", "MIX", f"Patterns and their weights. Patterns: {', '.join(workload.WORKLOADS)}.")
+]
+Budget = Annotated[
+    list[str] | None,
+    option(
+        "--budget",
+        "PATTERN.METRIC=DURATION",
+        f"Override a budget (repeatable). Metrics: pNN (p50, p95, p99.9), max, and history.overhead "
+        f"(the soft-delete filter: history's median less history-unfiltered's). Defaults, from the "
+        f"specification: {_BUDGETS_HELP}.",
+    ),
+]
+While = Annotated[
+    str | None,
+    option(
+        "--while",
+        "COMMAND",
+        'Measure again while this chatdb command runs (such as "purge --older-than 90d"); '
+        "the budgets apply to that second measurement.",
+    ),
+]
+Cleanup = Annotated[
+    bool, typer.Option("--cleanup", help="Only remove the rows that bench runs killed earlier left behind.")
+]
+Junit = Annotated[Path | None, report_file("--junit", "Also write a JUnit XML report (a case per budget).")]
+Html = Annotated[
+    Path | None, report_file("--html", "Also write an HTML report with a latency CDF per pattern.")
+]
+LogDir = Annotated[
+    Path | None,
+    option(
+        "--log-dir",
+        "FOLDER",
+        "Keep pgbench's scripts and per-transaction logs in FOLDER, to check the figures.",
+        file_okay=False,
+    ),
+]
+
 
 @command(app, COMMAND, database=True)
 def bench_command(
     ctx: typer.Context,
-    clients: Annotated[
-        int, typer.Option("--clients", metavar="N", help="Concurrent connections (pgbench clients).", min=1)
-    ] = runner.DEFAULT_CLIENTS,
-    rate: Annotated[
-        float | None,
-        typer.Option(
-            "--rate",
-            metavar="TPS",
-            help="Schedule transactions at this rate and judge every budget there. "
-            "Without it, bench finds the capacity: the highest rate at which every budget holds.",
-            show_default=False,
-        ),
-    ] = None,
-    min_capacity: Annotated[
-        float | None,
-        typer.Option("--min-capacity", metavar="TPS", help="Exit 1 when the capacity is below this rate."),
-    ] = None,
-    max_rate: Annotated[
-        float | None,
-        typer.Option("--max-rate", metavar="TPS", help="The highest rate the capacity search tries."),
-    ] = None,
-    duration: Annotated[
-        str,
-        typer.Option("--duration", metavar="DURATION", help="How long each rate runs (s, m, h: 60s, 5m)."),
-    ] = f"{runner.DEFAULT_SECONDS}s",
-    mix: Annotated[
-        str,
-        typer.Option(
-            "--mix",
-            metavar="MIX",
-            help=f"Patterns and their weights. Patterns: {', '.join(workload.WORKLOADS)}.",
-        ),
-    ] = workload.mix_text(workload.DEFAULT_MIX),
-    budget: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--budget",
-            metavar="PATTERN.METRIC=DURATION",
-            help=f"Override a budget (repeatable). Metrics: pNN (p50, p95, p99.9), max, and history.overhead "
-            f"(the soft-delete filter: history's median less history-unfiltered's). Defaults, from the "
-            f"specification: {_BUDGETS_HELP}.",
-            show_default=False,
-        ),
-    ] = None,
-    while_command: Annotated[
-        str | None,
-        typer.Option(
-            "--while",
-            metavar="COMMAND",
-            help='Measure again while this chatdb command runs (such as "purge --older-than 90d"); '
-            "the budgets apply to that second measurement.",
-            show_default=False,
-        ),
-    ] = None,
-    cleanup: Annotated[
-        bool,
-        typer.Option("--cleanup", help="Only remove the rows that bench runs killed earlier left behind."),
-    ] = False,
-    junit: Annotated[
-        Path | None, report_file("--junit", "Also write a JUnit XML report (a case per budget).")
-    ] = None,
-    html: Annotated[
-        Path | None, report_file("--html", "Also write an HTML report with a latency CDF per pattern.")
-    ] = None,
-    log_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--log-dir",
-            metavar="FOLDER",
-            file_okay=False,
-            help="Keep pgbench's scripts and per-transaction logs in FOLDER, to check the figures.",
-        ),
-    ] = None,
+    clients: Clients = runner.DEFAULT_CLIENTS,
+    rate: Rate = None,
+    min_capacity: MinCapacity = None,
+    max_rate: MaxRate = None,
+    duration: RunDuration = f"{runner.DEFAULT_SECONDS}s",
+    mix: Mix = workload.mix_text(workload.DEFAULT_MIX),
+    budget: Budget = None,
+    while_command: While = None,
+    cleanup: Cleanup = False,
+    junit: Junit = None,
+    html: Html = None,
+    log_dir: LogDir = None,
     as_json: JsonOutput = False,
 ) -> None:
     """Prove on a live database that the application's queries meet their latency budgets
@@ -153,22 +147,18 @@ def bench_command(
         log_dir=log_dir,
     )
     request.validate()
-    for option, path in (("--junit", junit), ("--html", html)):
+    for name, path in (("--junit", junit), ("--html", html)):
         if path is not None:
-            _check_writable(path, option)
+            _check_writable(path, name)
     with (
         disposing(open_engine(ctx, COMMAND)) as engine,
         _progress() as progress,
     ):
         result = bench.run(engine, request, progress)
     if junit is not None:
-        _write(
-            junit,
-            "JUnit report",
-            lambda path: report.junit(result).write(path, encoding="utf-8", xml_declaration=True),
-        )
+        write_junit(report.junit(result), junit)
     if html is not None:
-        _write(html, "HTML report", lambda path: path.write_text(report.page(result), encoding="utf-8"))
+        write_report(html, "HTML report", lambda path: path.write_text(report.page(result), encoding="utf-8"))
     if as_json:
         print_json(COMMAND, result.ok, **_json(result))
     else:
@@ -202,31 +192,13 @@ def _check_writable(path: Path, option: str) -> None:
         raise UsageError(f"cannot write {option} {path}: {why}")
 
 
-def _write(path: Path, what: str, write: Callable[[Path], Any]) -> None:
-    try:
-        write(path)
-    except OSError as exc:
-        raise UsageError(f"cannot write the {what} to {path}: {exc.strerror or exc}") from None
-
-
 @contextmanager
 def _progress() -> Iterator[runner.Progress | None]:
     """A bar with the time left of each run, on stderr when it is a terminal."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-    with bar:
+    with progress_bar("{task.description}", lambda p: (p.TimeElapsedColumn(), p.TextColumn("left"))) as bar:
+        if bar is None:
+            yield None
+            return
         tasks: dict[str, Any] = {}
 
         def update(label: str, elapsed: float, total: float | None) -> None:

@@ -1,6 +1,7 @@
 """What commands share to speak: consoles, errors on one line, JSON, tables, SQL to paste,
-the question before a destructive change, and the small options (--json, --yes, report
-files). The database options are in ``chatdb.cli.connect``."""
+reports written beside the output, progress bars, and the question before a destructive
+change. The options commands share are in ``chatdb.cli.options``, the database options
+in ``chatdb.cli.connect``."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import json
 import re
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -24,9 +24,12 @@ from rich.text import Text
 
 from chatdb import units
 from chatdb.cli import closed_pipe
-from chatdb.errors import StateError
+from chatdb.errors import StateError, UsageError
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    from rich.progress import Progress, ProgressColumn
     from sqlalchemy import Engine
 
 
@@ -39,21 +42,13 @@ class _Console(Console):
 out = _Console(highlight=False, soft_wrap=True)
 err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
-JsonOutput = Annotated[
-    bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")
-]
-Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 
-
-def report_file(option: str, help: str) -> Any:
-    """The option of a report written beside the output (``--junit FILE``, ``--html FILE``)."""
-    return typer.Option(option, metavar="FILE", dir_okay=False, help=help)
-
-
-JunitReport = Annotated[
-    Path | None,
-    report_file("--junit", "Also write a JUnit XML report to FILE, for CI systems to display."),
-]
+def write_report(path: Path, what: str, write: Callable[[Path], Any]) -> None:
+    """Write a report with ``write(path)``; a place it cannot go is a usage error."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise UsageError(f"cannot write the {what} to {path}: {exc.strerror or exc}") from None
 
 
 def report_error(message: str, hint: str | None = None) -> None:
@@ -131,6 +126,24 @@ def print_sql(line: str) -> None:
 
 #: A word of SQL: what lies between spaces, a quoted literal or identifier counting as one.
 _SQL_WORD = re.compile(r"""(?:'[^']*'|"[^"]*"|[^\s'"]|['"])+""")
+
+
+@contextmanager
+def progress_bar(
+    title: str, columns: Callable[[ModuleType], Iterable[ProgressColumn]]
+) -> Iterator[Progress | None]:
+    """A progress bar on stderr that goes away when it is done: ``title`` in bold (Rich
+    markup, formatted with ``task``), the bar, the columns that ``columns(rich.progress)``
+    gives, and the time left. None when stderr is not a terminal (a cron job, a pipe),
+    which then spends no time importing ``rich.progress``."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    import rich.progress as p
+
+    shown = (p.TextColumn(f"[bold]{title}"), p.BarColumn(), *columns(p), p.TimeRemainingColumn())
+    with p.Progress(*shown, console=err, transient=True) as bar:
+        yield bar
 
 
 # --- confirmation ---------------------------------------------------------------------------

@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
-import typer
 from rich.text import Text
 
 from chatdb.cli.common import err
+from chatdb.cli.options import option
+from chatdb.defaults import DEFAULT_CONNECT_TIMEOUT
 from chatdb.errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,35 +31,28 @@ if TYPE_CHECKING:
 
     from chatdb import db
 
-#: --connect-timeout's default, in seconds. The data layer's own default
-#: (``db.DEFAULT_CONNECT_TIMEOUT``) is the same; it is not imported from there, so that
-#: `--help` starts without SQLAlchemy (``tests/integration/test_startup.py`` checks that both agree).
-DEFAULT_CONNECT_TIMEOUT = 10.0
 #: A day: longer is a typo, and libpq's connect_timeout must stay an integer.
 MAX_CONNECT_TIMEOUT = 86_400
 
 DatabaseUrl = Annotated[
     str | None,
-    typer.Option(
+    option(
         "--database-url",
-        metavar="URL",
-        help="PostgreSQL URL (postgresql://user:password@host:port/db). "
+        "URL",
+        "PostgreSQL URL (postgresql://user:password@host:port/db). "
         "Default: CHATDB_DATABASE_URL, then DATABASE_URL, then the embedded server.",
-        show_default=False,
     ),
 ]
 ConnectTimeout = Annotated[
     float | None,
-    typer.Option(
+    option(
         "--connect-timeout",
-        metavar="SECONDS",
+        "SECONDS",
         # The option's own default is None, so that one given before the command name
         # counts when none comes after it: the help states the timeout that then applies
         # (the bracket escaped, or Rich would read "[default: 10]" as markup and drop it).
-        help="Seconds to keep retrying a server that does not answer. "
-        f"\\[default: {DEFAULT_CONNECT_TIMEOUT:g}]",
+        f"Seconds to keep retrying a server that does not answer. \\[default: {DEFAULT_CONNECT_TIMEOUT:g}]",
         min=0,
-        show_default=False,
     ),
 ]
 

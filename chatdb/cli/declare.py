@@ -22,8 +22,9 @@ command then gets, with nothing more from it:
 - the database options when it asks for them (``database=True``; see ``chatdb.cli.connect``);
 - its docstring as its help, each paragraph flowed to the terminal's width and an example
   (indented lines) kept line by line; the first paragraph is its summary in listings;
-- no type label beside a flag (``--json``, not ``--json <bool>``); an option that takes a
-  value names it with ``metavar`` (``--older-than DURATION``).
+- no type label beside a flag (``--json``, not ``--json <bool>``) or an argument
+  (``revision``, not ``revision <str>``); an option that takes a value names it
+  (``--older-than DURATION``), declared with ``chatdb.cli.options.option()``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import typer
-from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from chatdb.cli import closed_pipe
 from chatdb.cli.boundary import error_boundary
@@ -111,13 +112,17 @@ else:
 
 class ChatdbHelp(_Command):
     """Help as every chatdb command shows it: no type label beside a flag (Typer labels it
-    ``<bool>``, though a flag takes no value), and 141 when the reader has gone."""
+    ``<bool>``, though a flag takes no value) or an argument (``<str>``: its name and help
+    say what it is), and 141 when the reader has gone."""
 
     def get_params(self, ctx: ClickContext) -> list[Parameter]:
         params = super().get_params(ctx)
         for param in params:
             if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
                 param.metavar = ""
+            elif type(param) is TyperArgument:
+                # Typer takes an argument's label from its type alone, never from a metavar.
+                param.__class__ = _UnlabelledArgument
         return params
 
     def get_help(self, ctx: ClickContext) -> str:
@@ -127,6 +132,11 @@ class ChatdbHelp(_Command):
             return super().get_help(ctx)
         except SystemExit:
             closed_pipe()
+
+
+class _UnlabelledArgument(TyperArgument):
+    def display_type_rich(self, ctx: ClickContext) -> str | None:
+        return None
 
 
 class _Boundary(_Command):

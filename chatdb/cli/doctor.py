@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Annotated, Any
-from xml.etree import ElementTree
 
 import typer
 from rich.markup import escape
-from rich.measure import Measurement
-from rich.padding import Padding
+from rich.table import Table
 from rich.text import Text
 
 from chatdb import doctor as diagnosis
 from chatdb import lifecycle
-from chatdb.cli.common import (
-    JsonOutput,
-    JunitReport,
-    disposing,
-    human_bytes,
-    out,
-    print_json,
-    print_sql,
-    table,
-)
+from chatdb.cli.common import disposing, human_bytes, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
+from chatdb.cli.findings import Case, junit_report, print_findings, print_fixes, write_junit
+from chatdb.cli.options import JsonOutput, JunitReport, option
 from chatdb.doctor.model import FAIL, OK, SKIPPED, WARN, Finding, duration
-from chatdb.errors import EXIT_PROBLEM, UsageError
+from chatdb.errors import EXIT_PROBLEM
 
 COMMAND = "doctor"
 _STYLE = {OK: "green", WARN: "yellow", FAIL: "red", SKIPPED: "dim"}
@@ -39,49 +29,51 @@ _BAR = 30
 
 app = new_app()
 
+Deep = Annotated[
+    bool,
+    typer.Option(
+        "--deep",
+        help="Also read tables and indexes: exact bloat (pgstattuple), index integrity (amcheck), "
+        "exact retention counts. Takes time in proportion to the data.",
+    ),
+]
+Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too.")]
+SizeLimit = Annotated[
+    str | None,
+    option(
+        "--size-limit", "SIZE", "A storage quota (10GB, 500MB): project the date the database reaches it."
+    ),
+]
+OlderThan = Annotated[
+    str | None,
+    option(
+        "--older-than",
+        "DURATION",
+        "A retention cutoff (180d) to look ahead at: what passes it now, within 7 and 30 days. "
+        "Default: those of the latest archive and purge runs.",
+    ),
+]
+Threshold = Annotated[
+    list[str] | None,
+    option(
+        "--threshold",
+        "NAME=VALUE",
+        "Change a threshold (repeatable), e.g. dead_ratio=0.1 or idle_in_transaction_seconds=30. "
+        f"Names: {', '.join(diagnosis.Thresholds.names())}.",
+    ),
+]
+ShowAll = Annotated[bool, typer.Option("--all", help="List the checks that passed too.")]
+
 
 @command(app, COMMAND, database=True)
 def doctor(
     ctx: typer.Context,
-    deep: Annotated[
-        bool,
-        typer.Option(
-            "--deep",
-            help="Also read tables and indexes: exact bloat (pgstattuple), index integrity (amcheck), "
-            "exact retention counts. Takes time in proportion to the data.",
-        ),
-    ] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too.")] = False,
-    size_limit: Annotated[
-        str | None,
-        typer.Option(
-            "--size-limit",
-            metavar="SIZE",
-            help="A storage quota (10GB, 500MB): project the date the database reaches it.",
-            show_default=False,
-        ),
-    ] = None,
-    older_than: Annotated[
-        str | None,
-        typer.Option(
-            "--older-than",
-            metavar="DURATION",
-            help="A retention cutoff (180d) to look ahead at: what passes it now, within 7 and 30 days. "
-            "Default: those of the latest archive and purge runs.",
-            show_default=False,
-        ),
-    ] = None,
-    threshold: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--threshold",
-            metavar="NAME=VALUE",
-            help="Change a threshold (repeatable), e.g. dead_ratio=0.1 or idle_in_transaction_seconds=30. "
-            f"Names: {', '.join(diagnosis.Thresholds.names())}.",
-            show_default=False,
-        ),
-    ] = None,
-    show_all: Annotated[bool, typer.Option("--all", help="List the checks that passed too.")] = False,
+    deep: Deep = False,
+    strict: Strict = False,
+    size_limit: SizeLimit = None,
+    older_than: OlderThan = None,
+    threshold: Threshold = None,
+    show_all: ShowAll = False,
     junit: JunitReport = None,
     as_json: JsonOutput = False,
 ) -> None:
@@ -109,7 +101,7 @@ def doctor(
     with disposing(open_engine(ctx, COMMAND)) as engine:
         report = diagnosis.diagnose(engine, options)
     if junit is not None:
-        write_junit(report, junit, strict)
+        write_junit(junit_report(COMMAND, report.elapsed, _junit(report, strict)), junit)
     failed = report.failed(strict)
     if as_json:
         print_json(
@@ -195,38 +187,40 @@ def _render(report: diagnosis.Report, show_all: bool, strict: bool) -> None:
     rows = _shown(report, show_all)
     cells = [[f.area, f.object or "", f.check, f.status, _measured(f), f.detail] for f in rows]
     names = sum(max((len(row[column]) for row in cells), default=0) for column in range(5))
-    if not out.is_terminal or out.width >= names + 18 + 30:
-        rendered = table(None, ["area", "object", "check", "status", ">measured / threshold", "detail"], ())
-        previous = None
-        for finding, row in zip(rows, cells, strict=True):
-            if previous is not None and finding.area != previous:
-                rendered.add_section()
-            style = _STYLE[finding.status]
-            rendered.add_row(
-                escape(row[0]) if finding.area != previous else "",
-                escape(row[1]),
-                escape(row[2]),
-                f"[{style}]{row[3]}[/{style}]",
-                escape(row[4]),
-                escape(row[5]),
-            )
-            previous = finding.area
-        if not out.is_terminal:
-            rendered.width = Measurement.get(out, out.options.update_width(1000), rendered).maximum
-        out.print(rendered)
-    else:  # too narrow for a table: one finding after the other
-        for finding, row in zip(rows, cells, strict=True):
-            style = _STYLE[finding.status]
-            where = " ".join(part for part in (row[0], row[1]) if part)
-            head = Text(f"{where}: {row[2] + ' ' if row[2] else ''}", style="bold")
-            head.append(row[3], style=style)
-            if row[4]:
-                head.append(f" ({row[4]})")
-            out.print(head, soft_wrap=False)
-            out.print(Padding(Text(row[5]), (0, 0, 0, 2), expand=False), soft_wrap=False)
+    print_findings(names, 18, lambda: _table(rows, cells), lambda: _one_by_one(rows, cells))
     _print_charts(report.growth)
     _print_fixes(report.findings, strict)
     out.print(_verdict(report, strict))
+
+
+def _table(rows: list[Finding], cells: list[list[str]]) -> Table:
+    rendered = table(None, ["area", "object", "check", "status", ">measured / threshold", "detail"], ())
+    previous = None
+    for finding, row in zip(rows, cells, strict=True):
+        if previous is not None and finding.area != previous:
+            rendered.add_section()
+        style = _STYLE[finding.status]
+        rendered.add_row(
+            escape(row[0]) if finding.area != previous else "",
+            escape(row[1]),
+            escape(row[2]),
+            f"[{style}]{row[3]}[/{style}]",
+            escape(row[4]),
+            escape(row[5]),
+        )
+        previous = finding.area
+    return rendered
+
+
+def _one_by_one(rows: list[Finding], cells: list[list[str]]) -> Iterator[tuple[Text, str]]:
+    """Where a table does not fit: each finding's head, and its detail."""
+    for finding, row in zip(rows, cells, strict=True):
+        where = " ".join(part for part in (row[0], row[1]) if part)
+        head = Text(f"{where}: {row[2] + ' ' if row[2] else ''}", style="bold")
+        head.append(row[3], style=_STYLE[finding.status])
+        if row[4]:
+            head.append(f" ({row[4]})")
+        yield head, row[5]
 
 
 def _print_fixes(findings: list[Finding], strict: bool) -> None:
@@ -234,17 +228,14 @@ def _print_fixes(findings: list[Finding], strict: bool) -> None:
     for finding in findings:
         if finding.fix and finding.status in (WARN, FAIL):
             fixes.setdefault(finding.fix, []).append(finding)
-    if not fixes:
-        return
-    out.print()
-    print_sql(
-        "-- To fix, run each statement on its own (as psql does); lines starting with -- say what else to do:"
+    print_fixes(
+        "-- To fix, run each statement on its own (as psql does); "
+        "lines starting with -- say what else to do:",
+        (
+            (fix, found[0].object or found[0].area, ", ".join(dict.fromkeys(f.check for f in found)))
+            for fix, found in fixes.items()
+        ),
     )
-    for fix, found in fixes.items():
-        where = found[0].object or found[0].area
-        print_sql(f"-- {where}: {', '.join(dict.fromkeys(f.check for f in found))}")
-        for line in fix.splitlines():
-            print_sql(line)
 
 
 def _print_charts(growth: Any) -> None:
@@ -294,48 +285,25 @@ def _verdict(report: diagnosis.Report, strict: bool) -> str:
 # --- machines ----------------------------------------------------------------------------------
 
 
-def junit_report(report: diagnosis.Report, strict: bool) -> ElementTree.ElementTree:
+def _junit(report: diagnosis.Report, strict: bool) -> list[tuple[str, list[Case]]]:
     """Every check as a JUnit test case, one test suite per area. A failure fails; a
     warning fails with --strict and otherwise passes with its detail; skipped is skipped."""
-    root = ElementTree.Element("testsuites", name=f"chatdb {COMMAND}", time=f"{report.elapsed:.3f}")
-    _count(root, report.findings, strict)
-    for area in diagnosis.AREAS:
-        found = [finding for finding in report.findings if finding.area == area]
-        if not found:
-            continue
-        suite = ElementTree.SubElement(root, "testsuite", name=f"{COMMAND} {area}")
-        _count(suite, found, strict)
-        for finding in found:
-            case = ElementTree.SubElement(
-                suite,
-                "testcase",
-                classname=f"chatdb.{COMMAND}.{area}",
-                name=f"{finding.check}: {finding.object}" if finding.object else finding.check,
-            )
-            message = finding.detail
-            if finding.status == FAIL or (strict and finding.status == WARN):
-                failure = ElementTree.SubElement(case, "failure", message=message, type=finding.status)
-                failure.text = message + (f"\n\nHow to fix:\n{finding.fix}" if finding.fix else "")
-            elif finding.status == SKIPPED:
-                ElementTree.SubElement(case, "skipped", message=message)
-            else:
-                output = ElementTree.SubElement(case, "system-out")
-                output.text = f"{finding.status}: {message}" + (
-                    f"\n\nHow to fix:\n{finding.fix}" if finding.fix else ""
+    return [
+        (
+            area,
+            [
+                Case(
+                    f"{finding.check}: {finding.object}" if finding.object else finding.check,
+                    failed=finding.status == FAIL or (strict and finding.status == WARN),
+                    skipped=finding.status == SKIPPED,
+                    message=finding.detail,
+                    kind=finding.status,
+                    fix=finding.fix,
+                    output=f"{finding.status}: {finding.detail}",
                 )
-    return ElementTree.ElementTree(root)
-
-
-def _count(element: ElementTree.Element, findings: Iterable[Finding], strict: bool) -> None:
-    findings = list(findings)
-    element.set("tests", str(len(findings)))
-    element.set("failures", str(sum(f.status == FAIL or (strict and f.status == WARN) for f in findings)))
-    element.set("errors", "0")
-    element.set("skipped", str(sum(f.status == SKIPPED for f in findings)))
-
-
-def write_junit(report: diagnosis.Report, path: Path, strict: bool) -> None:
-    try:
-        junit_report(report, strict).write(path, encoding="utf-8", xml_declaration=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write the JUnit report to {path}: {exc.strerror or exc}") from None
+                for finding in report.findings
+                if finding.area == area
+            ],
+        )
+        for area in diagnosis.AREAS
+    ]

@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
-from chatdb.cli.common import JsonOutput, print_json
+from chatdb.cli.common import print_json
 from chatdb.cli.connect import configured_url
 from chatdb.cli.declare import command, new_app
+from chatdb.cli.options import JsonOutput
 
 app = new_app()
 

@@ -8,36 +8,38 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from chatdb import lifecycle
 from chatdb.cli.boundary import Terminated, TerminatedRead
-from chatdb.cli.common import confirm, err, out, print_json, stdin_is_terminal, table
+from chatdb.cli.common import confirm, disposing, err, out, print_json, progress_bar, stdin_is_terminal, table
+from chatdb.cli.connect import open_engine
+from chatdb.cli.options import option
 from chatdb.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 BatchSize = Annotated[
     int,
-    typer.Option(
+    option(
         "--batch-size",
-        metavar="N",
-        help="Most conversations per batch (one short transaction each); "
+        "N",
+        "Most conversations per batch (one short transaction each); "
         "batches shrink on their own to stay short.",
         min=1,
     ),
 ]
 _JOBS_HELP = "Batches in flight at once, each in its own short transaction on its own connection."
-Jobs = Annotated[int, typer.Option("--jobs", metavar="N", help=_JOBS_HELP, min=1, max=lifecycle.MAX_JOBS)]
+Jobs = Annotated[int, option("--jobs", "N", _JOBS_HELP, min=1, max=lifecycle.MAX_JOBS)]
 ArchiveJobs = Annotated[
     int,
-    typer.Option(
-        "--jobs",
-        metavar="N",
-        help=f"{_JOBS_HELP[:-1]} (an --export runs one at a time).",
-        min=1,
-        max=lifecycle.MAX_JOBS,
+    option(
+        "--jobs", "N", f"{_JOBS_HELP[:-1]} (an --export runs one at a time).", min=1, max=lifecycle.MAX_JOBS
     ),
 ]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Change nothing; report exactly what would change.")]
@@ -51,11 +53,10 @@ VacuumAfter = Annotated[
 ]
 MaxRuntime = Annotated[
     str | None,
-    typer.Option(
+    option(
         "--max-runtime",
-        metavar="DURATION",
-        help="Stop cleanly after the batch in flight once this much time has passed (e.g. 30m).",
-        show_default=False,
+        "DURATION",
+        "Stop cleanly after the batch in flight once this much time has passed (e.g. 30m).",
     ),
 ]
 
@@ -115,22 +116,15 @@ def signals() -> Iterator[Signals]:
 def _progress(plan: lifecycle.Plan) -> Iterator[Callable[[lifecycle.Tally], None] | None]:
     """A progress bar with ETA on stderr, only when stderr is a terminal and the plan
     was counted."""
-    if not sys.stderr.isatty() or plan.counts is None or not plan.counts.rows:
+    if plan.counts is None or not plan.counts.rows:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn(f"[bold]{plan.command}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rows"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-    with bar:
-        task = bar.add_task(plan.command, total=plan.counts.rows)
+    total = plan.counts.rows
+    with progress_bar(plan.command, lambda p: (p.MofNCompleteColumn(), p.TextColumn("rows"))) as bar:
+        if bar is None:
+            yield None
+            return
+        task = bar.add_task(plan.command, total=total)
         yield lambda done: bar.update(task, completed=done.rows)
 
 
@@ -188,24 +182,59 @@ def _json_plan(plan: lifecycle.Plan) -> dict[str, Any]:
     return shown
 
 
-def execute(
+@dataclass(frozen=True)
+class Request:
+    """How the user asked archive, purge or restore to run: what their options share."""
+
+    command: str  # as the user typed it: "archive", "purge", "archive restore"
+    verb: str  # what a batch does to a row: "move", "delete", "restore"
+    batch_size: int
+    jobs: int
+    yes: bool = False
+    dry_run: bool = False
+    as_json: bool = False
+    max_runtime: lifecycle.Duration | None = None
+    vacuum: bool = False
+
+    def counts(self) -> bool:
+        """Counting is exact but costs a scan: only for a dry run, a question or a progress bar."""
+        return self.dry_run or (stdin_is_terminal() and not self.yes) or sys.stderr.isatty()
+
+
+def run_command(
+    ctx: typer.Context,
+    request: Request,
+    plan: Callable[[Engine, bool], lifecycle.Plan],
+    run: Callable[[Engine, lifecycle.Plan, lifecycle.RunOptions], lifecycle.RunResult],
+    arguments: dict[str, Any],
+) -> None:
+    """A lifecycle command from its plan to its summary, with what signals do all along:
+    ``plan(engine, count)`` and ``run(engine, plan, options)``; ``arguments`` are what its
+    audit row records."""
+    with signals() as stops, disposing(open_engine(ctx, request.command)) as engine:
+        planned = plan(engine, request.counts())
+        _execute(
+            planned,
+            lambda options: run(engine, planned, options),
+            stops,
+            request,
+            arguments,
+            vacuum=(lambda result: lifecycle.vacuum(engine, result)) if request.vacuum else None,
+        )
+
+
+def _execute(
     plan: lifecycle.Plan,
     run: Callable[[lifecycle.RunOptions], lifecycle.RunResult],
     signals: Signals,
-    *,
-    verb: str,
-    yes: bool,
-    dry_run: bool,
-    as_json: bool,
-    batch_size: int,
-    jobs: int,
-    max_runtime: lifecycle.Duration | None,
+    request: Request,
     arguments: dict[str, Any],
     vacuum: Callable[[lifecycle.RunResult], None] | None = None,
 ) -> None:
     """Show the plan, ask on a terminal, run in batches, VACUUM when asked, and render the
     summary."""
-    if dry_run:
+    verb, yes, as_json = request.verb, request.yes, request.as_json
+    if request.dry_run:
         if as_json:
             print_json(plan.command, True, dry_run=True, **_json_plan(plan))
         else:
@@ -220,9 +249,9 @@ def execute(
     confirm(f"{verb.capitalize()} these rows?", yes=yes or nothing_to_do, off_terminal="proceed")
     with _progress(plan) as progress:
         options = lifecycle.RunOptions(
-            batch_size=batch_size,
-            jobs=jobs,
-            max_runtime=max_runtime,
+            batch_size=request.batch_size,
+            jobs=request.jobs,
+            max_runtime=request.max_runtime,
             should_stop=signals.stop_requested,
             progress=progress,
             arguments=arguments,
@@ -329,8 +358,3 @@ def _render_vacuum(vacuum: lifecycle.Vacuum) -> None:
             f"[yellow]Left tables needing VACUUM:[/yellow] {tables}. Autovacuum gets to them in time;"
             f" to do it now, run {escape(vacuum.fix())} or give --vacuum next time."
         )
-
-
-def needs_counts(dry_run: bool, yes: bool) -> bool:
-    """Counting is exact but costs a scan: only for a dry run, a question or a progress bar."""
-    return dry_run or (stdin_is_terminal() and not yes) or sys.stderr.isatty()

@@ -7,22 +7,15 @@ from typing import Annotated, NoReturn
 import typer
 
 from chatdb import migrations
-from chatdb.cli.common import JsonOutput, Yes, confirm, disposing, err, out, print_json, report_error, table
+from chatdb.cli.common import confirm, disposing, err, out, print_json, report_error, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import callback, command, new_app
+from chatdb.cli.options import JsonOutput, Yes, option
 from chatdb.errors import EXIT_PROBLEM, UsageError
 
 app = new_app()
 
-Target = Annotated[
-    str,
-    typer.Option(
-        "--to",
-        metavar="REV",
-        help="Target revision: an id, a unique prefix of one, or head.",
-        show_default=True,
-    ),
-]
+Target = Annotated[str, option("--to", "REV", "Target revision: an id, a unique prefix of one, or head.")]
 
 
 ReferenceUsers = Annotated[
@@ -328,10 +321,9 @@ def _refuse_stamp(mismatch: migrations.SchemaMismatch, as_json: bool) -> NoRetur
 @command(app, "sql")
 def sql(
     start: Annotated[
-        str,
-        typer.Option("--from", metavar="REV", help="Revision the database is at; base is an empty database."),
+        str, option("--from", "REV", "Revision the database is at; base is an empty database.")
     ] = migrations.BASE,
-    end: Annotated[str, typer.Option("--to", metavar="REV", help="Revision to reach.")] = "head",
+    end: Annotated[str, option("--to", "REV", "Revision to reach.")] = "head",
 ) -> None:
     """Print the migration SQL for review, without touching any database. It applies with
     `psql -v ON_ERROR_STOP=1 -f`; CREATE INDEX CONCURRENTLY stands outside a transaction.

@@ -7,50 +7,41 @@ from typing import Annotated
 import typer
 
 from chatdb import lifecycle
-from chatdb.cli.common import JsonOutput, Yes, disposing
-from chatdb.cli.connect import open_engine
+from chatdb.cli import lifecycle as lifecycle_cli
 from chatdb.cli.declare import command, new_app
-from chatdb.cli.lifecycle import (
-    BatchSize,
-    DryRun,
-    Jobs,
-    MaxRuntime,
-    VacuumAfter,
-    execute,
-    needs_counts,
-    optional_duration,
-    signals,
-)
+from chatdb.cli.options import JsonOutput, Yes, option
 
 app = new_app()
+
+OlderThan = Annotated[
+    str,
+    option(
+        "--older-than",
+        "DURATION",
+        "Delete conversations idle longer than this, hot and archived (e.g. 365d).",
+    ),
+]
+DeletedGrace = Annotated[
+    str,
+    option(
+        "--deleted-grace",
+        "DURATION",
+        "Also delete soft-deleted conversations and messages deleted longer ago than this.",
+    ),
+]
 
 
 @command(app, "purge", database=True)
 def purge(
     ctx: typer.Context,
-    older_than: Annotated[
-        str,
-        typer.Option(
-            "--older-than",
-            metavar="DURATION",
-            help="Delete conversations idle longer than this, hot and archived (e.g. 365d).",
-            show_default=False,
-        ),
-    ],
-    deleted_grace: Annotated[
-        str,
-        typer.Option(
-            "--deleted-grace",
-            metavar="DURATION",
-            help="Also delete soft-deleted conversations and messages deleted longer ago than this.",
-        ),
-    ] = lifecycle.DEFAULT_DELETED_GRACE,
-    batch_size: BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: Jobs = lifecycle.DEFAULT_JOBS,
-    dry_run: DryRun = False,
+    older_than: OlderThan,
+    deleted_grace: DeletedGrace = lifecycle.DEFAULT_DELETED_GRACE,
+    batch_size: lifecycle_cli.BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
+    jobs: lifecycle_cli.Jobs = lifecycle.DEFAULT_JOBS,
+    dry_run: lifecycle_cli.DryRun = False,
     yes: Yes = False,
-    max_runtime: MaxRuntime = None,
-    vacuum: VacuumAfter = False,
+    max_runtime: lifecycle_cli.MaxRuntime = None,
+    vacuum: lifecycle_cli.VacuumAfter = False,
     as_json: JsonOutput = False,
 ) -> None:
     """Enforce retention: permanently delete conversations idle longer than --older-than,
@@ -70,27 +61,18 @@ def purge(
     """
     duration = lifecycle.parse_duration(older_than, "--older-than")
     grace = lifecycle.parse_duration(deleted_grace, "--deleted-grace")
-    limit = optional_duration(max_runtime, "--max-runtime")
-    with signals() as stops, disposing(open_engine(ctx, "purge")) as engine:
-        plan = lifecycle.plan_purge(engine, duration, grace, count=needs_counts(dry_run, yes))
-        execute(
-            plan,
-            lambda options: lifecycle.purge(engine, plan, options),
-            stops,
-            verb="delete",
-            yes=yes,
-            dry_run=dry_run,
-            as_json=as_json,
-            batch_size=batch_size,
-            jobs=jobs,
-            max_runtime=limit,
-            arguments={
-                "older_than": duration.text,
-                "deleted_grace": grace.text,
-                "batch_size": batch_size,
-                "jobs": jobs,
-                "max_runtime": limit.text if limit else None,
-                "vacuum": vacuum,
-            },
-            vacuum=(lambda result: lifecycle.vacuum(engine, result)) if vacuum else None,
-        )
+    limit = lifecycle_cli.optional_duration(max_runtime, "--max-runtime")
+    lifecycle_cli.run_command(
+        ctx,
+        lifecycle_cli.Request("purge", "delete", batch_size, jobs, yes, dry_run, as_json, limit, vacuum),
+        lambda engine, count: lifecycle.plan_purge(engine, duration, grace, count=count),
+        lifecycle.purge,
+        {
+            "older_than": duration.text,
+            "deleted_grace": grace.text,
+            "batch_size": batch_size,
+            "jobs": jobs,
+            "max_runtime": limit.text if limit else None,
+            "vacuum": vacuum,
+        },
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -10,39 +9,35 @@ from typing import Annotated
 import typer
 
 from chatdb import seed as seed_module
-from chatdb.cli.common import JsonOutput, Yes, confirm, disposing, err, out, print_json, table
+from chatdb.cli.common import confirm, disposing, err, out, print_json, progress_bar, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
+from chatdb.cli.options import JsonOutput, Yes, option
 
 app = new_app()
+
+Users = Annotated[int, option("--users", "N", "Total number of users.")]
+Conversations = Annotated[int, option("--conversations", "N", "Total number of conversations.")]
+Messages = Annotated[
+    int, option("--messages", "N", "Total number of messages (at least one per conversation).")
+]
+Days = Annotated[int, option("--days", "DAYS", "Spread the activity over the last DAYS days.")]
+Seed = Annotated[int, option("--seed", "SEED", "Random seed: the same seed and sizes give the same rows.")]
+Reset = Annotated[
+    bool, typer.Option("--reset", help="First delete everything earlier seeds created (users seed-*).")
+]
 
 
 @contextmanager
 def _progress(total: int) -> Iterator[seed_module.Progress | None]:
     """A progress bar with rows/s and ETA on stderr, only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(
-        TextColumn("[bold]{task.description:<13}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-    with bar:
+    with progress_bar(
+        "{task.description:<13}",
+        lambda p: (p.MofNCompleteColumn(), p.TaskProgressColumn(), p.TextColumn("{task.fields[rate]}")),
+    ) as bar:
+        if bar is None:
+            yield None
+            return
         task = bar.add_task("seeding", total=total, rate="")
 
         def update(phase: str, done: int, phase_total: int) -> None:
@@ -60,31 +55,12 @@ def _progress(total: int) -> Iterator[seed_module.Progress | None]:
 @command(app, "seed", database=True)
 def seed(
     ctx: typer.Context,
-    users: Annotated[
-        int, typer.Option("--users", metavar="N", help="Total number of users.")
-    ] = seed_module.DEFAULT_USERS,
-    conversations: Annotated[
-        int, typer.Option("--conversations", metavar="N", help="Total number of conversations.")
-    ] = seed_module.DEFAULT_CONVERSATIONS,
-    messages: Annotated[
-        int,
-        typer.Option(
-            "--messages", metavar="N", help="Total number of messages (at least one per conversation)."
-        ),
-    ] = seed_module.DEFAULT_MESSAGES,
-    days: Annotated[
-        int, typer.Option("--days", metavar="DAYS", help="Spread the activity over the last DAYS days.")
-    ] = seed_module.DEFAULT_DAYS,
-    seed_value: Annotated[
-        int,
-        typer.Option(
-            "--seed", metavar="SEED", help="Random seed: the same seed and sizes give the same rows."
-        ),
-    ] = seed_module.DEFAULT_SEED,
-    reset: Annotated[
-        bool,
-        typer.Option("--reset", help="First delete everything earlier seeds created (users seed-*)."),
-    ] = False,
+    users: Users = seed_module.DEFAULT_USERS,
+    conversations: Conversations = seed_module.DEFAULT_CONVERSATIONS,
+    messages: Messages = seed_module.DEFAULT_MESSAGES,
+    days: Days = seed_module.DEFAULT_DAYS,
+    seed_value: Seed = seed_module.DEFAULT_SEED,
+    reset: Reset = False,
     yes: Yes = False,
     as_json: JsonOutput = False,
 ) -> None:

@@ -6,9 +6,10 @@ import datetime as dt
 
 import typer
 
-from chatdb.cli.common import JsonOutput, disposing, human_bytes, out, print_json, table
+from chatdb.cli.common import disposing, human_bytes, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
+from chatdb.cli.options import JsonOutput
 
 app = new_app()
 

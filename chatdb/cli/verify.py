@@ -3,35 +3,33 @@ declaration exactly, is valid, and serves its query."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Annotated
-from xml.etree import ElementTree
 
 import typer
 from rich.markup import escape
-from rich.measure import Measurement
-from rich.padding import Padding
 from rich.text import Text
 
 from chatdb import indexes
-from chatdb.cli.common import JsonOutput, JunitReport, disposing, out, print_json, print_sql, table
+from chatdb.cli.common import disposing, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
-from chatdb.errors import EXIT_PROBLEM, UsageError
+from chatdb.cli.findings import Case, junit_report, print_findings, print_fixes, write_junit
+from chatdb.cli.options import JsonOutput, JunitReport
+from chatdb.errors import EXIT_PROBLEM
 
 COMMAND = "verify-indexes"
 
 app = new_app()
 
+AllowExtra = Annotated[
+    bool, typer.Option("--allow-extra", help="Accept indexes that chatdb/schema.py does not declare.")
+]
+
 
 @command(app, COMMAND, database=True)
 def verify_indexes(
     ctx: typer.Context,
-    allow_extra: Annotated[
-        bool,
-        typer.Option("--allow-extra", help="Accept indexes that chatdb/schema.py does not declare."),
-    ] = False,
+    allow_extra: AllowExtra = False,
     junit: JunitReport = None,
     as_json: JsonOutput = False,
 ) -> None:
@@ -60,7 +58,7 @@ def verify_indexes(
     with disposing(open_engine(ctx, COMMAND)) as engine:
         report = indexes.verify_indexes(engine, allow_extra=allow_extra)
     if junit is not None:
-        write_junit(report, junit)
+        write_junit(junit_report(COMMAND, report.elapsed, _junit(report)), junit)
     findings = report.findings
     if as_json:
         print_json(
@@ -81,39 +79,32 @@ def verify_indexes(
 
 
 def _print_findings(findings: list[indexes.Check]) -> None:
-    """The findings, then their fixes below them: a statement in a table cell folds at the
-    cell's width, inside identifiers, and cannot be pasted."""
+    """The findings, then their fixes below them."""
     rows = [[c.table or "", c.index or "", c.check, c.detail] for c in findings]
     names = sum(max(len(row[column]) for row in rows) for column in range(3))
-    if not out.is_terminal or out.width >= names + _TABLE_FRAME + _DETAIL_ROOM:
-        rendered = table(None, ["table", "index", "check", "what is wrong"], map(_escaped, rows))
-        if not out.is_terminal:
-            # A CI log has no width: there, each row stays on one line.
-            rendered.width = Measurement.get(out, out.options.update_width(1000), rendered).maximum
-        out.print(rendered)
-    else:  # too narrow for a table that keeps names whole: one finding after the other
-        for check in findings:
-            out.print(Text(f"{_where(check)}: {check.check}", style="bold"), soft_wrap=False)
-            out.print(Padding(Text(check.detail), (0, 0, 0, 2), expand=False), soft_wrap=False)
+    print_findings(
+        names,
+        _TABLE_FRAME,
+        lambda: table(None, ["table", "index", "check", "what is wrong"], map(_escaped, rows)),
+        lambda: ((Text(f"{_where(check)}: {check.check}", style="bold"), check.detail) for check in findings),
+    )
     # One fix for several findings (a missing index fails its query and foreign key checks
     # too) is shown once: its statements are to be run once.
     fixes: dict[str, list[indexes.Check]] = {}
     for check in findings:
         if check.fix and check.check != indexes.REVISION:  # the verdict says `chatdb migrate`
             fixes.setdefault(check.fix, []).append(check)
-    if not fixes:
-        return
-    out.print()
-    # The whole section reads as one psql script, comments and all.
-    print_sql("-- To fix, run each statement on its own, outside a transaction (as psql does):")
-    for fix, checks in fixes.items():
-        print_sql(f"-- {_where(checks[0])}: {', '.join(check.check for check in checks)}")
-        for line in fix.splitlines():
-            print_sql(line)
+    print_fixes(
+        "-- To fix, run each statement on its own, outside a transaction (as psql does):",
+        (
+            (fix, _where(checks[0]), ", ".join(check.check for check in checks))
+            for fix, checks in fixes.items()
+        ),
+    )
 
 
-#: The findings table's borders and padding, and the least room that leaves its last column.
-_TABLE_FRAME, _DETAIL_ROOM = 11, 30
+#: The findings table's borders and padding.
+_TABLE_FRAME = 11
 
 
 def _escaped(row: list[str]) -> list[str]:
@@ -140,38 +131,17 @@ def _verdict(report: indexes.VerifyReport) -> str:
     )
 
 
-def junit_report(report: indexes.VerifyReport) -> ElementTree.ElementTree:
+def _junit(report: indexes.VerifyReport) -> list[tuple[str, list[Case]]]:
     """Every check as a JUnit test case, one test suite per table."""
-    root = ElementTree.Element("testsuites", name=f"chatdb {COMMAND}", time=f"{report.elapsed:.3f}")
-    _count(root, report.checks)
-    groups: dict[str, list[indexes.Check]] = {}
+    groups: dict[str, list[Case]] = {}
     for check in report.checks:
-        groups.setdefault(check.table or "database", []).append(check)
-    for group, checks in groups.items():
-        suite = ElementTree.SubElement(root, "testsuite", name=f"{COMMAND} {group}", skipped="0")
-        _count(suite, checks)
-        for check in checks:
-            case = ElementTree.SubElement(
-                suite,
-                "testcase",
-                classname=f"chatdb.{COMMAND}.{group}",
-                name=f"{check.check}: {check.index}" if check.index else check.check,
+        groups.setdefault(check.table or "database", []).append(
+            Case(
+                f"{check.check}: {check.index}" if check.index else check.check,
+                failed=check.failed,
+                message=check.detail,
+                kind=check.check,
+                fix=check.fix,
             )
-            if check.failed:
-                failure = ElementTree.SubElement(case, "failure", message=check.detail, type=check.check)
-                failure.text = check.detail + (f"\n\nHow to fix:\n{check.fix}" if check.fix else "")
-    return ElementTree.ElementTree(root)
-
-
-def _count(element: ElementTree.Element, checks: Iterable[indexes.Check]) -> None:
-    checks = list(checks)
-    element.set("tests", str(len(checks)))
-    element.set("failures", str(sum(check.failed for check in checks)))
-    element.set("errors", "0")
-
-
-def write_junit(report: indexes.VerifyReport, path: Path) -> None:
-    try:
-        junit_report(report).write(path, encoding="utf-8", xml_declaration=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write the JUnit report to {path}: {exc.strerror or exc}") from None
+        )
+    return list(groups.items())

@@ -1,5 +1,5 @@
 """What `--help` shows: the commands in the order a user meets them, each paragraph flowed to
-the terminal's width, no type label beside a flag or an option, and a listing's summary
+the terminal's width, no type label beside a flag, an option or an argument, and a listing's summary
 that is the command's own first paragraph. No database is needed."""
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ def test_paragraphs_are_flowed_and_wrapped_at_the_terminals_width(cli, command):
     assert all(len(line) <= 80 for line in help_of(cli, command, 80).splitlines())
 
 
+#: A type label as Typer writes one: <str>, <int>, <bool>, <float>, <path>, <list[str]>, <int range>.
+TYPE_LABEL = re.compile(r"<[a-z][\w \[\]|,.]*>")
+
+
 @pytest.mark.parametrize("columns", [80, 200])
 @pytest.mark.parametrize("command", EVERY_COMMAND, ids=ids)
 def test_no_type_label_beside_an_option(cli, command, columns):
@@ -99,4 +103,21 @@ def test_no_type_label_beside_an_option(cli, command, columns):
     options = text[text.index("─ Options ─") :].split("╰", 1)[0]
     assert "--help" in options
     for row in options.splitlines()[1:]:
-        assert not re.search(r"<[a-z][a-z ]*>", row), row
+        assert not TYPE_LABEL.search(row), row
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=ids)
+def test_no_type_label_anywhere_in_the_help(cli, command, columns):
+    """Nor beside an argument (`migrate down REVISION`), nor anywhere else in the help."""
+    text = help_of(cli, command, columns)
+    assert not TYPE_LABEL.search(text), TYPE_LABEL.search(text)
+
+
+@pytest.mark.parametrize("command", [["migrate", "down"], ["migrate", "stamp"]], ids=ids)
+def test_an_argument_shows_its_name_and_help_without_a_type_label(cli, command):
+    text = help_of(cli, command, 200)
+    arguments = text[text.index("─ Arguments ─") :].split("╰", 1)[0]
+    (row,) = [line for line in arguments.splitlines()[1:] if "revision" in line]
+    assert re.search(r"revision +[A-Z]", row), row
+    assert not TYPE_LABEL.search(row), row

@@ -68,8 +68,8 @@ def test_a_command_that_needs_them_imports_them():
 
 
 def test_the_help_states_the_connect_timeout_the_data_layer_applies():
-    """--connect-timeout's default is declared in the CLI, so that help needs no SQLAlchemy;
-    it is the data layer's."""
+    """--connect-timeout's default is declared once, in ``chatdb.defaults``, so that help
+    needs no SQLAlchemy; it is the data layer's."""
     assert connect.DEFAULT_CONNECT_TIMEOUT == db.DEFAULT_CONNECT_TIMEOUT
 
 
