@@ -28,7 +28,9 @@ Apply = Callable[[Connection, list[uuid.UUID]], Tally]
 class Taken:
     """What one batch did: the rows it picked (and locked), the position after them (see
     Phase), its counts, and the ids of the conversations it took (for the export), with
-    their users when the tables are distributed (``chatdb.lifecycle.distributed``)."""
+    their users when the tables are distributed (``chatdb.lifecycle.distributed``). A
+    keyset batch that picked nothing but has a ``last`` found only rows other sessions
+    hold up to that position: the pass goes on after it."""
 
     picked: int = 0
     last: Any = None
@@ -52,7 +54,9 @@ class Phase:
     physical order (see in_blocks): ``after`` is a window (ctid, end block) that one
     worker claimed. ``pending`` is true while any row still matches (locked or not).
     ``fills`` marks a phase that inserts into tables it makes grow, perhaps from empty
-    (see Batches.replan)."""
+    (see Batches.replan). ``starts(connection)``, when set, runs at the start of each
+    pass, in a transaction of its own on the run's connection, before any batch (on
+    Citus: which users have matching rows, see ``chatdb.lifecycle.distributed``)."""
 
     name: str
     take: Take
@@ -60,6 +64,7 @@ class Phase:
     export: bool = False
     fills: bool = False
     blocks: Table | None = None
+    starts: Callable[[Connection], None] | None = None
 
 
 # --- what a batch does with its rows -----------------------------------------------------

@@ -144,6 +144,9 @@ class Workers:
                 ).scalar_one()
             for worker in self.workers:
                 worker.window = None
+        if phase.starts is not None:
+            with self.connection.begin():
+                phase.starts(self.connection)
         if len(self.workers) == 1:
             self._work(self.workers[0], phase, state)
             return state.rows
@@ -206,7 +209,7 @@ class Workers:
                     state.rows += taken.picked
                     if phase.blocks is not None:
                         continue
-                    if not taken.picked:
+                    if not taken.picked and taken.last is None:
                         state.over = True
                         return
                     if state.after is None or taken.last > state.after:
