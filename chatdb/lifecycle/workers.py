@@ -55,6 +55,9 @@ class Worker:
     connection: Connection
     size: int
     rows: int = 0  # rows this worker has handled in the run
+    #: The shortest time (seconds) of each size of batch that took rows in the run, for
+    #: what a batch costs whatever its size (``sizing.fixed_cost``).
+    timings: dict[int, float] = field(default_factory=dict)
     planned_at: int = 0  # ``rows`` when this worker's session last discarded its plans
     blocks: int = FIRST_WINDOW_BLOCKS  # the size of the next window it claims
     window: tuple[str, int] | None = None  # (after ctid, end block) of its claimed window
