@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, exists, select
+from sqlalchemy import Connection, Select, Table, TextClause, exists, select
 
 from chatdb import patterns
 from chatdb.lifecycle import statements
@@ -70,30 +70,35 @@ class Phase:
 # --- what a batch does with its rows -----------------------------------------------------
 
 
-def archive_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
-    params = {"ids": ids}
-    connection.execute(statements.archive_conversations(), params)
-    moved_messages = connection.execute(statements.archive_messages(), params).rowcount
-    # No message remains to cascade to: adding one needs a lock on its conversation,
-    # which this transaction holds.
-    moved = connection.execute(delete_ids(conversations, ids)).rowcount
-    return Tally(conversations=moved, messages=moved_messages)
-
-
-def restore_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
-    params = {"ids": ids}
-    connection.execute(statements.restore_conversations(), params)
-    restored_messages = connection.execute(statements.restore_messages(), params).rowcount
-    restored = connection.execute(delete_ids(conversations_archive, ids)).rowcount
-    return Tally(archive_conversations=restored, archive_messages=restored_messages)
-
-
-def _deleted(hot: bool, conversations: int, messages: int) -> Tally:
-    """The counts of a batch that deleted conversations (and their messages) from the hot
-    tables or from the archive."""
+def _taken_from(hot: bool, conversations: int, messages: int) -> Tally:
+    """The counts of a batch that took conversations (and their messages) out of the hot
+    tables or out of the archive: moved, or deleted."""
     if hot:
         return Tally(conversations=conversations, messages=messages)
     return Tally(archive_conversations=conversations, archive_messages=messages)
+
+
+def _mover(copy: TextClause, move: TextClause, source: Table, hot: bool) -> Apply:
+    """Copy the batch's conversations (``copy``), move their messages (``move``), and
+    delete the conversations from ``source``. No message remains to cascade to: adding
+    one needs a lock on its conversation, which the batch's transaction holds."""
+
+    def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+        params = {"ids": ids}
+        connection.execute(copy, params)
+        moved_messages = connection.execute(move, params).rowcount
+        moved = connection.execute(delete_ids(source, ids)).rowcount
+        return _taken_from(hot, moved, moved_messages)
+
+    return apply
+
+
+#: Archive a batch: conversations and their messages, from the hot tables.
+archive_batch = _mover(statements.archive_conversations(), statements.archive_messages(), conversations, True)
+#: Restore a batch: archived conversations and their messages, back to the hot tables.
+restore_batch = _mover(
+    statements.restore_conversations(), statements.restore_messages(), conversations_archive, False
+)
 
 
 def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
@@ -109,7 +114,7 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
         else:
             n_messages = connection.execute(delete_ids(child, ids, "conversation_id")).rowcount
             n_conversations = connection.execute(delete_ids(parent, ids)).rowcount
-        return _deleted(hot, n_conversations, n_messages)
+        return _taken_from(hot, n_conversations, n_messages)
 
     return apply
 
@@ -225,7 +230,7 @@ def purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any, window:
         if not picked:
             return Taken()
         n_messages = connection.execute(statements.xact_deleted(), {"table": child.name}).one()[0] - before
-        return Taken(picked, last, _deleted(hot, n_conversations, n_messages))
+        return Taken(picked, last, _taken_from(hot, n_conversations, n_messages))
 
     return take
 
