@@ -36,51 +36,29 @@ import datetime
 import json
 import os
 import platform
-import random
-import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
-from _harness import COMMAND, lifecycle_command, moving, plain_archive, run  # bench/ is on sys.path
-from sqlalchemy import create_engine, text
+from _harness import COMMAND, Reader, lifecycle_command, moving, plain_archive, run  # bench/ is on sys.path
 
-from chatdb import db, patterns
+from chatdb import patterns
 from chatdb.schema import messages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import servers  # the test harness's servers: the cluster as the tests start it
 
 
-class History(threading.Thread):
+class History(Reader):
     """The application's conversation-history query with its ``user_id``, back to back."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.engine = create_engine(db.parse_url(url), connect_args={"prepare_threshold": None})
-        with self.engine.connect() as connection:
-            self.keys = connection.execute(text("SELECT id, user_id FROM conversations")).all()
-        self.latencies: list[float] = []
-        self.stop = threading.Event()
+    KEYS = "SELECT id, user_id FROM conversations"
 
-    def run(self) -> None:
-        rng = random.Random(1)
-        with self.engine.connect() as connection:
-            while not self.stop.is_set():
-                conversation, user = rng.choice(self.keys)
-                statement = patterns.conversation_history(conversation).where(messages.c.user_id == user)
-                started = time.perf_counter()
-                connection.execute(statement).all()
-                connection.commit()
-                self.latencies.append(time.perf_counter() - started)
-                time.sleep(0.001)
-        self.engine.dispose()
-
-    def p95_ms(self) -> float:
-        return statistics.quantiles(self.latencies, n=100)[94] * 1000
+    def statement(self, key: Any) -> Any:
+        return patterns.conversation_history(key[0]).where(messages.c.user_id == key[1])
 
 
 class Target:

@@ -54,7 +54,7 @@ from sqlalchemy.dialects.postgresql import TEXT, UUID
 from chatdb import citus
 from chatdb.errors import StateError
 from chatdb.lifecycle.models import Plan, Tally
-from chatdb.lifecycle.phases import Phase, Taken
+from chatdb.lifecycle.phases import PURGED, Phase, Taken, taken_from
 from chatdb.lifecycle.statements import archivable, ids_param, restorable, skip_locked
 from chatdb.schema import (
     DISTRIBUTED_TABLES,
@@ -238,41 +238,30 @@ def _delete(table: Table) -> TextClause:
     return _bound(f'DELETE FROM "{table.name}" WHERE user_id = ANY(:users) AND id = ANY(:ids)')
 
 
-def _move(
-    connection: Connection,
-    parent: Table,
-    child: Table,
-    to_parent: Table,
-    to_child: Table,
-    users: list[str],
-    ids: list[uuid.UUID],
-) -> tuple[int, int]:
+def _mover(parent: Table, child: Table, to_parent: Table, to_child: Table, hot: bool) -> Apply:
     """Move the batch's (locked) conversations of ``parent`` with their messages of
     ``child`` into ``to_parent`` and ``to_child``: three router statements after the
-    lock (copy the conversations; lock and copy the messages; delete both)."""
-    params = {"users": users, "ids": ids}
-    connection.execute(_copy(parent, to_parent), params)
-    moved_messages = connection.execute(_copy_messages(child, to_child), params).rowcount
-    moved, deleted_messages = connection.execute(_delete_conversations(parent, child), params).one()
-    if deleted_messages != moved_messages:  # cannot happen while the messages are locked
-        raise StateError(
-            f"a batch copied {moved_messages} messages and deleted {deleted_messages}; it rolled back"
-        )
-    return moved, moved_messages
+    lock (copy the conversations; lock and copy the messages; delete both). ``hot``: they
+    leave the hot tables (archive), or the archive (restore)."""
+
+    def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
+        params = {"users": users, "ids": ids}
+        connection.execute(_copy(parent, to_parent), params)
+        moved_messages = connection.execute(_copy_messages(child, to_child), params).rowcount
+        moved, deleted_messages = connection.execute(_delete_conversations(parent, child), params).one()
+        if deleted_messages != moved_messages:  # cannot happen while the messages are locked
+            raise StateError(
+                f"a batch copied {moved_messages} messages and deleted {deleted_messages}; it rolled back"
+            )
+        return taken_from(hot, moved, moved_messages)
+
+    return apply
 
 
-def archive_batch(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
-    moved, moved_messages = _move(
-        connection, conversations, messages, conversations_archive, messages_archive, users, ids
-    )
-    return Tally(conversations=moved, messages=moved_messages)
-
-
-def restore_batch(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
-    moved, moved_messages = _move(
-        connection, conversations_archive, messages_archive, conversations, messages, users, ids
-    )
-    return Tally(archive_conversations=moved, archive_messages=moved_messages)
+#: Archive a batch: conversations and their messages, from the hot tables.
+archive_batch = _mover(conversations, messages, conversations_archive, messages_archive, True)
+#: Restore a batch: archived conversations and their messages, back to the hot tables.
+restore_batch = _mover(conversations_archive, messages_archive, conversations, messages, False)
 
 
 def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
@@ -282,9 +271,7 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
     def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
         params = {"users": users, "ids": ids}
         n_conversations, n_messages = connection.execute(_delete_conversations(parent, child), params).one()
-        if hot:
-            return Tally(conversations=n_conversations, messages=n_messages)
-        return Tally(archive_conversations=n_conversations, archive_messages=n_messages)
+        return taken_from(hot, n_conversations, n_messages)
 
     return apply
 
@@ -292,7 +279,7 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
 def delete_messages(table: Table, hot: bool) -> Apply:
     def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
         n = connection.execute(_delete(table), {"users": users, "ids": ids}).rowcount
-        return Tally(messages=n) if hot else Tally(archive_messages=n)
+        return taken_from(hot, 0, n)
 
     return apply
 
@@ -327,11 +314,7 @@ def purge_phases(plan: Plan) -> list[Phase]:
     """``purge`` on distributed tables: the phases of one server, one shard per batch."""
     grace = plan.deleted_cutoff
     phases = []
-    for parent, child, hot in (
-        (conversations, messages, True),
-        (conversations_archive, messages_archive, False),
-    ):
-        where = "" if hot else " (archive)"
+    for parent, child, hot, where in PURGED:
         gone = delete_conversations(parent, child, hot)
         phases += [
             _phase(f"idle conversations{where}", parent, parent.c.updated_at < plan.cutoff, gone),

@@ -70,7 +70,7 @@ class Phase:
 # --- what a batch does with its rows -----------------------------------------------------
 
 
-def _taken_from(hot: bool, conversations: int, messages: int) -> Tally:
+def taken_from(hot: bool, conversations: int, messages: int) -> Tally:
     """The counts of a batch that took conversations (and their messages) out of the hot
     tables or out of the archive: moved, or deleted."""
     if hot:
@@ -88,7 +88,7 @@ def _mover(copy: TextClause, move: TextClause, source: Table, hot: bool) -> Appl
         connection.execute(copy, params)
         moved_messages = connection.execute(move, params).rowcount
         moved = connection.execute(delete_ids(source, ids)).rowcount
-        return _taken_from(hot, moved, moved_messages)
+        return taken_from(hot, moved, moved_messages)
 
     return apply
 
@@ -114,7 +114,7 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
         else:
             n_messages = connection.execute(delete_ids(child, ids, "conversation_id")).rowcount
             n_conversations = connection.execute(delete_ids(parent, ids)).rowcount
-        return _taken_from(hot, n_conversations, n_messages)
+        return taken_from(hot, n_conversations, n_messages)
 
     return apply
 
@@ -122,9 +122,17 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
 def delete_messages(table: Table, hot: bool) -> Apply:
     def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
         n = connection.execute(delete_ids(table, ids)).rowcount
-        return Tally(messages=n) if hot else Tally(archive_messages=n)
+        return taken_from(hot, 0, n)
 
     return apply
+
+
+#: The tables ``purge`` goes through, the hot ones first: (conversations' table, their
+#: messages' table, whether hot, the suffix of the phases' names).
+PURGED = (
+    (conversations, messages, True, ""),
+    (conversations_archive, messages_archive, False, " (archive)"),
+)
 
 
 def export_lines(
@@ -230,7 +238,7 @@ def purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any, window:
         if not picked:
             return Taken()
         n_messages = connection.execute(statements.xact_deleted(), {"table": child.name}).one()[0] - before
-        return Taken(picked, last, _taken_from(hot, n_conversations, n_messages))
+        return Taken(picked, last, taken_from(hot, n_conversations, n_messages))
 
     return take
 
@@ -270,11 +278,7 @@ def purge_phases(plan: Plan, window: str = WINDOW) -> list[Phase]:
     batches in physical order (see ``statements.WINDOW``)."""
     grace = plan.deleted_cutoff
     phases = []
-    for parent, child, hot in (
-        (conversations, messages, True),
-        (conversations_archive, messages_archive, False),
-    ):
-        where = "" if hot else " (archive)"
+    for parent, child, hot, where in PURGED:
         phases += [
             Phase(
                 f"idle conversations{where}",
