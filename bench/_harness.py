@@ -135,21 +135,27 @@ def lifecycle_command(command: str, older_than: str, target: str, *extra: str) -
 
 
 class Reader(threading.Thread):
-    """The application's conversation-history query, back to back, timing each."""
+    """The application's conversation-history query, back to back, timing each: of a
+    conversation picked at random among the rows of ``KEYS``, by ``statement``."""
+
+    KEYS = "SELECT id FROM conversations"
 
     def __init__(self, target: str) -> None:
         super().__init__(daemon=True)
         self.engine = create_engine(db.parse_url(target), connect_args={"prepare_threshold": None})
         with self.engine.connect() as connection:
-            self.ids = list(connection.execute(text("SELECT id FROM conversations")).scalars())
+            self.keys = connection.execute(text(self.KEYS)).all()
         self.latencies: list[float] = []
         self.stop = threading.Event()
+
+    def statement(self, key: Any) -> Any:
+        return patterns.conversation_history(key[0])
 
     def run(self) -> None:
         rng = random.Random(1)
         with self.engine.connect() as connection:
             while not self.stop.is_set():
-                statement = patterns.conversation_history(rng.choice(self.ids))
+                statement = self.statement(rng.choice(self.keys))
                 started = time.perf_counter()
                 connection.execute(statement).all()
                 connection.commit()

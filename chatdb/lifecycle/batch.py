@@ -24,7 +24,7 @@ from chatdb.lifecycle.guard import Guard
 from chatdb.lifecycle.models import SLOW_TRANSACTION_SECONDS, RunOptions
 from chatdb.lifecycle.phases import Phase, Taken, export_lines
 from chatdb.lifecycle.retry import Decision, RetryPolicy, sqlstate
-from chatdb.lifecycle.sizing import resized
+from chatdb.lifecycle.sizing import fixed_cost, resized
 from chatdb.lifecycle.statements import LOCK_TIMEOUT, STATEMENT_TIMEOUT
 from chatdb.lifecycle.workers import RunState, Worker, advance
 
@@ -119,9 +119,12 @@ class Batches:
             return taken
         self._count(taken, elapsed, exported)
         worker.rows += taken.picked
+        worker.timings[taken.picked] = min(worker.timings.get(taken.picked, elapsed), elapsed)
         if taken.picked == limit:
             # A short batch (the end of a pass or of a window) says little about the speed.
-            worker.size = resized(worker.size, taken.picked, elapsed, self.options.batch_size)
+            worker.size = resized(
+                worker.size, taken.picked, elapsed, self.options.batch_size, fixed_cost(worker.timings)
+            )
         return taken
 
     def _count(self, taken: Taken, elapsed: float, exported: int) -> None:

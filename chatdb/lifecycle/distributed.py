@@ -52,8 +52,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import TEXT, UUID
 
 from chatdb import citus
+from chatdb.errors import StateError
 from chatdb.lifecycle.models import Plan, Tally
-from chatdb.lifecycle.phases import Phase, Taken
+from chatdb.lifecycle.phases import PURGED, Phase, Taken, taken_from
 from chatdb.lifecycle.statements import archivable, ids_param, restorable, skip_locked
 from chatdb.schema import (
     DISTRIBUTED_TABLES,
@@ -70,6 +71,9 @@ Apply = Callable[[Connection, list[str], list[uuid.UUID]], Tally]
 
 #: A user of a pass: (the ordinal of their shard, user_id).
 Entry = tuple[int, str]
+
+#: The id of a position that is past all of its user's rows (see ``by_shard``).
+PAST_USER = uuid.UUID(int=(1 << 128) - 1)
 
 _USERS = bindparam("users", type_=ARRAY(TEXT))
 _IDS = bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))
@@ -96,21 +100,20 @@ class Shards:
         self.entries: list[Entry] = []
         self.lock = threading.Lock()
 
-    def discover(self, engine: Engine) -> None:
-        """Which users have matching rows now, and on which shard, read in a transaction
-        of its own (a plain read over every shard: it locks nothing)."""
-        with engine.connect() as connection:
-            users = list(
-                connection.execute(select(self.table.c.user_id).where(self.condition).distinct()).scalars()
-            )
-            rows = connection.execute(
-                text(
-                    "SELECT u, get_shard_id_for_distribution_column(CAST(:table AS regclass), u)"
-                    " FROM unnest(CAST(:users AS text[])) AS u"
-                ),
-                {"table": self.table.name, "users": users},
-            ).all()
-            connection.rollback()
+    def discover(self, connection: Connection) -> None:
+        """Which users have matching rows now, and on which shard: a plain read over every
+        shard, which locks nothing, at the start of a pass (``Phase.starts``: in a
+        transaction of its own, before any batch)."""
+        users = list(
+            connection.execute(select(self.table.c.user_id).where(self.condition).distinct()).scalars()
+        )
+        rows = connection.execute(
+            text(
+                "SELECT u, get_shard_id_for_distribution_column(CAST(:table AS regclass), u)"
+                " FROM unnest(CAST(:users AS text[])) AS u"
+            ),
+            {"table": self.table.name, "users": users},
+        ).all()
         ordinal = {shard: n for n, shard in enumerate(sorted({shard for _, shard in rows}))}
         entries = sorted((ordinal[shard], user) for user, shard in rows)
         with self.lock:
@@ -142,38 +145,42 @@ def _pick(table: Table, condition: Any, users: list[str], limit: int, after: tup
     return skip_locked(query.order_by(collate(c.user_id, "C"), c.id).limit(limit))
 
 
-def by_shard(table: Table, condition: Any, apply: Apply) -> Callable[..., Taken]:
+def by_shard(table: Table, condition: Any, apply: Apply) -> tuple[Callable[..., Taken], Shards]:
     """A phase's ``take`` on distributed tables: lock up to ``limit`` rows of ``table``
     matching ``condition`` of the next users of one shard after the position ``after`` =
-    (ordinal, user_id, id), and ``apply`` to them, all as router queries."""
+    (ordinal, user_id, id), and ``apply`` to them, all as router queries; and the
+    ``Shards`` whose ``discover`` starts each pass (outside any batch).
+
+    A batch tries one chunk of users. When it finds every matching row of that chunk
+    held by other sessions (or taken by another worker), it picks nothing and moves the
+    position past the chunk (``last`` is the chunk's last user with ``PAST_USER``): the
+    next batch, in a transaction of its own, tries the next chunk. The sweep after the
+    pass comes back for the rows passed over."""
     shards = Shards(table, condition)
 
     def take(connection: Connection, limit: int, after: tuple | None) -> Taken:
-        if after is None:
-            shards.discover(connection.engine)
-            start: tuple[int, str] | None = (-1, "")
-        else:
-            start = (after[0], after[1])
-        while start is not None:
-            chosen, following = shards.chunk(start, limit)
-            if not chosen:
-                return Taken()
-            ordinal = chosen[0][0]
-            # The row after which to go on, when the chunk starts with the position's user.
-            row = None
-            if after is not None and (after[0], after[1]) == chosen[0]:
-                row = (after[1], after[2])
-            users = [user for _, user in chosen]
-            rows = connection.execute(_pick(table, condition, users, limit, row)).all()
-            if rows:
-                users = list(dict.fromkeys(user for user, _ in rows))
-                ids = [row[1] for row in rows]
-                last = (ordinal, rows[-1][0], rows[-1][1])
-                return Taken(len(rows), last, apply(connection, users, ids), ids, users)
-            start = following
-        return Taken()
+        start: Entry = (-1, "")
+        row = None  # the row after which to go on, when the chunk starts with the position's user
+        if after is not None:
+            ordinal, user, last_id = after
+            if last_id == PAST_USER:
+                start = (ordinal, user + "\0")  # the next user in Python's (and C's) order
+            else:
+                start, row = (ordinal, user), (user, last_id)
+        chosen, _ = shards.chunk(start, limit)
+        if not chosen:
+            return Taken()
+        ordinal = chosen[0][0]
+        users = [user for _, user in chosen]
+        rows = connection.execute(_pick(table, condition, users, limit, row)).all()
+        if not rows:
+            return Taken(0, (ordinal, users[-1], PAST_USER))
+        users = list(dict.fromkeys(user for user, _ in rows))
+        ids = [row[1] for row in rows]
+        last = (ordinal, rows[-1][0], rows[-1][1])
+        return Taken(len(rows), last, apply(connection, users, ids), ids, users)
 
-    return take
+    return take, shards
 
 
 # --- what a batch does, one shard at a time --------------------------------------------------
@@ -195,68 +202,76 @@ def _copy(source: Table, target: Table) -> TextClause:
 
 
 @cache
-def _lock_messages(table: Table) -> TextClause:
-    """Lock the messages of the batch's conversations, and count them. Their
-    conversations are locked already, so no message can be added to them; with the
-    messages locked too, none can change between the copy and the delete that follow
-    (on one server, one statement does both: Citus would carry its rows through the
-    coordinator)."""
-    return _bound(
-        f'SELECT count(*) FROM (SELECT 1 FROM "{table.name}" WHERE user_id = ANY(:users)'
-        " AND conversation_id = ANY(:ids) FOR UPDATE) AS locked"
-    )
-
-
-@cache
 def _copy_messages(source: Table, target: Table) -> TextClause:
+    """Lock the messages of the batch's conversations and insert them into ``target``, in
+    one statement. Their conversations are locked already, so no message can be added to
+    them; a message the application changed meanwhile is locked in its newest version,
+    which is the one copied, and none can change between this copy and the delete that
+    follows (on one server, one ``DELETE ... RETURNING`` feeding an ``INSERT`` does both:
+    Citus would carry those rows through the coordinator). The row count is the
+    messages copied."""
     names = _names(messages)
     return _bound(
         f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}"'
-        " WHERE user_id = ANY(:users) AND conversation_id = ANY(:ids)"
+        " WHERE user_id = ANY(:users) AND conversation_id = ANY(:ids) FOR UPDATE"
     )
 
 
 @cache
-def _delete(table: Table, key: str = "id") -> TextClause:
-    return _bound(f'DELETE FROM "{table.name}" WHERE user_id = ANY(:users) AND "{key}" = ANY(:ids)')
-
-
-def _move(connection: Connection, parent: Table, child: Table, to_parent: Table, to_child: Table, users, ids):
-    params = {"users": users, "ids": ids}
-    connection.execute(_copy(parent, to_parent), params)
-    connection.execute(_lock_messages(child), params)
-    moved_messages = connection.execute(_copy_messages(child, to_child), params).rowcount
-    connection.execute(_delete(child, "conversation_id"), params)
-    moved = connection.execute(_delete(parent), params).rowcount
-    return moved, moved_messages
-
-
-def archive_batch(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
-    moved, moved_messages = _move(
-        connection, conversations, messages, conversations_archive, messages_archive, users, ids
+def _delete_conversations(parent: Table, child: Table) -> TextClause:
+    """Delete the batch's conversations of ``parent`` and their messages of ``child``, in
+    one statement (two data-modifying CTEs on the same shard: one router task), and
+    return how many of each. The batch locked the conversations in an earlier statement,
+    so this statement's snapshot sees every message committed before the lock, and no
+    message can be added since: the messages' count is exact, and the foreign key's
+    cascade, which runs once the statement has finished, finds none left."""
+    return _bound(
+        f'WITH gone_messages AS (DELETE FROM "{child.name}" WHERE user_id = ANY(:users)'
+        " AND conversation_id = ANY(:ids) RETURNING 1),"
+        f' gone AS (DELETE FROM "{parent.name}" WHERE user_id = ANY(:users) AND id = ANY(:ids) RETURNING 1)'
+        " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_messages)"
     )
-    return Tally(conversations=moved, messages=moved_messages)
 
 
-def restore_batch(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
-    moved, moved_messages = _move(
-        connection, conversations_archive, messages_archive, conversations, messages, users, ids
-    )
-    return Tally(archive_conversations=moved, archive_messages=moved_messages)
+@cache
+def _delete(table: Table) -> TextClause:
+    return _bound(f'DELETE FROM "{table.name}" WHERE user_id = ANY(:users) AND id = ANY(:ids)')
 
 
-def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
-    """Delete the batch's conversations and their messages, the messages first in a
-    statement of their own whose snapshot sees every message committed before the lock
-    (so the count is exact: no cascade is left to delete one uncounted)."""
+def _mover(parent: Table, child: Table, to_parent: Table, to_child: Table, hot: bool) -> Apply:
+    """Move the batch's (locked) conversations of ``parent`` with their messages of
+    ``child`` into ``to_parent`` and ``to_child``: three router statements after the
+    lock (copy the conversations; lock and copy the messages; delete both). ``hot``: they
+    leave the hot tables (archive), or the archive (restore)."""
 
     def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
         params = {"users": users, "ids": ids}
-        n_messages = connection.execute(_delete(child, "conversation_id"), params).rowcount
-        n_conversations = connection.execute(_delete(parent), params).rowcount
-        if hot:
-            return Tally(conversations=n_conversations, messages=n_messages)
-        return Tally(archive_conversations=n_conversations, archive_messages=n_messages)
+        connection.execute(_copy(parent, to_parent), params)
+        moved_messages = connection.execute(_copy_messages(child, to_child), params).rowcount
+        moved, deleted_messages = connection.execute(_delete_conversations(parent, child), params).one()
+        if deleted_messages != moved_messages:  # cannot happen while the messages are locked
+            raise StateError(
+                f"a batch copied {moved_messages} messages and deleted {deleted_messages}; it rolled back"
+            )
+        return taken_from(hot, moved, moved_messages)
+
+    return apply
+
+
+#: Archive a batch: conversations and their messages, from the hot tables.
+archive_batch = _mover(conversations, messages, conversations_archive, messages_archive, True)
+#: Restore a batch: archived conversations and their messages, back to the hot tables.
+restore_batch = _mover(conversations_archive, messages_archive, conversations, messages, False)
+
+
+def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
+    """Delete the batch's conversations and their messages, and count both exactly (see
+    ``_delete_conversations``)."""
+
+    def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
+        params = {"users": users, "ids": ids}
+        n_conversations, n_messages = connection.execute(_delete_conversations(parent, child), params).one()
+        return taken_from(hot, n_conversations, n_messages)
 
     return apply
 
@@ -264,7 +279,7 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
 def delete_messages(table: Table, hot: bool) -> Apply:
     def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
         n = connection.execute(_delete(table), {"users": users, "ids": ids}).rowcount
-        return Tally(messages=n) if hot else Tally(archive_messages=n)
+        return taken_from(hot, 0, n)
 
     return apply
 
@@ -275,8 +290,9 @@ def delete_messages(table: Table, hot: bool) -> Apply:
 def _phase(
     name: str, table: Table, condition: Any, apply: Apply, *, export: bool = False, fills: bool = False
 ) -> Phase:
+    take, shards = by_shard(table, condition, apply)
     pending = select(exists().where(condition))
-    return Phase(name, by_shard(table, condition, apply), pending, export=export, fills=fills)
+    return Phase(name, take, pending, export=export, fills=fills, starts=shards.discover)
 
 
 def archive_phases(plan: Plan) -> list[Phase]:
@@ -298,11 +314,7 @@ def purge_phases(plan: Plan) -> list[Phase]:
     """``purge`` on distributed tables: the phases of one server, one shard per batch."""
     grace = plan.deleted_cutoff
     phases = []
-    for parent, child, hot in (
-        (conversations, messages, True),
-        (conversations_archive, messages_archive, False),
-    ):
-        where = "" if hot else " (archive)"
+    for parent, child, hot, where in PURGED:
         gone = delete_conversations(parent, child, hot)
         phases += [
             _phase(f"idle conversations{where}", parent, parent.c.updated_at < plan.cutoff, gone),
@@ -331,12 +343,14 @@ def restore_phases(plan: Plan) -> list[Phase]:
         condition = c.id == any_(ids_param(plan.conversation_ids))
     else:
         condition = c.user_id == plan.user_id
+    take, shards = by_shard(conversations_archive, condition, restore_batch)
     return [
         Phase(
             "restore archived conversations",
-            by_shard(conversations_archive, condition, restore_batch),
+            take,
             select(exists(chosen)),
             fills=True,
+            starts=shards.discover,
         )
     ]
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, exists, select
+from sqlalchemy import Connection, Select, Table, TextClause, exists, select
 
 from chatdb import patterns
 from chatdb.lifecycle import statements
@@ -28,7 +28,9 @@ Apply = Callable[[Connection, list[uuid.UUID]], Tally]
 class Taken:
     """What one batch did: the rows it picked (and locked), the position after them (see
     Phase), its counts, and the ids of the conversations it took (for the export), with
-    their users when the tables are distributed (``chatdb.lifecycle.distributed``)."""
+    their users when the tables are distributed (``chatdb.lifecycle.distributed``). A
+    keyset batch that picked nothing but has a ``last`` found only rows other sessions
+    hold up to that position: the pass goes on after it."""
 
     picked: int = 0
     last: Any = None
@@ -52,7 +54,9 @@ class Phase:
     physical order (see in_blocks): ``after`` is a window (ctid, end block) that one
     worker claimed. ``pending`` is true while any row still matches (locked or not).
     ``fills`` marks a phase that inserts into tables it makes grow, perhaps from empty
-    (see Batches.replan)."""
+    (see Batches.replan). ``starts(connection)``, when set, runs at the start of each
+    pass, in a transaction of its own on the run's connection, before any batch (on
+    Citus: which users have matching rows, see ``chatdb.lifecycle.distributed``)."""
 
     name: str
     take: Take
@@ -60,35 +64,41 @@ class Phase:
     export: bool = False
     fills: bool = False
     blocks: Table | None = None
+    starts: Callable[[Connection], None] | None = None
 
 
 # --- what a batch does with its rows -----------------------------------------------------
 
 
-def archive_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
-    params = {"ids": ids}
-    connection.execute(statements.archive_conversations(), params)
-    moved_messages = connection.execute(statements.archive_messages(), params).rowcount
-    # No message remains to cascade to: adding one needs a lock on its conversation,
-    # which this transaction holds.
-    moved = connection.execute(delete_ids(conversations, ids)).rowcount
-    return Tally(conversations=moved, messages=moved_messages)
-
-
-def restore_batch(connection: Connection, ids: list[uuid.UUID]) -> Tally:
-    params = {"ids": ids}
-    connection.execute(statements.restore_conversations(), params)
-    restored_messages = connection.execute(statements.restore_messages(), params).rowcount
-    restored = connection.execute(delete_ids(conversations_archive, ids)).rowcount
-    return Tally(archive_conversations=restored, archive_messages=restored_messages)
-
-
-def _deleted(hot: bool, conversations: int, messages: int) -> Tally:
-    """The counts of a batch that deleted conversations (and their messages) from the hot
-    tables or from the archive."""
+def taken_from(hot: bool, conversations: int, messages: int) -> Tally:
+    """The counts of a batch that took conversations (and their messages) out of the hot
+    tables or out of the archive: moved, or deleted."""
     if hot:
         return Tally(conversations=conversations, messages=messages)
     return Tally(archive_conversations=conversations, archive_messages=messages)
+
+
+def _mover(copy: TextClause, move: TextClause, source: Table, hot: bool) -> Apply:
+    """Copy the batch's conversations (``copy``), move their messages (``move``), and
+    delete the conversations from ``source``. No message remains to cascade to: adding
+    one needs a lock on its conversation, which the batch's transaction holds."""
+
+    def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+        params = {"ids": ids}
+        connection.execute(copy, params)
+        moved_messages = connection.execute(move, params).rowcount
+        moved = connection.execute(delete_ids(source, ids)).rowcount
+        return taken_from(hot, moved, moved_messages)
+
+    return apply
+
+
+#: Archive a batch: conversations and their messages, from the hot tables.
+archive_batch = _mover(statements.archive_conversations(), statements.archive_messages(), conversations, True)
+#: Restore a batch: archived conversations and their messages, back to the hot tables.
+restore_batch = _mover(
+    statements.restore_conversations(), statements.restore_messages(), conversations_archive, False
+)
 
 
 def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
@@ -104,7 +114,7 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
         else:
             n_messages = connection.execute(delete_ids(child, ids, "conversation_id")).rowcount
             n_conversations = connection.execute(delete_ids(parent, ids)).rowcount
-        return _deleted(hot, n_conversations, n_messages)
+        return taken_from(hot, n_conversations, n_messages)
 
     return apply
 
@@ -112,9 +122,17 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
 def delete_messages(table: Table, hot: bool) -> Apply:
     def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
         n = connection.execute(delete_ids(table, ids)).rowcount
-        return Tally(messages=n) if hot else Tally(archive_messages=n)
+        return taken_from(hot, 0, n)
 
     return apply
+
+
+#: The tables ``purge`` goes through, the hot ones first: (conversations' table, their
+#: messages' table, whether hot, the suffix of the phases' names).
+PURGED = (
+    (conversations, messages, True, ""),
+    (conversations_archive, messages_archive, False, " (archive)"),
+)
 
 
 def export_lines(
@@ -220,7 +238,7 @@ def purge_in_blocks(parent: Table, child: Table, hot: bool, cutoff: Any, window:
         if not picked:
             return Taken()
         n_messages = connection.execute(statements.xact_deleted(), {"table": child.name}).one()[0] - before
-        return Taken(picked, last, _deleted(hot, n_conversations, n_messages))
+        return Taken(picked, last, taken_from(hot, n_conversations, n_messages))
 
     return take
 
@@ -260,11 +278,7 @@ def purge_phases(plan: Plan, window: str = WINDOW) -> list[Phase]:
     batches in physical order (see ``statements.WINDOW``)."""
     grace = plan.deleted_cutoff
     phases = []
-    for parent, child, hot in (
-        (conversations, messages, True),
-        (conversations_archive, messages_archive, False),
-    ):
-        where = "" if hot else " (archive)"
+    for parent, child, hot, where in PURGED:
         phases += [
             Phase(
                 f"idle conversations{where}",

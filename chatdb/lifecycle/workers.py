@@ -55,6 +55,9 @@ class Worker:
     connection: Connection
     size: int
     rows: int = 0  # rows this worker has handled in the run
+    #: The shortest time (seconds) of each size of batch that took rows in the run, for
+    #: what a batch costs whatever its size (``sizing.fixed_cost``).
+    timings: dict[int, float] = field(default_factory=dict)
     planned_at: int = 0  # ``rows`` when this worker's session last discarded its plans
     blocks: int = FIRST_WINDOW_BLOCKS  # the size of the next window it claims
     window: tuple[str, int] | None = None  # (after ctid, end block) of its claimed window
@@ -144,6 +147,9 @@ class Workers:
                 ).scalar_one()
             for worker in self.workers:
                 worker.window = None
+        if phase.starts is not None:
+            with self.connection.begin():
+                phase.starts(self.connection)
         if len(self.workers) == 1:
             self._work(self.workers[0], phase, state)
             return state.rows
@@ -206,7 +212,7 @@ class Workers:
                     state.rows += taken.picked
                     if phase.blocks is not None:
                         continue
-                    if not taken.picked:
+                    if not taken.picked and taken.last is None:
                         state.over = True
                         return
                     if state.after is None or taken.last > state.after:

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from chatdb.lifecycle.phases import Taken
-from chatdb.lifecycle.sizing import FIRST_WINDOW_BLOCKS, MAX_WINDOW_BLOCKS, TARGET_BATCH_SECONDS, resized
+from chatdb.lifecycle.sizing import (
+    FIRST_WINDOW_BLOCKS,
+    MAX_FIXED_SECONDS,
+    MAX_WINDOW_BLOCKS,
+    TARGET_BATCH_SECONDS,
+    fixed_cost,
+    resized,
+)
 from chatdb.lifecycle.workers import Pass, Worker, advance, claim
 
 
@@ -46,6 +53,51 @@ def test_at_a_steady_speed_batches_settle_on_what_50_ms_holds(rows_per_second):
     # to the nearest whole row.
     for before, after in zip([50, *sizes], sizes, strict=False):
         assert before / 2 - 0.5 <= after <= before * 1.5 + 1.5
+
+
+@pytest.mark.parametrize("fixed", [0.0, 0.001, 0.03, 0.045])
+def test_with_a_fixed_cost_per_batch_batches_settle_on_50_ms_of_work_beyond_it(fixed):
+    """Each batch costs ``fixed`` seconds whatever its size (round trips) and 1 ms a row.
+    Sized by their whole time, batches whose fixed cost nears the aim would shrink to one
+    row; sized by the time beyond the fixed cost, they settle on 50 rows."""
+    size, timings = 50, {}
+    for _ in range(40):
+        elapsed = fixed + size * 0.001
+        timings[size] = min(timings.get(size, elapsed), elapsed)
+        size = resized(size, size, elapsed, cap=10_000, fixed=fixed_cost(timings))
+    assert size == pytest.approx(50, abs=1)
+    # Read exactly once sizes apart were measured (with a small fixed cost they need not be).
+    assert fixed_cost(timings) == pytest.approx(fixed) or (fixed < 0.01 and fixed_cost(timings) <= fixed)
+
+
+def test_a_fixed_cost_past_the_aim_is_counted_up_to_50_ms_and_batches_do_not_collapse():
+    """80 ms a batch and 1 ms a row: counted as 50 ms, batches settle on 20 rows (100 ms
+    in all); sized by their whole time, they would shrink to one row or two."""
+    size, timings = 50, {}
+    for _ in range(40):
+        elapsed = 0.08 + size * 0.001
+        timings[size] = min(timings.get(size, elapsed), elapsed)
+        size = resized(size, size, elapsed, cap=10_000, fixed=fixed_cost(timings))
+    assert fixed_cost(timings) == MAX_FIXED_SECONDS
+    assert size == pytest.approx(20, abs=1)
+    size = 50
+    for _ in range(40):
+        size = resized(size, size, 0.08 + size * 0.001, cap=10_000)
+    assert size <= 2
+
+
+def test_the_fixed_cost_is_read_from_the_shortest_times_of_sizes_apart():
+    """The line through the smallest and the largest size's shortest times, at zero rows,
+    at most MAX_FIXED_SECONDS."""
+    assert fixed_cost({}) == 0.0
+    assert fixed_cost({50: 0.06}) == 0.0  # one size: nothing to tell
+    assert fixed_cost({50: 0.06, 51: 0.061}) == 0.0  # too close to tell
+    assert fixed_cost({10: 0.03, 50: 0.07}) == pytest.approx(0.02)
+    assert fixed_cost({10: 0.03, 30: 0.5, 50: 0.07}) == pytest.approx(0.02)  # a slow one between
+    assert fixed_cost({10: 0.3, 50: 0.3}) == MAX_FIXED_SECONDS  # all fixed: at most 50 ms
+    assert fixed_cost({10: 0.04, 50: 0.02}) == 0.04  # faster when larger: the smaller's time
+    assert resized(10, 10, 0.3, cap=1000, fixed=0.25) == resized(10, 10, 0.3, cap=1000, fixed=0.05)
+    assert resized(100, 100, 0.05, cap=1000, fixed=1.0) == 151  # all fixed: grows by the step
 
 
 def worker(blocks: int = FIRST_WINDOW_BLOCKS) -> Worker:

@@ -7,11 +7,13 @@ restore, and the export file with each conversation exactly once."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
+import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.dialects import postgresql
 from test_lifecycle import (
     GRACE_DAYS,
@@ -298,3 +300,134 @@ def test_sigkill_during_purge_then_a_rerun_ends_as_the_oracle_says(citus_migrate
     for table in before:
         assert after[table] == before[table] - gone[table], table
     assert all(gone.values())
+
+
+class BatchStatements:
+    """Every statement each batch's transaction sends, with its parameters, recorded from
+    the engine's events: a batch's transaction is one that starts with the batch's
+    settings (``statements.batch_settings``)."""
+
+    def __init__(self, engine) -> None:
+        self.batches: list[list[tuple[str, object]]] = []
+        self.open: dict[int, list[tuple[str, object]]] = {}
+        self.lock = threading.Lock()
+        event.listen(engine, "before_cursor_execute", self.before)
+        event.listen(engine, "commit", self.end)
+        event.listen(engine, "rollback", self.end)
+
+    def before(self, connection, cursor, statement, parameters, context, executemany) -> None:
+        key = id(connection)
+        with self.lock:
+            if "set_config('lock_timeout'" in statement:
+                self.open[key] = []
+            elif key in self.open:
+                self.open[key].append((statement, parameters))
+
+    def end(self, connection) -> None:
+        with self.lock:
+            batch = self.open.pop(id(connection), None)
+            if batch:
+                self.batches.append(batch)
+
+
+def tasks(connection, statement: str, parameters) -> list[str]:
+    """The lines of the distributed plan of ``statement`` that say how Citus runs it: its
+    task counts and subplans (none for a statement on the coordinator's own tables)."""
+    plan = connection.exec_driver_sql("EXPLAIN " + statement, parameters).scalars().all()
+    return [line.strip() for line in plan if "Task Count" in line or "Subplan" in line]
+
+
+def test_every_statement_of_every_batch_is_one_router_task(citus_migrated_db, tmp_path):
+    """Inside a batch's transaction (which holds locks), each statement on the
+    distributed tables runs on one shard, whole, in one round trip: no read over every
+    shard (the pass's users are found before its batches), no subplan carried through
+    the coordinator. And each batch sends few of them: the pick, and for archive and
+    restore three statements more (and the export's lines), for a purge one."""
+    db = citus_migrated_db
+    populate(db)
+    engine = engine_for(db)
+    recorder = BatchStatements(engine)
+    try:
+        plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
+        archived = lifecycle.archive(engine, plan, lifecycle.RunOptions(batch_size=9), tmp_path / "a.jsonl")
+        archive_batches = len(recorder.batches)
+        plan = lifecycle.plan_purge(engine, lifecycle.parse_duration("90d"), lifecycle.parse_duration("10d"))
+        purged = lifecycle.purge(engine, plan, lifecycle.RunOptions(batch_size=9))
+    finally:
+        engine.dispose()
+    assert archived.done.conversations and purged.done.archive_conversations and purged.done.messages
+    assert archive_batches >= archived.batches > 2
+    assert len(recorder.batches) >= archived.batches + purged.batches
+    data = ("conversations", "messages")
+    with db.engine.connect() as connection:
+        for number, batch in enumerate(recorder.batches):
+            on_shards = [
+                (statement, parameters)
+                for statement, parameters in batch
+                if any(f'{table}"' in statement or f"{table} " in statement for table in data)
+            ]
+            exporting = number < archive_batches
+            assert len(on_shards) <= (5 if exporting else 2), batch
+            for statement, parameters in on_shards:
+                if statement.startswith("DISCARD"):
+                    continue
+                assert tasks(connection, statement, parameters) == ["Task Count: 1"], statement
+            connection.rollback()
+
+
+def test_a_message_changed_while_archive_takes_it_is_archived_as_changed(citus_migrated_db, cli):
+    """The application edits a message of an idle conversation and holds it (its
+    transaction open) while archive comes for it: the batch waits for that lock (the
+    copy locks the messages it copies), so the archive holds the edited message, never
+    the version before, and the hot table nothing of it."""
+    db = citus_migrated_db
+    populate(db)
+    user, conversation, message = (
+        db.engine.connect()
+        .execute(
+            text(
+                "SELECT m.user_id, m.conversation_id, m.id FROM messages m JOIN conversations c"
+                " ON c.user_id = m.user_id AND c.id = m.conversation_id"
+                " WHERE c.updated_at < now() - interval '200 days' AND c.deleted_at IS NULL"
+                " ORDER BY m.id LIMIT 1"
+            )
+        )
+        .one()
+    )
+    messages_before = db.scalar("SELECT count(*) FROM messages") + db.scalar(
+        "SELECT count(*) FROM messages_archive"
+    )
+    holder = db.engine.connect()
+    holder.begin()
+    holder.execute(
+        text("UPDATE messages SET content = 'edited while archived' WHERE user_id = :u AND id = :i"),
+        {"u": user, "i": message},
+    )
+    process = _start(db, "archive", "--older-than", "60d", "--json")
+    try:
+        # Commit the edit the moment the archive waits for it on the worker.
+        deadline = time.monotonic() + 60
+        waiting = 0
+        while not waiting:
+            assert time.monotonic() < deadline, "the archive never waited for the held message"
+            assert process.poll() is None, process.communicate()
+            for worker in db.cluster.workers:
+                with psycopg.connect(worker.conninfo(db.name), autocommit=True) as connection:
+                    waiting += connection.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'"
+                    ).fetchone()[0]
+            time.sleep(0.01)
+        holder.commit()
+    finally:
+        holder.close()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout)["ok"]
+    assert db.scalar("SELECT count(*) FROM messages WHERE id = :i", i=message) == 0
+    assert (
+        db.scalar("SELECT content FROM messages_archive WHERE id = :i", i=message) == "edited while archived"
+    )
+    assert db.scalar("SELECT count(*) FROM conversations_archive WHERE id = :i", i=conversation) == 1
+    total = db.scalar("SELECT count(*) FROM messages") + db.scalar("SELECT count(*) FROM messages_archive")
+    assert total == messages_before
