@@ -66,7 +66,7 @@ class Batches:
                         {
                             "lock": LOCK_TIMEOUT,
                             "statement": STATEMENT_TIMEOUT,
-                            "commit": "on" if exporting else "off",
+                            "commit": "on" if exporting or phase.durable else "off",
                         },
                     )
                     self.replan(worker, phase)

@@ -292,7 +292,7 @@ def _phase(
 ) -> Phase:
     take, shards = by_shard(table, condition, apply)
     pending = select(exists().where(condition))
-    return Phase(name, take, pending, export=export, fills=fills, starts=shards.discover)
+    return Phase(name, take, pending, export=export, fills=fills, starts=shards.discover, durable=True)
 
 
 def archive_phases(plan: Plan) -> list[Phase]:
@@ -351,6 +351,7 @@ def restore_phases(plan: Plan) -> list[Phase]:
             select(exists(chosen)),
             fills=True,
             starts=shards.discover,
+            durable=True,
         )
     ]
 

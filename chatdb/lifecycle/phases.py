@@ -56,7 +56,11 @@ class Phase:
     ``fills`` marks a phase that inserts into tables it makes grow, perhaps from empty
     (see Batches.replan). ``starts(connection)``, when set, runs at the start of each
     pass, in a transaction of its own on the run's connection, before any batch (on
-    Citus: which users have matching rows, see ``chatdb.lifecycle.distributed``)."""
+    Citus: which users have matching rows, see ``chatdb.lifecycle.distributed``).
+    ``durable`` batches commit with ``synchronous_commit`` on even when they export
+    nothing: on Citus a batch's commit is two-phase, across the coordinator (the audit
+    row) and a worker (the rows), and a crash must not lose the coordinator's part of a
+    commit whose worker part is kept."""
 
     name: str
     take: Take
@@ -65,6 +69,7 @@ class Phase:
     fills: bool = False
     blocks: Table | None = None
     starts: Callable[[Connection], None] | None = None
+    durable: bool = False
 
 
 # --- what a batch does with its rows -----------------------------------------------------

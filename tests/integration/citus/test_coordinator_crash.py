@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 
 import psycopg
-import pytest
 import servers
 from test_lifecycle import _start, _wait_for_batches, predicted_purge, run_json, state
 
@@ -40,13 +39,6 @@ def prepared_on_workers(db) -> int:
     return found
 
 
-@pytest.mark.xfail(
-    reason="a batch that exports nothing commits with synchronous_commit off (lifecycle/batch.py): "
-    "on Citus the coordinator's part of its two-phase commit (the audit row, and Citus's record of "
-    "the transaction) can be lost in a crash while the worker has committed the deletes; with "
-    "synchronous_commit on for batches on Citus this test passes",
-    strict=False,
-)
 def test_a_coordinator_crash_during_purge_separates_no_batch_from_its_audit_row(citus_migrated_db, cli):
     db = citus_migrated_db
     cluster = db.cluster
