@@ -4,7 +4,8 @@ correctness, not speed-up.
     python bench/bench_citus.py [--messages 1000000] [--older-than Nd]
 
 Starts a coordinator and two workers on loopback ports the way the tests start them
-(``tests/servers.py``: Debian's PostgreSQL with Citus, eight shards per table). All three
+(``tests/servers.py``: Debian's PostgreSQL with Citus, eight shards per table), but with
+PostgreSQL's default ``shared_buffers`` (128MB) rather than the tests' 32MB. All three
 share this machine's cores, so the cluster cannot be faster than one server here: the
 figures say what distribution costs, and that the commands do exactly the same work.
 
@@ -204,7 +205,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="chatdb-bench-citus-"))
     folder.chmod(0o755)
     results = {}
-    with servers.citus_cluster(folder) as cluster:
+    with servers.citus_cluster(folder, shared_buffers="128MB") as cluster:
         for label, citus in (("plain", False), ("citus", True)):
             target = Target(cluster, citus)
             try:

@@ -369,9 +369,11 @@ class CitusCluster:
 
 
 @contextmanager
-def citus_cluster(folder: Path, workers: int = 2) -> Iterator[CitusCluster]:
+def citus_cluster(folder: Path, workers: int = 2, shared_buffers: str = "32MB") -> Iterator[CitusCluster]:
     """A coordinator and ``workers`` workers on loopback ports, trusting local logins.
-    The nodes reach each other over TCP on localhost, as Citus requires."""
+    The nodes reach each other over TCP on localhost, as Citus requires. The tests keep
+    ``shared_buffers`` small, for three servers on a small machine; a benchmark passes
+    PostgreSQL's default."""
     binaries = citus_bin()
     user = _service_user("postgres")
     _give(folder, user)
@@ -391,10 +393,9 @@ def citus_cluster(folder: Path, workers: int = 2) -> Iterator[CitusCluster]:
             conf.write(
                 f"port = {port}\nunix_socket_directories = '{data}'\n"
                 "shared_preload_libraries = 'citus'\n"
-                # Small enough for three servers on a small machine; eight shards per
-                # table keep a test's database quick to build while each worker holds
-                # several.
-                "shared_buffers = 32MB\nmax_connections = 100\nfsync = off\n"
+                # Eight shards per table keep a test's database quick to build while
+                # each worker holds several.
+                f"shared_buffers = {shared_buffers}\nmax_connections = 100\nfsync = off\n"
                 "citus.shard_count = 8\n"
             )
         nodes.append(CitusNode(data, port))
