@@ -264,26 +264,19 @@ _SHARD_INDEXES = (
 
 def shard_indexes(connection: Connection, table: str) -> list[ShardIndexes]:
     """The indexes of every shard placement of ``table``, read on the workers."""
-    rows = connection.execute(
-        text(
-            "SELECT shardid, nodename, nodeport, success, result"
-            " FROM run_command_on_placements(CAST(:table AS regclass), :command)"
-            " ORDER BY shardid, nodename, nodeport"
-        ),
-        {"table": table, "command": _SHARD_INDEXES},
-    )
     found = []
-    for shard, host, port, success, result in rows:
-        node = f"{host}:{port}"
-        if not success:
-            found.append(ShardIndexes(table, shard, node, {}, " ".join(str(result).split())))
+    for placement in on_placements(connection, table, _SHARD_INDEXES):
+        if placement.error is not None:
+            found.append(ShardIndexes(table, placement.shard, placement.node, {}, placement.error))
             continue
-        suffix = re.compile(rf"_{shard}\b")
+        suffix = re.compile(rf"_{placement.shard}\b")
+        rows = placement.value or []
+        assert isinstance(rows, list)
         indexes = {
             suffix.sub("", name): (suffix.sub("", definition), bool(valid))
-            for name, definition, valid in json.loads(result)
+            for name, definition, valid in rows
         }
-        found.append(ShardIndexes(table, shard, node, indexes))
+        found.append(ShardIndexes(table, placement.shard, placement.node, indexes))
     return found
 
 
