@@ -19,7 +19,8 @@ versions = os.path.realpath(script_location() / "versions")
 out = sys.argv[1]
 opened = collections.Counter()
 def watch(event, args):
-    if event == "open" and isinstance(args[0], str):
+    # Every import opens files: the cheap test first, realpath only for the candidates.
+    if event == "open" and isinstance(args[0], str) and "versions" in args[0]:
         path = os.path.realpath(args[0])
         if path.startswith(versions + os.sep):
             opened[path] += 1
