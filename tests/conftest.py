@@ -8,6 +8,7 @@ TEMPLATE``, a file copy, much faster than migrating again).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import shutil
@@ -19,12 +20,68 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# pytest-xdist starts its workers with COLUMNS=80 and LINES=24 in the environment, which
+# Rich would take as the fixed size of the consoles chatdb makes on import. Tests that
+# want a width set COLUMNS themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _variable in ("COLUMNS", "LINES"):
+        os.environ.pop(_variable, None)
+
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from typer.testing import CliRunner
 
 from chatdb import db, embedded, migrations
 from chatdb.cli import app
+
+#: Fixtures that every test process makes for itself: a test that needs nothing more may
+#: run in any of them.
+_EVERY_PROCESS = frozenset({"pg_server", "template_db"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """With ``TEST_DATABASE_URL`` the suite runs in one process: its tests share that one
+    server, and some of them create roles and change its settings."""
+    if os.environ.get("TEST_DATABASE_URL") and getattr(config.option, "numprocesses", None):
+        config.option.numprocesses = 0
+        config.option.dist = "no"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests that share a server of their own (a session or module fixture of this
+    suite: the Citus cluster, PgBouncer, the TLS server, the German-speaking server) run in
+    one process, so that each such server starts once (pytest-xdist's ``--dist
+    loadgroup``). Tests that share any such fixture, directly or through others, form one
+    group."""
+    tests = Path(__file__).parent
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    shared: dict[pytest.Item, list[str]] = {}
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        keys = []
+        for name, definitions in fixtures.name2fixturedefs.items() if fixtures else ():
+            definition = definitions[-1]
+            if name in _EVERY_PROCESS or definition.scope not in ("session", "module"):
+                continue
+            if not Path(inspect.getfile(definition.func)).is_relative_to(tests):
+                continue  # a plugin's fixture (tmp_path_factory, Faker's)
+            key = name if definition.scope == "session" else f"{item.module.__name__}.{name}"  # type: ignore[attr-defined]
+            keys.append(parent.setdefault(key, key))
+        for other in keys[1:]:  # a group is named after its first fixture by name
+            first, second = sorted((root(other), root(keys[0])))
+            parent[second] = first
+        if keys:
+            shared[item] = keys
+    for item, keys in shared.items():
+        item.add_marker(pytest.mark.xdist_group(root(keys[0])))
 
 
 @dataclass

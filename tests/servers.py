@@ -351,18 +351,52 @@ class CitusCluster:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@localhost:{self.coordinator.port}/{database}"
 
-    def create_database(self, name: str) -> None:
+    def create_database(self, name: str, template: str | None = None) -> None:
+        """``name`` on every node; a copy of ``template`` on each node when given (one that
+        :meth:`make_template` made), else new, with Citus and the workers registered."""
         for node in self.nodes:
             with psycopg.connect(node.conninfo(), autocommit=True) as connection:
+                if template is not None:
+                    connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+                    continue
                 connection.execute(f'CREATE DATABASE "{name}"')
             with psycopg.connect(node.conninfo(name), autocommit=True) as connection:
                 connection.execute("CREATE EXTENSION citus")
+        if template is not None:
+            return
         with psycopg.connect(self.coordinator.conninfo(name), autocommit=True) as connection:
             connection.execute("SELECT citus_set_coordinator_host('localhost', %s)", (self.coordinator.port,))
             for worker in self.workers:
                 connection.execute("SELECT citus_add_node('localhost', %s)", (worker.port,))
 
+    def make_template(self, name: str) -> None:
+        """Make database ``name`` a template on every node: the copies made from it agree
+        across the nodes, as its metadata and shards do (a copy takes a file copy per node,
+        where a new database takes Citus's set-up and chatdb's migration). No session may
+        be in a template while it is copied, so its sessions (Citus's maintenance daemon
+        among them) are ended and new ones refused."""
+        for node in self.nodes:
+            with psycopg.connect(node.conninfo(), autocommit=True) as connection:
+                connection.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+                connection.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
+                deadline = time.monotonic() + 60
+                while connection.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)
+                ).fetchone() != (0,):
+                    assert time.monotonic() < deadline, f"sessions stayed in {name}"
+                    time.sleep(0.05)
+
     def drop_database(self, name: str) -> None:
+        """Drop ``name`` on every node. Each node's Citus maintenance daemon keeps sessions
+        in the database on the other nodes, and opens them again when they end, so every
+        node first refuses new sessions to it; then each drop ends the ones left."""
+        for node in self.nodes:
+            with psycopg.connect(node.conninfo(), autocommit=True) as connection:
+                if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                    connection.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
         for node in self.nodes:
             with psycopg.connect(node.conninfo(), autocommit=True) as connection:
                 connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

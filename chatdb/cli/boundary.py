@@ -52,7 +52,15 @@ def error_boundary(ctx: ClickContext) -> Iterator[None]:
     if in_main_thread:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        yield
+        try:
+            yield
+        except Exception as exc:
+            # A cleanup that failed while the stack unwound from Ctrl-C or SIGTERM (the
+            # rollback of a connection whose COPY the signal cut short: "another command is
+            # already in progress") stands for the interruption, not for a new error.
+            if (interruption := _interruption(exc)) is not None:
+                raise interruption from None
+            raise
     except ChatdbError as exc:
         # chatdb's own messages show URLs only as Database.display, and never echo a URL
         # that could not be parsed.
@@ -70,6 +78,18 @@ def error_boundary(ctx: ClickContext) -> Iterator[None]:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _interruption(exc: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM that ``exc`` was raised while handling, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt | Terminated):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _unexpected(exc: Exception, json_command: str | None) -> typer.Exit:

@@ -3,9 +3,10 @@ PostgreSQL on loopback ports, started once for the session (``servers.citus_clus
 Without Citus installed these tests skip and say so; with ``CI=true`` they fail instead
 (``.ci/run`` builds Citus with ``.ci/build-citus.sh``).
 
-Citus keeps its metadata per database, so each test gets a database made on every node,
-with the extension and the workers registered (``citus_db``); ``citus_migrated_db`` is
-one that ``chatdb migrate`` has distributed.
+Citus keeps its metadata per database, so each test gets a database on every node, with
+the extension and the workers registered (``citus_db``); ``citus_migrated_db`` is one that
+``chatdb migrate`` has distributed. Both are copies, node by node, of templates made once
+for the session.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ class CitusDatabase(TestDatabase):
     cluster: servers.CitusCluster | None = None
 
 
-def _citus_database(cluster: servers.CitusCluster) -> Iterator[CitusDatabase]:
+def _citus_database(cluster: servers.CitusCluster, template: str) -> Iterator[CitusDatabase]:
     name = f"chatdb_citus_{os.getpid()}_{next(_names)}"
-    cluster.create_database(name)
+    cluster.create_database(name, template)
     url = db.parse_url(cluster.url(name))
     engine = create_engine(url, connect_args={"prepare_threshold": None})
     try:
@@ -59,21 +60,38 @@ def _citus_database(cluster: servers.CitusCluster) -> Iterator[CitusDatabase]:
         cluster.drop_database(name)
 
 
-@pytest.fixture
-def citus_db(citus_cluster: servers.CitusCluster) -> Iterator[CitusDatabase]:
-    """A fresh database on the cluster, with Citus and both workers, and nothing else."""
-    yield from _citus_database(citus_cluster)
-
-
-@pytest.fixture
-def citus_migrated_db(citus_db: CitusDatabase) -> CitusDatabase:
-    """A fresh database on the cluster that ``chatdb migrate`` has distributed."""
-    engine = db.connect(db.Database(citus_db.url, "test"))
+@pytest.fixture(scope="session")
+def _citus_templates(citus_cluster: servers.CitusCluster) -> dict[str, str]:
+    """Two templates on every node, made once: ``bare`` (Citus and the workers registered)
+    and ``head`` (``chatdb migrate`` has distributed it). A test's database is a copy."""
+    bare = f"chatdb_citus_bare_{os.getpid()}"
+    head = f"chatdb_citus_head_{os.getpid()}"
+    citus_cluster.create_database(bare)
+    citus_cluster.create_database(head)
+    engine = db.connect(db.Database(db.parse_url(citus_cluster.url(head)), "test"))
     try:
         migrations.upgrade(engine)
     finally:
         engine.dispose()
-    return citus_db
+    for template in (bare, head):
+        citus_cluster.make_template(template)
+    return {"bare": bare, "head": head}
+
+
+@pytest.fixture
+def citus_db(
+    citus_cluster: servers.CitusCluster, _citus_templates: dict[str, str]
+) -> Iterator[CitusDatabase]:
+    """A fresh database on the cluster, with Citus and both workers, and nothing else."""
+    yield from _citus_database(citus_cluster, _citus_templates["bare"])
+
+
+@pytest.fixture
+def citus_migrated_db(
+    citus_cluster: servers.CitusCluster, _citus_templates: dict[str, str]
+) -> Iterator[CitusDatabase]:
+    """A fresh database on the cluster that ``chatdb migrate`` has distributed."""
+    yield from _citus_database(citus_cluster, _citus_templates["head"])
 
 
 @pytest.fixture
