@@ -49,6 +49,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         config.option.dist = "no"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups, in each worker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests that share a server of their own (a session or module fixture of this
     suite: the Citus cluster, PgBouncer, the TLS server, the German-speaking server) run in

@@ -9,18 +9,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
 
-#: Collects with the suite's own conftest and prints each test's xdist group.
-GROUPS = """
-import sys, pytest
-class Groups:
-    def pytest_collection_finish(self, session):
-        for item in session.items:
-            mark = item.get_closest_marker("xdist_group")
-            print("GROUP", item.nodeid, mark.args[0] if mark else "-", sep="\\t")
-options = ["-n", "0", "--collect-only", "-q", "-p", "no:cacheprovider"]
-sys.exit(pytest.main([*options, *sys.argv[1:]], plugins=[Groups()]))
-"""
-
 
 def _pytest(*args: str, **env: str) -> str:
     environment = {k: v for k, v in os.environ.items() if k != "TEST_DATABASE_URL"} | env
@@ -49,27 +37,24 @@ def test_with_test_database_url_the_suite_runs_in_one_process():
 
 
 def test_tests_that_share_a_server_of_their_own_share_a_process():
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            GROUPS,
-            "tests/integration/test_production.py",
-            "tests/integration/citus/test_seed.py",
-            "tests/integration/test_server_language.py",
-            "tests/unit/test_durations.py",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    # --setup-plan: collected and scheduled by pytest-xdist's --dist loadgroup, which names
+    # each test's group after an "@"; nothing is set up or run.
+    output = _pytest(
+        "-n",
+        "2",
+        "--setup-plan",
+        "-v",
+        "tests/integration/test_production.py",
+        "tests/integration/citus/test_seed.py",
+        "tests/integration/test_server_language.py",
+        "tests/unit/test_durations.py",
     )
-    assert done.returncode == 0, done.stdout + done.stderr
     groups: dict[str, set[str]] = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("GROUP\t"):
-            _, nodeid, group = line.split("\t")
-            groups.setdefault(nodeid.split("::")[0], set()).add(group)
+    for line in output.splitlines():
+        if line.startswith("tests/") and "::" in line:
+            nodeid = line.split()[0]
+            test, _, group = nodeid.rpartition("@") if "@" in nodeid.rpartition("]")[2] else (nodeid, "", "-")
+            groups.setdefault(test.split("::")[0], set()).add(group)
     (citus,) = groups["tests/integration/citus/test_seed.py"]  # one group: the cluster's
     assert citus != "-"
     assert groups["tests/integration/test_server_language.py"] == {"test_server_language.by_language"}
