@@ -4,7 +4,10 @@ On a database with the Citus extension (the coordinator of a cluster), ``chatdb 
 distributes ``schema.DISTRIBUTED_TABLES`` by ``schema.DISTRIBUTION_COLUMN``, co-located,
 and the application's ``users`` must be a reference table, which chatdb makes it only
 when it created ``users`` itself or the operator asks (``--reference-users``). chatdb's
-own small tables stay on the coordinator. See docs/architecture.md, "Running on Citus".
+own small tables stay on the coordinator; those a lifecycle batch writes
+(``schema.CITUS_LOCAL_TABLES``: the audit row) are added to Citus's metadata as Citus
+local tables, so that each batch commits in two phases with its audit row. See
+docs/architecture.md, "Running on Citus".
 
 Every function takes a Connection or an Engine, returns plain data and never prints.
 """
@@ -15,12 +18,13 @@ import json
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, ForeignKeyConstraint, text
+from sqlalchemy import Connection, Engine, ForeignKeyConstraint, Table, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 
 from chatdb.errors import ChatdbError, StateError, one_line
 from chatdb.schema import (
+    CITUS_LOCAL_TABLES,
     DISTRIBUTED_TABLES,
     DISTRIBUTION_COLUMN,
     USERS_CREATED_BY_CHATDB,
@@ -32,10 +36,13 @@ from chatdb.schema import (
 DISTRIBUTED = "distributed"
 REFERENCE = "reference"
 #: A table of the coordinator that Citus added to its metadata (one with a foreign key
-#: to a reference table): it stays on the coordinator.
+#: to a reference table, or one added by ``citus_add_local_table_to_metadata``, as chatdb
+#: adds ``schema.CITUS_LOCAL_TABLES``): it stays on the coordinator.
 CITUS_LOCAL = "local"
 
 CREATE_REFERENCE_USERS = f"SELECT create_reference_table('{users.name}')"
+#: What the operator runs on a coordinator that is not in Citus's metadata.
+SET_COORDINATOR_HOST = "SELECT citus_set_coordinator_host('<host>', {port})"
 
 #: The revision whose primary keys include the distribution column: below it, Citus
 #: cannot hold the tables distributed.
@@ -108,10 +115,12 @@ def cluster(connection: Connection) -> Cluster | None:
     return Cluster(version, tables)
 
 
-def require_users(engine: Engine, *, reference_users: bool = False) -> Cluster | None:
+def preflight(engine: Engine, *, reference_users: bool = False) -> Cluster | None:
     """Refuse to migrate a Citus database whose application-owned ``users`` is not a
-    reference table, unless ``reference_users`` (then ``distribute`` makes it one). None
-    when the database has no Citus."""
+    reference table, unless ``reference_users`` (then ``distribute`` makes it one), or
+    whose coordinator is not in Citus's metadata while chatdb's audit table is not a
+    Citus local table yet (see ``require_coordinator``). None when the database has no
+    Citus."""
     with engine.connect() as connection:
         layout = cluster(connection)
         if layout is None:
@@ -120,6 +129,7 @@ def require_users(engine: Engine, *, reference_users: bool = False) -> Cluster |
             text("SELECT obj_description(to_regclass(:name), 'pg_class')"), {"name": users.name}
         ).scalar()
         present = connection.execute(text("SELECT to_regclass(:name)"), {"name": users.name}).scalar()
+        require_coordinator(connection, layout)
     kind = layout.kind(users.name)
     if present is None or kind == REFERENCE:
         return layout
@@ -135,6 +145,32 @@ def require_users(engine: Engine, *, reference_users: bool = False) -> Cluster |
             "have chatdb run it"
         )
     return layout
+
+
+def coordinator_in_metadata(connection: Connection) -> bool:
+    """Whether the coordinator is a node of Citus's metadata (group 0 of ``pg_dist_node``),
+    as ``citus_set_coordinator_host`` makes it: Citus keeps local tables in its metadata
+    only then."""
+    found = connection.execute(text("SELECT EXISTS (SELECT FROM pg_dist_node WHERE groupid = 0)"))
+    return bool(found.scalar())
+
+
+def require_coordinator(connection: Connection, layout: Cluster) -> None:
+    """Refuse when a table of ``schema.CITUS_LOCAL_TABLES`` is not a Citus local table
+    yet and the coordinator is not in Citus's metadata: Citus adds a local table to its
+    metadata only then, and without it a batch's write on a worker would commit in one
+    phase, apart from its audit row. chatdb cannot know the name by which the workers
+    reach the coordinator, so the operator runs ``citus_set_coordinator_host``."""
+    if all(layout.kind(table.name) == CITUS_LOCAL for table in CITUS_LOCAL_TABLES):
+        return
+    if coordinator_in_metadata(connection):
+        return
+    port = connection.execute(text("SELECT current_setting('port')")).scalar()
+    raise StateError(
+        "the coordinator is not in Citus's metadata, which chatdb needs to commit each lifecycle "
+        f"batch with its audit row: run {SET_COORDINATOR_HOST.format(port=port)} on it, <host> "
+        "being its name as the workers reach it, then chatdb migrate again"
+    )
 
 
 def distributed_tables(connection: Connection) -> list[str]:
@@ -172,29 +208,40 @@ def _owner_keys() -> list[ForeignKeyConstraint]:
     ]
 
 
-def distribute(engine: Engine, *, lock_timeout: str) -> list[str]:
-    """Make ``users`` a reference table if it is not one, and distribute every table of
+@dataclass(frozen=True)
+class Distribution:
+    """What ``distribute`` changed: the tables it distributed, and those it added to
+    Citus's metadata as Citus local tables."""
+
+    distributed: list[str]
+    local: list[str]
+
+
+def distribute(engine: Engine, *, lock_timeout: str) -> Distribution:
+    """Make ``users`` a reference table if it is not one, distribute every table of
     ``schema.DISTRIBUTED_TABLES`` that is not distributed yet, co-located with the first,
-    in one transaction. Citus distributes a table only when every foreign key between it
-    and a local table is gone, so the keys between these tables are dropped first and
-    added back (checked) once all are distributed. Returns the tables distributed now.
+    and add each table of ``schema.CITUS_LOCAL_TABLES`` that is not in Citus's metadata yet
+    to it (``citus_add_local_table_to_metadata``), in one transaction. Citus distributes a
+    table only when every foreign key between it and a local table is gone, so the keys
+    between these tables are dropped first and added back (checked) once all are
+    distributed. Returns what it changed; nothing when all was done already.
 
     A table distributed otherwise (by another column, or not co-located) is a StateError:
     chatdb's router queries need all of a user's rows on one node."""
     first = DISTRIBUTED_TABLES[0].name
+    quote = _DIALECT.identifier_preparer.quote
     with engine.begin() as connection:
         connection.execute(text("SELECT set_config('lock_timeout', :t, true)"), {"t": lock_timeout})
         layout = cluster(connection)
         assert layout is not None
         _check_layout(layout)
+        require_coordinator(connection, layout)
         todo = [table.name for table in DISTRIBUTED_TABLES if layout.kind(table.name) != DISTRIBUTED]
+        local = [table.name for table in CITUS_LOCAL_TABLES if layout.kind(table.name) != CITUS_LOCAL]
         try:
             if layout.kind(users.name) != REFERENCE:
                 connection.execute(text(CREATE_REFERENCE_USERS))
-            if not todo:
-                return []
-            keys = _owner_keys()
-            quote = _DIALECT.identifier_preparer.quote
+            keys = _owner_keys() if todo else []
             for key in keys:
                 connection.execute(
                     text(f"ALTER TABLE {quote(key.table.name)} DROP CONSTRAINT {quote(str(key.name))}")
@@ -210,9 +257,35 @@ def distribute(engine: Engine, *, lock_timeout: str) -> list[str]:
                 )
             for key in keys:
                 connection.execute(text(add_constraint_sql(key)))
+            for table in CITUS_LOCAL_TABLES:
+                if table.name in local:
+                    _add_local_table(connection, table)
         except DBAPIError as exc:
             raise StateError(f"could not distribute chatdb's tables: {one_line(exc)}") from None
-    return todo
+    return Distribution(todo, local)
+
+
+def _add_local_table(connection: Connection, table: Table) -> None:
+    """Add ``table`` to Citus's metadata as a Citus local table. Citus keeps the rows in a
+    shard of the coordinator and gives the table an identity column's new sequence, which
+    starts again at 1: each such sequence goes on from where the table's was."""
+    quote = _DIALECT.identifier_preparer.quote
+    positions = []
+    for column in table.c:
+        if column.identity is None:
+            continue
+        sequence = connection.execute(
+            text("SELECT pg_get_serial_sequence(:table, :column)"),
+            {"table": quote(table.name), "column": column.name},
+        ).scalar_one()
+        last, called = connection.execute(text(f"SELECT last_value, is_called FROM {sequence}")).one()
+        positions.append((column.name, last, called))
+    connection.execute(text("SELECT citus_add_local_table_to_metadata(:table)"), {"table": quote(table.name)})
+    for name, last, called in positions:
+        connection.execute(
+            text("SELECT setval(pg_get_serial_sequence(:table, :column), :last, :called)"),
+            {"table": quote(table.name), "column": name, "last": last, "called": called},
+        )
 
 
 def _check_layout(layout: Cluster) -> None:

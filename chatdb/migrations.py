@@ -85,6 +85,9 @@ class MigrateResult:
     elapsed: float
     #: On Citus: the tables this run distributed (chatdb.citus.distribute).
     distributed: list[str] = field(default_factory=list)
+    #: On Citus: the coordinator's tables this run added to Citus's metadata, as Citus
+    #: local tables (chatdb.citus.distribute).
+    citus_local: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ def upgrade(
     from chatdb import citus
 
     started = time.perf_counter()
-    cluster = citus.require_users(engine, reference_users=reference_users)
+    cluster = citus.preflight(engine, reference_users=reference_users)
     before = status(engine)
     if target == "head" and before.current == HEAD_REVISION and cluster is None:
         # Nothing to do, no script to read (on Citus, the distribution is checked below).
@@ -263,10 +266,17 @@ def upgrade(
         _run(engine, "upgrade", goal or BASE, lock_timeout)
     after = status(engine)
     applied = [r.id for r in scripts.between(before.current, after.current)]
-    distributed = []
+    layout = citus.Distribution([], [])
     if cluster is not None and after.current == HEAD_REVISION:
-        distributed = citus.distribute(engine, lock_timeout=lock_timeout)
-    return MigrateResult(before.current, after.current, applied, time.perf_counter() - started, distributed)
+        layout = citus.distribute(engine, lock_timeout=lock_timeout)
+    return MigrateResult(
+        before.current,
+        after.current,
+        applied,
+        time.perf_counter() - started,
+        layout.distributed,
+        layout.local,
+    )
 
 
 def plan_downgrade(engine: Engine, target: str, *, lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> DowngradePlan:

@@ -341,6 +341,10 @@ Index("idx_chatdb_size_history_recorded_at", chatdb_size_history.c.recorded_at)
 DISTRIBUTION_COLUMN = "user_id"
 DISTRIBUTED_TABLES: tuple[Table, ...] = (conversations, messages, conversations_archive, messages_archive)
 REFERENCE_TABLES: tuple[Table, ...] = (users,)
+#: On Citus, the coordinator's tables that a lifecycle batch writes (its audit row): Citus
+#: local tables (in its metadata, still on the coordinator alone), so that a batch's
+#: write on a worker and its audit row commit together, in two phases.
+CITUS_LOCAL_TABLES: tuple[Table, ...] = (chatdb_runs,)
 
 #: The tables chatdb owns, in dependency order (parents first). ``users`` is not among
 #: them: it belongs to the application unless chatdb created it.

@@ -92,6 +92,7 @@ def _upgrade(ctx: typer.Context, to: str, as_json: bool, reference_users: bool =
             current=result.current,
             applied=result.applied,
             distributed=result.distributed,
+            citus_local=result.citus_local,
             elapsed_seconds=round(result.elapsed, 3),
         )
         return
@@ -100,10 +101,15 @@ def _upgrade(ctx: typer.Context, to: str, as_json: bool, reference_users: bool =
             f"Migrated from {_show(result.previous)} to {_show(result.current)}: "
             f"applied {', '.join(result.applied)} in {result.elapsed:.2f} s."
         )
-    elif not result.distributed:
+    elif not result.distributed and not result.citus_local:
         out.print(f"Already at {_show(result.current)}; nothing to do.")
     if result.distributed:
         out.print(f"Distributed by user_id on Citus, co-located: {', '.join(result.distributed)}.")
+    if result.citus_local:
+        out.print(
+            f"Added to Citus's metadata, on the coordinator: {', '.join(result.citus_local)} "
+            "(each batch commits with its audit row in two phases)."
+        )
 
 
 @command(

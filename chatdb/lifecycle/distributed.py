@@ -16,7 +16,11 @@ Here every phase goes in keyset order over ``(shard, user_id, id)``:
   as on one server.
 - Everything the batch then does (copy, move, delete, the export's lines) names the same
   users, so it goes to the same shard; the audit row (``chatdb_runs``, on the
-  coordinator) is updated in the same transaction, as on one server.
+  coordinator) is updated in the same transaction, as on one server. ``chatdb_runs`` is
+  a Citus local table (``chatdb migrate`` adds it to Citus's metadata): Citus updates it
+  by its local execution, which makes it commit the transaction in two phases (PREPARE
+  TRANSACTION on the worker, the commit decided by the coordinator's own), so a crash
+  of the coordinator cannot keep the batch's rows without its counts.
 
 The position after a batch is (shard's ordinal, user_id, id) of its last row; ``user_id``
 is ordered by its bytes (``COLLATE "C"``), which is Python's order of ``str``. A user or
@@ -57,6 +61,7 @@ from chatdb.lifecycle.models import Plan, Tally
 from chatdb.lifecycle.phases import PURGED, Phase, Taken, taken_from
 from chatdb.lifecycle.statements import archivable, ids_param, restorable, skip_locked
 from chatdb.schema import (
+    CITUS_LOCAL_TABLES,
     DISTRIBUTED_TABLES,
     DISTRIBUTION_COLUMN,
     conversations,
@@ -80,10 +85,22 @@ _IDS = bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))
 
 
 def applies(engine: Engine) -> bool:
-    """Whether chatdb's tables are distributed on this database (a Citus coordinator)."""
+    """Whether chatdb's tables are distributed on this database (a Citus coordinator). A
+    StateError when they are but the audit table is not a Citus local table (a database
+    distributed by an earlier chatdb): each batch would commit on its worker in one
+    phase, apart from its audit row."""
     with engine.connect() as connection:
         layout = citus.cluster(connection)
-    return layout is not None and layout.kind(DISTRIBUTED_TABLES[0].name) == citus.DISTRIBUTED
+    if layout is None or layout.kind(DISTRIBUTED_TABLES[0].name) != citus.DISTRIBUTED:
+        return False
+    apart = [table.name for table in CITUS_LOCAL_TABLES if layout.kind(table.name) != citus.CITUS_LOCAL]
+    if apart:
+        raise StateError(
+            f"{', '.join(apart)} is not in Citus's metadata, so a batch would not commit together "
+            "with its audit row; run chatdb migrate",
+            hint='see README.md, "Running on Citus"',
+        )
+    return True
 
 
 def _bound(statement: str) -> TextClause:
