@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_PROBLEM = 1  # a check found problems, or the database is not in a usable state
 EXIT_USAGE = 2  # bad usage or input
@@ -23,6 +25,10 @@ class ChatdbError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def details(self) -> dict[str, Any]:
+        """What ``--json`` says of the error besides its message, exit code and hint."""
+        return {}
 
 
 class UsageError(ChatdbError):

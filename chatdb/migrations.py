@@ -11,7 +11,7 @@ import io
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg.errors
 from sqlalchemy import Connection, Engine, text
@@ -75,6 +75,16 @@ class MigrationStatus:
     @property
     def up_to_date(self) -> bool:
         return self.known and not self.pending
+
+    def as_dict(self) -> dict[str, Any]:
+        """The shape of ``--json``'s revision (``migrate status``, ``status``)."""
+        return {
+            "current": self.current,
+            "head": self.head,
+            "pending": [revision.id for revision in self.pending],
+            "known": self.known,
+            "up_to_date": self.up_to_date,
+        }
 
 
 @dataclass(frozen=True)
@@ -376,6 +386,9 @@ class SchemaMismatch(StateError):
             f"the live schema does not match revision {revision}: {detail}",
             hint="stamp the revision the tables really match, or migrate instead",
         )
+
+    def details(self) -> dict[str, Any]:
+        return {"differences": self.differences}
 
 
 def stamp(engine: Engine, target: str) -> StampResult:

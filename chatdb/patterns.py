@@ -11,6 +11,7 @@ import datetime as dt
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Insert, Select, Table, Update, func, insert, select, tuple_, update
@@ -164,17 +165,17 @@ PATTERNS: tuple[Pattern, ...] = (
         "idx_conversations_archive_updated_id",
         ordered=True,
     ),
-    Pattern(
-        "soft-deleted conversations past the grace period",
-        lambda: soft_deleted(conversations, _SAMPLE_TIME, 500),
-        "idx_conversations_deleted_id",
-        ordered=True,
-    ),
-    Pattern(
-        "soft-deleted messages past the grace period",
-        lambda: soft_deleted(messages, _SAMPLE_TIME, 500),
-        "idx_messages_deleted_id",
-        ordered=True,
+    *(  # purge's pages, of each hot table
+        Pattern(
+            f"soft-deleted {table.name} past the grace period",
+            partial(soft_deleted, table, _SAMPLE_TIME, 500),
+            index,
+            ordered=True,
+        )
+        for table, index in (
+            (conversations, "idx_conversations_deleted_id"),
+            (messages, "idx_messages_deleted_id"),
+        )
     ),
     Pattern(
         "messages of a user",

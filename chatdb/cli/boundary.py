@@ -14,7 +14,7 @@ import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -64,7 +64,7 @@ def error_boundary(ctx: ClickContext) -> Iterator[None]:
     except ChatdbError as exc:
         # chatdb's own messages show URLs only as Database.display, and never echo a URL
         # that could not be parsed.
-        raise _fail(exc.message, exc.exit_code, exc.hint, json_command) from None
+        raise _fail(exc.message, exc.exit_code, exc.hint, json_command, **exc.details()) from None
     except Terminated:
         raise _fail("terminated", EXIT_TERMINATED, json_command=json_command) from None
     except KeyboardInterrupt:
@@ -117,11 +117,14 @@ def _unexpected(exc: Exception, json_command: str | None) -> typer.Exit:
     )
 
 
-def _fail(message: str, code: int, hint: str | None = None, json_command: str | None = None) -> typer.Exit:
-    """The error on stderr; with --json, also the one JSON object on stdout."""
+def _fail(
+    message: str, code: int, hint: str | None = None, json_command: str | None = None, **details: Any
+) -> typer.Exit:
+    """The error on stderr; with --json, also the one JSON object on stdout (with the
+    error's ``details``)."""
     report_error(message, hint)
     if json_command is not None:
-        print_json(json_command, False, error=message, exit_code=code, hint=hint)
+        print_json(json_command, False, error=message, exit_code=code, hint=hint, **details)
     return typer.Exit(code)
 
 

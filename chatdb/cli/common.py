@@ -87,6 +87,20 @@ def print_json(command: str, ok: bool, **fields: Any) -> None:
     sys.stdout.flush()
 
 
+def json_fields(result: Any, *names: str) -> dict[str, Any]:
+    """Attributes of ``result`` as ``print_json`` fields of the same names: ``names``, or
+    else every field of the dataclass, in that order. ``elapsed`` (seconds, as measured)
+    is ``elapsed_seconds``, to the millisecond."""
+    fields = {}
+    for name in names or [field.name for field in dataclasses.fields(result)]:
+        value = getattr(result, name)
+        if name == "elapsed":
+            fields["elapsed_seconds"] = round(value, 3)
+        else:
+            fields[name] = value
+    return fields
+
+
 def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
     """The one table renderer. Columns named with a leading '>' are right-aligned. A cell
     too wide for the console folds onto more lines rather than losing its end: names and

@@ -56,12 +56,19 @@ def new_app() -> typer.Typer:
 
 
 def command(
-    app: typer.Typer, name: str, *, database: DatabaseOptions = False, **settings: Any
+    app: typer.Typer,
+    name: str,
+    *,
+    database: DatabaseOptions = False,
+    doc: str | None = None,
+    **settings: Any,
 ) -> Callable[[F], F]:
-    """Register ``fn`` as the command ``name`` of ``app``."""
+    """Register ``fn`` as the command ``name`` of ``app``. Its help is its docstring, or
+    ``doc`` where one function is two commands (``chatdb migrate`` and ``migrate up``)."""
 
     def register(fn: F) -> F:
-        app.command(name, cls=ChatdbCommand, help=help_text(fn), short_help=summary(fn), **settings)(
+        shown = help_text(doc or fn.__doc__)
+        app.command(name, cls=ChatdbCommand, help=shown, short_help=summary(shown), **settings)(
             _declared(fn, database)
         )
         return fn
@@ -74,7 +81,7 @@ def callback(app: typer.Typer, *, database: DatabaseOptions = False, **settings:
     does without a subcommand when ``invoke_without_command=True``."""
 
     def register(fn: F) -> F:
-        app.callback(help=help_text(fn), **settings)(_declared(fn, database))
+        app.callback(help=help_text(fn.__doc__), **settings)(_declared(fn, database))
         return fn
 
     return register
@@ -86,20 +93,20 @@ def _declared(fn: Callable[..., Any], database: DatabaseOptions) -> Callable[...
     return with_database_options(fn, connect_timeout=database is True)
 
 
-def help_text(fn: Callable[..., Any]) -> str:
+def help_text(doc: str | None) -> str:
     """A docstring as --help shows it: each paragraph on one line, which Rich then wraps at
     the terminal's width, except an example (indented lines), kept line by line. Examples
     start at the margin: Typer takes the indentation off some and not others."""
-    paragraphs = inspect.cleandoc(fn.__doc__ or "").split("\n\n")
+    paragraphs = inspect.cleandoc(doc or "").split("\n\n")
     return "\n\n".join(
         "\n".join(line.strip() for line in p.splitlines()) if p.startswith(" ") else " ".join(p.split())
         for p in paragraphs
     )
 
 
-def summary(fn: Callable[..., Any]) -> str:
+def summary(shown: str) -> str:
     """The first paragraph of a command's help: what listings show."""
-    return help_text(fn).split("\n\n")[0]
+    return shown.split("\n\n")[0]
 
 
 # --- the command classes ------------------------------------------------------------------------

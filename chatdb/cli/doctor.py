@@ -13,7 +13,7 @@ from rich.text import Text
 
 from chatdb import doctor as diagnosis
 from chatdb import lifecycle
-from chatdb.cli.common import disposing, human_bytes, out, print_json, table
+from chatdb.cli.common import disposing, human_bytes, json_fields, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.findings import Case, junit_report, print_findings, print_fixes, write_junit
@@ -107,14 +107,11 @@ def doctor(
         print_json(
             COMMAND,
             not failed,
-            database=report.database,
-            user=report.user,
-            server_version=report.server_version,
-            revision=report.revision,
+            **json_fields(report, "database", "user", "server_version", "revision"),
             deep=deep,
             strict=strict,
             counts={status: report.count(status) for status in diagnosis.STATUSES},
-            elapsed_seconds=round(report.elapsed, 3),
+            **json_fields(report, "elapsed"),
             deep_seconds=round(report.deep_seconds, 3) if deep else None,
             deep_read_bytes=report.deep_read_bytes if deep else None,
             recorded=report.recorded,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from chatdb import migrations
-from chatdb.cli.common import confirm, disposing, err, out, print_json, report_error, table
+from chatdb.cli.common import confirm, disposing, err, json_fields, out, print_json, report_error, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import callback, command, new_app
 from chatdb.cli.options import JsonOutput, Yes, option
@@ -55,7 +55,7 @@ def migrate(
 
         chatdb migrate --to 0003 --database-url postgresql://ops@db.internal/chat
     """
-    if ctx.invoked_subcommand is not None:
+    if ctx.invoked_subcommand is not None:  # only the group's context names one
         if to != "head" or as_json or reference_users:
             raise UsageError(
                 "--to, --reference-users and --json go after the subcommand"
@@ -65,20 +65,14 @@ def migrate(
     _upgrade(ctx, to, as_json, reference_users)
 
 
-@command(app, "up", database=True)
-def up(
-    ctx: typer.Context,
-    to: Target = "head",
-    reference_users: ReferenceUsers = False,
-    as_json: JsonOutput = False,
-) -> None:
-    """Upgrade to head (or --to REV); the same as a plain `chatdb migrate`.
+_UP = """Upgrade to head (or --to REV); the same as a plain `chatdb migrate`.
 
     Example:
 
         chatdb migrate up --to 0002
     """
-    _upgrade(ctx, to, as_json, reference_users)
+# `chatdb migrate up` is a plain `chatdb migrate`: the same function, with help of its own.
+command(app, "up", database=True, doc=_UP)(migrate)
 
 
 def _upgrade(ctx: typer.Context, to: str, as_json: bool, reference_users: bool = False) -> None:
@@ -88,12 +82,7 @@ def _upgrade(ctx: typer.Context, to: str, as_json: bool, reference_users: bool =
         print_json(
             "migrate",
             True,
-            previous=result.previous,
-            current=result.current,
-            applied=result.applied,
-            distributed=result.distributed,
-            citus_local=result.citus_local,
-            elapsed_seconds=round(result.elapsed, 3),
+            **json_fields(result, "previous", "current", "applied", "distributed", "citus_local", "elapsed"),
         )
         return
     if result.applied:
@@ -162,12 +151,11 @@ def down(
         print_json(
             "migrate down",
             True,
-            previous=result.previous,
-            current=result.current,
+            **json_fields(result, "previous", "current"),
             undone=result.applied,
             dropped_tables=plan.tables,
             dropped_columns=plan.columns,
-            elapsed_seconds=round(result.elapsed, 3),
+            **json_fields(result, "elapsed"),
         )
     else:
         out.print(
@@ -213,11 +201,7 @@ def status(
         print_json(
             "migrate status",
             not failed,
-            current=state.current,
-            head=state.head,
-            pending=[r.id for r in state.pending],
-            known=state.known,
-            up_to_date=state.up_to_date,
+            **state.as_dict(),
             **({"error": problem.message} if problem else {}),
         )
     else:
@@ -276,15 +260,11 @@ def stamp(
         try:
             result = migrations.stamp(engine, revision)
         except migrations.SchemaMismatch as mismatch:
-            _refuse_stamp(mismatch, as_json)
+            if not as_json:  # with --json, the error's differences say it
+                _show_differences(mismatch)
+            raise
     if as_json:
-        print_json(
-            "migrate stamp",
-            True,
-            previous=result.previous,
-            current=result.current,
-            compared_tables=result.compared_tables,
-        )
+        print_json("migrate stamp", True, **json_fields(result))
     else:
         out.print(
             f"The live schema matches {_show(result.current)} "
@@ -292,36 +272,23 @@ def stamp(
         )
 
 
-def _refuse_stamp(mismatch: migrations.SchemaMismatch, as_json: bool) -> NoReturn:
-    """Every difference: a table for people (before the error line, as a plan is), and
-    a ``differences`` list in the JSON error."""
-    if not as_json:
-        err.print(
-            table(
-                f"The live schema differs from revision {mismatch.revision}",
-                ["table", "what", f"{mismatch.revision} expects", "the database has"],
+def _show_differences(mismatch: migrations.SchemaMismatch) -> None:
+    """Every difference, in a table before the error line (as a plan is)."""
+    err.print(
+        table(
+            f"The live schema differs from revision {mismatch.revision}",
+            ["table", "what", f"{mismatch.revision} expects", "the database has"],
+            (
                 (
-                    (
-                        d.table,
-                        f"{d.kind} {d.name}" if d.name and d.kind != "table" else d.kind,
-                        "(none)" if d.expected is None else d.expected,
-                        "(none)" if d.actual is None else d.actual,
-                    )
-                    for d in mismatch.differences
-                ),
-            )
+                    d.table,
+                    f"{d.kind} {d.name}" if d.name and d.kind != "table" else d.kind,
+                    "(none)" if d.expected is None else d.expected,
+                    "(none)" if d.actual is None else d.actual,
+                )
+                for d in mismatch.differences
+            ),
         )
-    report_error(mismatch.message, mismatch.hint)
-    if as_json:
-        print_json(
-            "migrate stamp",
-            False,
-            error=mismatch.message,
-            exit_code=mismatch.exit_code,
-            hint=mismatch.hint,
-            differences=mismatch.differences,
-        )
-    raise typer.Exit(mismatch.exit_code)
+    )
 
 
 @command(app, "sql")

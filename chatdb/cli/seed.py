@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from chatdb import seed as seed_module
-from chatdb.cli.common import confirm, disposing, err, out, print_json, progress_bar, table
+from chatdb.cli.common import confirm, disposing, err, json_fields, out, print_json, progress_bar, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.options import JsonOutput, Yes, option
@@ -94,17 +94,7 @@ def seed(
             result = seed_module.seed(engine, request, progress)
     if as_json:
         print_json(
-            "seed",
-            True,
-            seed=result.seed,
-            users=result.users,
-            conversations=result.conversations,
-            messages=result.messages,
-            anchor=result.anchor,
-            fast_path=result.fast_path,
-            elapsed_seconds=round(result.elapsed, 3),
-            rows_per_second=round(result.rows_per_second),
-            reset=removed,
+            "seed", True, **json_fields(result), rows_per_second=round(result.rows_per_second), reset=removed
         )
         return
     if removed is not None:

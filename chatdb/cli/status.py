@@ -6,7 +6,7 @@ import datetime as dt
 
 import typer
 
-from chatdb.cli.common import disposing, human_bytes, out, print_json, table
+from chatdb.cli.common import disposing, human_bytes, json_fields, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.options import JsonOutput
@@ -32,16 +32,8 @@ def status(ctx: typer.Context, as_json: JsonOutput = False) -> None:
         print_json(
             "status",
             True,
-            server_version=report.server_version,
-            database=report.database,
-            user=report.user,
-            revision={
-                "current": migration.current,
-                "head": migration.head,
-                "pending": [r.id for r in migration.pending],
-                "known": migration.known,
-                "up_to_date": migration.up_to_date,
-            },
+            **json_fields(report, "server_version", "database", "user"),
+            revision=migration.as_dict(),
             tables=report.tables,
             runs=report.runs,
             **({"placements": report.placements} if report.placements is not None else {}),

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from chatdb import indexes
-from chatdb.cli.common import disposing, out, print_json, table
+from chatdb.cli.common import disposing, json_fields, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.findings import Case, junit_report, print_findings, print_fixes, write_junit
@@ -64,11 +64,10 @@ def verify_indexes(
         print_json(
             COMMAND,
             report.ok,
-            revision={"current": report.current, "head": report.head},
+            revision=json_fields(report, "current", "head"),
             passed=len(report.checks) - len(findings),
             failed=len(findings),
-            elapsed_seconds=round(report.elapsed, 3),
-            checks=report.checks,
+            **json_fields(report, "elapsed", "checks"),
         )
     else:
         if findings:

@@ -168,6 +168,10 @@ def _all_clear(probe: Probe, found: list[Finding], check: str, limit: float, det
     return found
 
 
+#: The other sessions on this database, as pg_stat_activity ``a``.
+_OTHERS = "FROM pg_stat_activity a WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
+
+
 def _sessions(probe: Probe, condition: str, order: str, limit: float) -> Sequence[Row]:
     """The other sessions on this database that meet ``condition`` (in terms of
     pg_stat_activity ``a`` and ``:limit``): who, their state, how long they have been idle
@@ -177,9 +181,7 @@ def _sessions(probe: Probe, condition: str, order: str, limit: float) -> Sequenc
         " extract(epoch FROM now() - a.state_change) AS idle,"
         " extract(epoch FROM now() - a.xact_start) AS open,"
         " a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL AS holds,"
-        f" a.pid IN ({_GUARD}) AS guard"
-        " FROM pg_stat_activity a WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
-        f" AND {condition} ORDER BY {order}",
+        f" a.pid IN ({_GUARD}) AS guard {_OTHERS} AND {condition} ORDER BY {order}",
         limit=limit,
         **_guard(),
     )
@@ -228,10 +230,9 @@ def _idle_in_transaction(probe: Probe) -> list[Finding]:
 
 def _longest_query(probe: Probe) -> list[Finding]:
     row = probe.rows(
-        "SELECT pid, usename, application_name, extract(epoch FROM now() - query_start) AS running,"
-        " left(regexp_replace(query, '\\s+', ' ', 'g'), 200) AS query"
-        " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        " AND backend_type = 'client backend' AND state = 'active' ORDER BY query_start LIMIT 1"
+        "SELECT a.pid, a.usename, a.application_name, extract(epoch FROM now() - a.query_start) AS running,"
+        f" left(regexp_replace(a.query, '\\s+', ' ', 'g'), 200) AS query {_OTHERS}"
+        " AND a.backend_type = 'client backend' AND a.state = 'active' ORDER BY a.query_start LIMIT 1"
     )
     limit = probe.thresholds.long_query_seconds
     if not row:
@@ -242,10 +243,7 @@ def _longest_query(probe: Probe) -> list[Finding]:
         ]
     row = row[0]
     running = round(float(row.running), 1)
-    detail = (
-        f"pid {row.pid}, user {row.usename}, application {row.application_name or '(none)'}: "
-        f"running for {duration(running)}: {row.query}"
-    )
+    detail = f"pid {row.pid}, {_who(row)}: running for {duration(running)}: {row.query}"
     if running >= limit:
         fix = f"SELECT pg_cancel_backend({row.pid});  -- cancels that query (the session stays)"
         return [_session("longest query", f"pid {row.pid}", WARN, running, limit, detail, fix)]

@@ -207,15 +207,22 @@ def _names(table: Table) -> str:
     return ", ".join(f'"{column.name}"' for column in table.c)
 
 
+def _copy_rows(source: Table, target: Table, columns: Table, condition: str) -> TextClause:
+    """Insert into ``target`` the rows of the batch's users in ``source`` that ``condition``
+    picks: the columns of ``columns``, the hot table, which its archive has too (with
+    ``archived_at`` besides)."""
+    names = _names(columns)
+    return _bound(
+        f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}"'
+        f" WHERE user_id = ANY(:users) AND {condition}"
+    )
+
+
 @cache
 def _copy(source: Table, target: Table) -> TextClause:
     """Insert into ``target`` the batch's conversations of ``source`` (locked by the
     batch: they cannot change between this copy and their delete)."""
-    names = _names(conversations)
-    return _bound(
-        f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}"'
-        " WHERE user_id = ANY(:users) AND id = ANY(:ids)"
-    )
+    return _copy_rows(source, target, conversations, "id = ANY(:ids)")
 
 
 @cache
@@ -227,11 +234,7 @@ def _copy_messages(source: Table, target: Table) -> TextClause:
     follows (on one server, one ``DELETE ... RETURNING`` feeding an ``INSERT`` does both:
     Citus would carry those rows through the coordinator). The row count is the
     messages copied."""
-    names = _names(messages)
-    return _bound(
-        f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}"'
-        " WHERE user_id = ANY(:users) AND conversation_id = ANY(:ids) FOR UPDATE"
-    )
+    return _copy_rows(source, target, messages, "conversation_id = ANY(:ids) FOR UPDATE")
 
 
 @cache

@@ -2,9 +2,11 @@
 
 The same seed and sizes give the same rows on every machine and after every change to how
 they are made: each table's stream is pinned by its SHA-256, for a fixed anchor. The
-messages are laid out with the columns they had when the digests were taken, so a column
-added to ``SEEDED_MESSAGE_COLUMNS`` later leaves these digests as they are. Changing what
-the seed generates on purpose means computing them again, and saying so.
+messages are laid out as when the digests were taken, each value the seed makes
+(``rows.MESSAGE_VALUES``) in the column named like it, so a column added to
+``SEEDED_MESSAGE_COLUMNS`` later leaves these digests as they are, unless the seed makes a
+new value for it. Changing what the seed generates on purpose means computing them again,
+and saying so.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hashlib
 import pytest
 
 from chatdb import seed as seed_module
-from chatdb.schema import SeededColumn
+from chatdb.schema import SEEDED_MESSAGE_COLUMNS
 from chatdb.seed import rows
 
 ANCHOR = dt.datetime(2025, 3, 4, 5, 6, 7, 890123, tzinfo=dt.UTC)
@@ -30,21 +32,10 @@ APP_USERS = [
     ("updated_at", "time"),
 ]
 
-# The messages' columns when the digests were taken.
-MESSAGES = rows.MessageLayout(
-    [
-        SeededColumn("id", "uuid"),
-        SeededColumn("conversation_id", "uuid"),
-        SeededColumn("user_id", "text"),
-        SeededColumn("role", "text"),
-        SeededColumn("content", "text"),
-        SeededColumn("metadata", "jsonb"),
-        SeededColumn("created_at", "timestamptz"),
-        SeededColumn("tool_calls", "jsonb"),
-        SeededColumn("tool_results", "jsonb"),
-        SeededColumn("deleted_at", "timestamptz"),
-    ]
-)
+# The messages' layout when the digests were taken: each value the seed makes in the column
+# named like it, as SEEDED_MESSAGE_COLUMNS declares that column.
+DECLARED = {column.name: column for column in SEEDED_MESSAGE_COLUMNS}
+MESSAGES = rows.MessageLayout([DECLARED[name] for name in rows.MESSAGE_VALUES])
 
 CASES = {
     "seed 7, 25/120/1500 over a year": (
