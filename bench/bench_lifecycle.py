@@ -7,8 +7,9 @@ the retention age (whole days) that leaves about three quarters of the conversat
 idle past it (or takes --older-than), then on identical copies (CREATE DATABASE ...
 TEMPLATE) measures, end to end with Python start included:
 
-- the baseline: one `DELETE FROM conversations WHERE updated_at < now() - interval
-  'N days'` in one transaction (its cascade deletes the messages);
+- the baseline: one `DELETE FROM conversations WHERE updated_at < <cutoff>` in one
+  transaction (its cascade deletes the messages), at the cutoff the purge took from the
+  database clock (now() - N days), so that both delete the same set;
 - `chatdb purge --older-than Nd` (the grace period set past every soft delete, so it
   deletes exactly the same rows): messages/s, the ratio to the baseline, and its longest
   transaction. Both run beside the same concurrent reader, the application's
@@ -52,14 +53,19 @@ def main() -> None:
         if args.older_than is None:
             args.older_than = f"{scratch.idle_days(big)}d"
         days = int(args.older_than.rstrip("d"))
+        purge_s, purge_rss, purge, reader = scratch.lifecycle(
+            "purge", big, "purge", args.older_than, reader=True
+        )
+        # The plain DELETE at the purge's own cutoff (read from its database clock): a
+        # conversation that passes the age between the two runs must not make them differ.
         delete_s, delete_db_s, delete_messages, delete_reader = scratch.plain_sql(
-            big, "delete", [[f"DELETE FROM conversations WHERE {idle(days)}"]], reader=True
+            big,
+            "delete",
+            [[f"DELETE FROM conversations WHERE updated_at < '{purge['cutoff']}'::timestamptz"]],
+            reader=True,
         )
         naive_archive_s, naive_archive_db_s, naive_archived, _ = scratch.plain_sql(
             big, "insert_select", [plain_archive(moving(days))]
-        )
-        purge_s, purge_rss, purge, reader = scratch.lifecycle(
-            "purge", big, "purge", args.older_than, reader=True
         )
         archive_s, archive_rss, archived, _ = scratch.lifecycle("archive", big, "archive", args.older_than)
         # With as many sessions at once as chatdb archive runs, each taking its share of
