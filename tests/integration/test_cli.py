@@ -1033,5 +1033,7 @@ def test_an_embedded_server_that_cannot_be_stopped_is_one_error_line(tmp_path):
         home.chmod(0o755)
     assert stop.returncode == 1, stop.stderr
     (line,) = stop.stderr.strip().splitlines()
-    assert line.startswith("error: could not stop the embedded PostgreSQL in "), line
+    assert (
+        line.startswith("error: could not stop the embedded PostgreSQL in ") and "pg_ctl exited 1" in line
+    ), line
     assert chatdb_process("embedded", "stop", env=env, cwd=tmp_path).returncode == 0
