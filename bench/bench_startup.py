@@ -13,9 +13,12 @@ of each chatdb command to its floor, measured in the same run:
   commands): what Typer pays to print it (Typer, Rich and Rich's Markdown);
 - `chatdb status --help` to a command's help in that app, with status's options (Typer
   also converts the options it parses, through pydantic);
-- `chatdb status` and `chatdb purge --dry-run` on a migrated database to `python -c
-  'import sqlalchemy, psycopg'`, and to what a data command cannot do without: those,
-  Typer and Rich imported and one query run through SQLAlchemy on a new connection.
+- `chatdb purge --help` to the same: its defaults come from `chatdb.defaults`, and it
+  imports no data layer;
+- `chatdb status`, `chatdb purge --dry-run` and a `chatdb purge` with nothing to do on a
+  migrated database to `python -c 'import sqlalchemy, psycopg'`, and to what a data
+  command cannot do without: those, Typer and Rich imported and one query run through
+  SQLAlchemy on a new connection.
 
     python bench/bench_startup.py [--runs 21]
 
@@ -116,6 +119,7 @@ def main() -> None:
             "chatdb --version": [*COMMAND, "--version"],
             "chatdb --help": [*COMMAND, "--help"],
             "chatdb status --help": [*COMMAND, "status", "--help"],
+            "chatdb purge --help": [*COMMAND, "purge", "--help"],
             "chatdb status": [*COMMAND, "status", "--database-url", typed],
             "chatdb purge --dry-run": [
                 *COMMAND,
@@ -123,6 +127,15 @@ def main() -> None:
                 "--older-than",
                 "365d",
                 "--dry-run",
+                "--database-url",
+                typed,
+            ],
+            "chatdb purge, nothing to do": [
+                *COMMAND,
+                "purge",
+                "--older-than",
+                "365d",
+                "--yes",
                 "--database-url",
                 typed,
             ],
@@ -147,10 +160,12 @@ def main() -> None:
         ("chatdb --version", "python -c 'import re'"),
         ("chatdb --help", "Typer app --help"),
         ("chatdb status --help", "Typer app status --help"),
+        ("chatdb purge --help", "Typer app status --help"),
         ("chatdb status", "python -c 'import sqlalchemy, psycopg'"),
         ("chatdb status", "Typer, Rich, SQLAlchemy: SELECT 1"),
         ("chatdb purge --dry-run", "python -c 'import sqlalchemy, psycopg'"),
         ("chatdb purge --dry-run", "Typer, Rich, SQLAlchemy: SELECT 1"),
+        ("chatdb purge, nothing to do", "Typer, Rich, SQLAlchemy: SELECT 1"),
     ):
         ratios = f"{wall[ours] / wall[floor]:5.2f}x {cpu[ours] / cpu[floor]:5.2f}x"
         print(f"{ours} / {floor}:".ljust(62) + ratios)

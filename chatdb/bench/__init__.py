@@ -1,8 +1,10 @@
 """``chatdb bench``: the application's query patterns under concurrent load, with pgbench,
 judged against the specification's latency budgets.
 
-- ``workload``: the patterns as pgbench scripts (compiled from ``chatdb.patterns``), the
-  keys they ask for, the mix and the budgets;
+- ``budgets``: the mix and the budgets, parsed and shown with no database library (what
+  ``chatdb bench --help`` needs);
+- ``workload``: the patterns as pgbench scripts (compiled from ``chatdb.patterns``) and the
+  keys they ask for;
 - ``pgbench``: finding pgbench, running it, reading its per-transaction log;
 - ``stats``: percentiles, histograms and verdicts;
 - ``model``: the request and the result;
@@ -11,10 +13,6 @@ judged against the specification's latency budgets.
 - ``capacity``: the capacity search;
 - ``runner``: a whole run (checks, bench's own rows, phases, capacity search, cleanup);
 - ``report``: the JUnit and HTML reports.
+
+The package itself imports nothing: ``chatdb bench`` imports the modules it runs.
 """
-
-from chatdb.bench.model import BenchRequest, BenchResult, Phase, Removed
-from chatdb.bench.rows import cleanup
-from chatdb.bench.runner import run
-
-__all__ = ["BenchRequest", "BenchResult", "Phase", "Removed", "cleanup", "run"]

@@ -10,13 +10,11 @@ from pathlib import Path
 from chatdb.bench import stats, workload
 from chatdb.bench.stats import PatternFigures
 from chatdb.bench.workload import Budget
+from chatdb.defaults import DEFAULT_CLIENTS, DEFAULT_SECONDS
 from chatdb.errors import UsageError
 
 #: Progress: (what runs, seconds elapsed, seconds in all or None when unknown).
 Progress = Callable[[str, float, float | None], None]
-
-DEFAULT_CLIENTS = 100
-DEFAULT_SECONDS = 60
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from typing import Annotated
 
 import typer
 
-from chatdb import lifecycle
 from chatdb.cli import lifecycle as lifecycle_cli
 from chatdb.cli.declare import callback, command, new_app
 from chatdb.cli.options import JsonOutput, Yes, option
+from chatdb.defaults import DEFAULT_BATCH_SIZE, DEFAULT_JOBS
 from chatdb.errors import UsageError
 
 # A conversation id as uuid.UUID reads it, in ASCII hex only (UUID() also takes other
@@ -48,8 +48,8 @@ User = Annotated[str | None, option("--user", "ID", "Restore every archived conv
 def archive(
     ctx: typer.Context,
     older_than: OlderThan = None,
-    batch_size: lifecycle_cli.BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: lifecycle_cli.ArchiveJobs = lifecycle.DEFAULT_JOBS,
+    batch_size: lifecycle_cli.BatchSize = DEFAULT_BATCH_SIZE,
+    jobs: lifecycle_cli.ArchiveJobs = DEFAULT_JOBS,
     dry_run: lifecycle_cli.DryRun = False,
     yes: Yes = False,
     export: Export = None,
@@ -82,6 +82,8 @@ def archive(
         return
     if older_than is None:
         raise UsageError("--older-than is required (for example `chatdb archive --older-than 180d`)")
+    from chatdb import lifecycle
+
     duration = lifecycle.parse_duration(older_than, "--older-than")
     limit = lifecycle_cli.optional_duration(max_runtime, "--max-runtime")
     if export is not None:
@@ -107,8 +109,8 @@ def restore(
     ctx: typer.Context,
     conversation: Conversation = None,
     user: User = None,
-    batch_size: lifecycle_cli.BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: lifecycle_cli.Jobs = lifecycle.DEFAULT_JOBS,
+    batch_size: lifecycle_cli.BatchSize = DEFAULT_BATCH_SIZE,
+    jobs: lifecycle_cli.Jobs = DEFAULT_JOBS,
     as_json: JsonOutput = False,
 ) -> None:
     """Move archived conversations back to the hot tables, exactly as they were, with all
@@ -133,6 +135,8 @@ def restore(
         raise UsageError("give either --conversation ID (one or more) or --user ID")
     if user is not None and not user.strip():
         raise UsageError("--user: the user id is empty")
+    from chatdb import lifecycle
+
     lifecycle_cli.run_command(
         ctx,
         lifecycle_cli.Request("archive restore", "restore", batch_size, jobs, yes=True, as_json=as_json),

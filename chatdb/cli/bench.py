@@ -8,27 +8,28 @@ import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from chatdb import bench, lifecycle
-from chatdb.bench import report, runner, workload
-from chatdb.bench.workload import format_limit
-from chatdb.cli.bench_render import COMMAND, removed_line, render
+from chatdb.bench.budgets import DEFAULT_BUDGETS, PATTERNS, format_limit, mix_text
 from chatdb.cli.common import disposing, out, print_json, progress_bar, write_report
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.findings import write_junit
 from chatdb.cli.options import JsonOutput, option, report_file
+from chatdb.defaults import DEFAULT_CLIENTS, DEFAULT_MIX, DEFAULT_SECONDS
 from chatdb.errors import EXIT_PROBLEM, UsageError
+
+if TYPE_CHECKING:
+    from chatdb.bench import model, runner
+
+COMMAND = "bench"
 
 app = new_app()
 
-_BUDGETS_HELP = "; ".join(
-    f"{b.key}={format_limit(b.limit_ms).replace(' ', '')}" for b in workload.DEFAULT_BUDGETS
-)
+_BUDGETS_HELP = "; ".join(f"{b.key}={format_limit(b.limit_ms).replace(' ', '')}" for b in DEFAULT_BUDGETS)
 
 Clients = Annotated[int, option("--clients", "N", "Concurrent connections (pgbench clients).", min=1)]
 Rate = Annotated[
@@ -45,9 +46,7 @@ MinCapacity = Annotated[
 ]
 MaxRate = Annotated[float | None, option("--max-rate", "TPS", "The highest rate the capacity search tries.")]
 RunDuration = Annotated[str, option("--duration", "DURATION", "How long each rate runs (s, m, h: 60s, 5m).")]
-Mix = Annotated[
-    str, option("--mix", "MIX", f"Patterns and their weights. Patterns: {', '.join(workload.WORKLOADS)}.")
-]
+Mix = Annotated[str, option("--mix", "MIX", f"Patterns and their weights. Patterns: {', '.join(PATTERNS)}.")]
 Budget = Annotated[
     list[str] | None,
     option(
@@ -88,12 +87,12 @@ LogDir = Annotated[
 @command(app, COMMAND, database=True)
 def bench_command(
     ctx: typer.Context,
-    clients: Clients = runner.DEFAULT_CLIENTS,
+    clients: Clients = DEFAULT_CLIENTS,
     rate: Rate = None,
     min_capacity: MinCapacity = None,
     max_rate: MaxRate = None,
-    duration: RunDuration = f"{runner.DEFAULT_SECONDS}s",
-    mix: Mix = workload.mix_text(workload.DEFAULT_MIX),
+    duration: RunDuration = f"{DEFAULT_SECONDS}s",
+    mix: Mix = mix_text(DEFAULT_MIX),
     budget: Budget = None,
     while_command: While = None,
     cleanup: Cleanup = False,
@@ -125,9 +124,14 @@ def bench_command(
 
         chatdb bench --rate 500 --while "purge --older-than 90d"
     """
+    from chatdb import lifecycle
+    from chatdb.bench import budgets, report, rows, runner
+    from chatdb.bench.model import BenchRequest
+    from chatdb.cli.bench_render import removed_line, render
+
     if cleanup:
         with disposing(open_engine(ctx, COMMAND)) as engine:
-            removed = bench.cleanup(engine)
+            removed = rows.cleanup(engine)
         if as_json:
             print_json(COMMAND, True, cleanup=_removed(removed), running=removed.running)
         else:
@@ -135,14 +139,14 @@ def bench_command(
             if removed.running:
                 out.print(f"Left alone the rows of {removed.running} bench run(s) still going.")
         return
-    request = bench.BenchRequest(
+    request = BenchRequest(
         clients=clients,
         rate=rate,
         min_capacity=min_capacity,
         max_rate=max_rate,
         seconds=lifecycle.parse_duration(duration, "--duration").seconds,
-        mix=workload.parse_mix(mix),
-        budgets=tuple(workload.parse_budget(raw) for raw in budget or ()),
+        mix=budgets.parse_mix(mix),
+        budgets=tuple(budgets.parse_budget(raw) for raw in budget or ()),
         while_command=_while(ctx, while_command) if while_command is not None else None,
         log_dir=log_dir,
     )
@@ -154,7 +158,7 @@ def bench_command(
         disposing(open_engine(ctx, COMMAND)) as engine,
         _progress() as progress,
     ):
-        result = bench.run(engine, request, progress)
+        result = runner.run(engine, request, progress)
     if junit is not None:
         write_junit(report.junit(result), junit)
     if html is not None:
@@ -222,7 +226,7 @@ def _ms(value: float | None) -> float | None:
     return round(value, 3)
 
 
-def _removed(removed: bench.Removed) -> dict[str, int]:
+def _removed(removed: model.Removed) -> dict[str, int]:
     return {
         "runs": removed.runs,
         "users": removed.users,
@@ -231,7 +235,7 @@ def _removed(removed: bench.Removed) -> dict[str, int]:
     }
 
 
-def _json(result: bench.BenchResult) -> dict[str, Any]:
+def _json(result: model.BenchResult) -> dict[str, Any]:
     request = result.request
     alone = result.phases[0]
     phases = []

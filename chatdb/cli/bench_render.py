@@ -11,18 +11,14 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from chatdb import bench
-from chatdb.bench import runner, stats
+from chatdb.bench import model, runner, stats
 from chatdb.bench.workload import OVERHEAD, format_limit, format_ms
 from chatdb.cli.common import out, table
-
-COMMAND = "bench"
-
 
 # --- people ----------------------------------------------------------------------------------
 
 
-def render(result: bench.BenchResult) -> None:
+def render(result: model.BenchResult) -> None:
     request = result.request
     out.print(
         f"chatdb bench: {request.clients} clients, {request.seconds} s per run, open model "
@@ -97,7 +93,7 @@ def _print_table(rendered: Table) -> None:
     out.print(rendered)
 
 
-def _figures(phase: bench.Phase, title: str, *, judged: bool) -> Table:
+def _figures(phase: model.Phase, title: str, *, judged: bool) -> Table:
     rows = []
     for p in phase.patterns:
         rows.append(
@@ -131,7 +127,7 @@ def _verdicts(p: stats.PatternFigures) -> str:
     return "; ".join(parts) if parts else "-"
 
 
-def _comparison(alone: bench.Phase, during: bench.Phase) -> Table:
+def _comparison(alone: model.Phase, during: model.Phase) -> Table:
     command = " ".join(during.command.argv) if during.command else "?"
     rows = []
     for p in during.patterns:
@@ -174,7 +170,7 @@ def _signed(before: float | None, after: float | None) -> str:
     return ("+" if shift >= 0 else "-") + format_ms(abs(shift))
 
 
-def _render_command(during: bench.Phase) -> None:
+def _render_command(during: model.Phase) -> None:
     command = during.command
     assert command is not None
     style = "green" if command.exit_code == 0 else "red"
@@ -193,7 +189,7 @@ def _render_command(during: bench.Phase) -> None:
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
-def _chart(result: bench.BenchResult) -> Table:
+def _chart(result: model.BenchResult) -> Table:
     """The share of each pattern's transactions per latency bucket, one column a bucket:
     a column per power of ten and its 2 and 5, buckets past the first budget in red."""
     rows: list[tuple[str, str, list[int]]] = []
@@ -232,7 +228,7 @@ def _chart(result: bench.BenchResult) -> Table:
     return chart
 
 
-def removed_line(removed: bench.Removed, prefix: str) -> str | None:
+def removed_line(removed: model.Removed, prefix: str) -> str | None:
     if not removed.users:
         return None
     runs = f" of {removed.runs} run{'s' if removed.runs != 1 else ''}" if removed.runs > 1 else ""
@@ -242,7 +238,7 @@ def removed_line(removed: bench.Removed, prefix: str) -> str | None:
     )
 
 
-def _verdict(result: bench.BenchResult) -> str:
+def _verdict(result: model.BenchResult) -> str:
     judged = result.judged
     where = f"at {result.rate_tps:,.6g} tps" + (" during the command" if judged.command else "")
     lines = []

@@ -12,7 +12,6 @@ from rich.table import Table
 from rich.text import Text
 
 from chatdb import doctor as diagnosis
-from chatdb import lifecycle
 from chatdb.cli.common import disposing, human_bytes, json_fields, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
@@ -94,12 +93,15 @@ def doctor(
 
         chatdb doctor --size-limit 10GB --older-than 180d --json --junit doctor.xml
     """
+    from chatdb import lifecycle
+    from chatdb.doctor.run import diagnose
+
     thresholds = diagnosis.Thresholds().replace(threshold or [])
     limit = diagnosis.parse_size(size_limit, "--size-limit") if size_limit is not None else None
     cutoff = lifecycle.parse_duration(older_than, "--older-than") if older_than is not None else None
     options = diagnosis.Options(deep=deep, size_limit=limit, older_than=cutoff, thresholds=thresholds)
     with disposing(open_engine(ctx, COMMAND)) as engine:
-        report = diagnosis.diagnose(engine, options)
+        report = diagnose(engine, options)
     if junit is not None:
         write_junit(junit_report(COMMAND, report.elapsed, _junit(report, strict)), junit)
     failed = report.failed(strict)

@@ -14,15 +14,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from chatdb import lifecycle
 from chatdb.cli.boundary import Terminated, TerminatedRead
 from chatdb.cli.common import confirm, disposing, err, out, print_json, progress_bar, stdin_is_terminal, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.options import option
+from chatdb.defaults import MAX_JOBS
 from chatdb.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from chatdb import lifecycle
 
 BatchSize = Annotated[
     int,
@@ -35,12 +37,10 @@ BatchSize = Annotated[
     ),
 ]
 _JOBS_HELP = "Batches in flight at once, each in its own short transaction on its own connection."
-Jobs = Annotated[int, option("--jobs", "N", _JOBS_HELP, min=1, max=lifecycle.MAX_JOBS)]
+Jobs = Annotated[int, option("--jobs", "N", _JOBS_HELP, min=1, max=MAX_JOBS)]
 ArchiveJobs = Annotated[
     int,
-    option(
-        "--jobs", "N", f"{_JOBS_HELP[:-1]} (an --export runs one at a time).", min=1, max=lifecycle.MAX_JOBS
-    ),
+    option("--jobs", "N", f"{_JOBS_HELP[:-1]} (an --export runs one at a time).", min=1, max=MAX_JOBS),
 ]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Change nothing; report exactly what would change.")]
 VacuumAfter = Annotated[
@@ -129,7 +129,9 @@ def _progress(plan: lifecycle.Plan) -> Iterator[Callable[[lifecycle.Tally], None
 
 
 def optional_duration(raw: str | None, option: str) -> lifecycle.Duration | None:
-    return None if raw is None else lifecycle.parse_duration(raw, option)
+    from chatdb.lifecycle import parse_duration
+
+    return None if raw is None else parse_duration(raw, option)
 
 
 def _tally_rows(title: str, tally: lifecycle.Tally) -> list[tuple[str, str, str]]:
@@ -211,6 +213,8 @@ def run_command(
     """A lifecycle command from its plan to its summary, with what signals do all along:
     ``plan(engine, count)`` and ``run(engine, plan, options)``; ``arguments`` are what its
     audit row records."""
+    from chatdb import lifecycle
+
     with signals() as stops, disposing(open_engine(ctx, request.command)) as engine:
         planned = plan(engine, request.counts())
         _execute(
@@ -233,6 +237,8 @@ def _execute(
 ) -> None:
     """Show the plan, ask on a terminal, run in batches, VACUUM when asked, and render the
     summary."""
+    from chatdb import lifecycle
+
     verb, yes, as_json = request.verb, request.yes, request.as_json
     if request.dry_run:
         if as_json:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from chatdb import migrations
 from chatdb.cli.common import confirm, disposing, err, json_fields, out, print_json, report_error, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import callback, command, new_app
 from chatdb.cli.options import JsonOutput, Yes, option
+from chatdb.defaults import BASE
 from chatdb.errors import EXIT_PROBLEM, UsageError
+
+if TYPE_CHECKING:
+    from chatdb import migrations
 
 app = new_app()
 
@@ -76,6 +79,8 @@ command(app, "up", database=True, doc=_UP)(migrate)
 
 
 def _upgrade(ctx: typer.Context, to: str, as_json: bool, reference_users: bool = False) -> None:
+    from chatdb import migrations
+
     with disposing(open_engine(ctx, "migrate")) as engine:
         result = migrations.upgrade(engine, to, reference_users=reference_users)
     if as_json:
@@ -122,6 +127,8 @@ def down(
 
         chatdb migrate down base --yes
     """
+    from chatdb import migrations
+
     with disposing(open_engine(ctx, "migrate down")) as engine:
         plan = migrations.plan_downgrade(engine, revision)
         if not plan.revisions:
@@ -193,6 +200,8 @@ def status(
 
         chatdb migrate status --check
     """
+    from chatdb import migrations
+
     with disposing(open_engine(ctx, "migrate status")) as engine:
         state = migrations.status(engine)
     failed = not state.known or (check and bool(state.pending))
@@ -231,6 +240,8 @@ def history(as_json: JsonOutput = False) -> None:
 
         chatdb migrate history
     """
+    from chatdb import migrations
+
     chain = migrations.chain()
     if as_json:
         print_json("migrate history", True, revisions=chain, head=chain[-1].id)
@@ -256,6 +267,8 @@ def stamp(
 
         chatdb migrate stamp 0002 && chatdb migrate
     """
+    from chatdb import migrations
+
     with disposing(open_engine(ctx, "migrate stamp")) as engine:
         try:
             result = migrations.stamp(engine, revision)
@@ -295,7 +308,7 @@ def _show_differences(mismatch: migrations.SchemaMismatch) -> None:
 def sql(
     start: Annotated[
         str, option("--from", "REV", "Revision the database is at; base is an empty database.")
-    ] = migrations.BASE,
+    ] = BASE,
     end: Annotated[str, option("--to", "REV", "Revision to reach.")] = "head",
 ) -> None:
     """Print the migration SQL for review, without touching any database. It applies with
@@ -305,4 +318,6 @@ def sql(
 
         chatdb migrate sql --from 0002 > upgrade.sql
     """
+    from chatdb import migrations
+
     typer.echo(migrations.offline_sql(start, end), nl=False)

@@ -6,10 +6,10 @@ from typing import Annotated
 
 import typer
 
-from chatdb import lifecycle
 from chatdb.cli import lifecycle as lifecycle_cli
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.options import JsonOutput, Yes, option
+from chatdb.defaults import DEFAULT_BATCH_SIZE, DEFAULT_DELETED_GRACE, DEFAULT_JOBS
 
 app = new_app()
 
@@ -35,9 +35,9 @@ DeletedGrace = Annotated[
 def purge(
     ctx: typer.Context,
     older_than: OlderThan,
-    deleted_grace: DeletedGrace = lifecycle.DEFAULT_DELETED_GRACE,
-    batch_size: lifecycle_cli.BatchSize = lifecycle.DEFAULT_BATCH_SIZE,
-    jobs: lifecycle_cli.Jobs = lifecycle.DEFAULT_JOBS,
+    deleted_grace: DeletedGrace = DEFAULT_DELETED_GRACE,
+    batch_size: lifecycle_cli.BatchSize = DEFAULT_BATCH_SIZE,
+    jobs: lifecycle_cli.Jobs = DEFAULT_JOBS,
     dry_run: lifecycle_cli.DryRun = False,
     yes: Yes = False,
     max_runtime: lifecycle_cli.MaxRuntime = None,
@@ -59,6 +59,8 @@ def purge(
 
         chatdb purge --older-than 90d --deleted-grace 30d --max-runtime 20m --yes --json
     """
+    from chatdb import lifecycle
+
     duration = lifecycle.parse_duration(older_than, "--older-than")
     grace = lifecycle.parse_duration(deleted_grace, "--deleted-grace")
     limit = lifecycle_cli.optional_duration(max_runtime, "--max-runtime")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from chatdb import seed as seed_module
 from chatdb.cli.common import confirm, disposing, err, json_fields, out, print_json, progress_bar, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.options import JsonOutput, Yes, option
+from chatdb.defaults import DEFAULT_CONVERSATIONS, DEFAULT_DAYS, DEFAULT_MESSAGES, DEFAULT_SEED, DEFAULT_USERS
+
+if TYPE_CHECKING:
+    from chatdb import seed as seed_module
 
 app = new_app()
 
@@ -55,11 +58,11 @@ def _progress(total: int) -> Iterator[seed_module.Progress | None]:
 @command(app, "seed", database=True)
 def seed(
     ctx: typer.Context,
-    users: Users = seed_module.DEFAULT_USERS,
-    conversations: Conversations = seed_module.DEFAULT_CONVERSATIONS,
-    messages: Messages = seed_module.DEFAULT_MESSAGES,
-    days: Days = seed_module.DEFAULT_DAYS,
-    seed_value: Seed = seed_module.DEFAULT_SEED,
+    users: Users = DEFAULT_USERS,
+    conversations: Conversations = DEFAULT_CONVERSATIONS,
+    messages: Messages = DEFAULT_MESSAGES,
+    days: Days = DEFAULT_DAYS,
+    seed_value: Seed = DEFAULT_SEED,
     reset: Reset = False,
     yes: Yes = False,
     as_json: JsonOutput = False,
@@ -76,6 +79,8 @@ def seed(
 
         chatdb seed --reset --yes --seed 7
     """
+    from chatdb import seed as seed_module
+
     request = seed_module.SeedRequest(users, conversations, messages, days, seed_value)
     request.validate()
     with disposing(open_engine(ctx, "seed")) as engine:

@@ -3,19 +3,21 @@ declaration exactly, is valid, and serves its query."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.text import Text
 
-from chatdb import indexes
 from chatdb.cli.common import disposing, json_fields, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.findings import Case, junit_report, print_findings, print_fixes, write_junit
 from chatdb.cli.options import JsonOutput, JunitReport
 from chatdb.errors import EXIT_PROBLEM
+
+if TYPE_CHECKING:
+    from chatdb import indexes
 
 COMMAND = "verify-indexes"
 
@@ -55,6 +57,8 @@ def verify_indexes(
 
         chatdb verify-indexes --json --junit verify-indexes.xml
     """
+    from chatdb import indexes
+
     with disposing(open_engine(ctx, COMMAND)) as engine:
         report = indexes.verify_indexes(engine, allow_extra=allow_extra)
     if junit is not None:
@@ -79,6 +83,8 @@ def verify_indexes(
 
 def _print_findings(findings: list[indexes.Check]) -> None:
     """The findings, then their fixes below them."""
+    from chatdb import indexes
+
     rows = [[c.table or "", c.index or "", c.check, c.detail] for c in findings]
     names = sum(max(len(row[column]) for row in rows) for column in range(3))
     print_findings(
@@ -115,6 +121,8 @@ def _where(check: indexes.Check) -> str:
 
 
 def _verdict(report: indexes.VerifyReport) -> str:
+    from chatdb import indexes
+
     findings = report.findings
     if not findings:
         return (

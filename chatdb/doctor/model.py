@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatdb.defaults import DEAD_RATIO, DEAD_ROWS
 from chatdb.errors import UsageError
 from chatdb.units import size as size
 
@@ -103,10 +104,10 @@ class Thresholds:
     ``chatdb doctor --threshold NAME=VALUE``."""
 
     #: A table needs VACUUM when its dead rows are at least this share of its rows...
-    dead_ratio: float = 0.2
+    dead_ratio: float = DEAD_RATIO
     #: ... and at least this many (so a small table is not nagged about). Rows changed since
     #: the last ANALYZE are judged the same way.
-    dead_rows: int = 1000
+    dead_rows: int = DEAD_ROWS
     #: Bloat: estimated wasted space at least this share of the relation's size...
     bloat_ratio: float = 0.4
     #: ... and at least this many bytes.

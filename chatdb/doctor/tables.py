@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from chatdb import citus
+from chatdb.defaults import dead_limit
 from chatdb.doctor import shards
 from chatdb.doctor.model import FAIL, OK, SKIPPED, WARN, Finding, count, duration
 from chatdb.doctor.probe import Probe
@@ -26,17 +27,6 @@ _DELETED_BY = {
     ),
     "messages_archive": (("purge", "archive_messages"), ("archive restore", "archive_messages")),
 }
-
-
-def needs_vacuum(dead: int, live: int, dead_ratio: float, dead_rows: int) -> bool:
-    """The rule of the vacuum check (and of archive's and purge's summaries): at least
-    ``dead_rows`` dead rows, and at least ``dead_ratio`` of all rows, live and dead."""
-    return dead >= dead_limit(live + dead, dead_ratio, dead_rows)
-
-
-def dead_limit(rows: int, dead_ratio: float, dead_rows: int) -> int:
-    """The dead rows from which a table of ``rows`` rows (live and dead) needs VACUUM."""
-    return max(dead_rows, math.ceil(dead_ratio * max(rows, 0)))
 
 
 def _autovacuum_off(reloptions: list[str] | None) -> bool:

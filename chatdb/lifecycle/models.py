@@ -9,14 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatdb.defaults import DEFAULT_BATCH_SIZE, DEFAULT_JOBS, MAX_JOBS
+from chatdb.defaults import DEFAULT_DELETED_GRACE as DEFAULT_DELETED_GRACE
 from chatdb.errors import UsageError
 from chatdb.lifecycle.durations import Duration
 
-DEFAULT_BATCH_SIZE = 1000
-#: Batches in flight at once, each on a connection of its own.
-DEFAULT_JOBS = 2
-MAX_JOBS = 8
-DEFAULT_DELETED_GRACE = "30d"
 SLOW_TRANSACTION_SECONDS = 0.25  # reported: transactions longer than this
 
 

@@ -8,6 +8,7 @@ from typing import Any, cast
 from sqlalchemy import Engine, QueuePool, text
 from sqlalchemy.exc import DBAPIError
 
+from chatdb.defaults import needs_vacuum
 from chatdb.lifecycle.models import RunResult
 from chatdb.schema import conversations, conversations_archive, messages, messages_archive
 
@@ -35,13 +36,9 @@ def _changed(result: RunResult) -> dict[str, tuple[int, int]]:
 def dead_left(engine: Engine, result: RunResult) -> dict[str, int]:
     """The tables whose rows the run deleted are enough for doctor's vacuum check to warn
     (its default thresholds), against the rows each held before (the planner's count)."""
-    from chatdb.doctor.model import Thresholds
-    from chatdb.doctor.tables import needs_vacuum
-
     deleted = {table: rows for table, (rows, _) in _changed(result).items() if rows}
     if not deleted:
         return {}
-    limits = Thresholds()
     try:
         with engine.connect() as connection:
             before: dict[str, Any] = dict(
@@ -60,7 +57,7 @@ def dead_left(engine: Engine, result: RunResult) -> dict[str, int]:
     return {
         table: rows
         for table, rows in deleted.items()
-        if needs_vacuum(rows, max(int(before.get(table) or 0) - rows, 0), limits.dead_ratio, limits.dead_rows)
+        if needs_vacuum(rows, max(int(before.get(table) or 0) - rows, 0))
     }
 
 

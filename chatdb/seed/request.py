@@ -6,14 +6,10 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from chatdb.defaults import DEFAULT_CONVERSATIONS, DEFAULT_DAYS, DEFAULT_MESSAGES, DEFAULT_SEED, DEFAULT_USERS
 from chatdb.errors import UsageError
 
 USER_PREFIX = "seed-"
-DEFAULT_SEED = 42
-DEFAULT_USERS = 20
-DEFAULT_CONVERSATIONS = 100
-DEFAULT_MESSAGES = 1_000
-DEFAULT_DAYS = 365
 MAX_DAYS = 36_500
 #: Far past anything a machine seeds, and inside what the generator's counters hold.
 MAX_COUNT = 10**12

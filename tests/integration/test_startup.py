@@ -48,8 +48,18 @@ def test_version_is_answered_before_typer_is_imported():
     "args",
     [
         ["--help"],
+        ["migrate", "--help"],
+        ["migrate", "down", "--help"],
+        ["migrate", "sql", "--help"],
+        ["seed", "--help"],
+        ["archive", "--help"],
+        ["archive", "restore", "--help"],
+        ["purge", "--help"],
+        ["verify-indexes", "--help"],
         ["status", "--help"],
         ["grants", "--help"],
+        ["doctor", "--help"],
+        ["bench", "--help"],
         ["embedded", "--help"],
         ["embedded", "url", "--help"],
     ],
@@ -71,6 +81,16 @@ def test_the_help_states_the_connect_timeout_the_data_layer_applies():
     """--connect-timeout's default is declared once, in ``chatdb.defaults``, so that help
     needs no SQLAlchemy; it is the data layer's."""
     assert connect.DEFAULT_CONNECT_TIMEOUT == db.DEFAULT_CONNECT_TIMEOUT
+
+
+def test_purge_imports_neither_alembic_nor_the_doctor(migrated_db):
+    """purge checks the revision with one query, and judges the dead rows it left by
+    doctor's rule from ``chatdb.defaults``: it imports neither Alembic nor the doctor."""
+    modules = imported_modules(
+        "purge", "--older-than", "36500d", "--yes", "--json", "--database-url", migrated_db.cli_url
+    )
+    assert {"chatdb.lifecycle", "chatdb.lifecycle.vacuuming", "sqlalchemy"} <= modules
+    assert not {m for m in modules if m.split(".")[0] == "alembic" or m.startswith("chatdb.doctor")}
 
 
 def test_status_imports_neither_alembic_nor_the_doctor_nor_the_lifecycle(migrated_db):
