@@ -167,6 +167,62 @@ class Reader(threading.Thread):
         return statistics.quantiles(self.latencies, n=100)[94] * 1000
 
 
+class Stalls(threading.Thread):
+    """What the server was doing while a transaction of chatdb's stayed open past 250 ms.
+
+    It reads ``pg_stat_activity`` every 10 ms on its own connection (a superuser's, or a
+    pg_monitor member's, which sees every session): for each open transaction of a chatdb
+    session, its age, and whether, while it was open, the checkpointer was writing a
+    checkpoint's files to disk (``DataFileSync``) or the WAL was being flushed (the WAL
+    writer on ``WalSync``, or a session waiting to write WAL: ``WALWrite``). A batch that
+    waits for the disk there waits whatever its size."""
+
+    SLOW = 0.25
+    SQL = (
+        "SELECT backend_type, application_name, pid, xact_start,"
+        " extract(epoch FROM clock_timestamp() - xact_start), wait_event"
+        " FROM pg_stat_activity WHERE backend_type IN ('checkpointer', 'walwriter')"
+        " OR application_name LIKE 'chatdb %'"
+    )
+    WAL_WAITS = frozenset({"WALWrite", "WalSync", "WALSync"})
+
+    def __init__(self, url: Any) -> None:
+        super().__init__(daemon=True)
+        self.engine = create_engine(url, isolation_level="AUTOCOMMIT")
+        self.stop = threading.Event()
+        #: (pid, xact_start): [longest age seen, checkpoint sync seen, WAL flush wait seen]
+        self.transactions: dict[tuple[int, Any], list[Any]] = {}
+
+    def run(self) -> None:
+        with self.engine.connect() as connection:
+            while not self.stop.is_set():
+                rows = connection.execute(text(self.SQL)).all()
+                syncing = any(r[0] == "checkpointer" and r[5] == "DataFileSync" for r in rows)
+                flushing = any(r[5] in self.WAL_WAITS for r in rows)
+                for kind, _, pid, started, age, _ in rows:
+                    if kind != "client backend" or started is None:
+                        continue
+                    seen = self.transactions.setdefault((pid, started), [0.0, False, False])
+                    seen[0] = max(seen[0], float(age))
+                    seen[1] = seen[1] or syncing
+                    seen[2] = seen[2] or flushing
+                time.sleep(0.01)
+        self.engine.dispose()
+
+    def summary(self) -> str:
+        """The transactions seen open past 250 ms, and how many of them the disk held."""
+        slow = [seen for seen in self.transactions.values() if seen[0] > self.SLOW]
+        if not slow:
+            return "none seen open past 250 ms"
+        synced = sum(1 for _, sync, _ in slow if sync)
+        flushed = sum(1 for _, sync, flush in slow if flush and not sync)
+        return (
+            f"{len(slow)} seen open past 250 ms (longest {max(s[0] for s in slow) * 1000:.0f} ms): "
+            f"{synced} while a checkpoint's files were synced to disk, {flushed} more while the WAL "
+            f"was flushed, {len(slow) - synced - flushed} with neither"
+        )
+
+
 def columns(table: str) -> str:
     return ", ".join(column.name for column in getattr(schema, table).c)
 
@@ -295,20 +351,25 @@ class Scratch:
         keep: bool = False,
     ) -> tuple[float, int, dict[str, Any], Reader | None]:
         """``chatdb archive`` or ``purge`` on a fresh copy of ``template``, beside the
-        concurrent reader when asked: wall seconds, peak RSS, its --json, the reader. The
-        copy is dropped unless ``keep`` (then it is ``{template}_{label}``)."""
+        concurrent reader when asked: wall seconds, peak RSS, its --json (with the key
+        ``stalls``: ``Stalls.summary()``), the reader. The copy is dropped unless ``keep``
+        (then it is ``{template}_{label}``)."""
         target = self.database(f"{template}_{label}", template)
         watcher = None
         if reader:
             watcher = Reader(target)
             watcher.start()
+        stalls = Stalls(self.url)
+        stalls.start()
         elapsed, rss, stdout = run(lifecycle_command(command, older_than, target))
+        stalls.stop.set()
+        stalls.join()
         if watcher is not None:
             watcher.stop.set()
             watcher.join()
         if not keep:
             self.drop(f"{template}_{label}")
-        return elapsed, rss, json.loads(stdout), watcher
+        return elapsed, rss, {**json.loads(stdout), "stalls": stalls.summary()}, watcher
 
     def plain_sql(
         self,

@@ -162,7 +162,7 @@ def main() -> None:
             print(
                 f"{label}: {out['batches']:,} transactions ({out['jobs']} at a time), "
                 f"longest {out['longest_transaction_seconds'] * 1000:.0f} ms, "
-                f"{out['slow_transactions']} over 250 ms"
+                f"{out['slow_transactions']} over 250 ms; on the server, {out['stalls']}"
             )
         print(
             f"conversation history p95 of a concurrent reader: {reader.p95_ms():.2f} ms during the purge "
