@@ -19,12 +19,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
 from chatdb import db, embedded, patterns, schema
+from chatdb.lifecycle.guard import GUARD_KEY
 
 CHATDB = Path(sys.executable).with_name("chatdb")
 COMMAND = [str(CHATDB)] if CHATDB.exists() else [sys.executable, "-m", "chatdb"]
@@ -167,59 +169,68 @@ class Reader(threading.Thread):
         return statistics.quantiles(self.latencies, n=100)[94] * 1000
 
 
+#: The two keys of the guard's advisory lock (pg_locks' classid and objid).
+GUARD = dict(zip(("guard_1", "guard_2"), GUARD_KEY, strict=True))
+
+
 class Stalls(threading.Thread):
-    """What the server was doing while a transaction of chatdb's stayed open past 250 ms.
+    """What held a batch of chatdb's open past 250 ms.
 
     It reads ``pg_stat_activity`` every 10 ms on its own connection (a superuser's, or a
-    pg_monitor member's, which sees every session): for each open transaction of a chatdb
-    session, its age, and whether, while it was open, the checkpointer was writing a
-    checkpoint's files to disk (``DataFileSync``) or the WAL was being flushed (the WAL
-    writer on ``WalSync``, or a session waiting to write WAL: ``WALWrite``). A batch that
-    waits for the disk there waits whatever its size."""
+    pg_monitor member's, which sees every session). For each open transaction of a chatdb
+    session it keeps its age, what its session waited on at each sample (``CPU`` when on
+    nothing), and whether the checkpointer was meanwhile syncing a checkpoint's files to
+    disk (``DataFileSync``): then every session that must write WAL waits for the disk,
+    whatever its size. The guard's transaction, open the whole run by design (it holds the
+    advisory lock, and no snapshot), is left out."""
 
     SLOW = 0.25
     SQL = (
-        "SELECT backend_type, application_name, pid, xact_start,"
-        " extract(epoch FROM clock_timestamp() - xact_start), wait_event"
-        " FROM pg_stat_activity WHERE backend_type IN ('checkpointer', 'walwriter')"
-        " OR application_name LIKE 'chatdb %'"
+        "SELECT backend_type, pid, xact_start, extract(epoch FROM clock_timestamp() - xact_start),"
+        " coalesce(wait_event, CASE WHEN state = 'active' THEN 'CPU' ELSE 'client' END)"
+        " FROM pg_stat_activity a WHERE backend_type = 'checkpointer'"
+        " OR application_name LIKE 'chatdb %' AND NOT EXISTS (SELECT FROM pg_locks l"
+        " WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.classid = :guard_1 AND l.objid = :guard_2)"
     )
-    WAL_WAITS = frozenset({"WALWrite", "WalSync", "WALSync"})
 
     def __init__(self, url: Any) -> None:
         super().__init__(daemon=True)
         self.engine = create_engine(url, isolation_level="AUTOCOMMIT")
         self.stop = threading.Event()
-        #: (pid, xact_start): [longest age seen, checkpoint sync seen, WAL flush wait seen]
+        #: (pid, xact_start): (longest age seen, its session's waits, checkpoint sync seen)
         self.transactions: dict[tuple[int, Any], list[Any]] = {}
 
     def run(self) -> None:
         with self.engine.connect() as connection:
             while not self.stop.is_set():
-                rows = connection.execute(text(self.SQL)).all()
-                syncing = any(r[0] == "checkpointer" and r[5] == "DataFileSync" for r in rows)
-                flushing = any(r[5] in self.WAL_WAITS for r in rows)
-                for kind, _, pid, started, age, _ in rows:
+                rows = connection.execute(text(self.SQL), GUARD).all()
+                syncing = any(r[0] == "checkpointer" and r[4] == "DataFileSync" for r in rows)
+                for kind, pid, started, age, wait in rows:
                     if kind != "client backend" or started is None:
                         continue
-                    seen = self.transactions.setdefault((pid, started), [0.0, False, False])
+                    seen = self.transactions.setdefault((pid, started), [0.0, Counter(), False])
                     seen[0] = max(seen[0], float(age))
-                    seen[1] = seen[1] or syncing
-                    seen[2] = seen[2] or flushing
+                    seen[1][wait] += 1
+                    seen[2] = seen[2] or syncing
                 time.sleep(0.01)
         self.engine.dispose()
 
     def summary(self) -> str:
-        """The transactions seen open past 250 ms, and how many of them the disk held."""
+        """The transactions seen open past 250 ms: how many overlapped a checkpoint's sync,
+        and what their sessions waited on most."""
         slow = [seen for seen in self.transactions.values() if seen[0] > self.SLOW]
         if not slow:
             return "none seen open past 250 ms"
-        synced = sum(1 for _, sync, _ in slow if sync)
-        flushed = sum(1 for _, sync, flush in slow if flush and not sync)
+        synced = sum(1 for _, _, sync in slow if sync)
+        waits: Counter[str] = Counter()
+        for _, seen, _ in slow:
+            waits.update(seen)
+        total = sum(waits.values())
+        top = ", ".join(f"{wait} {n / total:.0%}" for wait, n in waits.most_common(3))
         return (
-            f"{len(slow)} seen open past 250 ms (longest {max(s[0] for s in slow) * 1000:.0f} ms): "
-            f"{synced} while a checkpoint's files were synced to disk, {flushed} more while the WAL "
-            f"was flushed, {len(slow) - synced - flushed} with neither"
+            f"{len(slow)} seen open past 250 ms (longest {max(s[0] for s in slow) * 1000:.0f} ms), "
+            f"{synced} of them while a checkpoint's files were synced to disk; their sessions "
+            f"waited on: {top}"
         )
 
 
@@ -284,6 +295,16 @@ class Scratch:
 
     def engine(self, name: str, **options: Any) -> Engine:
         return create_engine(self.url.set(database=name), **options)
+
+    def settings(self) -> str:
+        """The server's version and the settings that decide how its writes reach the disk:
+        a checkpoint that a run forces (past ``max_wal_size``) or WAL buffers it fills
+        (``wal_buffers``) hold batches open, whatever their size."""
+        names = ("shared_buffers", "wal_buffers", "max_wal_size", "checkpoint_timeout", "synchronous_commit")
+        with self.admin.connect() as connection:
+            version = connection.execute(text("SHOW server_version")).scalar_one()
+            shown = [f"{name} {connection.execute(text(f'SHOW {name}')).scalar_one()}" for name in names]
+        return f"PostgreSQL {version.split()[0]}: {', '.join(shown)}"
 
     def checkpoint(self) -> None:
         with self.admin.connect() as connection:

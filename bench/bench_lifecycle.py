@@ -48,6 +48,7 @@ def main() -> None:
 
     scratch = Scratch()
     try:
+        print(scratch.settings(), flush=True)
         print(f"seeding {args.messages:,} messages ...", flush=True)
         big, _ = scratch.seeded("big", args.messages)
         if args.older_than is None:

@@ -338,6 +338,7 @@ def writes(scratch: Scratch, table: Table, size: int, base: str, days: int) -> N
         table.add(label, "longest transaction", "ms", "flat", size, result["longest_transaction_seconds"])
         table.add(label, "over 250 ms", "count", "count", size, result["slow_transactions"])
         table.add(label, "batches", "count", "info", size, result["batches"])
+        print(f"{label} at {size:,} messages, on the server: {result['stalls']}", flush=True)
         ratio = (done / seconds) / (base_messages / base_s)
         expect = "aim" if command == "purge" else "info"
         table.add(f"{label} / {versus}", "messages/s, end to end", "x", expect, size, ratio, aim=1.0)
@@ -500,6 +501,7 @@ def main() -> None:
     daily: dict[str, float] | None = None
     bases: dict[int, str] = {}
     try:
+        print(scratch.settings(), flush=True)
         for size in sizes:
             bases[size], server = seeded(scratch, table, size)
         if days is None:
