@@ -20,6 +20,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +184,11 @@ class Stalls(threading.Thread):
     nothing), and whether the checkpointer was meanwhile syncing a checkpoint's files to
     disk (``DataFileSync``): then every session that must write WAL waits for the disk,
     whatever its size. The guard's transaction, open the whole run by design (it holds the
-    advisory lock, and no snapshot), is left out."""
+    advisory lock, and no snapshot), is left out.
+
+    On a Citus cluster (``workers``: their URLs) a batch's statements run on a worker: the
+    workers' checkpoints count too, and what their sessions that serve the coordinator
+    (``citus_internal``) waited on meanwhile is kept beside the batch's own waits."""
 
     SLOW = 0.25
     SQL = (
@@ -193,27 +199,46 @@ class Stalls(threading.Thread):
         " WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.classid = :guard_1 AND l.objid = :guard_2)"
     )
 
-    def __init__(self, url: Any) -> None:
+    WORKER_SQL = (
+        "SELECT backend_type, coalesce(wait_event, CASE WHEN state = 'active' THEN 'CPU' ELSE 'client' END)"
+        " FROM pg_stat_activity"
+        " WHERE backend_type = 'checkpointer' OR application_name LIKE 'citus_internal%'"
+    )
+
+    def __init__(self, url: Any, workers: Sequence[Any] = ()) -> None:
         super().__init__(daemon=True)
         self.engine = create_engine(url, isolation_level="AUTOCOMMIT")
+        self.workers = [create_engine(worker, isolation_level="AUTOCOMMIT") for worker in workers]
         self.stop = threading.Event()
-        #: (pid, xact_start): (longest age seen, its session's waits, checkpoint sync seen)
+        #: (pid, xact_start): (longest age seen, its session's waits, checkpoint sync seen,
+        #: the workers' sessions' waits meanwhile)
         self.transactions: dict[tuple[int, Any], list[Any]] = {}
 
     def run(self) -> None:
-        with self.engine.connect() as connection:
+        with self.engine.connect() as connection, ExitStack() as stack:
+            others = [stack.enter_context(worker.connect()) for worker in self.workers]
             while not self.stop.is_set():
                 rows = connection.execute(text(self.SQL), GUARD).all()
                 syncing = any(r[0] == "checkpointer" and r[4] == "DataFileSync" for r in rows)
+                remote: Counter[str] = Counter()
+                for other in others:
+                    for kind, wait in other.execute(text(self.WORKER_SQL)).all():
+                        if kind == "checkpointer":
+                            syncing = syncing or wait == "DataFileSync"
+                        elif wait != "client":
+                            remote[wait] += 1
                 for kind, pid, started, age, wait in rows:
                     if kind != "client backend" or started is None:
                         continue
-                    seen = self.transactions.setdefault((pid, started), [0.0, Counter(), False])
+                    seen = self.transactions.setdefault((pid, started), [0.0, Counter(), False, Counter()])
                     seen[0] = max(seen[0], float(age))
                     seen[1][wait] += 1
                     seen[2] = seen[2] or syncing
+                    seen[3].update(remote)
                 time.sleep(0.01)
         self.engine.dispose()
+        for worker in self.workers:
+            worker.dispose()
 
     def summary(self) -> str:
         """The transactions seen open past 250 ms: how many overlapped a checkpoint's sync,
@@ -221,17 +246,26 @@ class Stalls(threading.Thread):
         slow = [seen for seen in self.transactions.values() if seen[0] > self.SLOW]
         if not slow:
             return "none seen open past 250 ms"
-        synced = sum(1 for _, _, sync in slow if sync)
+        synced = sum(1 for seen in slow if seen[2])
         waits: Counter[str] = Counter()
-        for _, seen, _ in slow:
-            waits.update(seen)
-        total = sum(waits.values())
-        top = ", ".join(f"{wait} {n / total:.0%}" for wait, n in waits.most_common(3))
-        return (
+        remote: Counter[str] = Counter()
+        for seen in slow:
+            waits.update(seen[1])
+            remote.update(seen[3])
+        line = (
             f"{len(slow)} seen open past 250 ms (longest {max(s[0] for s in slow) * 1000:.0f} ms), "
             f"{synced} of them while a checkpoint's files were synced to disk; their sessions "
-            f"waited on: {top}"
+            f"waited on: {_shares(waits)}"
         )
+        if self.workers:
+            line += f"; the workers' sessions meanwhile on: {_shares(remote)}"
+        return line
+
+
+def _shares(counts: Counter[str]) -> str:
+    """The three most frequent, with their shares: ``WALWrite 84%, CPU 11%, ...``."""
+    total = sum(counts.values())
+    return ", ".join(f"{what} {n / total:.0%}" for what, n in counts.most_common(3)) if total else "nothing"
 
 
 def columns(table: str) -> str:

@@ -44,9 +44,17 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from _harness import COMMAND, Reader, lifecycle_command, moving, plain_archive, run  # bench/ is on sys.path
+from _harness import (  # bench/ is on sys.path
+    COMMAND,
+    Reader,
+    Stalls,
+    lifecycle_command,
+    moving,
+    plain_archive,
+    run,
+)
 
-from chatdb import patterns
+from chatdb import db, patterns
 from chatdb.schema import messages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -76,6 +84,17 @@ class Target:
 
     def url(self, name: str) -> str:
         return self.cluster.url(name)
+
+    def stalls(self) -> Stalls:
+        """A started ``Stalls`` on the coordinator, watching the workers too on the cluster."""
+
+        def url(node: servers.CitusNode) -> Any:
+            return db.parse_url(f"postgresql://postgres@localhost:{node.port}/postgres")
+
+        workers = self.cluster.workers if self.citus else []
+        stalls = Stalls(url(self.cluster.coordinator), [url(worker) for worker in workers])
+        stalls.start()
+        return stalls
 
     def create(self, name: str) -> str:
         if self.citus:
@@ -181,17 +200,23 @@ def measure(target: Target, label: str, size: int, older_than: str | None) -> di
     copy = target.copy(f"{base}_purge", base)
     reader = History(copy)
     reader.start()
+    stalls = target.stalls()
     out["purge_s"], _, stdout = run(lifecycle_command("purge", older_than, copy))
+    stalls.stop.set()
+    stalls.join()
     reader.stop.set()
     reader.join()
-    out["purge"] = json.loads(stdout)
+    out["purge"] = {**json.loads(stdout), "stalls": stalls.summary()}
     out["p95_purge_ms"] = reader.p95_ms()
     out["p95_purge_queries"] = len(reader.latencies)
     target.drop(f"{base}_purge")
 
     copy = target.copy(f"{base}_archive", base)
+    stalls = target.stalls()
     out["archive_s"], _, stdout = run(lifecycle_command("archive", older_than, copy))
-    out["archive"] = json.loads(stdout)
+    stalls.stop.set()
+    stalls.join()
+    out["archive"] = {**json.loads(stdout), "stalls": stalls.summary()}
     target.drop(f"{base}_archive")
     target.drop(base)
     return out
@@ -260,6 +285,8 @@ def report(results: dict, size: int) -> None:
             f"{out['p95_quiet_ms']:.2f} ms alone, {out['p95_purge_ms']:.2f} ms during the purge "
             f"({out['p95_purge_queries']:,} queries)"
         )
+        print(f"  purge, on the servers: {purge['stalls']}")
+        print(f"  archive, on the servers: {archive['stalls']}")
         if purge["done"]["messages"] != out["delete_messages"]:
             print(
                 f"  warning: purge deleted {purge['done']['messages']:,},"
