@@ -39,6 +39,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from chatdb.cli import closed_pipe
 from chatdb.cli.boundary import error_boundary
 from chatdb.cli.connect import with_database_options
+from chatdb.cli.values import convert_plainly
 
 if TYPE_CHECKING:
     from typer._click import Command, Parameter
@@ -120,10 +121,12 @@ else:
 class ChatdbHelp(_Command):
     """Help as every chatdb command shows it: no type label beside a flag (Typer labels it
     ``<bool>``, though a flag takes no value) or an argument (``<str>``: its name and help
-    say what it is), and 141 when the reader has gone."""
+    say what it is), and 141 when the reader has gone. Its parameters convert their plain
+    values without pydantic (``chatdb.cli.values``)."""
 
     def get_params(self, ctx: ClickContext) -> list[Parameter]:
         params = super().get_params(ctx)
+        convert_plainly(params)
         for param in params:
             if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
                 param.metavar = ""
