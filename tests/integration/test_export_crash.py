@@ -34,27 +34,41 @@ from chatdb import lifecycle, migrations
 CHATDB = (sys.executable, "-m", "chatdb")
 
 
-def exactly_the_archive(db, export: Path, kept: int = 0) -> list[dict]:
-    """The export's lines after its first ``kept`` ones are exactly the archive tables:
-    each archived conversation once, with its messages, as it is there."""
-    raw = export.read_bytes()
+def lines_of(export: Path, start: int = 0, end: int | None = None) -> list[dict]:
+    """The export's lines between two byte offsets (each batch's lines are whole lines,
+    and in ``.gz`` whole gzip members)."""
+    raw = export.read_bytes()[start:end]
     raw = gzip.decompress(raw) if export.name.endswith(".gz") else raw
-    lines = [json.loads(line) for line in raw.decode().splitlines()][kept:]
-    exported = [uuid.UUID(line["conversation"]["id"]) for line in lines]
-    archived = ids(db, "SELECT id FROM conversations_archive")
+    return [json.loads(line) for line in raw.decode().splitlines()]
+
+
+def conversations_in(lines: list[dict]) -> list[uuid.UUID]:
+    return [uuid.UUID(line["conversation"]["id"]) for line in lines]
+
+
+def assert_exactly(db, lines: list[dict], moved: set, moved_messages: set) -> None:
+    """``lines`` hold each conversation of ``moved`` once, as it is in the archive, with
+    exactly the messages of ``moved_messages``."""
+    exported = conversations_in(lines)
     assert len(exported) == len(set(exported)), "a conversation is in the export twice"
-    assert set(exported) == archived
-    assert {uuid.UUID(m["id"]) for line in lines for m in line["messages"]} == ids(
-        db, "SELECT id FROM messages_archive"
-    )
+    assert set(exported) == moved
+    assert {uuid.UUID(m["id"]) for line in lines for m in line["messages"]} == moved_messages
     rows = {
         uuid.UUID(row["id"]): row
         for row in (
-            json.loads(raw_row)
-            for raw_row in ids(db, "SELECT (to_jsonb(c) - 'archived_at')::text FROM conversations_archive c")
+            json.loads(raw)
+            for raw in ids(db, "SELECT (to_jsonb(c) - 'archived_at')::text FROM conversations_archive c")
         )
     }
     assert all(rows[uuid.UUID(line["conversation"]["id"])] == line["conversation"] for line in lines)
+
+
+def exactly_the_archive(db, export: Path, kept: int = 0) -> list[dict]:
+    """The export's lines after its first ``kept`` ones are exactly the archive tables:
+    each archived conversation once, with its messages, as it is there."""
+    lines = lines_of(export)[kept:]
+    archived = ids(db, "SELECT id FROM conversations_archive")
+    assert_exactly(db, lines, archived, ids(db, "SELECT id FROM messages_archive"))
     return lines
 
 

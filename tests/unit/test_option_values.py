@@ -81,7 +81,7 @@ def test_a_plain_value_converts_as_typer_converts_it(label, command, param):
         assert decided, f"{label}: no plain value of {descriptor.annotation} was converted here"
 
 
-def test_every_command_parses_without_pydantic_in_its_plain_cases():
+def test_every_parameter_of_every_command_gets_the_plain_conversion():
     """The conversion is installed on the parameters Typer parses (its command classes'
     ``get_params``): none keeps Typer's pydantic conversion."""
     for _, command, param in PARAMETERS:

@@ -95,6 +95,26 @@ def crash_coordinator(db, then=None) -> None:
             pg_ctl(cluster, "-l", str(cluster.coordinator.data / "server.log"), "-w", "start")
 
 
+def crash_while_a_worker_commits(db, process) -> None:
+    """Hold the workers' commits, wait until a batch of ``process`` is inside one (its
+    commit record written, waiting for the absent standby), and crash the coordinator;
+    the workers' commits are let go while it is down."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND backend_type = 'client backend' AND wait_event = 'SyncRep'"
+    )
+    try:
+        hold_worker_commits(db, True)
+        deadline = time.monotonic() + 60
+        while not on_workers(db, waiting):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no batch reached its worker's commit"
+            time.sleep(0.01)
+        crash_coordinator(db, then=lambda: hold_worker_commits(db, False))
+    finally:
+        hold_worker_commits(db, False)
+
+
 def assert_batches_and_counts_together(db, cli, before, process) -> None:
     process.communicate(timeout=120)
     assert process.returncode != 0  # its server went away under it
@@ -130,18 +150,5 @@ def test_a_coordinator_crash_during_purge_separates_no_batch_from_its_audit_row(
 def test_a_coordinator_crash_while_a_worker_commits_a_batch_keeps_it_with_its_counts(citus_migrated_db, cli):
     db = citus_migrated_db
     before, process = start_purge(db)
-    waiting = (
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND backend_type = 'client backend' AND wait_event = 'SyncRep'"
-    )
-    try:
-        hold_worker_commits(db, True)
-        deadline = time.monotonic() + 60
-        while not on_workers(db, waiting):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no batch reached its worker's commit"
-            time.sleep(0.01)
-        crash_coordinator(db, then=lambda: hold_worker_commits(db, False))
-    finally:
-        hold_worker_commits(db, False)
+    crash_while_a_worker_commits(db, process)
     assert_batches_and_counts_together(db, cli, before, process)

@@ -16,20 +16,16 @@ not exist), that batch's lines already in the file. Each runs with ``.jsonl`` an
 
 from __future__ import annotations
 
-import gzip
-import json
-import time
-import uuid
 from pathlib import Path
 
 import pytest
+from test_export_crash import assert_exactly, conversations_in, lines_of
 from test_lifecycle import _start, _wait_for_batches, checksum, ids, predicted_archive, run_json, state
 
 from citus.test_coordinator_crash import (
     ORPHANS,
     crash_coordinator,
-    hold_worker_commits,
-    on_workers,
+    crash_while_a_worker_commits,
     prepared_on_workers,
 )
 from citus.test_lifecycle import MUNION, UNION, populate
@@ -44,35 +40,6 @@ SPLIT = (
     " ON c.user_id = m.user_id AND c.id = m.conversation_id"
 )
 SUFFIXES = pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
-
-
-def lines_of(export: Path, start: int = 0, end: int | None = None) -> list[dict]:
-    """The export's lines between two byte offsets (each batch's lines are whole lines,
-    and in ``.gz`` whole gzip members)."""
-    raw = export.read_bytes()[start:end]
-    raw = gzip.decompress(raw) if export.name.endswith(".gz") else raw
-    return [json.loads(line) for line in raw.decode().splitlines()]
-
-
-def conversations_in(lines: list[dict]) -> list[uuid.UUID]:
-    return [uuid.UUID(line["conversation"]["id"]) for line in lines]
-
-
-def assert_exactly(db, lines: list[dict], moved: set, moved_messages: set) -> None:
-    """``lines`` hold each conversation of ``moved`` once, as it is in the archive, with
-    exactly the messages of ``moved_messages``."""
-    exported = conversations_in(lines)
-    assert len(exported) == len(set(exported)), "a conversation is in the export twice"
-    assert set(exported) == moved
-    assert {uuid.UUID(m["id"]) for line in lines for m in line["messages"]} == moved_messages
-    rows = {
-        uuid.UUID(row["id"]): row
-        for row in (
-            json.loads(raw)
-            for raw in ids(db, "SELECT (to_jsonb(c) - 'archived_at')::text FROM conversations_archive c")
-        )
-    }
-    assert all(rows[uuid.UUID(line["conversation"]["id"])] == line["conversation"] for line in lines)
 
 
 def start_archive(db, export: Path):
@@ -174,19 +141,6 @@ def test_a_coordinator_crash_while_a_worker_commits_an_export_batch_leaves_each_
     db = citus_migrated_db
     export = tmp_path / f"archive{suffix}"
     before, unions, process = start_archive(db, export)
-    waiting = (
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND backend_type = 'client backend' AND wait_event = 'SyncRep'"
-    )
-    try:
-        hold_worker_commits(db, True)
-        deadline = time.monotonic() + 60
-        while not on_workers(db, waiting):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no batch reached its worker's commit"
-            time.sleep(0.01)
-        crash_coordinator(db, then=lambda: hold_worker_commits(db, False))
-    finally:
-        hold_worker_commits(db, False)
+    crash_while_a_worker_commits(db, process)
     pending = assert_each_conversation_once(db, cli, export, before, unions, process)
     assert pending, "the lines of the batch in its worker's commit are not in the file"
