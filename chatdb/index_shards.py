@@ -12,7 +12,7 @@ from sqlalchemy import Connection
 
 from chatdb import citus
 from chatdb.index_facts import Declared, quote
-from chatdb.indexes import DISTRIBUTION, FAIL, OK, SHARDS, Check
+from chatdb.index_report import DISTRIBUTION, FAIL, OK, SHARDS, Check
 from chatdb.schema import DISTRIBUTED_TABLES, DISTRIBUTION_COLUMN
 
 

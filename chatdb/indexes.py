@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from sqlalchemy import Connection, Engine, text
 
@@ -44,60 +44,27 @@ from chatdb.index_facts import (
     read_index_facts,
     table_oids,
 )
+from chatdb.index_report import (
+    DEFINITION,
+    DUPLICATE,
+    FAIL,
+    FOREIGN_KEY,
+    OK,
+    PRESENT,
+    QUERY,
+    REDUNDANT,
+    REVISION,
+    TABLE,
+    UNEXPECTED,
+    VALID,
+    Check,
+    VerifyReport,
+)
+from chatdb.index_shards import shard_checks
 from chatdb.schema import CHATDB_TABLES
-
-OK = "ok"
-FAIL = "fail"
-
-#: The names of the checks, as reports show them.
-REVISION = "revision"
-TABLE = "table"
-PRESENT = "present"
-DEFINITION = "definition"
-VALID = "valid"
-UNEXPECTED = "unexpected"
-DUPLICATE = "duplicate"
-REDUNDANT = "redundant"
-FOREIGN_KEY = "foreign key"
-QUERY = "query"
-#: On Citus: how a table is distributed, and the indexes of each of its shard placements.
-DISTRIBUTION = "distribution"
-SHARDS = "shards"
 
 #: Planner settings for the query proof, each SET LOCAL in a rolled-back transaction.
 PINNED_PLANNER = ("enable_seqscan", "enable_bitmapscan", "enable_sort")
-
-
-@dataclass(frozen=True)
-class Check:
-    """One check that ran: ``status`` is ``ok`` or ``fail``; ``fix`` says what to run."""
-
-    table: str | None
-    index: str | None
-    check: str
-    status: str
-    detail: str
-    fix: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.status == FAIL
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    current: str | None
-    head: str
-    checks: list[Check] = field(default_factory=list)
-    elapsed: float = 0.0
-
-    @property
-    def findings(self) -> list[Check]:
-        return [check for check in self.checks if check.failed]
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings
 
 
 # --- the checks -----------------------------------------------------------------------------
@@ -142,8 +109,6 @@ def verify_indexes(engine: Engine, *, allow_extra: bool = False) -> VerifyReport
         checks.extend(_table_checks(declared, oids, live, expected, unbuildable, allow_extra, foreign_keys))
         layout = citus.cluster(connection)
         if layout is not None:
-            from chatdb.index_shards import shard_checks  # on Citus only; it builds on this module's checks
-
             checks.extend(shard_checks(connection, layout, oids, declared))
         connection.rollback()
         checks.extend(_query_checks(connection, declared, oids, live, expected, on_citus=layout is not None))
