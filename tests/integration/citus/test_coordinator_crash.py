@@ -20,9 +20,7 @@ import time
 
 import psycopg
 import servers
-from test_lifecycle import _start, _wait_for_batches, predicted_purge, run_json, state
-
-from citus.test_lifecycle import populate
+from test_lifecycle import _start, _wait_for_batches, populate, predicted_purge, run_json, state
 
 #: chatdb_runs.counts of a purge, by the table each counts.
 COUNTS = {

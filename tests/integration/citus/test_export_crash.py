@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 from test_export_crash import assert_exactly, conversations_in, lines_of
-from test_lifecycle import _start, _wait_for_batches, checksum, ids, predicted_archive, run_json, state
+from test_lifecycle import (
+    _start,
+    _wait_for_batches,
+    checksum,
+    ids,
+    populate,
+    predicted_archive,
+    run_json,
+    state,
+)
 
 from citus.test_coordinator_crash import (
     ORPHANS,
@@ -28,7 +37,7 @@ from citus.test_coordinator_crash import (
     crash_while_a_worker_commits,
     prepared_on_workers,
 )
-from citus.test_lifecycle import MUNION, UNION, populate
+from citus.test_lifecycle import MUNION, UNION
 
 #: Messages in the archive without their conversation there (or with it still hot).
 ARCHIVE_ORPHANS = (

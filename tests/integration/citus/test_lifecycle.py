@@ -23,6 +23,7 @@ from test_lifecycle import (
     checksum,
     engine_for,
     ids,
+    populate,
     predicted_archive,
     predicted_purge,
     run_json,
@@ -41,58 +42,6 @@ MUNION = (
     "(SELECT id, conversation_id, content, created_at, deleted_at FROM messages"
     " UNION ALL SELECT id, conversation_id, content, created_at, deleted_at FROM messages_archive)"
 )
-
-
-def populate(db, conversations: int = 400, users: int = 12) -> None:
-    """tests/integration/test_lifecycle.py's populate, written as Citus takes it: conversations idle
-    for 0..399 days, one in seven soft-deleted, one to six messages each (one in five
-    soft-deleted), an application user with no conversations, and a share of the old
-    conversations already archived."""
-    db.execute(
-        "INSERT INTO users (id, email, name) SELECT 'u' || g, 'u' || g || '@example.com', 'User ' || g"
-        " FROM generate_series(1, :users) g",
-        users=users,
-    )
-    db.execute("INSERT INTO users (id, email) VALUES ('app-only', 'app@example.com')")
-    db.execute(
-        """
-        INSERT INTO conversations (id, user_id, title, metadata, created_at, updated_at, deleted_at)
-        SELECT gen_random_uuid(), 'u' || (g % :users + 1), 'chat ' || g, jsonb_build_object('n', g),
-               now() - make_interval(days => g % 400 + 1, hours => 3),
-               now() - make_interval(days => g % 400, hours => 3),
-               CASE WHEN g % 7 = 0 THEN now() - make_interval(days => g % 60, hours => 2) END
-        FROM generate_series(1, :n) g
-        """,
-        n=conversations,
-        users=users,
-    )
-    db.execute(
-        """
-        INSERT INTO messages
-          (conversation_id, user_id, role, content, metadata, tool_calls, created_at, deleted_at)
-        SELECT c.id, c.user_id, CASE WHEN k % 2 = 1 THEN 'user' ELSE 'assistant' END,
-               'message ' || k || ' of ' || c.title,
-               CASE WHEN k % 2 = 0 THEN '{"model": "gpt-4o"}'::jsonb END,
-               CASE WHEN k = 2 THEN '[{"name": "add_task"}]'::jsonb END,
-               c.created_at + make_interval(mins => k),
-               CASE WHEN k % 5 = 0 THEN now() - make_interval(days => (k * 17) % 60, hours => 1) END
-        FROM conversations c, generate_series(1, 1 + abs(hashtext(c.id::text)) % 6) k
-        """
-    )
-    chosen = ids(
-        db,
-        "SELECT id FROM conversations WHERE updated_at < now() - interval '200 days'"
-        " AND deleted_at IS NULL ORDER BY id LIMIT 40",
-    )
-    params = {"ids": list(chosen)}
-    db.execute(
-        "INSERT INTO conversations_archive SELECT *, now() FROM conversations WHERE id = ANY(:ids)", **params
-    )
-    db.execute(
-        "INSERT INTO messages_archive SELECT m.*, now() FROM messages m WHERE conversation_id = ANY(:ids)",
-        **params,
-    )
-    db.execute("DELETE FROM conversations WHERE id = ANY(:ids)", **params)
 
 
 def test_a_batch_locks_its_rows_with_a_router_query_on_one_shard(citus_migrated_db):
