@@ -16,8 +16,6 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.dialects import postgresql
 from test_lifecycle import (
-    GRACE_DAYS,
-    RETENTION_DAYS,
     _start,
     _wait_for_batches,
     checksum,
@@ -26,6 +24,7 @@ from test_lifecycle import (
     populate,
     predicted_archive,
     predicted_purge,
+    purge_exactly_as_predicted,
     run_json,
     state,
 )
@@ -80,32 +79,7 @@ def test_a_batch_locks_its_rows_with_a_router_query_on_one_shard(citus_migrated_
 @pytest.mark.parametrize("jobs", [1, 3])
 def test_purge_deletes_exactly_what_sql_predicts_hot_and_archive(citus_migrated_db, jobs):
     db = citus_migrated_db
-    populate(db)
-    users_before = checksum(db, "users")
-    before = state(db)
-    engine = engine_for(db)
-    try:
-        plan = lifecycle.plan_purge(
-            engine, lifecycle.parse_duration(f"{RETENTION_DAYS}d"), lifecycle.parse_duration(f"{GRACE_DAYS}d")
-        )
-        gone = predicted_purge(db, plan.cutoff, plan.deleted_cutoff)
-        result = lifecycle.purge(engine, plan, lifecycle.RunOptions(batch_size=7, jobs=jobs))
-    finally:
-        engine.dispose()
-    after = state(db)
-    for table, rows in before.items():
-        assert after[table] == rows - gone[table], table
-    assert all(gone[table] for table in gone)
-    assert all(after[table] for table in ("conversations", "messages"))
-    assert result.done.as_dict() == {
-        "conversations": len(gone["conversations"]),
-        "messages": len(gone["messages"]),
-        "archive_conversations": len(gone["conversations_archive"]),
-        "archive_messages": len(gone["messages_archive"]),
-    }
-    assert result.done.as_dict() == plan.counts.as_dict()
-    assert result.batches > 6
-    assert checksum(db, "users") == users_before
+    result, gone = purge_exactly_as_predicted(db, jobs)
     run = db.scalar("SELECT counts FROM chatdb_runs WHERE id = :i", i=result.run_id)
     assert (run["conversations"], run["messages"]) == (len(gone["conversations"]), len(gone["messages"]))
 
