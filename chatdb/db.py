@@ -181,22 +181,30 @@ def _values(value: str | tuple[str, ...]) -> tuple[str, ...]:
 
 def mask_url(url: URL) -> str:
     """The URL as chatdb shows it: its parsed parts, with the password of the userinfo and
-    of a ``password`` parameter replaced by ***."""
+    the value of every parameter named like a password (``password``, ``sslpassword``, in
+    any case: a misspelt one is a secret too) replaced by ***."""
     shown = url.set(drivername="postgresql", query={}).render_as_string(hide_password=True)
     if url.query:  # rendered as SQLAlchemy renders it, but a password is *** unencoded
         shown += "?" + "&".join(
-            f"{quote_plus(key)}={'***' if key == 'password' else quote_plus(value)}"
+            f"{quote_plus(key)}={'***' if _is_password(key) else quote_plus(value)}"
             for key in sorted(url.query)
             for value in _values(url.query[key])
         )
     return shown
 
 
+def _is_password(key: str) -> bool:
+    return "password" in key.lower()
+
+
 # In free text (a driver's message, a recorded argument) a URL's userinfo runs to the last
-# "@" of its word, so that a password holding a raw "@" is covered whole; a ``password``
-# keyword (libpq keyword/value string, or URL parameter) runs to its end, quoted or not.
+# "@" of its word, so that a password holding a raw "@" is covered whole; a keyword named
+# like a password (``password``, ``sslpassword``: libpq keyword/value string, or URL
+# parameter) runs to its end, quoted or not.
 _TEXT_USERINFO = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)\S*@", re.I)
-_TEXT_PASSWORD = re.compile(r"(?P<head>(?:^|(?<=[\s?&]))password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|[^\s&]*)", re.I)
+_TEXT_PASSWORD = re.compile(
+    r"(?P<head>(?:^|(?<=[\s?&]))\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|[^\s&]*)", re.I
+)
 
 
 def mask_text(message: str) -> str:

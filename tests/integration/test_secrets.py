@@ -278,6 +278,18 @@ def test_bad_ports_and_parameters_exit_2_with_one_line(cli, url, says):
 # --- connection errors, against real servers ------------------------------------------------
 
 
+@pytest.mark.parametrize("key", ["sslpassword", "Password"])
+def test_a_password_parameter_of_any_name_is_never_shown(cli, key):
+    """The client key's passphrase (sslpassword), and a password parameter misspelt, which
+    libpq refuses by repeating the URL."""
+    url = f"postgresql://ops:hunter2@127.0.0.1:{free_port()}/chat?{key}=TopSecretKeyPass"
+    for as_json in ([], ["--json"]):
+        result = cli("status", *as_json, "--connect-timeout", "0", "--database-url", url)
+        assert result.exit_code in (2, 3), result.output
+        assert "hunter2" not in shown(result)
+        assert "TopSecretKeyPass" not in shown(result), shown(result)
+
+
 @pytest.mark.parametrize("password", PASSWORDS)
 def test_unreachable_server_and_bad_parameters_never_show_the_password(cli, password):
     port = free_port()  # nothing listens there: connection refused

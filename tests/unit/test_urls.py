@@ -43,6 +43,10 @@ def test_the_schemes_providers_print_are_read_for_psycopg(scheme):
             "postgresql://ops@/chat?host=/run/postgresql&host=/tmp",
             "postgresql://ops@/chat?host=%2Frun%2Fpostgresql&host=%2Ftmp",
         ),
+        (  # the client key's passphrase, and a password parameter misspelt
+            f"postgresql://ops@db.example.com/chat?sslpassword={ENCODED}&Password={ENCODED}",
+            "postgresql://ops@db.example.com/chat?Password=***&sslpassword=***",
+        ),
     ],
 )
 def test_a_url_is_shown_with_its_passwords_masked(raw, shown):
@@ -71,6 +75,11 @@ def test_a_url_is_shown_with_its_passwords_masked(raw, shown):
             "postgresql://ops@db/chat?sslmode=require&password=***",
         ),
         ("PASSWORD = hunter2", "PASSWORD = ***"),
+        ("host=db sslpassword=TopSecret password=hunter2", "host=db sslpassword=*** password=***"),
+        (
+            "postgresql://ops@db/chat?sslpassword=TopSecret&sslmode=require",
+            "postgresql://ops@db/chat?sslpassword=***&sslmode=require",
+        ),
     ],
 )
 def test_free_text_is_masked_where_a_password_stands(text, masked):
