@@ -14,13 +14,14 @@ Here every phase goes in keyset order over ``(shard, user_id, id)``:
   whole (a router query), WHERE clause and lock included. The worker's PostgreSQL
   re-checks the condition on the newest version of each row once it is locked, exactly
   as on one server.
-- Everything the batch then does (copy, move, delete, the export's lines) names the same
-  users, so it goes to the same shard; the audit row (``chatdb_runs``, on the
-  coordinator) is updated in the same transaction, as on one server. ``chatdb_runs`` is
-  a Citus local table (``chatdb migrate`` adds it to Citus's metadata): Citus updates it
-  by its local execution, which makes it commit the transaction in two phases (PREPARE
-  TRANSACTION on the worker, the commit decided by the coordinator's own), so a crash
-  of the coordinator cannot keep the batch's rows without its counts.
+- Everything the batch then does (copy, move, delete, the export's lines) names its rows
+  by their whole key (id, user_id) and the same users, so it goes to the same shard; the
+  audit row (``chatdb_runs``, on the coordinator) is updated in the same transaction, as
+  on one server. ``chatdb_runs`` is a Citus local table (``chatdb migrate`` adds it to
+  Citus's metadata): Citus updates it by its local execution, which makes it commit the
+  transaction in two phases (PREPARE TRANSACTION on the worker, the commit decided by
+  the coordinator's own), so a crash of the coordinator cannot keep the batch's rows
+  without its counts.
 
 The position after a batch is (shard's ordinal, user_id, id) of its last row; ``user_id``
 is ordered by its bytes (``COLLATE "C"``), which is Python's order of ``str``. A user or
@@ -58,8 +59,8 @@ from sqlalchemy.dialects.postgresql import TEXT, UUID
 from chatdb import citus
 from chatdb.errors import StateError
 from chatdb.lifecycle.models import Plan, Tally
-from chatdb.lifecycle.phases import PURGED, Phase, Taken, taken_from
-from chatdb.lifecycle.statements import archivable, ids_param, restorable, skip_locked
+from chatdb.lifecycle.phases import PURGED, Apply, Phase, Taken, taken_from
+from chatdb.lifecycle.statements import archivable, ids_param, keyed, restorable, skip_locked
 from chatdb.schema import (
     CITUS_LOCAL_TABLES,
     DISTRIBUTED_TABLES,
@@ -69,10 +70,6 @@ from chatdb.schema import (
     messages,
     messages_archive,
 )
-
-#: What one batch does with the rows it locked: ``apply(connection, users, ids)``, the
-#: users (all on one shard) and the ids of the rows.
-Apply = Callable[[Connection, list[str], list[uuid.UUID]], Tally]
 
 #: A user of a pass: (the ordinal of their shard, user_id).
 Entry = tuple[int, str]
@@ -192,10 +189,9 @@ def by_shard(table: Table, condition: Any, apply: Apply) -> tuple[Callable[..., 
         rows = connection.execute(_pick(table, condition, users, limit, row)).all()
         if not rows:
             return Taken(0, (ordinal, users[-1], PAST_USER))
-        users = list(dict.fromkeys(user for user, _ in rows))
-        ids = [row[1] for row in rows]
+        users, ids = [row[0] for row in rows], [row[1] for row in rows]
         last = (ordinal, rows[-1][0], rows[-1][1])
-        return Taken(len(rows), last, apply(connection, users, ids), ids, users)
+        return Taken(len(rows), last, apply(connection, ids, users), ids, users)
 
     return take, shards
 
@@ -222,7 +218,7 @@ def _copy_rows(source: Table, target: Table, columns: Table, condition: str) -> 
 def _copy(source: Table, target: Table) -> TextClause:
     """Insert into ``target`` the batch's conversations of ``source`` (locked by the
     batch: they cannot change between this copy and their delete)."""
-    return _copy_rows(source, target, conversations, "id = ANY(:ids)")
+    return _copy_rows(source, target, conversations, keyed())
 
 
 @cache
@@ -234,7 +230,7 @@ def _copy_messages(source: Table, target: Table) -> TextClause:
     follows (on one server, one ``DELETE ... RETURNING`` feeding an ``INSERT`` does both:
     Citus would carry those rows through the coordinator). The row count is the
     messages copied."""
-    return _copy_rows(source, target, messages, "conversation_id = ANY(:ids) FOR UPDATE")
+    return _copy_rows(source, target, messages, f"{keyed('conversation_id')} FOR UPDATE")
 
 
 @cache
@@ -247,15 +243,15 @@ def _delete_conversations(parent: Table, child: Table) -> TextClause:
     cascade, which runs once the statement has finished, finds none left."""
     return _bound(
         f'WITH gone_messages AS (DELETE FROM "{child.name}" WHERE user_id = ANY(:users)'
-        " AND conversation_id = ANY(:ids) RETURNING 1),"
-        f' gone AS (DELETE FROM "{parent.name}" WHERE user_id = ANY(:users) AND id = ANY(:ids) RETURNING 1)'
+        f" AND {keyed('conversation_id')} RETURNING 1),"
+        f' gone AS (DELETE FROM "{parent.name}" WHERE user_id = ANY(:users) AND {keyed()} RETURNING 1)'
         " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_messages)"
     )
 
 
 @cache
 def _delete(table: Table) -> TextClause:
-    return _bound(f'DELETE FROM "{table.name}" WHERE user_id = ANY(:users) AND id = ANY(:ids)')
+    return _bound(f'DELETE FROM "{table.name}" WHERE user_id = ANY(:users) AND {keyed()}')
 
 
 def _mover(parent: Table, child: Table, to_parent: Table, to_child: Table, hot: bool) -> Apply:
@@ -264,7 +260,7 @@ def _mover(parent: Table, child: Table, to_parent: Table, to_child: Table, hot: 
     lock (copy the conversations; lock and copy the messages; delete both). ``hot``: they
     leave the hot tables (archive), or the archive (restore)."""
 
-    def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
+    def apply(connection: Connection, ids: list[uuid.UUID], users: list[str]) -> Tally:
         params = {"users": users, "ids": ids}
         connection.execute(_copy(parent, to_parent), params)
         moved_messages = connection.execute(_copy_messages(child, to_child), params).rowcount
@@ -288,7 +284,7 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
     """Delete the batch's conversations and their messages, and count both exactly (see
     ``_delete_conversations``)."""
 
-    def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
+    def apply(connection: Connection, ids: list[uuid.UUID], users: list[str]) -> Tally:
         params = {"users": users, "ids": ids}
         n_conversations, n_messages = connection.execute(_delete_conversations(parent, child), params).one()
         return taken_from(hot, n_conversations, n_messages)
@@ -297,7 +293,7 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
 
 
 def delete_messages(table: Table, hot: bool) -> Apply:
-    def apply(connection: Connection, users: list[str], ids: list[uuid.UUID]) -> Tally:
+    def apply(connection: Connection, ids: list[uuid.UUID], users: list[str]) -> Tally:
         n = connection.execute(_delete(table), {"users": users, "ids": ids}).rowcount
         return taken_from(hot, 0, n)
 

@@ -17,18 +17,19 @@ from sqlalchemy import Connection, Select, Table, TextClause, exists, select
 from chatdb import patterns
 from chatdb.lifecycle import statements
 from chatdb.lifecycle.models import Plan, Tally
-from chatdb.lifecycle.statements import WINDOW, archivable, delete_ids, restorable
+from chatdb.lifecycle.statements import WINDOW, archivable, delete_keyed, restorable
 from chatdb.schema import conversations, conversations_archive, messages, messages_archive
 
-#: What one batch does with the ids of the rows it locked, in its transaction.
-Apply = Callable[[Connection, list[uuid.UUID]], Tally]
+#: What one batch does with the rows it locked, in its transaction: ``apply(connection,
+#: ids, users)``, each row's id and user_id (its key: see ``statements.KEYS``).
+Apply = Callable[[Connection, list[uuid.UUID], list[str]], Tally]
 
 
 @dataclass
 class Taken:
     """What one batch did: the rows it picked (and locked), the position after them (see
-    Phase), its counts, and the ids of the conversations it took (for the export), with
-    their users when the tables are distributed (``chatdb.lifecycle.distributed``). A
+    Phase), its counts, and the keys of the conversations it took (for the export): their
+    ids and, in the same order, their users. A
     keyset batch that picked nothing but has a ``last`` found only rows other sessions
     hold up to that position: the pass goes on after it."""
 
@@ -36,7 +37,7 @@ class Taken:
     last: Any = None
     tally: Tally = field(default_factory=Tally)
     ids: list[uuid.UUID] = field(default_factory=list)
-    users: list[str] | None = None
+    users: list[str] = field(default_factory=list)
 
 
 #: ``take(connection, limit, after)``: see Phase.
@@ -88,11 +89,11 @@ def _mover(copy: TextClause, move: TextClause, source: Table, hot: bool) -> Appl
     delete the conversations from ``source``. No message remains to cascade to: adding
     one needs a lock on its conversation, which the batch's transaction holds."""
 
-    def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
-        params = {"ids": ids}
+    def apply(connection: Connection, ids: list[uuid.UUID], users: list[str]) -> Tally:
+        params = {"ids": ids, "users": users}
         connection.execute(copy, params)
         moved_messages = connection.execute(move, params).rowcount
-        moved = connection.execute(delete_ids(source, ids)).rowcount
+        moved = connection.execute(delete_keyed(source), params).rowcount
         return taken_from(hot, moved, moved_messages)
 
     return apply
@@ -107,26 +108,27 @@ restore_batch = _mover(
 
 
 def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
-    def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
+    def apply(connection: Connection, ids: list[uuid.UUID], users: list[str]) -> Tally:
+        keys = {"ids": ids, "users": users}
         before, counted = connection.execute(statements.xact_deleted(), {"table": child.name}).one()
         if counted:
             # The foreign key's cascade deletes the messages, one index probe per
             # conversation; this transaction's own statistics count them exactly.
-            n_conversations = connection.execute(delete_ids(parent, ids)).rowcount
+            n_conversations = connection.execute(delete_keyed(parent), keys).rowcount
             n_messages = (
                 connection.execute(statements.xact_deleted(), {"table": child.name}).scalar_one() - before
             )
         else:
-            n_messages = connection.execute(delete_ids(child, ids, "conversation_id")).rowcount
-            n_conversations = connection.execute(delete_ids(parent, ids)).rowcount
+            n_messages = connection.execute(delete_keyed(child, "conversation_id"), keys).rowcount
+            n_conversations = connection.execute(delete_keyed(parent), keys).rowcount
         return taken_from(hot, n_conversations, n_messages)
 
     return apply
 
 
 def delete_messages(table: Table, hot: bool) -> Apply:
-    def apply(connection: Connection, ids: list[uuid.UUID]) -> Tally:
-        n = connection.execute(delete_ids(table, ids)).rowcount
+    def apply(connection: Connection, ids: list[uuid.UUID], users: list[str]) -> Tally:
+        n = connection.execute(delete_keyed(table), {"ids": ids, "users": users}).rowcount
         return taken_from(hot, 0, n)
 
     return apply
@@ -140,30 +142,26 @@ PURGED = (
 )
 
 
-def export_lines(
-    connection: Connection, ids: Sequence[uuid.UUID], users: Sequence[str] | None = None
-) -> list[str]:
-    """The export's lines of the conversations a batch just archived (see
-    ``statements.export_lines``); of ``users`` only, on one shard, when given."""
-    if users is None:
-        return list(connection.execute(statements.export_lines(), {"ids": list(ids)}).scalars())
+def export_lines(connection: Connection, ids: Sequence[uuid.UUID], users: Sequence[str]) -> list[str]:
+    """The export's lines of the conversations a batch just archived, by their keys (see
+    ``statements.export_lines``)."""
     params = {"ids": list(ids), "users": list(users)}
-    return list(connection.execute(statements.export_lines_of_users(), params).scalars())
+    return list(connection.execute(statements.export_lines(), params).scalars())
 
 
 # --- how a phase takes its rows ------------------------------------------------------------
 
 
 def keyset(pick: Callable[[int, tuple | None], Select], apply: Apply) -> Take:
-    """A keyset phase: ``pick(limit, after)`` selects ``(id, key)`` of the rows after
-    ``after`` = (key, id), in (key, id) order; ``apply`` deals with their ids."""
+    """A keyset phase: ``pick(limit, after)`` selects ``(id, key, user_id)`` of the rows
+    after ``after`` = (key, id), in (key, id) order; ``apply`` deals with them."""
 
     def take(connection: Connection, limit: int, after: tuple | None) -> Taken:
         rows = connection.execute(statements.skip_locked(pick(limit, after))).all()
         if not rows:
             return Taken()
-        ids = [row[0] for row in rows]
-        return Taken(len(rows), (rows[-1][1], rows[-1][0]), apply(connection, ids), ids)
+        ids, users = [row[0] for row in rows], [row[2] for row in rows]
+        return Taken(len(rows), (rows[-1][1], rows[-1][0]), apply(connection, ids, users), ids, users)
 
     return take
 
@@ -189,8 +187,8 @@ def tid(raw: str) -> tuple[int, int]:
 
 
 def in_blocks(table: Table, condition: Any, apply: Apply, window: str = WINDOW) -> Take:
-    """A phase in physical order whose ``apply`` deals with the ids of the rows of
-    ``table`` matching ``condition``. ``window`` is the condition on ctid that keeps a
+    """A phase in physical order whose ``apply`` deals with the rows of ``table``
+    matching ``condition``. ``window`` is the condition on ctid that keeps a
     batch in its window (see ``statements.WINDOW``)."""
 
     def take(connection: Connection, limit: int, claimed: tuple[str, int]) -> Taken:
@@ -199,11 +197,11 @@ def in_blocks(table: Table, condition: Any, apply: Apply, window: str = WINDOW) 
         rows = connection.execute(query).all()
         if not rows:
             return Taken()
-        ids = [row[0] for row in rows]
+        ids, users = [row[0] for row in rows], [row[2] for row in rows]
         lower, upper = tid(after), (end, 0)
         inside = [position for position in (tid(row[1]) for row in rows) if lower < position < upper]
         last = "({},{})".format(*max(inside)) if inside else None
-        return Taken(len(rows), last, apply(connection, ids), ids)
+        return Taken(len(rows), last, apply(connection, ids, users), ids, users)
 
     return take
 
@@ -268,10 +266,10 @@ def archive_phases(plan: Plan, window: str = WINDOW) -> list[Phase]:
 
 def _soft_deleted(table: Table, cutoff: Any) -> Callable[[int, tuple | None], Select]:
     """The pick of a keyset phase: rows of ``table`` soft-deleted before ``cutoff``
-    (``patterns.soft_deleted``)."""
+    (``patterns.soft_deleted``), with their users."""
 
     def pick(limit: int, after: tuple | None) -> Select:
-        return patterns.soft_deleted(table, cutoff, limit, after)
+        return patterns.soft_deleted(table, cutoff, limit, after).add_columns(table.c.user_id)
 
     return pick
 
@@ -312,7 +310,7 @@ def restore_phases(plan: Plan) -> list[Phase]:
     chosen = restorable(plan.conversation_ids, plan.user_id)
 
     def pick(limit: int, after: tuple | None) -> Select:
-        query = chosen.add_columns(c.id)  # (id, key): the key is the id itself
+        query = chosen.add_columns(c.id, c.user_id)  # (id, key, user_id): the key is the id itself
         if after is not None:
             query = query.where(c.id > after[1])
         return query.order_by(c.id).limit(limit)

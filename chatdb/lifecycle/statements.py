@@ -22,14 +22,12 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     ColumnElement,
-    Delete,
     Select,
     Table,
     Text,
     TextClause,
     any_,
     bindparam,
-    delete,
     literal,
     literal_column,
     or_,
@@ -52,6 +50,21 @@ def ids_param(ids: Sequence[uuid.UUID]) -> Any:
     return literal(list(ids), ARRAY(UUID(as_uuid=True)))
 
 
+#: The rows a batch took, by their whole key: ``:ids`` and ``:users`` are parallel arrays,
+#: each row's id and user_id. Since revision 0007 an id is unique only with its user_id: two
+#: users' rows may share an id (a client that chose it, an import), and a batch that went
+#: by id alone would take the other user's row too.
+KEYS = "(SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:users AS text[])))"
+
+
+def keyed(column: str = "id", alias: str = "") -> str:
+    """The condition that a row is one of the batch's (``KEYS``): its ``column`` (its own id,
+    or its conversation's) paired with its user_id. An index on (``column``, user_id)
+    finds each key with one probe (the primary keys, idx_messages_conversation_owner)."""
+    on = f"{alias}." if alias else ""
+    return f'({on}"{column}", {on}user_id) IN {KEYS}'
+
+
 def archivable(cutoff: Any) -> ColumnElement[bool]:
     """The conversations ``archive`` takes: idle since before ``cutoff`` and not
     soft-deleted. ``status`` (the application's own flag) is never read."""
@@ -69,7 +82,7 @@ def purgeable(table: Table, cutoff: Any, deleted_cutoff: Any) -> ColumnElement[b
 
 def restorable(ids: Sequence[uuid.UUID], user_id: str | None) -> Select:
     """The ids of the archived conversations ``archive restore`` brings back: the named
-    ones, or all of a user's."""
+    ones (every user's conversation of each id), or all of a user's."""
     c = conversations_archive.c
     if ids:
         return select(c.id).where(c.id == any_(ids_param(ids)))
@@ -131,11 +144,11 @@ def pick_in_window(
 ) -> Select:
     """Lock (SKIP LOCKED) up to ``limit`` rows of ``table`` matching ``condition`` in the
     window after the ctid ``after`` and before block ``end``, and return their
-    ``(id, ctid)``. The scan returns rows in ctid order, so the LIMIT stops it early;
+    ``(id, ctid, user_id)``. The scan returns rows in ctid order, so the LIMIT stops it early;
     there is no ORDER BY, which would read the whole rest of the window for every batch.
     Nothing relies on that order for correctness: a row passed over still matches, and
     the sweep after the pass takes it."""
-    query = select(table.c.id, literal_column("CAST(ctid AS text)")).where(
+    query = select(table.c.id, literal_column("CAST(ctid AS text)"), table.c.user_id).where(
         condition, text(window).bindparams(after=after, end=f"({end},0)")
     )
     return skip_locked(query.limit(limit))
@@ -150,14 +163,16 @@ def purge_idle(parent: Table, window: str = WINDOW) -> TextClause:
     statement has finished), how many rows it locked, how many it deleted, and the
     largest ctid it locked inside the window.
 
-    The delete goes by id and checks the cutoff again: a conversation updated (still
-    idle) after the statement began is locked in its new version, which the statement's
-    snapshot does not see; by id, the delete follows the update to the version locked."""
+    The delete goes by key (id and user_id: see ``KEYS``) and checks the cutoff again: a
+    conversation updated (still idle) after the statement began is locked in its new
+    version, which the statement's snapshot does not see; by key, the delete follows the
+    update to the version locked."""
     cascaded = "pg_stat_get_xact_tuples_deleted(CAST(:table AS regclass))"
     return text(
-        f'WITH picked AS (SELECT id, ctid FROM "{parent.name}" WHERE updated_at < :cutoff AND {window}'
-        " LIMIT :limit FOR UPDATE SKIP LOCKED),"
+        f'WITH picked AS (SELECT id, user_id, ctid FROM "{parent.name}" WHERE updated_at < :cutoff'
+        f" AND {window} LIMIT :limit FOR UPDATE SKIP LOCKED),"
         f' gone AS (DELETE FROM "{parent.name}" WHERE id = ANY(ARRAY(SELECT id FROM picked))'
+        " AND (id, user_id) IN (SELECT id, user_id FROM picked)"
         " AND updated_at < :cutoff RETURNING id)"
         f" SELECT {cascaded}, (SELECT count(*) FROM picked), (SELECT count(*) FROM gone),"
         f" CAST((SELECT max(ctid) FROM picked WHERE {window}) AS text)"
@@ -167,19 +182,22 @@ def purge_idle(parent: Table, window: str = WINDOW) -> TextClause:
 # --- moving and deleting ----------------------------------------------------------------
 
 
-def _ids_bound(statement: TextClause) -> TextClause:
-    return statement.bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))))
+def _keys_bound(statement: TextClause) -> TextClause:
+    return statement.bindparams(
+        bindparam("ids", type_=ARRAY(UUID(as_uuid=True))), bindparam("users", type_=ARRAY(Text()))
+    )
 
 
 @cache
 def move_rows(source: Table, target: Table, key: str, columns: Table) -> TextClause:
-    """Delete the rows of ``source`` whose ``key`` is in ``:ids`` and insert them into
-    ``target``, in one statement: a row changed concurrently is moved in its newest
-    version, never an older copy of it. The statement's row count is the rows moved."""
+    """Delete the rows of ``source`` whose ``key`` and user_id are one of the batch's
+    (``keyed``) and insert them into ``target``, in one statement: a row changed
+    concurrently is moved in its newest version, never an older copy of it. The
+    statement's row count is the rows moved."""
     names = ", ".join(f'"{column.name}"' for column in columns.c)
-    return _ids_bound(
+    return _keys_bound(
         text(
-            f'WITH moved AS (DELETE FROM "{source.name}" WHERE "{key}" = ANY(:ids) RETURNING {names})'
+            f'WITH moved AS (DELETE FROM "{source.name}" WHERE {keyed(key)} RETURNING {names})'
             f' INSERT INTO "{target.name}" ({names}) SELECT {names} FROM moved'
         )
     )
@@ -187,14 +205,12 @@ def move_rows(source: Table, target: Table, key: str, columns: Table) -> TextCla
 
 @cache
 def copy_conversations(source: Table, target: Table) -> TextClause:
-    """Insert into ``target`` the conversations of ``source`` whose id is in ``:ids``, with
+    """Insert into ``target`` the batch's conversations of ``source`` (``keyed``), with
     every column of ``conversations`` (the archive's ``archived_at`` takes its default).
     The batch has them locked: they cannot change between this copy and their delete."""
     names = ", ".join(f'"{column.name}"' for column in conversations.c)
-    return _ids_bound(
-        text(
-            f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}" WHERE id = ANY(:ids)'
-        )
+    return _keys_bound(
+        text(f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}" WHERE {keyed()}')
     )
 
 
@@ -218,10 +234,12 @@ def restore_messages() -> TextClause:
     return move_rows(messages_archive, messages, "conversation_id", messages)
 
 
-def delete_ids(table: Table, ids: Sequence[uuid.UUID], key: str = "id") -> Delete:
-    """Delete the rows of ``table`` whose ``key`` is one of ``ids``. The batch holds the
-    rows (or their conversations) locked; the row count is the rows deleted."""
-    return delete(table).where(table.c[key] == any_(ids_param(ids)))
+@cache
+def delete_keyed(table: Table, key: str = "id") -> TextClause:
+    """Delete the rows of ``table`` whose ``key`` (their id, or their conversation's) and
+    user_id are one of the batch's (``keyed``). The batch holds the rows (or their
+    conversations) locked; the row count is the rows deleted."""
+    return _keys_bound(text(f'DELETE FROM "{table.name}" WHERE {keyed(key)}'))
 
 
 @cache
@@ -247,33 +265,20 @@ def track_counts() -> TextClause:
 
 @cache
 def export_lines() -> TextClause:
-    """One JSON object per archived conversation whose id is in ``:ids``, with its
+    """One JSON object per conversation the batch just archived (``keyed``), with its
     messages, as it was in the hot tables: without ``archived_at``, so that a batch
     written twice gives identical lines, and in a fixed order (conversations by
     ``(updated_at, id)``, messages by ``(created_at, id)``). Built by the server from the
-    rows the batch's own transaction just wrote."""
-    return _ids_bound(
+    rows the batch's own transaction just wrote. ``user_id = ANY(:users)`` confines it,
+    on Citus, to the batch's shard (a router query)."""
+    return _keys_bound(
         text(
             "SELECT jsonb_build_object("
             " 'conversation', to_jsonb(c) - 'archived_at',"
             " 'messages', coalesce((SELECT jsonb_agg(to_jsonb(m) - 'archived_at'"
-            "   ORDER BY m.created_at, m.id) FROM messages_archive m WHERE m.conversation_id = c.id),"
-            "   '[]'::jsonb))::text"
-            " FROM conversations_archive c WHERE c.id = ANY(:ids) ORDER BY c.updated_at, c.id"
+            "   ORDER BY m.created_at, m.id) FROM messages_archive m"
+            "   WHERE m.user_id = c.user_id AND m.conversation_id = c.id), '[]'::jsonb))::text"
+            f" FROM conversations_archive c WHERE c.user_id = ANY(:users) AND {keyed('id', 'c')}"
+            " ORDER BY c.updated_at, c.id"
         )
     )
-
-
-@cache
-def export_lines_of_users() -> TextClause:
-    """``export_lines`` confined to the users ``:users`` (on Citus, all on one shard, so
-    that the statement is a router query): the same lines, in the same order."""
-    return text(
-        "SELECT jsonb_build_object("
-        " 'conversation', to_jsonb(c) - 'archived_at',"
-        " 'messages', coalesce((SELECT jsonb_agg(to_jsonb(m) - 'archived_at'"
-        "   ORDER BY m.created_at, m.id) FROM messages_archive m"
-        "   WHERE m.user_id = c.user_id AND m.conversation_id = c.id), '[]'::jsonb))::text"
-        " FROM conversations_archive c WHERE c.user_id = ANY(:users) AND c.id = ANY(:ids)"
-        " ORDER BY c.updated_at, c.id"
-    ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))), bindparam("users", type_=ARRAY(Text())))

@@ -198,6 +198,147 @@ def test_unmigrated_database_is_refused(cli, empty_db):
     assert "chatdb migrate" in result.stderr
 
 
+# --- two users' rows with the same id -----------------------------------------------------------
+
+SHARED_ID = "00000000-0000-0000-0000-0000000000aa"
+
+
+def rows(db, sql: str, **params) -> list[tuple]:
+    with db.engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(text(sql), params).all()]
+
+
+def two_users_one_id(db) -> None:
+    """Since revision 0007 the key of conversations and messages (and their archives) is
+    ``(id, user_id)``: two users' rows may share an ``id`` (an application that lets
+    clients choose ids, an import, a hostile client that learned another user's
+    conversation id). Every batch goes by the whole key."""
+    db.execute("INSERT INTO users (id) VALUES ('alice'), ('mallory')")
+
+
+def test_purge_of_a_soft_deleted_conversation_deletes_only_that_conversation(cli, migrated_db):
+    db = migrated_db
+    two_users_one_id(db)
+    # Alice's conversation: active today, not deleted, with a message.
+    db.execute(
+        "INSERT INTO conversations (id, user_id, updated_at) VALUES (:id, 'alice', now())", id=SHARED_ID
+    )
+    db.execute(
+        "INSERT INTO messages (conversation_id, user_id, role, content)"
+        " VALUES (:id, 'alice', 'user', 'alice keeps this')",
+        id=SHARED_ID,
+    )
+    # Mallory's conversation with the same id, soft-deleted 60 days ago: purge takes it.
+    db.execute(
+        "INSERT INTO conversations (id, user_id, updated_at, deleted_at)"
+        " VALUES (:id, 'mallory', now(), now() - interval '60 days')",
+        id=SHARED_ID,
+    )
+    result = cli("purge", "--older-than", "365d", "--yes", "--json", "--database-url", db.cli_url)
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0, result.output
+    # Only Mallory's conversation matched the purge's condition.
+    assert rows(db, "SELECT user_id FROM conversations") == [("alice",)], report["done"]
+    assert rows(db, "SELECT content FROM messages") == [("alice keeps this",)]
+    assert report["done"]["conversations"] == 1
+
+
+def test_purge_of_a_soft_deleted_message_deletes_only_that_message(cli, migrated_db):
+    db = migrated_db
+    two_users_one_id(db)
+    for user in ("alice", "mallory"):
+        db.execute("INSERT INTO conversations (id, user_id) VALUES (gen_random_uuid(), :u)", u=user)
+    db.execute(
+        "INSERT INTO messages (id, conversation_id, user_id, role, content, deleted_at)"
+        " SELECT :id, c.id, c.user_id, 'user', c.user_id || '''s message',"
+        "   CASE WHEN c.user_id = 'mallory' THEN now() - interval '60 days' END"
+        " FROM conversations c",
+        id=SHARED_ID,
+    )
+    result = cli("purge", "--older-than", "365d", "--yes", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert rows(db, "SELECT content FROM messages") == [("alice's message",)]
+
+
+def test_archive_moves_only_the_idle_conversation_and_exports_it_once(cli, migrated_db, tmp_path):
+    db = migrated_db
+    two_users_one_id(db)
+    db.execute(
+        "INSERT INTO conversations (id, user_id, updated_at) VALUES (:id, 'alice', now())", id=SHARED_ID
+    )
+    db.execute(
+        "INSERT INTO messages (conversation_id, user_id, role, content)"
+        " VALUES (:id, 'alice', 'user', 'alice is using this')",
+        id=SHARED_ID,
+    )
+    db.execute(
+        "INSERT INTO conversations (id, user_id, updated_at)"
+        " VALUES (:id, 'mallory', now() - interval '400 days')",
+        id=SHARED_ID,
+    )
+    export = tmp_path / "out.jsonl"
+    result = cli(
+        "archive", "--older-than", "180d", "--yes", "--json", "--export", str(export),
+        "--database-url", db.cli_url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    lines = [json.loads(line) for line in export.read_text().splitlines()]
+    problems = {
+        "hot conversations": rows(db, "SELECT user_id FROM conversations"),
+        "archived conversations": rows(db, "SELECT user_id FROM conversations_archive ORDER BY 1"),
+        "done": report["done"],
+        "exported (summary)": report["exported"],
+        "export lines": [
+            (line["conversation"]["user_id"], [m["user_id"] for m in line["messages"]]) for line in lines
+        ],
+    }
+    assert problems["hot conversations"] == [("alice",)], problems
+    assert problems["archived conversations"] == [("mallory",)], problems
+    assert problems["export lines"] == [("mallory", [])], problems
+
+
+def test_restore_of_a_user_restores_only_that_users_conversations(cli, migrated_db):
+    db = migrated_db
+    two_users_one_id(db)
+    db.execute(
+        "INSERT INTO conversations_archive (id, user_id) VALUES (:id, 'alice'), (:id, 'mallory')",
+        id=SHARED_ID,
+    )
+    result = cli("archive", "restore", "--user", "mallory", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert rows(db, "SELECT user_id FROM conversations") == [("mallory",)]
+    assert rows(db, "SELECT user_id FROM conversations_archive") == [("alice",)]
+
+
+def test_purge_of_an_idle_conversation_deletes_only_that_conversation(cli, migrated_db):
+    db = migrated_db
+    two_users_one_id(db)
+    db.execute(
+        "INSERT INTO conversations (id, user_id, updated_at) VALUES (:id, 'alice', now())", id=SHARED_ID
+    )
+    db.execute(
+        "INSERT INTO messages (conversation_id, user_id, role, content)"
+        " VALUES (:id, 'alice', 'user', 'alice keeps this')",
+        id=SHARED_ID,
+    )
+    db.execute(
+        "INSERT INTO conversations (id, user_id, updated_at)"
+        " VALUES (:id, 'mallory', now() - interval '400 days')",
+        id=SHARED_ID,
+    )
+    db.execute(
+        "INSERT INTO messages (conversation_id, user_id, role, content)"
+        " VALUES (:id, 'mallory', 'user', 'mallory''s, idle')",
+        id=SHARED_ID,
+    )
+    result = cli("purge", "--older-than", "365d", "--yes", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert rows(db, "SELECT user_id FROM conversations") == [("alice",)]
+    assert rows(db, "SELECT content FROM messages") == [("alice keeps this",)]
+    assert json.loads(result.stdout)["done"]["messages"] == 1
+
+
 # --- exactly the predicted rows ------------------------------------------------------------------
 
 
