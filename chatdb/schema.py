@@ -111,6 +111,14 @@ def _message_columns() -> list[Column]:
     ]
 
 
+def _added_message_columns() -> list[Column]:
+    """The columns later revisions add to ``messages`` and ``messages_archive`` alike, in
+    the order they were added. A revision adds a column at the end of each table, after
+    the archive's ``archived_at``: this is where it is declared, so that ``create_all()``
+    builds the tables the migrations build. None yet."""
+    return []
+
+
 _STATUS_CHECK = "status IN ('active', 'archived')"
 _ROLE_CHECK = "role IN ('user', 'assistant', 'system')"
 # length() of text counts characters, not bytes.
@@ -153,6 +161,7 @@ def _messages_table(
         metadata,
         *_message_columns(),
         *_archived(archive),
+        *_added_message_columns(),
         PrimaryKeyConstraint("id", "user_id", name=f"{name}_pkey"),
         *([] if archive else [users_key]),
         ForeignKeyConstraint(

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import text
 
 from chatdb import db as db_module
-from chatdb import lifecycle, patterns
+from chatdb import lifecycle, patterns, schema
 from chatdb.errors import StateError
 
 # --- a database state with every case on both sides of the cutoffs ---------------------------
@@ -73,13 +73,14 @@ def populate(db, conversations: int = 400, users: int = 12) -> None:
         " AND deleted_at IS NULL ORDER BY id LIMIT 40",
     )
     params = {"ids": list(chosen)}
-    db.execute(
-        "INSERT INTO conversations_archive SELECT *, now() FROM conversations WHERE id = ANY(:ids)", **params
-    )
-    db.execute(
-        "INSERT INTO messages_archive SELECT m.*, now() FROM messages m WHERE conversation_id = ANY(:ids)",
-        **params,
-    )
+    for hot, archive, key in (
+        ("conversations", "conversations_archive", "id"),
+        ("messages", "messages_archive", "conversation_id"),
+    ):
+        names = ", ".join(column.name for column in schema.metadata.tables[hot].c)
+        db.execute(
+            f"INSERT INTO {archive} ({names}) SELECT {names} FROM {hot} WHERE {key} = ANY(:ids)", **params
+        )
     db.execute("DELETE FROM conversations WHERE id = ANY(:ids)", **params)
 
 
