@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from chatdb.db import mask_text
-from chatdb.errors import StateError
+from chatdb.errors import StateError, UsageError
 
 MISSING = (
     "pgbench is not installed: chatdb bench drives its load with PostgreSQL's pgbench; "
@@ -55,12 +55,23 @@ def version(program: Path) -> str:
 
 def libpq_target(url: URL) -> tuple[str, dict[str, str]]:
     """The URL as libpq reads it, without its password (a command line is visible to every
-    user of the machine), and the environment that carries the password instead."""
-    env: dict[str, str] = {}
-    if url.password:
-        env["PGPASSWORD"] = str(url.password)
-    target = url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
-    return target, env
+    user of the machine), and the environment that carries the password instead: the
+    userinfo's, or a ``password`` parameter's. Another secret parameter has no environment
+    variable to go in (``sslpassword``): a UsageError rather than a command line that
+    shows it."""
+    query = dict(url.query)
+    password = url.password or query.pop("password", None)
+    secret = sorted(key for key in query if "password" in key.lower())
+    if secret:
+        raise UsageError(
+            f"bench gives pgbench the database on its command line, which every user of the machine "
+            f"can read, and libpq takes {', '.join(secret)} from nowhere else; use a client key "
+            "without a passphrase for bench"
+        )
+    env = {"PGPASSWORD": str(password)} if password else {}
+    # URL.set(password=None) keeps the password: _replace is what removes it.
+    bare = url._replace(password=None).set(drivername="postgresql", query=query)
+    return bare.render_as_string(hide_password=False), env
 
 
 # --- running -------------------------------------------------------------------------------

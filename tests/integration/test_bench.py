@@ -493,3 +493,43 @@ def test_sigterm_stops_pgbench_and_removes_the_rows(seeded_db):
         " AND datname = current_database()"
     )
     _wait_until(lambda: seeded_db.scalar(sessions) == 0, "pgbench's sessions ended", timeout=20)
+
+
+def _children(pid: int, name: str) -> list[int]:
+    """The processes called ``name`` whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm, after = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+            if int(after.split()[1]) == pid and comm == name:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_password_is_never_on_pgbenchs_command_line(seeded_db):
+    """A command line is visible to every user of the machine (ps, /proc): pgbench gets the
+    password in its environment, which only its own user can read."""
+    url = db.parse_url(seeded_db.cli_url)
+    secret = url.password or "S3cr3t-Pw"  # the test server trusts local connections
+    given = url._replace(password=secret).render_as_string(hide_password=False)
+    process = subprocess.Popen(
+        [*CHATDB, "bench", "--database-url", given, "--clients", "2", "--rate", "20",
+         "--duration", "300s", *generous("insert=1")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        _wait_until(lambda: _children(process.pid, "pgbench"), "pgbench started")
+        for child in _children(process.pid, "pgbench"):
+            command_line = (Path("/proc") / str(child) / "cmdline").read_bytes()
+            assert secret.encode() not in command_line, command_line
+            assert f"PGPASSWORD={secret}".encode() in (Path("/proc") / str(child) / "environ").read_bytes()
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        process.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from chatdb import db
+from chatdb.bench import pgbench
 from chatdb.errors import UsageError
 
 PASSWORD = "s3cr3t/Pa55:x y&z=1"
@@ -122,3 +123,22 @@ def test_a_url_that_cannot_be_used_is_refused_without_echoing_it(raw, says):
     assert says in message
     assert "DATABASE_URL" in message
     assert "hunter2" not in message and "ops" not in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "target"),
+    [
+        (
+            "postgresql+psycopg://ops:S3cr3t@db:5433/chat?sslmode=require",
+            "postgresql://ops@db:5433/chat?sslmode=require",
+        ),
+        ("postgresql://ops@/chat?host=/tmp&password=S3cr3t", "postgresql://ops@/chat?host=%2Ftmp"),
+    ],
+)
+def test_pgbench_gets_the_password_in_its_environment_not_its_command_line(raw, target):
+    assert pgbench.libpq_target(db.parse_url(raw)) == (target, {"PGPASSWORD": "S3cr3t"})
+
+
+def test_bench_refuses_a_secret_libpq_takes_only_on_the_command_line():
+    with pytest.raises(UsageError, match="sslpassword"):
+        pgbench.libpq_target(db.parse_url("postgresql://ops@db/chat?sslpassword=S3cr3t"))
