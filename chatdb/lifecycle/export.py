@@ -32,13 +32,19 @@ _FILE_KINDS = {
 def check_export(path: Path) -> None:
     """Refuse an ``--export`` target that is not named FILE.jsonl or FILE.jsonl.gz, or that
     exists and is not a regular file (a symbolic link to one is fine): a FIFO would block
-    the run, and a device cannot be cut back to what the database committed."""
+    the run, and a device cannot be cut back to what the database committed. A new file
+    needs a folder chatdb may write in. Checked before anything starts, a dry run too."""
     name = path.name.lower()
     if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
         raise UsageError(f"--export {path}: the file name must end in .jsonl or .jsonl.gz")
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
+        folder = path.parent
+        if not folder.is_dir():
+            raise UsageError(f"cannot write --export {path}: {folder} is not a folder") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write --export {path}: chatdb may not write in {folder}") from None
         return  # a new file
     except OSError as exc:
         raise UsageError(f"cannot write --export {path}: {exc.strerror}") from None

@@ -52,7 +52,8 @@ def seed(engine: Engine, request: SeedRequest, progress: Progress | None = None)
         if seeded_user_count(connection, request.user_prefix):
             raise StateError(
                 f"seed {request.seed} is already loaded (users {request.user_prefix}*)",
-                hint="pass --reset to replace it, or another --seed to add different data",
+                hint="pass --reset to delete every earlier seed's users (seed-*) and load it again,"
+                " or another --seed to add different data",
             )
         anchor = connection.execute(text("SELECT now()")).scalar_one().astimezone(dt.UTC)
         user_columns = _user_columns(connection)

@@ -341,7 +341,7 @@ def _one_error(process: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink to /dev/full"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink to /dev/full", "in no folder"])
 @pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry run"])
 def test_an_export_target_that_is_not_a_regular_file_is_refused_before_anything_starts(
     migrated_db, tmp_path, kind, dry_run
@@ -354,6 +354,8 @@ def test_an_export_target_that_is_not_a_regular_file_is_refused_before_anything_
         os.mkfifo(target)
     elif kind == "directory":
         target.mkdir()
+    elif kind == "in no folder":
+        target = tmp_path / "missing" / "archive.jsonl"
     else:
         target.symlink_to("/dev/full")
     process = _chatdb(
@@ -369,7 +371,7 @@ def test_an_export_target_that_is_not_a_regular_file_is_refused_before_anything_
     assert process.returncode == 2, process.stderr
     error = _one_error(process)
     assert str(target) in error or target.name in error, error
-    assert "regular file" in error or "directory" in error, error
+    assert "regular file" in error or "directory" in error or "not a folder" in error, error
     # Nothing started: no guard taken, no audit row, nothing moved.
     assert db.scalar("SELECT count(*) FROM chatdb_runs") == 0
     assert ids(db, "SELECT id FROM conversations") == before
