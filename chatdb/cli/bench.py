@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from chatdb.bench.budgets import DEFAULT_BUDGETS, PATTERNS, format_limit, mix_text
-from chatdb.cli.common import disposing, out, print_json, progress_bar, write_report
+from chatdb.cli.common import check_writable, disposing, out, print_json, progress_bar, write_report
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.findings import write_junit
@@ -153,7 +152,7 @@ def bench_command(
     request.validate()
     for name, path in (("--junit", junit), ("--html", html)):
         if path is not None:
-            _check_writable(path, name)
+            check_writable(path, name)
     with (
         disposing(open_engine(ctx, COMMAND)) as engine,
         _progress() as progress,
@@ -186,14 +185,6 @@ def _while(ctx: typer.Context, raw: str) -> tuple[str, ...]:
         choices = ", ".join(sorted(known - {COMMAND}))
         raise UsageError(f"invalid --while {raw!r}: not a chatdb command to run beside bench ({choices})")
     return tuple(argv)
-
-
-def _check_writable(path: Path, option: str) -> None:
-    """A report that cannot be written is refused before the run, not after it."""
-    folder = path.parent
-    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        why = "it is a folder" if path.is_dir() else f"{folder} is not a folder chatdb may write to"
-        raise UsageError(f"cannot write {option} {path}: {why}")
 
 
 @contextmanager

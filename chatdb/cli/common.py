@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import re
 import sys
 import uuid
@@ -49,6 +50,14 @@ def write_report(path: Path, what: str, write: Callable[[Path], Any]) -> None:
         write(path)
     except OSError as exc:
         raise UsageError(f"cannot write the {what} to {path}: {exc.strerror or exc}") from None
+
+
+def check_writable(path: Path, option: str) -> None:
+    """A report that cannot be written is refused before the run, not after it."""
+    folder = path.parent
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        why = "it is a folder" if path.is_dir() else f"{folder} is not a folder chatdb may write to"
+        raise UsageError(f"cannot write {option} {path}: {why}")
 
 
 def report_error(message: str, hint: str | None = None) -> None:

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chatdb import doctor as diagnosis
-from chatdb.cli.common import disposing, human_bytes, json_fields, out, print_json, table
+from chatdb.cli.common import check_writable, disposing, human_bytes, json_fields, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.findings import Case, junit_report, print_findings, print_fixes, write_junit
@@ -100,6 +100,8 @@ def doctor(
     limit = diagnosis.parse_size(size_limit, "--size-limit") if size_limit is not None else None
     cutoff = lifecycle.parse_duration(older_than, "--older-than") if older_than is not None else None
     options = diagnosis.Options(deep=deep, size_limit=limit, older_than=cutoff, thresholds=thresholds)
+    if junit is not None:
+        check_writable(junit, "--junit")
     with disposing(open_engine(ctx, COMMAND)) as engine:
         report = diagnose(engine, options)
     if junit is not None:

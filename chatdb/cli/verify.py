@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.text import Text
 
-from chatdb.cli.common import disposing, json_fields, out, print_json, table
+from chatdb.cli.common import check_writable, disposing, json_fields, out, print_json, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.declare import command, new_app
 from chatdb.cli.findings import Case, junit_report, print_findings, print_fixes, write_junit
@@ -59,6 +59,8 @@ def verify_indexes(
     """
     from chatdb import indexes
 
+    if junit is not None:
+        check_writable(junit, "--junit")
     with disposing(open_engine(ctx, COMMAND)) as engine:
         report = indexes.verify_indexes(engine, allow_extra=allow_extra)
     if junit is not None:

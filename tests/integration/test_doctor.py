@@ -115,6 +115,14 @@ def test_the_human_report_groups_by_area_and_lists_fixes_below(seeded, cli):
     assert "FAILED:" in strict.stdout.splitlines()[-1]
 
 
+def test_a_junit_report_that_cannot_be_written_is_refused_before_any_check(seeded, cli, tmp_path):
+    target = tmp_path / "no" / "doctor.xml"
+    result = cli("doctor", "--junit", str(target), "--database-url", seeded.cli_url)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: cannot write --junit {target}: "), result.stderr
+    assert seeded.scalar("SELECT count(*) FROM chatdb_size_history") == 0  # doctor did not run
+
+
 def test_junit_report(seeded, cli, tmp_path):
     seeded.execute("CREATE INDEX idx_extra_role ON messages (role)")
     report = tmp_path / "doctor.xml"
