@@ -19,7 +19,7 @@ from chatdb.cli.common import confirm, disposing, err, out, print_json, progress
 from chatdb.cli.connect import open_engine
 from chatdb.cli.options import option
 from chatdb.defaults import MAX_JOBS
-from chatdb.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+from chatdb.errors import EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_TERMINATED
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -61,7 +61,11 @@ MaxRuntime = Annotated[
 ]
 
 _PAST = {"move": "moved", "delete": "deleted", "restore": "restored"}
-_STOP_EXIT = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}
+#: The exit code of a run that stopped before the end, by why: a signal's, or 1 when the
+#: rows left stayed locked by other sessions (``lifecycle.LOCKED``).
+_STOP_EXIT = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED, "locked": EXIT_PROBLEM}
+#: What the summary says of a stop, beside its reason.
+_STOP_SAYS = {"locked": "other sessions held the rows left"}
 
 
 def _n(count: int, noun: str, plural: str | None = None) -> str:
@@ -289,7 +293,7 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
     if as_json:
         print_json(
             result.command,
-            result.outcome == "succeeded",
+            result.outcome == "succeeded" and result.stopped_by not in _STOP_EXIT,
             run_id=result.run_id,
             outcome=result.outcome,
             complete=result.complete,
@@ -344,7 +348,10 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
             conversations = left_over.conversations + left_over.archive_conversations
             messages = left_over.messages + left_over.archive_messages
             left = f" {_n(conversations, 'conversation')} and {_n(messages, 'message')} are left;"
-        out.print(f"[yellow]Stopped ({result.stopped_by}).[/yellow]{left} run the command again to continue.")
+        why = f": {_STOP_SAYS[result.stopped_by]}" if result.stopped_by in _STOP_SAYS else ""
+        out.print(
+            f"[yellow]Stopped ({result.stopped_by}){why}.[/yellow]{left} run the command again to continue."
+        )
     _render_vacuum(result.vacuum)
 
 

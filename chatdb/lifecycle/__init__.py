@@ -74,7 +74,7 @@ from chatdb.lifecycle.sizing import (
 )
 from chatdb.lifecycle.statements import LOCK_TIMEOUT, STATEMENT_TIMEOUT, WINDOW, archivable, purgeable
 from chatdb.lifecycle.vacuuming import vacuum
-from chatdb.lifecycle.workers import MAX_LOCKED_SWEEPS
+from chatdb.lifecycle.workers import LOCKED, MAX_LOCKED_SWEEPS
 
 __all__ = [
     "DEAD_HOLDER_WAIT",
@@ -84,6 +84,7 @@ __all__ = [
     "FIRST_BATCH_SIZE",
     "FIRST_WINDOW_BLOCKS",
     "GUARD_KEY",
+    "LOCKED",
     "LOCK_TIMEOUT",
     "MAX_ATTEMPTS",
     "MAX_DURATION_SECONDS",

@@ -59,6 +59,7 @@ class Runner:
                     for phase in phases:
                         if not workers.drain(phase):
                             break
+                    workers.finish()
                 except BaseException as exc:
                     result.complete = False
                     self._close(connection, "failed" if isinstance(exc, Exception) else "interrupted", exc)

@@ -17,7 +17,6 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from chatdb.errors import StateError
 from chatdb.lifecycle import statements
 from chatdb.lifecycle.models import RunResult
 from chatdb.lifecycle.phases import Phase, Taken, tid
@@ -25,6 +24,8 @@ from chatdb.lifecycle.sizing import FIRST_WINDOW_BLOCKS, MAX_WINDOW_BLOCKS, resi
 
 #: Sweeps that find every remaining row locked by another session before the run gives up.
 MAX_LOCKED_SWEEPS = 8
+#: ``RunResult.stopped_by`` when the rows left stayed locked by other sessions.
+LOCKED = "locked"
 
 
 @dataclass
@@ -35,6 +36,8 @@ class RunState:
     result: RunResult
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancelled: bool = False
+    #: A phase left rows that other sessions held (see ``Workers.drain``).
+    locked: bool = False
 
 
 @dataclass
@@ -129,12 +132,21 @@ class Workers:
                 # A pass from the start found only rows that other sessions hold.
                 locked_sweeps += 1
                 if locked_sweeps > MAX_LOCKED_SWEEPS:
-                    raise StateError(
-                        f"{phase.name}: some rows stayed locked by other sessions and were left as they are",
-                        hint="run the command again later; `chatdb status` shows this run",
-                    )
+                    # What is left of this phase, other sessions hold: the run goes on to
+                    # the next phases, and then ends as a stop does (``finish``), with
+                    # what it did counted and recorded; a later run takes the rest.
+                    self.state.locked = True
+                    return True
                 time.sleep(min(0.05 * 2**locked_sweeps, 2.0))
             # Pass again from the start for the rows skipped as locked.
+
+    def finish(self) -> None:
+        """After the last phase: a run that left rows other sessions held is stopped
+        (``LOCKED``), not complete."""
+        result = self.state.result
+        if self.state.locked and result.stopped_by is None:
+            result.stopped_by = LOCKED
+            result.complete = False
 
     def _pass(self, phase: Phase) -> int:
         state = Pass()

@@ -901,6 +901,43 @@ def test_rows_locked_by_the_application_are_visited_again_and_a_second_run_is_re
     assert db.scalar("SELECT count(*) FROM conversations WHERE updated_at < now() - interval '90 days'") == 0
 
 
+def test_rows_that_stay_locked_stop_the_run_with_its_summary_and_exit_1(cli, migrated_db):
+    """The rows left are held by another session for the whole run: after its sweeps the
+    run stops as any stop does, with what it did counted, recorded and shown, and what is
+    left; it exits 1, and a later run takes the rest."""
+    db = migrated_db
+    populate(db)
+    locked_id = db.scalar(
+        "SELECT id FROM conversations WHERE updated_at < now() - interval '200 days'"
+        " ORDER BY updated_at LIMIT 1"
+    )
+    purged = (
+        "SELECT id FROM conversations WHERE updated_at < now() - interval '90 days'"
+        " OR deleted_at < now() - interval '30 days'"
+    )
+    due = ids(db, purged)
+    holder = db.engine.connect()
+    holder.begin()
+    holder.execute(text("SELECT 1 FROM conversations WHERE id = :i FOR UPDATE"), {"i": locked_id})
+    try:
+        result = cli("purge", "--older-than", "90d", "--yes", "--json", "--database-url", db.cli_url)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == 1, result.output
+    out = json.loads(result.stdout)
+    assert (out["ok"], out["complete"], out["stopped_by"]) == (False, False, "locked")
+    # Every other phase ran: all that was due went, but the conversation held.
+    assert ids(db, purged) == {locked_id}
+    assert out["done"]["conversations"] == len(due) - 1
+    assert out["remaining"]["conversations"] == 1
+    run = db.scalar("SELECT counts FROM chatdb_runs WHERE id = :i", i=out["run_id"])
+    assert (run["conversations"], run["stopped_by"], run["complete"]) == (len(due) - 1, "locked", False)
+    shown = cli("purge", "--older-than", "90d", "--yes", "--database-url", db.cli_url)
+    assert shown.exit_code == 0, shown.output  # nothing holds it now: the rest goes
+    assert db.scalar("SELECT count(*) FROM conversations WHERE id = :i", i=locked_id) == 0
+
+
 # --- stopping --------------------------------------------------------------------------------------
 
 
