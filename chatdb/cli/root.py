@@ -175,6 +175,19 @@ def run() -> int:
     return code if isinstance(code, int) else 0
 
 
+def _command_taking(option: str | None) -> str | None:
+    """The command named after ``option`` on the command line, when it takes that option."""
+    entries = {entry.name: entry for entry in COMMANDS}
+    args = sys.argv[1:]
+    if option is None or option not in args:
+        return None
+    named = next((arg for arg in args[args.index(option) + 1 :] if arg in entries), None)
+    if named is None:
+        return None
+    declared = _Deferred(entries[named]).declared
+    return named if any(option in param.opts for param in declared.params) else None
+
+
 def _run() -> object:
     try:
         return app(prog_name="chatdb", standalone_mode=False)
@@ -187,6 +200,11 @@ def _run() -> object:
             usage_context = getattr(exc, "ctx", None)  # the command the usage error is about
             command = usage_context.command_path if usage_context is not None else "chatdb"
             hint = f"see `{command} --help`"
+            option = getattr(exc, "option_name", None)  # an option Typer does not know here
+            named = _command_taking(option) if command == "chatdb" else None
+            if option and named:  # `chatdb --json status`: a command's option before its name
+                message = f"{option} is an option of `chatdb {named}`: it goes after the command's name"
+                command, hint = f"chatdb {named}", f"`chatdb {named} {option} ...`"
             report_error(message, hint)
             if "--json" in sys.argv[1:]:  # the one JSON object, as for every other error
                 name = command.removeprefix("chatdb").strip()

@@ -1001,6 +1001,28 @@ def test_usage_errors_with_json_print_the_one_json_object_too():
     assert "--jobs" in payload["error"] and done.stderr.startswith("error: ")
 
 
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [(["--json", "status"], "status"), (["--yes", "purge", "--older-than", "9d"], "purge")],
+)
+def test_a_commands_option_before_its_name_says_where_it_goes(args, command):
+    done = subprocess.run([CHATDB, *args], capture_output=True, text=True, env=subprocess_env())
+    assert done.returncode == 2, done
+    option = args[0]
+    assert done.stderr.splitlines() == [
+        f"error: {option} is an option of `chatdb {command}`: it goes after the command's name",
+        f"hint: `chatdb {command} {option} ...`",
+    ]
+    if option == "--json":  # the one JSON object, for the command meant
+        assert json.loads(done.stdout)["command"] == command
+
+
+def test_an_option_no_command_takes_is_a_plain_usage_error():
+    done = subprocess.run([CHATDB, "--bogus", "status"], capture_output=True, text=True, env=subprocess_env())
+    assert done.returncode == 2, done
+    assert done.stderr.splitlines()[0] == "error: No such option: --bogus", done.stderr
+
+
 def test_a_server_that_accepts_and_never_answers_times_out_with_exit_3(cli):
     import socket
 
