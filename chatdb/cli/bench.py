@@ -44,7 +44,9 @@ MinCapacity = Annotated[
     float | None, option("--min-capacity", "TPS", "Exit 1 when the capacity is below this rate.")
 ]
 MaxRate = Annotated[float | None, option("--max-rate", "TPS", "The highest rate the capacity search tries.")]
-RunDuration = Annotated[str, option("--duration", "DURATION", "How long each rate runs (s, m, h: 60s, 5m).")]
+RunDuration = Annotated[
+    str, option("--duration", "DURATION", "How long each rate runs (s, m, h, d, w: 60s, 5m, 1h30m).")
+]
 Mix = Annotated[str, option("--mix", "MIX", f"Patterns and their weights. Patterns: {', '.join(PATTERNS)}.")]
 Budget = Annotated[
     list[str] | None,

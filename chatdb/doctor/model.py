@@ -87,10 +87,10 @@ def parse_size(raw: str, option: str) -> int:
     match = _SIZE.fullmatch(raw)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _SIZE_UNITS:
-        raise UsageError(f"{option} {raw!r} is not a size (for example 10GB, 512MB or 1.5TB)")
+        raise UsageError(f"{option}: {raw!r} is not a size (for example 10GB, 512MB or 1.5TB)")
     size = float(match.group(1)) * _SIZE_UNITS[unit]
     if not 0 < size < 1 << 60:
-        raise UsageError(f"{option} {raw!r} is out of range")
+        raise UsageError(f"{option}: {raw!r} is out of range")
     return math.ceil(size)
 
 
@@ -159,10 +159,12 @@ class Thresholds:
             if name.endswith("_bytes"):
                 changes[name] = parse_size(raw, option) if raw.strip() not in ("0",) else 0
                 continue
+            whole = types[name] not in ("float", float)
             try:
-                value = float(raw) if types[name] in ("float", float) else int(raw.strip())
+                value = int(raw.strip()) if whole else float(raw)
             except ValueError:
-                raise UsageError(f"{option}: {raw!r} is not a number") from None
+                kind = "a whole number" if whole else "a number"
+                raise UsageError(f"{option}: {raw!r} is not {kind}") from None
             if not math.isfinite(value) or value < 0:
                 raise UsageError(f"{option}: must be a number at least 0")
             if name in _SHARES and value > 1:

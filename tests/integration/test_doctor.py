@@ -596,7 +596,10 @@ def test_retention_outlook_now_within_7_and_30_days(migrated_db, cli):
         (("--older-than", "soon"), "--older-than"),
         (("--threshold", "nonsense=1"), "--threshold"),
         (("--threshold", "dead_ratio=2"), "--threshold"),
-        (("--threshold", "dead_rows=many"), "--threshold"),
+        (("--threshold", "dead_rows=many"), "--threshold 'dead_rows=many': 'many' is not a whole number"),
+        (("--threshold", "dead_rows=1.5"), "--threshold 'dead_rows=1.5': '1.5' is not a whole number"),
+        (("--threshold", "dead_ratio=x"), "--threshold 'dead_ratio=x': 'x' is not a number"),
+        (("--threshold", "bloat_bytes=1XB"), "--threshold 'bloat_bytes=1XB': '1XB' is not a size"),
         (("--threshold", "dead_rows"), "--threshold"),
     ],
 )
