@@ -59,7 +59,7 @@ from sqlalchemy.dialects.postgresql import TEXT, UUID
 from chatdb import citus
 from chatdb.errors import StateError
 from chatdb.lifecycle.models import Plan, Tally
-from chatdb.lifecycle.phases import PURGED, Apply, Phase, Taken, taken_from
+from chatdb.lifecycle.phases import PURGED, Apply, Phase, Taken, delete_messages, taken_from
 from chatdb.lifecycle.statements import archivable, ids_param, keyed, restorable, skip_locked
 from chatdb.schema import (
     CITUS_LOCAL_TABLES,
@@ -292,14 +292,6 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
     return apply
 
 
-def delete_messages(table: Table, hot: bool) -> Apply:
-    def apply(connection: Connection, ids: list[uuid.UUID], users: list[str]) -> Tally:
-        n = connection.execute(_delete(table), {"users": users, "ids": ids}).rowcount
-        return taken_from(hot, 0, n)
-
-    return apply
-
-
 # --- the commands' phases ------------------------------------------------------------------
 
 
@@ -344,7 +336,7 @@ def purge_phases(plan: Plan) -> list[Phase]:
                 f"soft-deleted messages{where}",
                 child,
                 child.c.deleted_at.is_not(None) & (child.c.deleted_at < grace),
-                delete_messages(child, hot),
+                delete_messages(child, hot, _delete),
             ),
         ]
     return phases

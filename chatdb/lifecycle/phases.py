@@ -126,9 +126,14 @@ def delete_conversations(parent: Table, child: Table, hot: bool) -> Apply:
     return apply
 
 
-def delete_messages(table: Table, hot: bool) -> Apply:
+def delete_messages(
+    table: Table, hot: bool, statement: Callable[[Table], TextClause] = delete_keyed
+) -> Apply:
+    """Delete the batch's messages of ``table`` with ``statement(table)`` (on Citus, one
+    confined to the batch's shard)."""
+
     def apply(connection: Connection, ids: list[uuid.UUID], users: list[str]) -> Tally:
-        n = connection.execute(delete_keyed(table), {"ids": ids, "users": users}).rowcount
+        n = connection.execute(statement(table), {"ids": ids, "users": users}).rowcount
         return taken_from(hot, 0, n)
 
     return apply

@@ -468,14 +468,19 @@ def test_the_help_lists_the_patterns_and_the_default_budgets(cli):
         assert f"{budget.key}=" in flat
 
 
-def test_sigterm_stops_pgbench_and_removes_the_rows(seeded_db):
-    process = subprocess.Popen(
-        [*CHATDB, "bench", "--database-url", seeded_db.cli_url, "--clients", "2", "--rate", "20",
+def _long_bench(url: str) -> subprocess.Popen:
+    """A bench of inserts for five minutes, to stop."""
+    return subprocess.Popen(
+        [*CHATDB, "bench", "--database-url", url, "--clients", "2", "--rate", "20",
          "--duration", "300s", *generous("insert=1")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
+
+
+def test_sigterm_stops_pgbench_and_removes_the_rows(seeded_db):
+    process = _long_bench(seeded_db.cli_url)
     try:
         _wait_until(
             lambda: seeded_db.scalar("SELECT count(*) FROM messages WHERE user_id ~ '^bench-'") > 0,
@@ -516,13 +521,7 @@ def test_the_password_is_never_on_pgbenchs_command_line(seeded_db):
     url = db.parse_url(seeded_db.cli_url)
     secret = url.password or "S3cr3t-Pw"  # the test server trusts local connections
     given = url._replace(password=secret).render_as_string(hide_password=False)
-    process = subprocess.Popen(
-        [*CHATDB, "bench", "--database-url", given, "--clients", "2", "--rate", "20",
-         "--duration", "300s", *generous("insert=1")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    process = _long_bench(given)
     try:
         _wait_until(lambda: _children(process.pid, "pgbench"), "pgbench started")
         for child in _children(process.pid, "pgbench"):

@@ -209,99 +209,95 @@ def rows(db, sql: str, **params) -> list[tuple]:
         return [tuple(row) for row in connection.execute(text(sql), params).all()]
 
 
-def two_users_one_id(db) -> None:
-    """Since revision 0007 the key of conversations and messages (and their archives) is
-    ``(id, user_id)``: two users' rows may share an ``id`` (an application that lets
-    clients choose ids, an import, a hostile client that learned another user's
-    conversation id). Every batch goes by the whole key."""
+def two_users_one_id(db, mallorys: str, alices: str = "now()") -> None:
+    """Alice's conversation, last active at ``alices``, with a message, and Mallory's with
+    the same id (``mallorys``: its updated_at and deleted_at, SQL). Since revision 0007 the
+    key of conversations and messages (and their archives) is ``(id, user_id)``: two
+    users' rows may share an ``id`` (an application that lets clients choose ids, an
+    import, a hostile client that learned another user's conversation id). Every batch
+    goes by the whole key."""
     db.execute("INSERT INTO users (id) VALUES ('alice'), ('mallory')")
-
-
-def test_purge_of_a_soft_deleted_conversation_deletes_only_that_conversation(cli, migrated_db):
-    db = migrated_db
-    two_users_one_id(db)
-    # Alice's conversation: active today, not deleted, with a message.
     db.execute(
-        "INSERT INTO conversations (id, user_id, updated_at) VALUES (:id, 'alice', now())", id=SHARED_ID
+        "INSERT INTO conversations (id, user_id, updated_at, deleted_at)"
+        f" VALUES (:id, 'alice', {alices}, NULL), (:id, 'mallory', {mallorys})",
+        id=SHARED_ID,
     )
     db.execute(
         "INSERT INTO messages (conversation_id, user_id, role, content)"
         " VALUES (:id, 'alice', 'user', 'alice keeps this')",
         id=SHARED_ID,
     )
-    # Mallory's conversation with the same id, soft-deleted 60 days ago: purge takes it.
+
+
+def purged(cli, db) -> dict:
+    result = cli("purge", "--older-than", "365d", "--yes", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["done"]
+
+
+def test_purge_of_a_soft_deleted_conversation_deletes_only_that_conversation(cli, migrated_db):
+    db = migrated_db
+    two_users_one_id(db, mallorys="now(), now() - interval '60 days'")  # past the grace period
+    assert purged(cli, db)["conversations"] == 1
+    assert rows(db, "SELECT user_id FROM conversations") == [("alice",)]
+    assert rows(db, "SELECT content FROM messages") == [("alice keeps this",)]
+
+
+def test_purge_of_an_idle_conversation_deletes_only_that_conversation(cli, migrated_db):
+    db = migrated_db
+    two_users_one_id(db, mallorys="now() - interval '400 days', NULL")
     db.execute(
-        "INSERT INTO conversations (id, user_id, updated_at, deleted_at)"
-        " VALUES (:id, 'mallory', now(), now() - interval '60 days')",
+        "INSERT INTO messages (conversation_id, user_id, role, content)"
+        " VALUES (:id, 'mallory', 'user', 'mallory''s, idle')",
         id=SHARED_ID,
     )
-    result = cli("purge", "--older-than", "365d", "--yes", "--json", "--database-url", db.cli_url)
-    report = json.loads(result.stdout)
-    assert result.exit_code == 0, result.output
-    # Only Mallory's conversation matched the purge's condition.
-    assert rows(db, "SELECT user_id FROM conversations") == [("alice",)], report["done"]
+    assert purged(cli, db)["messages"] == 1
+    assert rows(db, "SELECT user_id FROM conversations") == [("alice",)]
     assert rows(db, "SELECT content FROM messages") == [("alice keeps this",)]
-    assert report["done"]["conversations"] == 1
 
 
 def test_purge_of_a_soft_deleted_message_deletes_only_that_message(cli, migrated_db):
     db = migrated_db
-    two_users_one_id(db)
-    for user in ("alice", "mallory"):
-        db.execute("INSERT INTO conversations (id, user_id) VALUES (gen_random_uuid(), :u)", u=user)
+    two_users_one_id(db, mallorys="now(), NULL")
     db.execute(
         "INSERT INTO messages (id, conversation_id, user_id, role, content, deleted_at)"
-        " SELECT :id, c.id, c.user_id, 'user', c.user_id || '''s message',"
-        "   CASE WHEN c.user_id = 'mallory' THEN now() - interval '60 days' END"
-        " FROM conversations c",
+        " VALUES (:m, :id, 'alice', 'user', 'alice''s message', NULL),"
+        " (:m, :id, 'mallory', 'user', 'mallory''s message', now() - interval '60 days')",
         id=SHARED_ID,
+        m="00000000-0000-0000-0000-0000000000bb",
     )
-    result = cli("purge", "--older-than", "365d", "--yes", "--json", "--database-url", db.cli_url)
-    assert result.exit_code == 0, result.output
-    assert rows(db, "SELECT content FROM messages") == [("alice's message",)]
+    assert purged(cli, db)["messages"] == 1
+    assert rows(db, "SELECT content FROM messages ORDER BY 1") == [
+        ("alice keeps this",),
+        ("alice's message",),
+    ]
 
 
-def test_archive_moves_only_the_idle_conversation_and_exports_it_once(cli, migrated_db, tmp_path):
+def test_archive_moves_only_the_idle_conversation_exports_it_once_and_restores_it(cli, migrated_db, tmp_path):
     db = migrated_db
-    two_users_one_id(db)
-    db.execute(
-        "INSERT INTO conversations (id, user_id, updated_at) VALUES (:id, 'alice', now())", id=SHARED_ID
-    )
-    db.execute(
-        "INSERT INTO messages (conversation_id, user_id, role, content)"
-        " VALUES (:id, 'alice', 'user', 'alice is using this')",
-        id=SHARED_ID,
-    )
-    db.execute(
-        "INSERT INTO conversations (id, user_id, updated_at)"
-        " VALUES (:id, 'mallory', now() - interval '400 days')",
-        id=SHARED_ID,
-    )
+    two_users_one_id(db, mallorys="now() - interval '400 days', NULL")
     export = tmp_path / "out.jsonl"
     result = cli(
         "archive", "--older-than", "180d", "--yes", "--json", "--export", str(export),
         "--database-url", db.cli_url,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    assert json.loads(result.stdout)["exported"] == 1
     lines = [json.loads(line) for line in export.read_text().splitlines()]
-    problems = {
-        "hot conversations": rows(db, "SELECT user_id FROM conversations"),
-        "archived conversations": rows(db, "SELECT user_id FROM conversations_archive ORDER BY 1"),
-        "done": report["done"],
-        "exported (summary)": report["exported"],
-        "export lines": [
-            (line["conversation"]["user_id"], [m["user_id"] for m in line["messages"]]) for line in lines
-        ],
-    }
-    assert problems["hot conversations"] == [("alice",)], problems
-    assert problems["archived conversations"] == [("mallory",)], problems
-    assert problems["export lines"] == [("mallory", [])], problems
+    assert [(line["conversation"]["user_id"], line["messages"]) for line in lines] == [("mallory", [])]
+    assert rows(db, "SELECT user_id FROM conversations") == [("alice",)]
+    assert rows(db, "SELECT user_id FROM conversations_archive") == [("mallory",)]
+    assert rows(db, "SELECT user_id FROM messages") == [("alice",)]
+    # Back by its id: Mallory's comes back, and Alice's hot one is left as it is.
+    result = cli("archive", "restore", "--conversation", SHARED_ID, "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert rows(db, "SELECT user_id FROM conversations ORDER BY 1") == [("alice",), ("mallory",)]
+    assert rows(db, "SELECT user_id FROM messages") == [("alice",)]
 
 
 def test_restore_of_a_user_restores_only_that_users_conversations(cli, migrated_db):
     db = migrated_db
-    two_users_one_id(db)
+    db.execute("INSERT INTO users (id) VALUES ('alice'), ('mallory')")
     db.execute(
         "INSERT INTO conversations_archive (id, user_id) VALUES (:id, 'alice'), (:id, 'mallory')",
         id=SHARED_ID,
@@ -310,34 +306,6 @@ def test_restore_of_a_user_restores_only_that_users_conversations(cli, migrated_
     assert result.exit_code == 0, result.output
     assert rows(db, "SELECT user_id FROM conversations") == [("mallory",)]
     assert rows(db, "SELECT user_id FROM conversations_archive") == [("alice",)]
-
-
-def test_purge_of_an_idle_conversation_deletes_only_that_conversation(cli, migrated_db):
-    db = migrated_db
-    two_users_one_id(db)
-    db.execute(
-        "INSERT INTO conversations (id, user_id, updated_at) VALUES (:id, 'alice', now())", id=SHARED_ID
-    )
-    db.execute(
-        "INSERT INTO messages (conversation_id, user_id, role, content)"
-        " VALUES (:id, 'alice', 'user', 'alice keeps this')",
-        id=SHARED_ID,
-    )
-    db.execute(
-        "INSERT INTO conversations (id, user_id, updated_at)"
-        " VALUES (:id, 'mallory', now() - interval '400 days')",
-        id=SHARED_ID,
-    )
-    db.execute(
-        "INSERT INTO messages (conversation_id, user_id, role, content)"
-        " VALUES (:id, 'mallory', 'user', 'mallory''s, idle')",
-        id=SHARED_ID,
-    )
-    result = cli("purge", "--older-than", "365d", "--yes", "--json", "--database-url", db.cli_url)
-    assert result.exit_code == 0, result.output
-    assert rows(db, "SELECT user_id FROM conversations") == [("alice",)]
-    assert rows(db, "SELECT content FROM messages") == [("alice keeps this",)]
-    assert json.loads(result.stdout)["done"]["messages"] == 1
 
 
 # --- exactly the predicted rows ------------------------------------------------------------------
