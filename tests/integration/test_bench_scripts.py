@@ -262,6 +262,17 @@ def test_budgets_judge_the_figures():
     assert unfiltered.histogram[-1].count == 1  # the skipped one, past every bound
 
 
+def test_a_budget_of_a_pattern_that_ran_no_transaction_has_no_data_and_is_missed():
+    log = [pgbench.Transaction(0, 0, 1000, "done", 0, 0) for _ in range(20)]  # history-unfiltered: none
+    figures = stats.figures(["history", "history-unfiltered"], log, 1.0)
+    stats.judge(figures, workload.budgets_for({"history": 9, "history-unfiltered": 1}, []))
+    history, unfiltered = figures
+    results = {r.metric: (r.value_ms, r.status) for r in history.budgets}
+    assert results["overhead"] == (None, stats.NO_DATA)
+    assert not history.ok  # not measured, so not held
+    assert unfiltered.transactions == 0
+
+
 def test_the_capacity_search_closes_in_on_the_highest_rate_that_holds():
     """Doubling while every budget holds, then narrowing: it ends within 10% of the true
     limit, having tried it from both sides; and it looks down when the first rate fails."""
