@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from sqlalchemy.engine import URL
 from chatdb.bench import pgbench, stats, workload
 from chatdb.bench.model import BenchRequest, CommandOutcome, Phase, Progress
 from chatdb.bench.workload import Budget, Keys
-from chatdb.errors import StateError, UsageError
+from chatdb.errors import EXIT_USAGE, StateError, UsageError
 
 #: A transaction already this late when its turn comes is skipped, and counts as missed:
 #: a run that falls behind its schedule does not queue up without end.
@@ -200,6 +201,25 @@ def tail(path: Path, limit: int = 4000) -> str:
 
 def chatdb_url(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def rehearse(url: URL, argv: tuple[str, ...]) -> None:
+    """Run a --while archive or purge as a dry run first, before anything is measured, so
+    that its bad input (``purge --older-than 90x``) is refused at once (exit 2) rather
+    than after the first measurement. Other commands are run as they are."""
+    if argv[0] not in ("archive", "purge") or argv[1:2] == ("restore",):
+        return
+    env = {**os.environ, "CHATDB_DATABASE_URL": chatdb_url(url)}
+    done = subprocess.run(
+        [sys.executable, "-m", "chatdb", *argv, "--dry-run"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if done.returncode == EXIT_USAGE:
+        said = [line[len("error: ") :] for line in done.stderr.splitlines() if line.startswith("error: ")]
+        raise UsageError(f"--while {shlex.join(argv)}: {said[0] if said else 'bad input'}")
 
 
 def key_cost(ctx: Context, keys: Keys) -> float:

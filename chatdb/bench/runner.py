@@ -94,6 +94,8 @@ def run(engine: Engine, request: BenchRequest, progress: Progress | None = None)
     migrations.require_head(engine)
     program = pgbench.locate()
     mix, left_out, reads, estimate = _preflight(engine, request)
+    if request.while_command is not None:
+        phases.rehearse(engine.url, request.while_command)
     budgets = [b for b in budgets if b.pattern in mix]
     target, env = pgbench.libpq_target(engine.url)
     env.setdefault("PGAPPNAME", "chatdb bench")

@@ -264,11 +264,26 @@ def test_while_measures_again_during_the_command_and_reports_its_outcome(seeded_
 
 
 def test_a_failing_while_command_fails_the_run_with_its_error(seeded_db, cli):
-    result = bench(cli, seeded_db, *QUICK, "--rate", "30", "--while", "purge", *generous("history=1"))
+    command = "archive restore --user nobody-here"
+    result = bench(cli, seeded_db, *QUICK, "--rate", "30", "--while", command, *generous("history=1"))
     assert result.exit_code == 1, result.output
-    assert "`purge` ran for" in result.stdout and "exited 2" in result.stdout
-    assert "--older-than" in result.stdout  # the command's own error line
+    assert f"`{command}` ran for" in result.stdout and "exited 1" in result.stdout
+    assert "nobody-here" in result.stdout  # the command's own error line
     assert "the --while command did not succeed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [("purge --older-than 90x", "invalid --older-than '90x'"), ("archive", "--older-than is required")],
+)
+def test_a_while_archive_or_purge_with_bad_input_is_refused_before_anything_is_measured(
+    seeded_db, cli, command, says
+):
+    result = bench(cli, seeded_db, "--clients", "2", "--duration", "60s", "--rate", "30", "--while", command)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: --while {command}: {says}"), result.stderr
+    assert result.stdout == ""  # nothing was measured
+    assert seeded_db.scalar(BENCH_USERS) == 0
 
 
 # --- bench's own rows ---------------------------------------------------------------------------
