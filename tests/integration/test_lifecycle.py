@@ -235,23 +235,21 @@ def purged(cli, db) -> dict:
     return json.loads(result.stdout)["done"]
 
 
-def test_purge_of_a_soft_deleted_conversation_deletes_only_that_conversation(cli, migrated_db):
+@pytest.mark.parametrize(
+    "mallorys",
+    ["now(), now() - interval '60 days'", "now() - interval '400 days', NULL"],
+    ids=["soft-deleted past the grace period", "idle"],
+)
+def test_purge_of_a_conversation_deletes_only_that_users(cli, migrated_db, mallorys):
     db = migrated_db
-    two_users_one_id(db, mallorys="now(), now() - interval '60 days'")  # past the grace period
-    assert purged(cli, db)["conversations"] == 1
-    assert rows(db, "SELECT user_id FROM conversations") == [("alice",)]
-    assert rows(db, "SELECT content FROM messages") == [("alice keeps this",)]
-
-
-def test_purge_of_an_idle_conversation_deletes_only_that_conversation(cli, migrated_db):
-    db = migrated_db
-    two_users_one_id(db, mallorys="now() - interval '400 days', NULL")
+    two_users_one_id(db, mallorys=mallorys)
     db.execute(
         "INSERT INTO messages (conversation_id, user_id, role, content)"
-        " VALUES (:id, 'mallory', 'user', 'mallory''s, idle')",
+        " VALUES (:id, 'mallory', 'user', 'mallory''s')",
         id=SHARED_ID,
     )
-    assert purged(cli, db)["messages"] == 1
+    done = purged(cli, db)
+    assert (done["conversations"], done["messages"]) == (1, 1)
     assert rows(db, "SELECT user_id FROM conversations") == [("alice",)]
     assert rows(db, "SELECT content FROM messages") == [("alice keeps this",)]
 
