@@ -69,7 +69,7 @@ def seed(
 ) -> None:
     """Fill the database with realistic, deterministic fake chat data, loaded with COPY.
 
-    Seeded users have ids starting with `seed-<SEED>-`, so `--reset` deletes exactly them
+    Seeded users have ids `seed-<SEED>-<NUMBER>`, so `--reset` deletes exactly them
     and, by cascade, everything of theirs, never a real user's rows. The whole seed is one
     transaction: interrupted, it leaves nothing.
 

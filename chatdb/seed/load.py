@@ -20,16 +20,18 @@ from sqlalchemy.sql.schema import ForeignKeyConstraint
 
 from chatdb import citus, migrations, privileges
 from chatdb.errors import StateError
-from chatdb.schema import add_constraint_sql, conversations, messages
+from chatdb.schema import add_constraint_sql, conversations, messages, metadata
 from chatdb.seed.child import in_child
-from chatdb.seed.request import USER_PREFIX, Progress, ResetResult, SeedRequest, SeedResult
+from chatdb.seed.request import SEEDED, Progress, ResetResult, SeedRequest, SeedResult
+from chatdb.seed.request import seeded as seeded_params
 from chatdb.seed.rows import CONVERSATION_COLUMNS, MESSAGE_LAYOUT, all_chunks
 
 
-def seeded_user_count(connection: Connection, prefix: str = USER_PREFIX) -> int:
+def seeded_user_count(connection: Connection, seed: int | None = None) -> int:
+    """The users of ``seed`` (of every seed: None)."""
     return int(
         connection.execute(
-            text("SELECT count(*) FROM users WHERE starts_with(id, :prefix)"), {"prefix": prefix}
+            text(f"SELECT count(*) FROM users WHERE {SEEDED.format('id')}"), seeded_params(seed)
         ).scalar_one()
     )
 
@@ -49,7 +51,7 @@ def seed(engine: Engine, request: SeedRequest, progress: Progress | None = None)
             [(p, t) for t in ("users", "conversations", "messages") for p in ("SELECT", "INSERT")],
             "seed writes users, conversations and messages",
         )
-        if seeded_user_count(connection, request.user_prefix):
+        if seeded_user_count(connection, request.seed):
             raise StateError(
                 f"seed {request.seed} is already loaded (users {request.user_prefix}*)",
                 hint="pass --reset to delete every earlier seed's users (seed-*) and load it again,"
@@ -217,10 +219,20 @@ def _load(
         raise RuntimeError("the generator produced more tables than expected")
 
 
+#: The tables a seed fills besides users, children first (the order TRUNCATE names them).
+_CHAT_TABLES = ["messages_archive", "conversations_archive", "messages", "conversations"]
+#: The foreign keys chatdb declares on them (``schema.py``); any other is the application's.
+_OWN_FOREIGN_KEYS = sorted(
+    str(key.name) for name in _CHAT_TABLES for key in metadata.tables[name].foreign_key_constraints
+)
+
+
 def reset(engine: Engine) -> ResetResult:
-    """Delete every seeded user (ids starting with ``seed-``) and, by cascade, everything of
-    theirs. Never touches a row of a user whose id lacks the prefix."""
+    """Delete every seeded user (``SEEDED_ID``) and, by cascade, everything of theirs.
+    Never touches a row of any other user: a cascade that an application's own foreign
+    key carries on to another user's row rolls the whole reset back."""
     migrations.require_head(engine)
+    params = seeded_params()
     with engine.connect() as connection, connection.begin():
         citus.sequential(connection)  # as in seed(): users is written last
         privileges.require_table_privileges(
@@ -228,30 +240,53 @@ def reset(engine: Engine) -> ResetResult:
             [("SELECT", "users"), ("DELETE", "users")],
             "seed --reset deletes the seeded users, and everything of theirs by cascade",
         )
-        counts = _seeded_counts(connection)
-        # When the seed owns every conversation (hot and archived), truncating is exact
-        # and far faster than cascading row by row.
-        others = connection.execute(
+        connection.execute(text("SET LOCAL lock_timeout = '10s'"))
+        # Foreign keys of the application's own to chatdb's tables: a cascade can carry on
+        # through them to rows of other users, and TRUNCATE refuses to run.
+        referenced = connection.execute(
             text(
-                "SELECT EXISTS (SELECT 1 FROM conversations WHERE NOT starts_with(user_id, :p))"
-                " OR EXISTS (SELECT 1 FROM conversations_archive WHERE NOT starts_with(user_id, :p))"
+                "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f'"
+                " AND confrelid = ANY(CAST(:tables AS regclass[])) AND NOT conname = ANY(:own))"
             ),
-            {"p": USER_PREFIX},
+            {"tables": _CHAT_TABLES, "own": _OWN_FOREIGN_KEYS},
         ).scalar_one()
-        truncatable = connection.execute(
-            text(
-                "SELECT bool_and(has_table_privilege(to_regclass(t), 'TRUNCATE'))"
-                " FROM unnest(CAST(:tables AS text[])) AS t"
-            ),
-            {"tables": ["messages_archive", "conversations_archive", "messages", "conversations"]},
-        ).scalar_one()
-        if not others and counts.conversations and truncatable:
-            connection.execute(text("SET LOCAL lock_timeout = '10s'"))
+        truncatable = (
+            not referenced
+            and connection.execute(
+                text(
+                    "SELECT bool_and(has_table_privilege(to_regclass(t), 'TRUNCATE'))"
+                    " FROM unnest(CAST(:tables AS text[])) AS t"
+                ),
+                {"tables": _CHAT_TABLES},
+            ).scalar_one()
+        )
+        if truncatable:
+            # No conversation can be added while this transaction decides: the check
+            # below sees every conversation committed before the truncate.
             connection.execute(
-                text("TRUNCATE messages_archive, conversations_archive, messages, conversations")
+                text("LOCK TABLE conversations, conversations_archive IN SHARE ROW EXCLUSIVE MODE")
             )
-        connection.execute(text("DELETE FROM users WHERE starts_with(id, :p)"), {"p": USER_PREFIX})
+        counts = _seeded_counts(connection)
+        others = _others(connection)
+        if truncatable and not any(others) and counts.conversations:
+            # The seed owns every conversation, hot and archived: truncating is exact and
+            # far faster than cascading row by row.
+            connection.execute(text(f"TRUNCATE {', '.join(_CHAT_TABLES)}"))
+        connection.execute(text(f"DELETE FROM users WHERE {SEEDED.format('id')}"), params)
+        if referenced and _others(connection) != others:
+            raise StateError(
+                "seed --reset would also delete rows of users that seed did not create, through "
+                "a foreign key of the application's; it rolled back and deleted nothing",
+                hint="delete the seeded users yourself, once the application's rows no longer reference them",
+            )
     return counts
+
+
+def _others(connection: Connection) -> tuple[int, ...]:
+    """The rows of users that seed did not create, in each chat table."""
+    others = f"NOT {SEEDED.format('user_id')}"
+    counts = ", ".join(f"(SELECT count(*) FROM {table} WHERE {others})" for table in _CHAT_TABLES)
+    return tuple(connection.execute(text(f"SELECT {counts}"), seeded_params()).one())
 
 
 def seeded_counts(engine: Engine) -> ResetResult:
@@ -264,10 +299,10 @@ def seeded_counts(engine: Engine) -> ResetResult:
 def _seeded_counts(connection: Connection) -> ResetResult:
     users, conversations_, messages_ = connection.execute(
         text(
-            "SELECT (SELECT count(*) FROM users WHERE starts_with(id, :p)),"
-            " (SELECT count(*) FROM conversations WHERE starts_with(user_id, :p)),"
-            " (SELECT count(*) FROM messages WHERE starts_with(user_id, :p))"
+            f"SELECT (SELECT count(*) FROM users WHERE {SEEDED.format('id')}),"
+            f" (SELECT count(*) FROM conversations WHERE {SEEDED.format('user_id')}),"
+            f" (SELECT count(*) FROM messages WHERE {SEEDED.format('user_id')})"
         ),
-        {"p": USER_PREFIX},
+        seeded_params(),
     ).one()
     return ResetResult(int(users), int(conversations_), int(messages_))

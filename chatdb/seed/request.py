@@ -10,6 +10,21 @@ from chatdb.defaults import DEFAULT_CONVERSATIONS, DEFAULT_DAYS, DEFAULT_MESSAGE
 from chatdb.errors import UsageError
 
 USER_PREFIX = "seed-"
+#: The ids seed gives its users: ``seed-<SEED>-<NUMBER>``, seven digits or more. A user of
+#: the application whose id only starts with ``seed-`` is not one of them.
+SEEDED_ID = "^seed-[0-9]+-[0-9]{7,}$"
+#: Whether the column ``{}`` holds a seeded user's id (``prefix`` and ``pattern`` bound):
+#: the prefix lets an index narrow the scan, the pattern decides.
+SEEDED = "(starts_with({0}, :prefix) AND {0} ~ :pattern)"
+
+
+def seeded(seed: int | None = None) -> dict[str, str]:
+    """The parameters of ``SEEDED``: every seed's users, or those of ``seed``."""
+    if seed is None:
+        return {"prefix": USER_PREFIX, "pattern": SEEDED_ID}
+    return {"prefix": f"{USER_PREFIX}{seed}-", "pattern": f"^{USER_PREFIX}{seed}-[0-9]{{7,}}$"}
+
+
 MAX_DAYS = 36_500
 #: Far past anything a machine seeds, and inside what the generator's counters hold.
 MAX_COUNT = 10**12

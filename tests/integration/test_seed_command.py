@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -385,6 +386,92 @@ def test_reset_truncates_when_the_seed_owns_everything(migrated_db, cli):
     assert migrated_db.scalar("SELECT count(*) FROM messages") == 0
     assert migrated_db.scalar("SELECT count(*) FROM conversations") == 0
     assert migrated_db.scalar("SELECT id FROM users") == "real-without-conversations"
+
+
+SMALL = ("--users", "5", "--conversations", "10", "--messages", "50")
+
+
+def test_reset_keeps_a_user_whose_id_only_starts_with_seed_dash(migrated_db, cli):
+    """Seeded ids are seed-<SEED>-<seven digits or more>: another id that starts with seed-
+    is the application's user."""
+    seed(cli, migrated_db, *SMALL)
+    for user_id in ("seed-42-x", "seed-lover", "seed-", "seed-42-12345"):
+        migrated_db.execute("INSERT INTO users (id) VALUES (:id)", id=user_id)
+        migrated_db.execute("INSERT INTO conversations (user_id) VALUES (:id)", id=user_id)
+        migrated_db.execute(
+            "INSERT INTO messages (conversation_id, user_id, role, content)"
+            " SELECT id, user_id, 'user', 'hello' FROM conversations WHERE user_id = :id",
+            id=user_id,
+        )
+    payload = seed(cli, migrated_db, "--reset", "--yes", *SMALL)
+    assert payload["reset"] == {"users": 5, "conversations": 10, "messages": 50}
+    assert migrated_db.scalar("SELECT count(*) FROM users WHERE id !~ '^seed-[0-9]+-[0-9]{7,}$'") == 4
+    assert migrated_db.scalar("SELECT count(*) FROM messages WHERE content = 'hello'") == 4
+
+
+def test_reset_never_truncates_a_conversation_committed_while_it_waits(migrated_db, cli):
+    """The application commits a user's first conversation while reset waits for its lock:
+    reset sees it, and deletes the seeded users row by row instead of truncating."""
+    seed(cli, migrated_db, *SMALL)
+    migrated_db.execute("INSERT INTO users (id) VALUES ('alice')")
+    app = migrated_db.engine.connect()
+    app_transaction = app.begin()
+    app.execute(text("INSERT INTO conversations (user_id, title) VALUES ('alice', 'tax return')"))
+    app.execute(
+        text(
+            "INSERT INTO messages (conversation_id, user_id, role, content)"
+            " SELECT id, user_id, 'user', 'my real question' FROM conversations WHERE user_id = 'alice'"
+        )
+    )
+
+    def commit_once_reset_waits() -> None:
+        migrated_db.wait_for_query("LOCK TABLE conversations", timeout=30)
+        app_transaction.commit()
+        app.close()
+
+    committer = threading.Thread(target=commit_once_reset_waits)
+    committer.start()
+    try:
+        removed = seed_module.reset(migrated_db.engine)
+    finally:
+        committer.join()
+    assert removed.users == 5
+    assert migrated_db.scalar("SELECT count(*) FROM conversations WHERE user_id = 'alice'") == 1
+    assert migrated_db.scalar("SELECT count(*) FROM messages WHERE user_id = 'alice'") == 1
+    assert migrated_db.scalar("SELECT count(*) FROM conversations") == 1
+
+
+def test_reset_that_would_cascade_to_another_users_row_rolls_back(migrated_db, cli):
+    """A foreign key of the application's own (a conversation forked from another, ON
+    DELETE CASCADE) would carry reset's cascade on to another user's conversation."""
+    seed(cli, migrated_db, *SMALL)
+    migrated_db.execute(
+        "ALTER TABLE conversations ADD COLUMN forked_from uuid, ADD COLUMN forked_from_user varchar(255),"
+        " ADD FOREIGN KEY (forked_from, forked_from_user) REFERENCES conversations (id, user_id)"
+        " ON DELETE CASCADE"
+    )
+    migrated_db.execute("INSERT INTO users (id) VALUES ('alice')")
+    migrated_db.execute(
+        "INSERT INTO conversations (user_id, title, forked_from, forked_from_user)"
+        " SELECT 'alice', 'my fork', id, user_id FROM conversations LIMIT 1"
+    )
+    result = cli("seed", "--reset", "--yes", *SMALL, "--database-url", migrated_db.cli_url)
+    assert result.exit_code == 1, result.output
+    assert "rolled back and deleted nothing" in one_error(result)
+    assert migrated_db.scalar("SELECT count(*) FROM conversations WHERE user_id = 'alice'") == 1
+    assert migrated_db.scalar("SELECT count(*) FROM users WHERE id LIKE 'seed-%'") == 5
+
+
+def test_reset_deletes_row_by_row_when_an_application_table_references_conversations(migrated_db, cli):
+    seed(cli, migrated_db, *SMALL)
+    migrated_db.execute(
+        "CREATE TABLE app_bookmarks (conversation_id uuid, user_id varchar(255),"
+        " FOREIGN KEY (conversation_id, user_id) REFERENCES conversations (id, user_id) ON DELETE CASCADE)"
+    )
+    migrated_db.execute("INSERT INTO app_bookmarks SELECT id, user_id FROM conversations LIMIT 3")
+    payload = seed(cli, migrated_db, "--reset", "--yes", *SMALL)
+    assert payload["reset"] == {"users": 5, "conversations": 10, "messages": 50}
+    assert migrated_db.scalar("SELECT count(*) FROM app_bookmarks") == 0  # the seeded rows' own
 
 
 @pytest.mark.parametrize(
