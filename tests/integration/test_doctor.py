@@ -418,6 +418,40 @@ def test_connections_in_use_and_the_longest_query(seeded, cli):
     assert [c["status"] for c in found(payload, "connections", "longest query")] == ["ok"]
 
 
+def test_another_sessions_query_is_shown_without_its_constants_or_passwords(seeded, cli):
+    """A password in another session's running query (a role's, a dblink connection
+    string's) never appears in doctor's output: its string constants show as '…'."""
+    import threading
+
+    sleeper = create_engine(seeded.url, connect_args={"prepare_threshold": None})
+    statement = (
+        "SELECT pg_sleep(60), 'host=db password=hunter2-in-a-string',"
+        " 'ALTER ROLE app PASSWORD ''hunter2-quoted''' /* password=hunter2-in-a-comment */"
+    )
+
+    def sleep() -> None:
+        with sleeper.connect() as connection, contextlib.suppress(DBAPIError):  # cancelled below
+            connection.execute(text(statement))
+
+    thread = threading.Thread(target=sleep)
+    thread.start()
+    try:
+        seeded.wait_for_query("SELECT pg_sleep")
+        for args in (["--json"], []):
+            result = cli("doctor", *args, "--all", "--threshold", "long_query_seconds=0",
+                         "--database-url", seeded.cli_url)  # fmt: skip
+            assert "hunter2" not in result.stdout + result.stderr
+        _, payload = run(cli, seeded, "--threshold", "long_query_seconds=0")
+        (longest,) = found(payload, "connections", "longest query")
+        assert "SELECT pg_sleep(60), '…', '…'" in longest["detail"], longest["detail"]
+        seeded.execute(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
+        )
+    finally:
+        thread.join(30)
+        sleeper.dispose()
+
+
 # --- 7. wraparound, 8. cache, 11. replication slots -------------------------------------------
 
 
