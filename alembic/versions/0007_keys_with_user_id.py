@@ -46,7 +46,23 @@ def upgrade() -> None:
         ops.replace_primary_key(child, ("id", "user_id"))
 
 
+#: The keys of 0006 make each id unique by itself, which these keys do not ask: two
+#: users' rows may share an id (a client that chose it, an import). A downgrade then
+#: refuses before it changes anything, rather than fail half-way.
+DOWNGRADE_REFUSAL = (
+    "SELECT 'rows of two users share an id in ' || string_agg(name, ', ') FROM (VALUES "
+    + ", ".join(
+        f"('{table}', EXISTS (SELECT FROM {table} GROUP BY id HAVING count(*) > 1))"
+        for pair in _TABLES
+        for table in pair
+    )
+    + ") AS t(name, shared) WHERE shared"
+)
+
+
 def downgrade() -> None:
+    # Refuse before changing anything (also under a plain `alembic downgrade`).
+    ops.refuse_downgrade(revision, DOWNGRADE_REFUSAL)
     for parent, child in reversed(_TABLES):
         ops.replace_primary_key(child, ("id",))
         ops.replace_primary_key(

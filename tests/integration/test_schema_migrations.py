@@ -353,6 +353,32 @@ def test_downgrade_below_0003_refuses_before_undoing_anything_while_system_messa
     )
 
 
+def test_downgrade_below_0007_refuses_before_undoing_anything_while_two_users_share_an_id(migrated_db):
+    """Under 0007's keys two users' rows may share an id; 0006's keys make an id unique by
+    itself. The downgrade refuses up front rather than fail half-way."""
+    migrated_db.execute(
+        "INSERT INTO users (id) VALUES ('alice'), ('bob');"
+        " INSERT INTO conversations (id, user_id) VALUES"
+        " ('00000000-0000-4000-8000-0000000000aa', 'alice'), ('00000000-0000-4000-8000-0000000000aa', 'bob')"
+    )
+    keys = (
+        "SELECT string_agg(conrelid::regclass || ' ' || pg_get_constraintdef(oid), '; ' ORDER BY 1)"
+        " FROM pg_constraint WHERE contype IN ('p', 'u', 'f') AND conrelid = ANY(CAST(:t AS regclass[]))"
+    )
+    tables = ["conversations", "messages", "conversations_archive", "messages_archive"]
+    before = migrated_db.scalar(keys, t=tables)
+    with pytest.raises(StateError) as refused:
+        migrations.downgrade(migrated_db.engine, "0006")
+    assert str(refused.value) == (
+        "cannot downgrade below 0007_keys_with_user_id: rows of two users share an id in conversations"
+    )
+    assert migrations.status(migrated_db.engine).current == HEAD
+    assert migrated_db.scalar(keys, t=tables) == before
+    migrated_db.execute("DELETE FROM conversations WHERE user_id = 'bob'")
+    migrations.downgrade(migrated_db.engine, "0006")  # once every id is unique by itself
+    assert migrations.status(migrated_db.engine).current == "0006_size_history"
+
+
 def test_offline_downgrade_sql_refuses_before_undoing_anything(migrated_db, tmp_path):
     """The same refusal in the SQL a DBA applies with psql: before 0005 and 0004 drop the
     archive, not after."""
