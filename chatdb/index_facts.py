@@ -19,12 +19,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateIndex
 
 from chatdb.errors import one_line
+from chatdb.identifiers import quote
 from chatdb.schema import CHATDB_TABLES
 
 _CONSTRAINT_KINDS = {"p": "PRIMARY KEY", "u": "UNIQUE", "x": "EXCLUDE"}
-#: Statements are rendered for PostgreSQL, identifiers quoted only where needed.
+#: Statements are rendered for PostgreSQL.
 _DIALECT = postgresql.dialect()
-quote = _DIALECT.identifier_preparer.quote
 
 
 # --- catalog facts --------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from sqlalchemy import Connection
 
 from chatdb import citus
-from chatdb.index_facts import Declared, quote
+from chatdb.identifiers import quote
+from chatdb.index_facts import Declared
 from chatdb.index_report import DISTRIBUTION, FAIL, OK, SHARDS, Check
 from chatdb.schema import DISTRIBUTED_TABLES, DISTRIBUTION_COLUMN
 

@@ -22,9 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
-from sqlalchemy.dialects import postgresql
 
 from chatdb.errors import PrivilegeError, UsageError
+from chatdb.identifiers import quote
 from chatdb.schema import (
     VERSION_TABLE,
     chatdb_runs,
@@ -36,7 +36,6 @@ from chatdb.schema import (
     users,
 )
 
-_quote = postgresql.dialect().identifier_preparer.quote
 #: PostgreSQL truncates longer names; "public" and pg_* are not names a role can have.
 _MAX_NAME_BYTES = 63
 _RESERVED = re.compile(r"^(public|none|current_user|session_user|current_role|pg_.*)$", re.IGNORECASE)
@@ -69,15 +68,15 @@ def validate_role(name: str, option: str, what: str = "role") -> str:
 def grant_statements(app_role: str, ops_role: str, database: str, schema: str = "public") -> list[RoleGrants]:
     """The GRANT statements for the application's role and the operations role. Run them
     as the owner of chatdb's tables."""
-    app = _quote(validate_role(app_role, "--app-role"))
-    ops = _quote(validate_role(ops_role, "--ops-role"))
+    app = quote(validate_role(app_role, "--app-role"))
+    ops = quote(validate_role(ops_role, "--ops-role"))
     if app_role == ops_role:
         raise UsageError("--app-role and --ops-role must be different roles")
-    db = _quote(validate_role(database, "--database", "database"))
-    sch = _quote(validate_role(schema, "--schema", "schema"))
+    db = quote(validate_role(database, "--database", "database"))
+    sch = quote(validate_role(schema, "--schema", "schema"))
 
     def tables(*names: str) -> str:
-        return ", ".join(f"{sch}.{_quote(name)}" for name in names)
+        return ", ".join(f"{sch}.{quote(name)}" for name in names)
 
     chat = tables(conversations.name, messages.name)
     archive = tables(conversations_archive.name, messages_archive.name)
@@ -169,7 +168,7 @@ def require_table_privileges(connection: Connection, needed: list[tuple[str, str
     for privilege, table in needed:
         granted = connection.execute(
             text("SELECT has_table_privilege(to_regclass(:table), :privilege)"),
-            {"table": _quote(table), "privilege": privilege},
+            {"table": quote(table), "privilege": privilege},
         ).scalar()
         if granted is False:
             preposition = {"INSERT": "into", "SELECT": "from", "DELETE": "from"}.get(privilege, "on")

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Row, text
 
 from chatdb import citus
 from chatdb.doctor.model import Options, Thresholds
+from chatdb.identifiers import quote
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Probe:
         return self.connection.execute(text(sql), params).scalar()
 
     def quote(self, name: str) -> str:
-        return self.connection.dialect.identifier_preparer.quote(name)
+        return quote(name)
 
     def qualified(self, name: str) -> str:
         """A table of chatdb's, as a fix names it (schema-qualified unless in public)."""
