@@ -10,16 +10,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-TABLES = (
-    "users",
-    "conversations",
-    "messages",
-    "conversations_archive",
-    "messages_archive",
-    "chatdb_runs",
-    "chatdb_size_history",
-    "chatdb_alembic_version",
-)
+from chatdb.schema import VERSION_TABLE, metadata
+
+#: The tables the statements name: chatdb's, users, and the version table.
+TABLES = (*metadata.tables, VERSION_TABLE)
 
 
 def statements(cli, **names: str) -> list[str]:
