@@ -399,7 +399,16 @@ class CitusCluster:
                     connection.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
         for node in self.nodes:
             with psycopg.connect(node.conninfo(), autocommit=True) as connection:
-                connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                # FORCE waits 5 s for the sessions it ends; on a loaded machine one can take
+                # longer to go, so the drop is tried again.
+                for attempt in range(5):
+                    try:
+                        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                        break
+                    except psycopg.errors.ObjectInUse:
+                        if attempt == 4:
+                            raise
+                        time.sleep(1)
 
 
 @contextmanager
