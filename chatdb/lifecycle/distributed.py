@@ -47,20 +47,19 @@ from sqlalchemy import (
     Table,
     TextClause,
     any_,
-    bindparam,
     collate,
     exists,
     literal,
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import TEXT, UUID
+from sqlalchemy.dialects.postgresql import TEXT
 
 from chatdb import citus
 from chatdb.errors import StateError
 from chatdb.lifecycle.models import Plan, Tally
 from chatdb.lifecycle.phases import PURGED, Apply, Phase, Taken, delete_messages, taken_from
-from chatdb.lifecycle.statements import archivable, ids_param, keyed, restorable, skip_locked
+from chatdb.lifecycle.statements import archivable, ids_param, keyed, keys_bound, restorable, skip_locked
 from chatdb.schema import (
     CITUS_LOCAL_TABLES,
     DISTRIBUTED_TABLES,
@@ -76,9 +75,6 @@ Entry = tuple[int, str]
 
 #: The id of a position that is past all of its user's rows (see ``by_shard``).
 PAST_USER = uuid.UUID(int=(1 << 128) - 1)
-
-_USERS = bindparam("users", type_=ARRAY(TEXT))
-_IDS = bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))
 
 
 def applies(engine: Engine) -> bool:
@@ -101,7 +97,7 @@ def applies(engine: Engine) -> bool:
 
 
 def _bound(statement: str) -> TextClause:
-    return text(statement).bindparams(_USERS, _IDS)
+    return keys_bound(text(statement))
 
 
 class Shards:

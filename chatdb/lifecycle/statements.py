@@ -182,7 +182,8 @@ def purge_idle(parent: Table, window: str = WINDOW) -> TextClause:
 # --- moving and deleting ----------------------------------------------------------------
 
 
-def _keys_bound(statement: TextClause) -> TextClause:
+def keys_bound(statement: TextClause) -> TextClause:
+    """``statement`` with ``:ids`` and ``:users`` bound as arrays (``KEYS``)."""
     return statement.bindparams(
         bindparam("ids", type_=ARRAY(UUID(as_uuid=True))), bindparam("users", type_=ARRAY(Text()))
     )
@@ -195,7 +196,7 @@ def move_rows(source: Table, target: Table, key: str, columns: Table) -> TextCla
     concurrently is moved in its newest version, never an older copy of it. The
     statement's row count is the rows moved."""
     names = ", ".join(f'"{column.name}"' for column in columns.c)
-    return _keys_bound(
+    return keys_bound(
         text(
             f'WITH moved AS (DELETE FROM "{source.name}" WHERE {keyed(key)} RETURNING {names})'
             f' INSERT INTO "{target.name}" ({names}) SELECT {names} FROM moved'
@@ -209,7 +210,7 @@ def copy_conversations(source: Table, target: Table) -> TextClause:
     every column of ``conversations`` (the archive's ``archived_at`` takes its default).
     The batch has them locked: they cannot change between this copy and their delete."""
     names = ", ".join(f'"{column.name}"' for column in conversations.c)
-    return _keys_bound(
+    return keys_bound(
         text(f'INSERT INTO "{target.name}" ({names}) SELECT {names} FROM "{source.name}" WHERE {keyed()}')
     )
 
@@ -239,7 +240,7 @@ def delete_keyed(table: Table, key: str = "id") -> TextClause:
     """Delete the rows of ``table`` whose ``key`` (their id, or their conversation's) and
     user_id are one of the batch's (``keyed``). The batch holds the rows (or their
     conversations) locked; the row count is the rows deleted."""
-    return _keys_bound(text(f'DELETE FROM "{table.name}" WHERE {keyed(key)}'))
+    return keys_bound(text(f'DELETE FROM "{table.name}" WHERE {keyed(key)}'))
 
 
 @cache
@@ -271,7 +272,7 @@ def export_lines() -> TextClause:
     ``(updated_at, id)``, messages by ``(created_at, id)``). Built by the server from the
     rows the batch's own transaction just wrote. ``user_id = ANY(:users)`` confines it,
     on Citus, to the batch's shard (a router query)."""
-    return _keys_bound(
+    return keys_bound(
         text(
             "SELECT jsonb_build_object("
             " 'conversation', to_jsonb(c) - 'archived_at',"

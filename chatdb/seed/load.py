@@ -267,19 +267,35 @@ def reset(engine: Engine) -> ResetResult:
                 text("LOCK TABLE conversations, conversations_archive IN SHARE ROW EXCLUSIVE MODE")
             )
         counts = _seeded_counts(connection)
-        others = _others(connection)
-        if truncatable and not any(others) and counts.conversations:
+        if truncatable and counts.conversations and not _others_exist(connection):
             # The seed owns every conversation, hot and archived: truncating is exact and
             # far faster than cascading row by row.
             connection.execute(text(f"TRUNCATE {', '.join(_CHAT_TABLES)}"))
+        # Counted only when a key of the application's could carry the cascade on.
+        others = _others(connection) if referenced else None
         connection.execute(text(f"DELETE FROM users WHERE {SEEDED.format('id')}"), params)
-        if referenced and _others(connection) != others:
+        if others is not None and _others(connection) != others:
             raise StateError(
                 "seed --reset would also delete rows of users that seed did not create, through "
                 "a foreign key of the application's; it rolled back and deleted nothing",
                 hint="delete the seeded users yourself, once the application's rows no longer reference them",
             )
     return counts
+
+
+def _others_exist(connection: Connection) -> bool:
+    """Whether a conversation, hot or archived, is of a user that seed did not create
+    (their messages need their conversation)."""
+    others = f"NOT {SEEDED.format('user_id')}"
+    return bool(
+        connection.execute(
+            text(
+                f"SELECT EXISTS (SELECT 1 FROM conversations WHERE {others})"
+                f" OR EXISTS (SELECT 1 FROM conversations_archive WHERE {others})"
+            ),
+            seeded_params(),
+        ).scalar_one()
+    )
 
 
 def _others(connection: Connection) -> tuple[int, ...]:
