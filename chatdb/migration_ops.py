@@ -188,6 +188,58 @@ def lock_wait_limit(engine: Engine, statement: str, lock_timeout: str) -> Iterat
             thread.join()
 
 
+#: See :func:`lock_tables`. ``TABLES`` stands for the tables, as a SQL array of names.
+#: (No ``%`` in it: a driver's placeholder, and offline SQL would keep it doubled.)
+_LOCK_TABLES = """DO $$
+DECLARE
+    tables text[] := TABLES;
+    kept text := current_setting('lock_timeout');
+    deadline timestamptz := CASE WHEN CAST(current_setting('lock_timeout') AS interval) > interval '0'
+        THEN clock_timestamp() + CAST(current_setting('lock_timeout') AS interval) END;
+    waited int := 1;
+    tried int;
+BEGIN
+    LOOP
+        BEGIN
+            tried := waited;
+            IF deadline IS NOT NULL THEN
+                PERFORM set_config('lock_timeout', ceil(1000 * greatest(0.001,
+                    extract(epoch FROM deadline - clock_timestamp()))) || 'ms', true);
+            END IF;
+            EXECUTE 'LOCK TABLE ' || quote_ident(tables[waited]) || ' IN ACCESS EXCLUSIVE MODE';
+            FOR i IN 1 .. cardinality(tables) LOOP
+                CONTINUE WHEN i = waited;
+                tried := i;
+                EXECUTE 'LOCK TABLE ' || quote_ident(tables[i]) || ' IN ACCESS EXCLUSIVE MODE NOWAIT';
+            END LOOP;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            IF deadline IS NULL OR clock_timestamp() >= deadline THEN
+                RAISE;
+            END IF;
+            waited := tried;
+        END;
+    END LOOP;
+    PERFORM set_config('lock_timeout', kept, true);
+END $$"""
+
+
+def lock_tables(*tables: str) -> None:
+    """Take ACCESS EXCLUSIVE locks on ``tables`` at the start of a transaction that
+    changes them all, so that the application never waits for one of them while the
+    migration waits for another.
+
+    A statement that locks a second table while it holds the first (an ``ALTER`` after
+    an ``ALTER``, or one ``LOCK`` of several tables) keeps the application off the first
+    for as long as it waits for the second: one ``lock_timeout`` each. Here the migration
+    waits for one table only while it holds none: it waits for one, then takes the
+    others with ``NOWAIT``; when one of those is busy, it lets go of all of them (the
+    attempt is a subtransaction) and waits for that one instead. All of it within one
+    ``lock_timeout``, which ends it with the same error (55P03) as a single wait."""
+    names = ", ".join(f"'{table}'" for table in tables)
+    op.execute(_LOCK_TABLES.replace("TABLES", f"ARRAY[{names}]"))
+
+
 def busy_hint(lock_timeout: str) -> str:
     return (
         f"another session held a lock on the table for longer than {lock_timeout}; "
@@ -216,10 +268,11 @@ def replace_primary_key(
 ) -> None:
     """Give ``table`` the primary key ``columns`` (the constraint keeps its name) with a
     short lock. The new unique indexes are built CONCURRENTLY first; then one transaction
-    drops the foreign keys ``dependents`` (table, constraint, definition) that hang on
-    the old key or on ``drop_unique``, drops those, adds the new key (and ``add_unique``,
-    a unique constraint (name, columns)) USING the new indexes, which needs no scan since
-    the columns are NOT NULL, and puts the foreign keys back NOT VALID. Each foreign key is
+    locks ``table`` and the dependents' tables (:func:`lock_tables`), drops the foreign
+    keys ``dependents`` (table, constraint, definition) that hang on the old key or on
+    ``drop_unique``, drops those, adds the new key (and ``add_unique``, a unique
+    constraint (name, columns)) USING the new indexes, which needs no scan since the
+    columns are NOT NULL, and puts the foreign keys back NOT VALID. Each foreign key is
     then validated in a statement of its own, which blocks no writes.
 
     Idempotent: a key that already has ``columns`` is left as it is, and an index left by
@@ -242,6 +295,7 @@ def replace_primary_key(
         for child, name, definition in dependents
     ]
     wanted = "'{" + ",".join(columns) + "}'::name[]"
+    tables = dict.fromkeys((table, *(child for child, _, _ in dependents)))
     context = op.get_context()
     if context.as_sql or not _concurrently():
         # psql may run the script again after an interruption: the swap is guarded by the
@@ -249,6 +303,7 @@ def replace_primary_key(
         # index that a second run built after the swap is dropped.
         for name, index_columns in indexes:
             create_index(name, table, f"({', '.join(index_columns)})", unique=True)
+        lock_tables(*tables)
         for statement in before:
             op.execute(statement)
         op.execute(
@@ -260,6 +315,7 @@ def replace_primary_key(
     elif not op.get_bind().execute(text(f"SELECT {_key_columns(key)} = {wanted}")).scalar():
         for name, index_columns in indexes:
             create_index(name, table, f"({', '.join(index_columns)})", unique=True)
+        lock_tables(*tables)
         for statement in (*before, *swap, *after):
             op.execute(statement)
     drop_index(new)

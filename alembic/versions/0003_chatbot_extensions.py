@@ -10,7 +10,9 @@ Create Date: 2026-02-16
 The tables may already hold the application's data, so: new columns are nullable
 (no rewrite), constraints are added NOT VALID and validated in their own transaction,
 indexes are built and dropped CONCURRENTLY. Each step is idempotent, because the
-concurrent steps commit as they go.
+concurrent steps commit as they go. A transaction that changes both tables first locks
+them both (``migration_ops.lock_tables``), so that the application never waits on one
+while the migration waits for the other.
 
 Indexes, from the query patterns (chatdb.schema says which serves which):
 - ``idx_conversations_user_status_updated`` (user_id, status, updated_at DESC) replaces
@@ -35,6 +37,7 @@ down_revision = "0002_messages"
 def upgrade() -> None:
     # Each subcommand in an ALTER TABLE of its own: Citus refuses several in one (on a
     # cluster whose users is a reference table, these tables are already in its metadata).
+    ops.lock_tables("conversations", "messages")
     for table, column, type_ in (
         ("conversations", "title", "varchar(200)"),
         ("conversations", "metadata", "jsonb"),
@@ -53,6 +56,7 @@ def upgrade() -> None:
 
     # The database refuses a message whose user is not its conversation's owner.
     ops.create_index("uq_conversations_id_user", "conversations", "(id, user_id)", unique=True)
+    ops.lock_tables("conversations", "messages")
     op.execute(
         """
         DO $$
@@ -119,12 +123,14 @@ def downgrade() -> None:
     ops.create_index("idx_messages_conversation_id", "messages", "(conversation_id)")
     ops.create_index("idx_messages_created_at", "messages", "(created_at DESC)")
 
+    ops.lock_tables("conversations", "messages")
     op.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS messages_conversation_id_fkey")
     op.execute(
         "ALTER TABLE messages ADD CONSTRAINT messages_conversation_id_fkey FOREIGN KEY (conversation_id)"
         " REFERENCES conversations (id) ON DELETE CASCADE NOT VALID"
     )
     ops.validate_constraint("messages", "messages_conversation_id_fkey")
+    ops.lock_tables("conversations", "messages")
     op.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS fk_messages_conversation_owner")
     op.execute("ALTER TABLE conversations DROP CONSTRAINT IF EXISTS uq_conversations_id_user")
     op.execute("ALTER TABLE messages DROP CONSTRAINT IF EXISTS chk_message_role")
@@ -141,6 +147,7 @@ def downgrade() -> None:
         "idx_messages_deleted_id",
     ):
         ops.drop_index(name)
+    ops.lock_tables("conversations", "messages")
     for table, column in (
         ("conversations", "title"),
         ("conversations", "metadata"),

@@ -434,6 +434,79 @@ def test_a_locked_table_makes_the_migration_fail_fast(empty_db):
     assert migrations.upgrade(empty_db.engine).current == HEAD
 
 
+def _waiting_for(engine, table: str) -> bool:
+    """Whether a session waits for a lock on ``table``."""
+    query = "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = to_regclass(:table) AND NOT granted)"
+    with engine.connect() as connection:
+        return bool(connection.execute(text(query), {"table": table}).scalar())
+
+
+@pytest.mark.parametrize(
+    ("start", "target", "busy"),
+    [
+        ("0002", "0003", "messages"),
+        ("0002", "0003", "conversations"),
+        ("0006", "0007", "conversations"),
+        ("0006", "0007", "messages"),
+        ("0003", "0002", "messages"),
+        ("0003", "0002", "conversations"),
+        ("0007", "0006", "conversations"),
+        ("0007", "0006", "messages"),
+    ],
+)
+def test_while_a_migration_waits_for_one_table_the_application_uses_the_other(empty_db, start, target, busy):
+    """A revision whose transaction changes both tables (0003's columns, 0007's key swap,
+    up or down) waits for a busy table holding no lock on the other one: otherwise the
+    application would wait on the other for as long as the migration waits (up to a
+    lock_timeout more for each table it locks after the first)."""
+    other = "conversations" if busy == "messages" else "messages"
+    migrations.upgrade(empty_db.engine, start)
+    outcome: list[object] = []
+
+    def migrate() -> None:
+        try:
+            step = migrations.upgrade if target > start else migrations.downgrade
+            outcome.append(step(empty_db.engine, target, lock_timeout="120s"))
+        except Exception as exc:  # reported by the main thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=migrate)
+    with empty_db.engine.connect() as reader:
+        # A long read of the application's: the migration's ACCESS EXCLUSIVE must wait.
+        reader.execute(text(f"LOCK TABLE {busy} IN ACCESS SHARE MODE"))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not _waiting_for(empty_db.engine, busy):
+            assert not outcome, outcome
+            assert time.monotonic() < deadline, f"the migration never waited for {busy}"
+            time.sleep(0.02)
+        with empty_db.engine.connect() as application:
+            # Would fail at once if the migration held (or queued for) a lock on it.
+            application.execute(text(f"LOCK TABLE {other} IN ROW EXCLUSIVE MODE NOWAIT"))
+            application.execute(text(f"SELECT count(*) FROM {other}"))
+            application.rollback()
+        reader.rollback()
+    worker.join(60)
+    assert [type(result) for result in outcome] == [migrations.MigrateResult], outcome
+    assert migrations.status(empty_db.engine).current == migrations.resolve(target)
+    assert migrations.upgrade(empty_db.engine).current == HEAD
+
+
+def test_a_busy_second_table_ends_the_migration_with_the_lock_timeout_error(empty_db):
+    """Waiting for the tables one after the other ends, as one wait does, with the
+    lock_timeout error and its hint, and leaves the revision undone."""
+    migrations.upgrade(empty_db.engine, "0006")
+    with empty_db.engine.connect() as reader:
+        reader.execute(text("LOCK TABLE messages IN ACCESS SHARE MODE"))
+        with pytest.raises(StateError) as raised:
+            migrations.upgrade(empty_db.engine, "0007", lock_timeout="300ms")
+        reader.rollback()
+    assert "lock timeout" in raised.value.message
+    assert "300ms" in (raised.value.hint or "")
+    assert migrations.status(empty_db.engine).current == migrations.resolve("0006")
+    assert migrations.upgrade(empty_db.engine).current == HEAD
+
+
 def test_resolve_revision_specs():
     assert migrations.resolve("head") == HEAD
     assert migrations.resolve("base") is None
