@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,6 +15,11 @@ from chatdb.cli.declare import callback, command, new_app
 from chatdb.cli.options import JsonOutput, Yes, option
 from chatdb.defaults import DEFAULT_BATCH_SIZE, DEFAULT_JOBS
 from chatdb.errors import UsageError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from chatdb.lifecycle import Duration, Plan
 
 # A conversation id as uuid.UUID reads it, in ASCII hex only (UUID() also takes other
 # scripts' digits, underscores and blanks).
@@ -91,7 +96,7 @@ def archive(
     lifecycle_cli.run_command(
         ctx,
         lifecycle_cli.Request("archive", "move", batch_size, jobs, yes, dry_run, as_json, limit, vacuum),
-        lambda engine, count: lifecycle.plan_archive(engine, duration, count=count),
+        lambda engine, count: _plan(engine, duration, count, export if dry_run else None),
         lambda engine, plan, options: lifecycle.archive(engine, plan, options, export),
         {
             "older_than": duration.text,
@@ -102,6 +107,16 @@ def archive(
             "vacuum": vacuum,
         },
     )
+
+
+def _plan(engine: Engine, duration: Duration, count: bool, export: Path | None) -> Plan:
+    """The archive's plan; with ``export`` (a dry run's), first what the run would refuse
+    of that file before it appends (a damaged file, lines it would not cut)."""
+    from chatdb import lifecycle
+
+    if export is not None:
+        lifecycle.check_export_contents(engine, export)
+    return lifecycle.plan_archive(engine, duration, count=count)
 
 
 @command(app, "restore", database=True)

@@ -47,7 +47,7 @@ says why each promise holds):
 """
 
 from chatdb.lifecycle.audit import SETTLE_TIMEOUT
-from chatdb.lifecycle.commands import archive, purge, restore
+from chatdb.lifecycle.commands import archive, check_export_contents, purge, restore
 from chatdb.lifecycle.durations import MAX_DURATION_SECONDS, Duration, parse_duration
 from chatdb.lifecycle.export import ExportFile, check_export
 from chatdb.lifecycle.guard import DEAD_HOLDER_WAIT, GUARD_KEY, STALLED_SECONDS, Guard
@@ -110,6 +110,7 @@ __all__ = [
     "archive",
     "archive_phases",
     "check_export",
+    "check_export_contents",
     "parse_duration",
     "plan_archive",
     "plan_purge",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from chatdb.lifecycle import distributed
-from chatdb.lifecycle.export import ExportFile
+from chatdb.lifecycle import audit, distributed
+from chatdb.lifecycle.export import ExportFile, kept_length
 from chatdb.lifecycle.models import Plan, RunOptions, RunResult
 from chatdb.lifecycle.phases import Phase, archive_phases, purge_phases, restore_phases
 from chatdb.lifecycle.runner import Runner
@@ -47,6 +47,18 @@ def archive(
             writer.close()
     result.vacuum.needed = dead_left(engine, result)
     return result
+
+
+def check_export_contents(engine: Engine, export: Path) -> None:
+    """Refuse an existing ``export`` file as a run exporting to it would, before it
+    appends (``ExportFile.repair``), reading the file and the audit rows and changing
+    nothing: ``archive --dry-run`` refuses what the run would."""
+    try:
+        size = export.stat().st_size
+    except FileNotFoundError:
+        return
+    with engine.connect() as connection:
+        kept_length(export, size, *audit.exported_before(connection, str(export.resolve())))
 
 
 def purge(

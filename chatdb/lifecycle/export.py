@@ -101,68 +101,17 @@ class ExportFile:
         to append after them (None: nothing). Runs under the guard: no other run appends
         meanwhile."""
         size = os.fstat(self.file.fileno()).st_size
-        length = None
-        # The file as that run left it committed (its bytes up to there end as recorded,
-        # an empty start included), followed by nothing, or by the batch it was about to
-        # append, whole or cut short, and nothing else: provably bytes of a batch that
-        # never committed, which go. Anything else is not the file that run wrote.
-        if committed is not None and committed <= size and self._hash(self._read_tail(committed)) == tail:
-            written = self._written(committed, size, intent)
-            if committed + written == size:
-                length = committed
-            elif written:
-                raise StateError(
-                    f"--export {self.path}: bytes {committed:,} to {committed + written:,} are the lines"
-                    " of a batch that never committed, and more follows them; chatdb cuts a file back"
-                    " only at its end",
-                    hint="remove those bytes from the file, or export to a new file",
-                )
-        if length is None:
-            # Not a file the database knows an unfinished run of: keep every complete line,
-            # cut off only an incomplete tail.
-            length = complete_length(self.path, size, self.compressed)
+        length = kept_length(self.path, size, committed, tail, intent)
         if length < size:
             self.file.truncate(length)
             os.fsync(self.file.fileno())
         self.end = length
-        self.tail = self._read_tail(length)
-
-    def _read_tail(self, length: int) -> bytes:
-        with open(self.path, "rb") as existing:
-            existing.seek(max(0, length - TAIL_BYTES))
-            return existing.read(length - max(0, length - TAIL_BYTES))
-
-    def _written(self, offset: int, size: int, intent: dict[str, Any] | None) -> int:
-        """How many bytes after ``offset`` are provably (the start of) the batch that
-        ``intent`` describes: all of it, or its first bytes and what followed of it before
-        a write was cut short. 0 when they are not."""
-        if not intent or intent.get("at") != offset:
-            return 0
-        total = int(intent["bytes"])
-        length = min(size - offset, total)
-        head = min(TAIL_BYTES, total)
-        if length < head:
-            return 0  # too short to tell: an incomplete line, which goes anyway
-        with open(self.path, "rb") as existing:
-            existing.seek(offset)
-            start = existing.read(head)
-            if self._hash(start) != intent["head"]:
-                return 0
-            if length < total:
-                return length  # a write cut short
-            digest = hashlib.sha256(start)
-            while chunk := existing.read(min(1 << 20, offset + total - existing.tell())):
-                digest.update(chunk)
-        return length if digest.hexdigest() == intent["hash"] else 0
-
-    @staticmethod
-    def _hash(tail: bytes) -> str:
-        return hashlib.sha256(tail).hexdigest()
+        self.tail = _read_tail(self.path, length)
 
     def recorded(self, data: bytes) -> dict[str, Any]:
         """What the audit row records of the file once ``data`` is appended."""
         tail = (self.tail + data)[-TAIL_BYTES:]
-        return {"export_bytes": self.end + len(data), "export_tail": self._hash(tail)}
+        return {"export_bytes": self.end + len(data), "export_tail": _hash(tail)}
 
     def intent(self, data: bytes) -> dict[str, Any]:
         """What the audit row records, before ``data`` reaches the file, of what is about
@@ -171,8 +120,8 @@ class ExportFile:
         return {
             "at": self.end,
             "bytes": len(data),
-            "head": self._hash(data[:TAIL_BYTES]),
-            "hash": self._hash(data),
+            "head": _hash(data[:TAIL_BYTES]),
+            "hash": _hash(data),
         }
 
     def encode(self, lines: list[str]) -> bytes:
@@ -222,6 +171,66 @@ class ExportFile:
 
     def close(self) -> None:
         self.file.close()
+
+
+def kept_length(
+    path: Path, size: int, committed: int | None, tail: str | None, intent: dict[str, Any] | None
+) -> int:
+    """How much of the export file at ``path``, ``size`` bytes long, a run keeps before it
+    appends (``ExportFile.repair``, whose arguments these are); a StateError when it
+    refuses the file. Reads the file, changes nothing: ``archive --dry-run`` asks it too."""
+    # The file as that run left it committed (its bytes up to there end as recorded, an
+    # empty start included), followed by nothing, or by the batch it was about to append,
+    # whole or cut short, and nothing else: provably bytes of a batch that never
+    # committed, which go. Anything else is not the file that run wrote.
+    if committed is not None and committed <= size and _hash(_read_tail(path, committed)) == tail:
+        written = _written(path, committed, size, intent)
+        if committed + written == size:
+            return committed
+        if written:
+            raise StateError(
+                f"--export {path}: bytes {committed:,} to {committed + written:,} are the lines"
+                " of a batch that never committed, and more follows them; chatdb cuts a file back"
+                " only at its end",
+                hint="remove those bytes from the file, or export to a new file",
+            )
+    # Not a file the database knows an unfinished run of: keep every complete line, cut
+    # off only an incomplete tail.
+    return complete_length(path, size, path.name.lower().endswith(".gz"))
+
+
+def _read_tail(path: Path, length: int) -> bytes:
+    with open(path, "rb") as existing:
+        existing.seek(max(0, length - TAIL_BYTES))
+        return existing.read(length - max(0, length - TAIL_BYTES))
+
+
+def _written(path: Path, offset: int, size: int, intent: dict[str, Any] | None) -> int:
+    """How many bytes after ``offset`` are provably (the start of) the batch that
+    ``intent`` describes: all of it, or its first bytes and what followed of it before a
+    write was cut short. 0 when they are not."""
+    if not intent or intent.get("at") != offset:
+        return 0
+    total = int(intent["bytes"])
+    length = min(size - offset, total)
+    head = min(TAIL_BYTES, total)
+    if length < head:
+        return 0  # too short to tell: an incomplete line, which goes anyway
+    with open(path, "rb") as existing:
+        existing.seek(offset)
+        start = existing.read(head)
+        if _hash(start) != intent["head"]:
+            return 0
+        if length < total:
+            return length  # a write cut short
+        digest = hashlib.sha256(start)
+        while chunk := existing.read(min(1 << 20, offset + total - existing.tell())):
+            digest.update(chunk)
+    return length if digest.hexdigest() == intent["hash"] else 0
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def complete_length(path: Path, size: int, compressed: bool) -> int:

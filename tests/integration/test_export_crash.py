@@ -304,9 +304,11 @@ def test_sigkill_between_the_fsync_and_the_commit_of_the_first_batch(
         assert rotated.read_bytes() == before
 
 
-def test_lines_after_those_of_a_batch_that_never_committed_are_never_cut(cli, migrated_db, tmp_path):
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry run"])
+def test_lines_after_those_of_a_batch_that_never_committed_are_never_cut(cli, migrated_db, tmp_path, dry_run):
     """Something appended after the lines of a batch that never committed: cutting those
-    lines would cut it too, so the run refuses, before it starts, saying where they are."""
+    lines would cut it too, so the run refuses, before it starts, saying where they are;
+    a dry run refuses it the same way."""
     db = migrated_db
     populate(db)
     export = tmp_path / "a.jsonl"
@@ -315,7 +317,16 @@ def test_lines_after_those_of_a_batch_that_never_committed_are_never_cut(cli, mi
     with export.open("ab") as file:
         file.write(_OTHER)
     before = export.read_bytes()
-    result = cli("archive", "--older-than", "60d", "--export", str(export), "--database-url", db.cli_url)
+    result = cli(
+        "archive",
+        "--older-than",
+        "60d",
+        "--export",
+        str(export),
+        "--database-url",
+        db.cli_url,
+        *(["--dry-run"] if dry_run else []),
+    )
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "never committed" in errors[0], result.stderr
@@ -323,6 +334,32 @@ def test_lines_after_those_of_a_batch_that_never_committed_are_never_cut(cli, mi
     assert export.read_bytes() == before
     assert ids(db, "SELECT id FROM conversations_archive") == archived
     assert db.scalar("SELECT count(*) FROM chatdb_runs") == 1  # the killed run's
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry run"])
+def test_an_export_file_with_damaged_gzip_data_is_refused_before_anything_moves(
+    cli, migrated_db, tmp_path, dry_run
+):
+    """chatdb appends only to an intact file; a dry run reads the file as the run would
+    and refuses it the same way, rather than promise a run that will not start."""
+    db = migrated_db
+    populate(db)
+    export = tmp_path / "a.jsonl.gz"
+    raw = bytearray(gzip.compress(_OTHER, mtime=0) * 2)
+    raw[12:20] = b"\xff" * 8  # inside the first member's deflate data
+    export.write_bytes(bytes(raw))
+    hot = ids(db, "SELECT id FROM conversations")
+    args = ("archive", "--older-than", "60d", "--export", str(export), "--database-url", db.cli_url)
+    result = cli(*args, *(["--dry-run"] if dry_run else []))
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: --export {export}: the gzip data after byte 0 is damaged;"
+        " chatdb appends only to an intact file"
+    ], result.stderr
+    assert export.read_bytes() == bytes(raw)
+    assert ids(db, "SELECT id FROM conversations") == hot
+    assert db.scalar("SELECT count(*) FROM chatdb_runs") == 0
 
 
 # --- targets that are not regular files ----------------------------------------------------------
