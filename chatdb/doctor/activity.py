@@ -18,6 +18,7 @@ from chatdb.db import mask_text
 from chatdb.doctor import shards
 from chatdb.doctor.model import FAIL, OK, SKIPPED, WARN, Finding, count, duration, size
 from chatdb.doctor.probe import PRIVILEGE_HINT, Probe
+from chatdb.doctor.query_text import without_constants
 
 #: chatdb's archive, restore and purge hold a transaction-level advisory lock in an open,
 #: idle transaction for their whole run (their guard). It holds no snapshot and no
@@ -229,16 +230,10 @@ def _idle_in_transaction(probe: Probe) -> list[Finding]:
     )
 
 
-#: Another session's query with each string constant shown as '…': a password in
-#: ``CREATE ROLE ... PASSWORD '...'`` or in a dblink connection string is one (inside a
-#: dollar-quoted body too). What is left goes through ``db.mask_text`` as well.
-_WITHOUT_CONSTANTS = "regexp_replace(a.query, '''([^'']|'''')*''?', '''…''', 'g')"
-
-
 def _longest_query(probe: Probe) -> list[Finding]:
     row = probe.rows(
         "SELECT a.pid, a.usename, a.application_name, extract(epoch FROM now() - a.query_start) AS running,"
-        f" left(regexp_replace({_WITHOUT_CONSTANTS}, '\\s+', ' ', 'g'), 200) AS query {_OTHERS}"
+        f" a.query {_OTHERS}"
         " AND a.backend_type = 'client backend' AND a.state = 'active' ORDER BY a.query_start LIMIT 1"
     )
     limit = probe.thresholds.long_query_seconds
@@ -250,7 +245,10 @@ def _longest_query(probe: Probe) -> list[Finding]:
         ]
     row = row[0]
     running = round(float(row.running), 1)
-    detail = f"pid {row.pid}, {_who(row)}: running for {duration(running)}: {mask_text(row.query)}"
+    # Each string constant as '…' (a password in ALTER ROLE, in a dblink connection string,
+    # in a DO block's body is one); what is left goes through mask_text as well.
+    query = mask_text(" ".join(without_constants(row.query or "").split())[:200])
+    detail = f"pid {row.pid}, {_who(row)}: running for {duration(running)}: {query}"
     if running >= limit:
         fix = f"SELECT pg_cancel_backend({row.pid});  -- cancels that query (the session stays)"
         return [_session("longest query", f"pid {row.pid}", WARN, running, limit, detail, fix)]

@@ -9,8 +9,10 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.exc import DBAPIError
 
 from chatdb import patterns
+from chatdb.db import mask_text
 from chatdb.doctor.model import OK, SKIPPED, WARN, Finding, count
 from chatdb.doctor.probe import PRIVILEGE_HINT, Probe
+from chatdb.doctor.query_text import without_constants
 from chatdb.schema import CHATDB_TABLES
 
 ENABLE = (
@@ -106,7 +108,8 @@ def statements(probe: Probe) -> list[Finding]:
     for rank, row in enumerate(rows, 1):
         pattern = known.get(shape(row.query))
         mean = round(float(row.mean), 3)
-        text = " ".join(row.query.split())
+        # pg_stat_statements leaves the constants of some statements (a DO block's body).
+        text = mask_text(" ".join(without_constants(row.query).split()))
         shown = text if len(text) <= 300 else text[:297] + "..."
         what = f"pattern: {pattern}" if pattern else "not one of chatdb's query patterns"
         detail = (

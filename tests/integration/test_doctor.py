@@ -420,13 +420,15 @@ def test_connections_in_use_and_the_longest_query(seeded, cli):
 
 def test_another_sessions_query_is_shown_without_its_constants_or_passwords(seeded, cli):
     """A password in another session's running query (a role's, a dblink connection
-    string's) never appears in doctor's output: its string constants show as '…'."""
+    string's) never appears in doctor's output: its string constants show as '…', in
+    every way PostgreSQL writes one."""
     import threading
 
     sleeper = create_engine(seeded.url, connect_args={"prepare_threshold": None})
     statement = (
         "SELECT pg_sleep(60), 'host=db password=hunter2-in-a-string',"
-        " 'ALTER ROLE app PASSWORD ''hunter2-quoted''' /* password=hunter2-in-a-comment */"
+        " 'ALTER ROLE app PASSWORD ''hunter2-quoted''', E'it\\'s hunter2-escaped',"
+        " $$hunter2-dollar-quoted$$, $pw$it's hunter2-tagged$pw$ /* password=hunter2-in-a-comment */"
     )
 
     def sleep() -> None:
@@ -443,7 +445,7 @@ def test_another_sessions_query_is_shown_without_its_constants_or_passwords(seed
             assert "hunter2" not in result.stdout + result.stderr
         _, payload = run(cli, seeded, "--threshold", "long_query_seconds=0")
         (longest,) = found(payload, "connections", "longest query")
-        assert "SELECT pg_sleep(60), '…', '…'" in longest["detail"], longest["detail"]
+        assert "SELECT pg_sleep(60), '…', '…', E'…', '…', '…' /*" in longest["detail"], longest["detail"]
         seeded.execute(
             "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
         )

@@ -124,3 +124,31 @@ def test_installed_but_not_loaded(migrated_db, cli):
     assert (
         "installed but not loaded" in unloaded["detail"] and "shared_preload_libraries" in unloaded["detail"]
     )
+
+
+def test_a_constant_that_pg_stat_statements_keeps_is_not_shown(server, url, cli):
+    """pg_stat_statements replaces the values of the application's statements with $1, but
+    keeps some statements' constants as they were written (a DO block's body): doctor
+    shows them as '…' too."""
+    assert cli("migrate", "--database-url", url).exit_code == 0
+    engine = _engine(url, connect_args={"prepare_threshold": None})
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+            connection.execute(text("SELECT pg_stat_statements_reset()"))
+        with engine.begin() as connection:
+            connection.execute(
+                text("DO $$BEGIN PERFORM count(*) FROM messages WHERE content <> 'hunter2-in-a-body'; END$$")
+            )
+            recorded = connection.execute(
+                text("SELECT string_agg(query, ' ') FROM pg_stat_statements")
+            ).scalar()
+        assert "hunter2-in-a-body" in recorded  # kept by pg_stat_statements: what doctor must hide
+    finally:
+        engine.dispose()
+    for args in (["--json"], []):
+        result = cli("doctor", *args, "--all", "--threshold", "slow_statement_ms=0", "--database-url", url)
+        assert "Traceback" not in result.output
+        assert "hunter2" not in result.stdout + result.stderr
+    _, payload = doctor(cli, url, "--threshold", "slow_statement_ms=0")
+    assert any("DO '…'" in c["detail"] for c in statements(payload)), statements(payload)
