@@ -306,6 +306,30 @@ def test_restore_of_a_user_restores_only_that_users_conversations(cli, migrated_
     assert rows(db, "SELECT user_id FROM conversations_archive") == [("alice",)]
 
 
+def test_restore_of_an_id_two_users_share_restores_each_with_its_own_messages(cli, migrated_db):
+    db = migrated_db
+    two_users_one_id(db, mallorys="now() - interval '400 days', NULL", alices="now() - interval '400 days'")
+    db.execute(
+        "INSERT INTO messages (conversation_id, user_id, role, content)"
+        " VALUES (:id, 'mallory', 'user', 'mallory''s')",
+        id=SHARED_ID,
+    )
+    archived = cli("archive", "--older-than", "180d", "--yes", "--json", "--database-url", db.cli_url)
+    assert archived.exit_code == 0, archived.output
+    done = json.loads(archived.stdout)["done"]
+    assert (done["conversations"], done["messages"]) == (2, 2)
+    result = cli("archive", "restore", "--conversation", SHARED_ID, "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["done"] == {"conversations": 2, "messages": 2}, result.stdout
+    assert rows(db, "SELECT user_id FROM conversations ORDER BY 1") == [("alice",), ("mallory",)]
+    assert rows(db, "SELECT user_id, content FROM messages ORDER BY 1") == [
+        ("alice", "alice keeps this"),
+        ("mallory", "mallory's"),
+    ]
+    assert rows(db, "SELECT count(*) FROM conversations_archive") == [(0,)]
+    assert rows(db, "SELECT count(*) FROM messages_archive") == [(0,)]
+
+
 # --- exactly the predicted rows ------------------------------------------------------------------
 
 
