@@ -1541,3 +1541,27 @@ def test_counts_are_exact_without_table_statistics(cli, migrated_db):
         "archive_conversations": len(gone["conversations_archive"]),
         "archive_messages": len(gone["messages_archive"]),
     }
+
+
+def test_a_second_run_is_refused_naming_the_running_one(cli, migrated_db):
+    """The refusal names the run that holds the guard: command, id, start, user, host
+    and pid, as its audit row says."""
+    db = migrated_db
+    db.execute(
+        "INSERT INTO chatdb_runs (command, client_host, client_pid, started_at, heartbeat_at)"
+        " VALUES ('archive', 'ops-host-7', 4321, '2026-11-30 12:05:06+00', now())"
+    )
+    run_id = db.scalar("SELECT id FROM chatdb_runs")
+    engine = engine_for(db)
+    guard = lifecycle.Guard(engine)
+    try:
+        assert guard.try_lock()  # held as the running archive holds it
+        result = cli("purge", "--older-than", "90d", "--json", "--database-url", db.cli_url)
+    finally:
+        guard.release()
+        engine.dispose()
+    assert result.exit_code == 1, result.output
+    error = json.loads(result.stdout)["error"]
+    user = db.scalar("SELECT current_user")
+    assert f"archive run {run_id}, started 2026-11-30 " in error, error
+    assert f" by {user} on ops-host-7 (pid 4321), last heartbeat " in error, error
