@@ -1,7 +1,8 @@
 """doctor's slow statements against a server with pg_stat_statements loaded: Debian's
 PostgreSQL (tests/servers.py) started for this module with it in
 shared_preload_libraries. A pattern of chatdb/patterns.py runs, and doctor matches its
-statement to it. The whole report also runs on that older server."""
+statement to it. The whole report also runs on that older server. The server also allows
+prepared transactions, for doctor's check of one left open."""
 
 from __future__ import annotations
 
@@ -38,7 +39,10 @@ def server() -> Iterator[servers.DebianPostgres]:
         started = need(lambda: stack.enter_context(servers.debian_postgres(folder)))
         need(_library)
         with open(started.data / "postgresql.conf", "a") as conf:
-            conf.write("shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = top\n")
+            conf.write(
+                "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = top\n"
+                "max_prepared_transactions = 2\n"  # for the prepared transaction below
+            )
         started.stop()
         started.start()
         admin = _engine(started.socket_url(), isolation_level="AUTOCOMMIT")
@@ -152,3 +156,30 @@ def test_a_constant_that_pg_stat_statements_keeps_is_not_shown(server, url, cli)
         assert "hunter2" not in result.stdout + result.stderr
     _, payload = doctor(cli, url, "--threshold", "slow_statement_ms=0")
     assert any("DO '…'" in c["detail"] for c in statements(payload)), statements(payload)
+
+
+def test_a_prepared_transaction_left_open_is_shown_with_the_statement_that_ends_it(server, url, cli):
+    assert cli("migrate", "--database-url", url).exit_code == 0
+    gid = "chatdb test's transaction"
+    engine = _engine(url)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("INSERT INTO users (id) VALUES ('prepared-user')"))
+            connection.execute(text(f"PREPARE TRANSACTION '{gid.replace(chr(39), chr(39) * 2)}'"))
+            connection.commit()
+        _, payload = doctor(cli, url, "--threshold", "long_transaction_seconds=0")
+        (prepared,) = [c for c in payload["checks"] if c["object"] == f"prepared {gid}"]
+        assert prepared["check"] == "long transaction" and prepared["status"] == "warn", prepared
+        assert "a prepared transaction of " in prepared["detail"], prepared
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql(prepared["fix"])  # runs as printed
+            assert connection.execute(text("SELECT count(*) FROM pg_prepared_xacts")).scalar() == 0
+            assert (
+                connection.execute(text("SELECT count(*) FROM users WHERE id = 'prepared-user'")).scalar()
+                == 0
+            )
+    finally:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            for (left,) in connection.execute(text("SELECT gid FROM pg_prepared_xacts")).all():
+                connection.exec_driver_sql(f"ROLLBACK PREPARED '{left.replace(chr(39), chr(39) * 2)}'")
+        engine.dispose()
