@@ -532,7 +532,8 @@ def _children(pid: int, name: str) -> list[int]:
 
 def test_the_password_is_never_on_pgbenchs_command_line(seeded_db):
     """A command line is visible to every user of the machine (ps, /proc): pgbench gets the
-    password in its environment, which only its own user can read."""
+    password in its environment, which only its own user can read. (Its command line also
+    shows the latency limit that README's bench section gives.)"""
     url = db.parse_url(seeded_db.cli_url)
     secret = url.password or "S3cr3t-Pw"  # the test server trusts local connections
     given = url._replace(password=secret).render_as_string(hide_password=False)
@@ -542,6 +543,8 @@ def test_the_password_is_never_on_pgbenchs_command_line(seeded_db):
         for child in _children(process.pid, "pgbench"):
             command_line = (Path("/proc") / str(child) / "cmdline").read_bytes()
             assert secret.encode() not in command_line, command_line
+            # A transaction due later than ten times the largest budget (60 s) is skipped.
+            assert b"--latency-limit=600000\x00" in command_line, command_line
             assert f"PGPASSWORD={secret}".encode() in (Path("/proc") / str(child) / "environ").read_bytes()
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
