@@ -290,6 +290,8 @@ def _execute(
 
 
 def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
+    from chatdb.lifecycle import SLOW_TRANSACTION_SECONDS
+
     if as_json:
         print_json(
             result.command,
@@ -332,7 +334,8 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
     out.print(table(title, ["", "rows", ">count"], rows))
     line = (
         f"{_n(result.batches, 'batch', 'batches')} in {result.elapsed_seconds:.1f} s, "
-        f"longest transaction {result.longest_transaction_seconds * 1000:.0f} ms"
+        f"longest transaction {result.longest_transaction_seconds * 1000:.0f} ms, "
+        f"{result.slow_transactions:,} over {SLOW_TRANSACTION_SECONDS * 1000:.0f} ms"
     )
     if result.exported:
         line += f"; {_n(result.exported, 'conversation')} exported"

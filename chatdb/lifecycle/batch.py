@@ -28,6 +28,21 @@ from chatdb.lifecycle.sizing import fixed_cost, resized
 from chatdb.lifecycle.statements import LOCK_TIMEOUT, STATEMENT_TIMEOUT
 from chatdb.lifecycle.workers import RunState, Worker, advance
 
+#: What to do about a batch that failed on every attempt, by the SQLSTATE of its last
+#: failure: the lock conflicts name what may hold the lock (rows, or a whole table).
+_LOCKED_HINT = (
+    "another session held a lock these batches need (on rows or on a whole table; pg_locks and "
+    "pg_stat_activity show which); run the command again later"
+)
+_GAVE_UP_HINTS: dict[str | None, str] = {"55P03": _LOCKED_HINT, "40P01": _LOCKED_HINT}
+
+
+def server_message(exc: DBAPIError) -> str:
+    """The server's own message of a database error, on one line, without the excerpt of
+    the statement (``LINE 1: ... ^``) that the driver adds to it."""
+    primary = getattr(getattr(exc.orig, "diag", None), "message_primary", None)
+    return " ".join(primary.split()) if primary else one_line(exc)
+
 
 class Batches:
     """The batches of one run. ``export`` is the run's export file, if it has one; a
@@ -95,9 +110,10 @@ class Batches:
                     raise  # the lines may have committed, or could not be cut off
                 decision = self.policy.decide(sqlstate(exc), attempt, self.state.cancelled)
                 if decision is Decision.GIVE_UP:
+                    attempts = self.policy.max_attempts
                     raise StateError(
-                        f"{phase.name}: gave up after {self.policy.max_attempts} attempts: {one_line(exc)}",
-                        hint="another session keeps these rows locked; run the command again later",
+                        f"{phase.name}: gave up after {attempts} attempts: {server_message(exc)}",
+                        hint=_GAVE_UP_HINTS.get(sqlstate(exc), "run the command again later"),
                     ) from None
                 if decision is Decision.RAISE:
                     raise

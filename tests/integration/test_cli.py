@@ -881,37 +881,119 @@ def test_version(cli):
     assert result.stdout.strip() == f"chatdb {chatdb.__version__}"
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        [],
-        ["migrate"],
-        ["migrate", "up"],
-        ["migrate", "down"],
-        ["migrate", "status"],
-        ["migrate", "history"],
-        ["migrate", "stamp"],
-        ["migrate", "sql"],
-        ["status"],
-        ["seed"],
-        ["grants"],
-        ["embedded"],
-        ["embedded", "stop"],
-        ["embedded", "url"],
-    ],
-    ids=lambda command: " ".join(command) or "chatdb",
-)
-def test_help_has_an_example(cli, command):
-    result = cli(*command, "--help")
-    assert result.exit_code == 0, result.output
-    assert "Example" in result.stdout
-    assert "Usage" in result.stdout
+def every_command(cli) -> list[list[str]]:
+    """Every command and subcommand, as `chatdb --help` and each group's own help list them
+    (a command added later is found with the others)."""
+    from test_help import listing
+
+    found: list[list[str]] = []
+    waiting: list[list[str]] = [[]]
+    while waiting:
+        command = waiting.pop(0)
+        found.append(command)
+        shown = cli(*command, "--help", env={"COLUMNS": "200"})
+        assert shown.exit_code == 0, (command, shown.output)
+        if "─ Commands ─" in shown.stdout:
+            waiting.extend([*command, name] for name in listing(shown.stdout))
+    return found
+
+
+def test_every_commands_help_has_an_example(cli):
+    """README: every command has `--help` with an example."""
+    commands = every_command(cli)
+    names = {" ".join(command) for command in commands}
+    assert names >= {"", "archive", "archive restore", "purge", "verify-indexes", "bench", "doctor", "seed"}
+    assert names >= {"migrate down", "status", "grants", "embedded url"}, names
+    without = []
+    for command in commands:
+        result = cli(*command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.stdout, result.output
+        if "Example" not in result.stdout:
+            without.append(" ".join(["chatdb", *command]))
+    assert without == []
 
 
 def test_unknown_command_is_a_usage_error(cli):
     result = cli("no-such-command")
     assert result.exit_code == 2
     assert "Traceback" not in result.output
+
+
+# --- what --json says of seed and verify-indexes --------------------------------------------------
+
+
+def test_seed_json_gives_its_counts_elapsed_time_and_rows_per_second(migrated_db, cli):
+    """README: the summary (or --json) gives users, conversations, messages, elapsed time
+    (`elapsed_seconds`) and rows/s (`rows_per_second`)."""
+    sizes = {"users": 3, "conversations": 5, "messages": 17}
+    result = cli(
+        "seed", *(f"--{name}={count}" for name, count in sizes.items()), "--json",
+        "--database-url", migrated_db.cli_url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json_payload(result, "seed")
+    assert {name: payload[name] for name in sizes} == sizes
+    assert {name: migrated_db.scalar(f"SELECT count(*) FROM {name}") for name in sizes} == sizes
+    elapsed, rate = payload["elapsed_seconds"], payload["rows_per_second"]
+    assert type(elapsed) is float and elapsed > 0 and is_int(rate), payload
+    # The rate is the rows over the time, which --json gives to the millisecond.
+    rows = sum(sizes.values())
+    assert rows / (elapsed + 0.0005) - 1 <= rate <= rows / max(elapsed - 0.0005, 1e-6) + 1, payload
+
+
+def test_verify_indexes_json_gives_the_revision_and_elapsed_seconds(migrated_db, cli):
+    """README: `{"command": "verify-indexes", "ok", "revision": {"current", "head"},
+    "passed", "failed", "elapsed_seconds", "checks"}`."""
+    result = cli("verify-indexes", "--json", "--database-url", migrated_db.cli_url)
+    assert result.exit_code == 0, result.output
+    payload = json_payload(result, "verify-indexes")
+    assert payload["ok"] is True
+    assert payload["revision"] == {"current": HEAD, "head": HEAD}
+    assert type(payload["elapsed_seconds"]) is float and payload["elapsed_seconds"] > 0
+    assert is_int(payload["passed"]) and payload["failed"] == 0
+    assert payload["passed"] == len(payload["checks"]) > 0
+    assert {check["status"] for check in payload["checks"]} == {"ok"}
+
+
+# --- a reader that goes once the pipe took the whole document ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        pytest.param(["grants", "--app-role", "app", "--ops-role", "ops", "--json"], 0, id="grants"),
+        pytest.param(["status", "--json", "--database-url", "{migrated}"], 0, id="status"),
+        pytest.param(  # revisions pending: exit 1
+            ["migrate", "status", "--check", "--json", "--database-url", "{empty}"], 1, id="migrate status"
+        ),
+    ],
+)
+def test_output_the_pipe_took_whole_was_delivered_and_the_exit_code_is_the_commands(
+    migrated_db, empty_db, args, code
+):
+    """README, exit code 141: "Output that the pipe took whole before the reader went (a
+    short --json document, written at once, into head -c 20) was delivered, and the command
+    exits with its own code". The reader takes the first 20 bytes, as `head -c 20` does,
+    and goes."""
+    args = [arg.format(migrated=migrated_db.cli_url, empty=empty_db.cli_url) for arg in args]
+    whole = subprocess.run([CHATDB, *args], capture_output=True, env=subprocess_env(), timeout=120)
+    assert whole.returncode == code, whole.stderr
+    read_end, write_end = os.pipe()
+    assert len(whole.stdout) <= fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)  # it fits the pipe whole
+    try:
+        process = subprocess.Popen(
+            [CHATDB, *args], stdout=write_end, stderr=subprocess.PIPE, env=subprocess_env()
+        )
+    finally:
+        os.close(write_end)
+    try:
+        head = os.read(read_end, 20)
+    finally:
+        os.close(read_end)  # the reader is gone
+    _, stderr = process.communicate(timeout=120)
+    assert head == whole.stdout[:20]
+    assert process.returncode == code, stderr
+    assert stderr == whole.stderr
 
 
 # --- 16. the embedded default ------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """`chatdb archive`, `archive restore` and `purge` as a user meets them: numbers in other
 scripts' digits are bad input, a signal that comes once the run has recorded its outcome
 changes nothing, restore says what it restored (and refuses a user who does not exist),
-and the summaries' words agree with their counts."""
+the summaries' words agree with their counts, off a terminal the plan is not counted, a
+lock conflict that outlasts the retries ends the run in one line, and a run stopped by
+--max-runtime does not vacuum."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -242,6 +245,12 @@ def test_restore_json_counts_what_was_restored(cli, migrated_db):
     assert summary["done"] == {"conversations": IDLE, "messages": 2 * IDLE}
     assert summary["planned"] == {"conversations": IDLE, "messages": 2 * IDLE}
     assert rows(db)["conversations"] == IDLE and rows(db)["conversations_archive"] == 0
+    # README: restore's --json gives run_id, outcome, complete, stopped_by, batches too.
+    run_id = db.scalar("SELECT id FROM chatdb_runs WHERE command = 'archive restore'")
+    assert (summary["run_id"], summary["outcome"], summary["complete"], summary["stopped_by"]) == (
+        run_id, "succeeded", True, None,
+    )  # fmt: skip
+    assert type(summary["batches"]) is int and 1 <= summary["batches"] <= IDLE
 
 
 # --- item: polish ------------------------------------------------------------------------------------
@@ -254,6 +263,8 @@ def test_counts_agree_with_their_words(cli, migrated_db, tmp_path):
     archived = cli("archive", "--older-than", "100d", "--export", str(tmp_path / "a.jsonl"), *url)
     assert archived.exit_code == 0, archived.output
     assert "1 batch in " in archived.stdout and "; 1 conversation exported." in archived.stdout
+    # README: the summary reports the longest transaction and how many took over 250 ms.
+    assert re.search(r"longest transaction \d+ ms, [01] over 250 ms;", archived.stdout), archived.stdout
     conversation = str(db.scalar("SELECT id FROM conversations_archive"))
     restored = cli("archive", "restore", "--conversation", conversation, *url)
     assert restored.exit_code == 0, restored.output
@@ -265,6 +276,27 @@ def test_counts_agree_with_their_words(cli, migrated_db, tmp_path):
     nowhere = cli("archive", "restore", "--conversation", "00000000-0000-0000-0000-000000000001", *url)
     assert nowhere.exit_code == 1
     assert "1 of the given conversations is in neither" in one_error(nowhere.stderr)
+
+
+@pytest.mark.parametrize("command", [("archive",), ("purge",)])
+def test_off_a_terminal_the_plan_is_not_counted(cli, migrated_db, command):
+    """README: counting the plan costs a scan, so off a terminal, without a question or a
+    progress bar, `planned` is null; `remaining` is null for a run that went to the end.
+    The transactions' figures are there all the same."""
+    db = migrated_db
+    populate(db)
+    result = cli(*command, "--older-than", "100d", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["planned"] is None and summary["remaining"] is None, summary
+    assert summary["done"]["conversations"] == IDLE and summary["complete"] is True
+    longest, slow, batches = (
+        summary["longest_transaction_seconds"], summary["slow_transactions"], summary["batches"],
+    )  # fmt: skip
+    assert type(longest) is float and longest > 0 and type(slow) is int and type(batches) is int
+    assert 0 <= slow <= batches and (slow == 0 or longest >= 0.25), summary
+    dry = cli(*command, "--older-than", "100d", "--dry-run", "--json", "--database-url", db.cli_url)
+    assert json.loads(dry.stdout)["planned"]["conversations"] == 0  # a dry run counts
 
 
 @pytest.mark.parametrize("command", [("purge",), ("archive", "restore")])
@@ -301,3 +333,82 @@ def test_a_refused_run_names_a_sane_heartbeat_age(cli, migrated_db, heartbeat, a
     error = json.loads(result.stdout)["error"]
     assert "another archive or purge run is in progress" in error
     assert age in error and " -" not in error, error
+
+
+# --- item: a lock conflict that outlasts the retries -------------------------------------------------
+
+
+def test_a_lock_conflict_that_outlasts_the_retries_ends_the_run_with_one_line_and_exit_1(cli, migrated_db):
+    """README: "lock timeouts and deadlocks are retried with backoff, and a persistent one
+    ends the run with a clear message (exit 1)". Another session holds the archive's
+    messages table in SHARE mode for the whole run: every batch waits out its lock_timeout
+    on it, is tried again smaller, and the last attempt gives up. The run moved nothing,
+    its audit row says it failed and why, and the error is one line."""
+    db = migrated_db
+    populate(db)
+    before = rows(db)
+    holder = db.engine.connect()
+    holder.begin()
+    holder.execute(text("LOCK TABLE messages_archive IN SHARE MODE"))
+    try:
+        result = cli("archive", "--older-than", "100d", "--json", "--yes", "--database-url", db.cli_url)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == 1, result.output
+    line = one_error(result.stderr)
+    # The README's words: tried 6 times, then the server's own message, without the excerpt of
+    # the statement that the driver adds to it (LINE 1: ... ^).
+    assert line == (
+        "error: archive idle conversations: gave up after 6 attempts: canceling statement due to lock timeout"
+    ), line
+    hint = result.stderr.splitlines()[1:]
+    assert len(hint) == 1 and hint[0].startswith("hint: another session held a lock"), result.stderr
+    error = json.loads(result.stdout)
+    assert (error["ok"], error["exit_code"], error["error"]) == (False, 1, line.removeprefix("error: "))
+    assert rows(db) == before
+    with db.engine.connect() as connection:
+        run = connection.execute(text("SELECT outcome, error, counts FROM chatdb_runs")).one()
+    assert run.outcome == "failed" and run.error == error["error"], run
+    assert run.counts["conversations"] == 0 and run.counts["complete"] is False
+
+
+# --- item: a run stopped by --max-runtime does not vacuum ---------------------------------------------
+
+
+def test_a_run_stopped_by_max_runtime_does_not_vacuum_and_exits_0(cli, migrated_db):
+    """README: "A run stopped early does not vacuum", and a --max-runtime stop exits 0.
+    Each batch's COMMIT takes 1.1 s (a deferred trigger sleeps), so the first batch ends
+    past a --max-runtime of 1 s: the run stops after it, having changed the tables, and
+    --vacuum vacuums none of them. That one transaction is counted as over 250 ms."""
+    db = migrated_db
+    populate(db)
+    db.execute(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN PERFORM pg_sleep(1.1); RETURN NULL; END $$"
+    )
+    db.execute(
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON conversations_archive"
+        " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+    )
+    args = ("archive", "--older-than", "100d", "--batch-size", "1", "--jobs", "1", "--max-runtime", "1s")
+    result = cli(*args, "--vacuum", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert (out["ok"], out["outcome"], out["complete"], out["stopped_by"]) == (
+        True, "succeeded", False, "max-runtime",
+    )  # fmt: skip
+    assert out["done"]["conversations"] == 1 and out["remaining"]["conversations"] == IDLE - 1
+    assert out["vacuum"]["vacuumed"] == [] and out["vacuum"]["stopped_by"] is None, out["vacuum"]
+    vacuums = db.scalar(
+        "SELECT sum(vacuum_count) FROM pg_stat_all_tables WHERE relid = ANY(ARRAY["
+        "'conversations', 'messages', 'conversations_archive', 'messages_archive']::regclass[])"
+    )
+    assert vacuums == 0
+    # The one batch took its COMMIT's 1.1 s at least: the longest, and over 250 ms.
+    assert (out["batches"], out["slow_transactions"]) == (1, 1), out
+    assert type(out["longest_transaction_seconds"]) is float and out["longest_transaction_seconds"] >= 1.1
+    text_run = cli(*args, "--vacuum", "--database-url", db.cli_url)
+    assert text_run.exit_code == 0, text_run.output
+    assert re.search(r"1 batch in [\d.]+ s, longest transaction \d{4,} ms, 1 over 250 ms\.", text_run.stdout)
+    assert "Stopped (max-runtime)" in text_run.stdout and "VACUUM (ANALYZE) done" not in text_run.stdout
