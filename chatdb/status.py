@@ -82,7 +82,7 @@ def gather(engine: Engine) -> StatusReport:
                 {"name": quote(name)},
             ).one()
             estimate, size = sharded.get(name, (estimate, size))
-            exact = estimate < EXACT_COUNT_LIMIT  # -1 (never analysed) counts exactly too
+            exact = estimate <= EXACT_COUNT_LIMIT  # -1 (never analysed) counts exactly too
             rows = (
                 connection.execute(text(f"SELECT count(*) FROM {quote(name)}")).scalar_one()
                 if exact

@@ -36,6 +36,7 @@ def status(ctx: typer.Context, as_json: JsonOutput = False) -> None:
             revision=migration.as_dict(),
             tables=report.tables,
             runs=report.runs,
+            recorded=report.sizes_recorded,
             **({"placements": report.placements} if report.placements is not None else {}),
         )
         return

@@ -526,6 +526,39 @@ def test_status_and_doctor_record_sizes_run_after_run(migrated_db, cli):
                       "chatdb_runs", "chatdb_size_history"}  # fmt: skip
 
 
+def test_samples_older_than_two_years_go_and_a_read_only_session_records_none(migrated_db, cli):
+    """README, "Growth history": samples older than two years go when a run records one;
+    a read-only standby runs status and doctor without recording. A session whose
+    transactions are read-only (``default_transaction_read_only``, as every transaction
+    on a hot standby is) stands for the standby."""
+    migrated_db.execute(
+        "INSERT INTO chatdb_size_history (recorded_at, command, table_name, row_estimate, total_bytes)"
+        " SELECT now() - make_interval(days => d), 'test', 'messages', d, 8192"
+        " FROM unnest(ARRAY[731, 729]) AS d"
+    )
+    # The samples' ages in days, as their row estimates.
+    left = "SELECT array_agg(row_estimate ORDER BY 1) FROM chatdb_size_history WHERE command = 'test'"
+    result = cli("status", "--json", "--database-url", migrated_db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["recorded"] is True
+    assert migrated_db.scalar(left) == [729]  # the sample of 731 days ago went, not the one of 729
+    samples = migrated_db.scalar("SELECT count(*) FROM chatdb_size_history")
+    assert samples == 1 + 8
+
+    read_only = (
+        migrated_db.url.update_query_dict({"options": "-c default_transaction_read_only=on"})
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False)
+    )
+    for command in ("status", "doctor"):
+        result = cli(command, "--json", "--database-url", read_only)
+        assert result.exit_code == 0, (command, result.output)
+        payload = json.loads(result.stdout)
+        assert payload["ok"] is True and payload["recorded"] is False, (command, payload)
+    assert migrated_db.scalar("SELECT count(*) FROM chatdb_size_history") == samples
+    assert migrated_db.scalar(left) == [729]
+
+
 def test_growth_per_day_and_week_and_the_projected_date_from_controlled_sizes(migrated_db, cli):
     """Samples 256 kB apart each day for two weeks before the one this run records (the
     real size): 256 kB per day, 1.75 MB per week, and a limit 2,560 kB above today's size

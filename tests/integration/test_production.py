@@ -10,18 +10,22 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import psycopg
 import pytest
 import servers
 from conftest import scratch_folder
 from sqlalchemy import create_engine, text
+
+from chatdb.schema import VERSION_TABLE, metadata
 
 OPS = "chatdb_test_ops"
 APP = "chatdb_test_app"
@@ -349,6 +353,102 @@ def grant(cli, database) -> list[str]:
     for statement in statements:
         database.execute(statement)
     return statements
+
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+DATABASE, SCHEMA = "<the database>", "<the schema>"
+#: The README's words, in its table of roles, for the objects a privilege is on.
+_OBJECTS = {
+    "the hot and archive tables": ("conversations", "messages", "conversations_archive", "messages_archive"),
+    "the archive tables": ("conversations_archive", "messages_archive"),
+    "the version table": (VERSION_TABLE,),
+    "the database": (DATABASE,),
+    "the schema": (SCHEMA,),
+}
+_OBJECT = re.compile("|".join([*map(re.escape, _OBJECTS), r"`\w+`"]))
+
+
+def readme_privileges(row: str) -> dict[str, list[str]]:
+    """What the README's table of roles says the role of ``row`` (its first cell) may do,
+    all of it: ``{object: sorted privileges}``, the object "<the database>", "<the
+    schema>", a table, or "member of" (the roles it is a member of). Every clause of the
+    cell must be understood, and the last must be "nothing else"."""
+    (line,) = [line for line in README.splitlines() if line.startswith(f"| {row} |")]
+    *clauses, last = line.split(" | ")[1].split("; ")
+
+    def objects(words: str) -> list[str]:
+        assert re.fullmatch(r"(\s|,|\band\b|\bor\b)*", _OBJECT.sub("", words)), words
+        return [name for found in _OBJECT.findall(words) for name in _OBJECTS.get(found, (found.strip("`"),))]
+
+    may: dict[str, set[str]] = {}
+    for clause in clauses:
+        if member := re.fullmatch(r"membership of `(\w+)`", clause):
+            may.setdefault("member of", set()).add(member[1])
+            continue
+        granted = re.fullmatch(r"`([A-Z, ]+)` on (.+)", clause)
+        assert granted, clause
+        for name in objects(granted[2]):
+            may.setdefault(name, set()).update(granted[1].split(", "))
+    none = re.fullmatch(r"nothing else(?: \(none on (.+)\))?", last)
+    assert none, last
+    assert not set(objects(none[1] or "")) & set(may), line
+    return {name: sorted(privileges) for name, privileges in may.items()}
+
+
+def privileges_held(database, role: str) -> dict[str, list[str]]:
+    """Every privilege ``role`` holds in ``database``, as ``readme_privileges`` gives
+    them: on the database, on schema public, on each relation in it (a privilege on some
+    of a table's columns only is "SELECT (columns)"), and the roles it is a member of."""
+    on_tables = ["SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"]
+    if database.scalar("SELECT current_setting('server_version_num')::int >= 170000"):
+        on_tables.append("MAINTAIN")
+    held: dict[str, set[str]] = {}
+    with database.engine.connect() as connection:
+
+        def check(function: str, privileges, on: object) -> set[str]:
+            sql = text(f"SELECT {function}(:role, :on, :privilege)")
+            return {
+                p
+                for p in privileges
+                if connection.execute(sql, {"role": role, "on": on, "privilege": p}).scalar()
+            }
+
+        held[DATABASE] = check("has_database_privilege", ("CONNECT", "TEMPORARY", "CREATE"), database.name)
+        held[SCHEMA] = check("has_schema_privilege", ("USAGE", "CREATE"), "public")
+        relations = connection.execute(
+            text("SELECT oid, relname, relkind FROM pg_class WHERE relnamespace = 'public'::regnamespace")
+        ).all()
+        for oid, name, kind in relations:
+            if kind == "S":
+                held[name] = check("has_sequence_privilege", ("USAGE", "SELECT", "UPDATE"), oid)
+            elif kind in ("r", "p", "v", "m", "f"):
+                whole = check("has_table_privilege", on_tables, oid)
+                columns = check("has_any_column_privilege", ("SELECT", "INSERT", "UPDATE", "REFERENCES"), oid)
+                held[name] = whole | {f"{privilege} (columns)" for privilege in columns - whole}
+        held["member of"] = set(
+            connection.execute(
+                text("SELECT roleid::regrole::text FROM pg_auth_members WHERE member = to_regrole(:role)"),
+                {"role": role},
+            ).scalars()
+        )
+    tables = {name for _, name, kind in relations if kind in ("r", "p")}
+    assert tables == {*metadata.tables, VERSION_TABLE}  # every table of chatdb's is seen
+    return {name: sorted(privileges) for name, privileges in held.items() if privileges}
+
+
+def test_each_role_holds_exactly_what_the_readme_says_after_the_grants(migrated_db, roles, cli):
+    """README, "Least privilege": the table of roles is what `chatdb grants` gives each
+    role, and all it gives: one privilege more or less on any of chatdb's objects (or one
+    role more or less to be a member of) differs from the README. PostgreSQL's own grants
+    to PUBLIC are revoked first, as a database run with least privilege has them."""
+    migrated_db.execute(f'REVOKE ALL ON DATABASE "{migrated_db.name}" FROM PUBLIC')
+    migrated_db.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+    grant(cli, migrated_db)
+    for row, role in (
+        ("the application's role (`--app-role`)", APP),
+        ("the operations role (`--ops-role`)", OPS),
+    ):
+        assert privileges_held(migrated_db, role) == readme_privileges(row), role
 
 
 def test_the_operations_role_runs_the_operations_commands(migrated_db, roles, pooler, cli):

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -598,3 +600,153 @@ def test_a_connection_lost_during_the_copy_is_one_error_line(migrated_db):
     lines = stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "connection" in lines[0], stderr
     assert migrated_db.scalar("SELECT count(*) FROM messages") == 0
+
+
+# --- into tables that hold rows, and as a role that owns none -----------------------------------
+
+#: What an INSERT takes: RowExclusiveLock on its table and indexes, AccessShareLock on what
+#: it reads, RowShareLock on the table its foreign key checks (FOR KEY SHARE).
+INSERT_LOCKS = {"AccessShareLock", "RowShareLock", "RowExclusiveLock"}
+SEED_LOCKS = """
+WITH watched AS (
+  SELECT c.oid FROM pg_class c WHERE c.relnamespace = current_schema()::regnamespace
+    AND c.relname IN ('users', 'conversations', 'messages')
+)
+SELECT l.relation::regclass::text, l.mode, l.granted FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE a.datname = current_database() AND a.application_name = 'chatdb seed'
+  AND l.locktype = 'relation'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.relation IN (SELECT oid FROM watched UNION ALL
+                     SELECT indexrelid FROM pg_index WHERE indrelid IN (SELECT oid FROM watched))
+"""
+
+
+def seed_beside_the_application(db, url: str, *args: str) -> tuple[dict, set[tuple[str, str, bool]]]:
+    """Run ``chatdb seed --json ARGS`` while the application has a transaction open that
+    read users, conversations and messages; return its JSON and every lock the seed held or
+    waited for on those tables and their indexes, sampled until it exited (a transaction
+    keeps its locks to its end, so a sample during the messages' COPY holds every one it
+    took before)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
+    seen: set[tuple[str, str, bool]] = set()
+    with db.engine.connect() as application, db.engine.connect() as watcher:
+        for table in ("users", "conversations", "messages"):
+            application.execute(text(f"SELECT count(*) FROM {table}")).scalar()
+        process = subprocess.Popen(
+            [str(CHATDB), "seed", "--json", *args, "--database-url", url],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            while process.poll() is None:
+                seen.update(tuple(row) for row in watcher.execute(text(SEED_LOCKS)))
+                watcher.rollback()  # pg_stat_activity is read anew in each transaction
+                time.sleep(0.01)
+            stdout, stderr = process.communicate(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        application.rollback()
+    assert process.returncode == 0, stderr
+    return json.loads(stdout), seen
+
+
+LOAD = ("--users", "1000", "--conversations", "5000", "--messages", "100000")
+
+
+def test_a_seed_into_tables_that_hold_rows_takes_no_lock_stronger_than_an_inserts(seeded):
+    """README, `chatdb seed`: "Into tables that already hold rows it copies with every
+    constraint in place and takes no lock stronger than an INSERT's"."""
+    before = snapshot(seeded)
+    payload, locks = seed_beside_the_application(seeded, seeded.cli_url, *LOAD, "--seed", "7")
+    assert payload["fast_path"] is False
+    assert ("messages", "RowExclusiveLock", True) in locks  # sampled during the messages' COPY
+    assert {mode for _, mode, _ in locks} <= INSERT_LOCKS, sorted(locks)
+    assert all(granted for _, _, granted in locks), sorted(locks)  # it never waited for the application
+    assert before.differences(snapshot(seeded)) == []
+    assert seeded.scalar("SELECT count(*) FROM messages WHERE user_id LIKE 'seed-7-%'") == 100_000
+
+
+@pytest.fixture
+def loader(pg_server, migrated_db) -> Iterator[str]:
+    """A role that owns none of chatdb's tables, with the privileges to seed them (those of
+    the application's role, and SELECT on the version table)."""
+    role = f"chatdb_test_loader_{os.getpid()}"
+    with pg_server.admin.connect() as connection:
+        connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+    migrated_db.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON users, conversations, messages TO "{role}"')
+    migrated_db.execute(f'GRANT SELECT ON {schema.VERSION_TABLE} TO "{role}"')
+    try:
+        yield role
+    finally:
+        migrated_db.execute(f'DROP OWNED BY "{role}"')
+        with pg_server.admin.connect() as connection:
+            connection.execute(text(f'DROP ROLE "{role}"'))
+
+
+def test_a_role_that_owns_no_table_seeds_empty_tables_with_every_constraint_in_place(migrated_db, loader):
+    """README, "Least privilege": seed's fast path (dropping and rebuilding the tables'
+    constraints) is the owner's; another role with the privileges to insert loads with
+    every constraint in place. Dropping a constraint or an index takes an ACCESS EXCLUSIVE
+    lock on its table: the seed takes none, even for a moment."""
+    before = snapshot(migrated_db)
+    url = migrated_db.url.set(drivername="postgresql", username=loader).render_as_string(hide_password=False)
+    payload, locks = seed_beside_the_application(migrated_db, url, *LOAD)
+    assert payload["fast_path"] is False
+    assert ("messages", "RowExclusiveLock", True) in locks  # sampled during the messages' COPY
+    assert {mode for _, mode, _ in locks} <= INSERT_LOCKS, sorted(locks)
+    assert all(granted for _, _, granted in locks), sorted(locks)  # it never waited for the application
+    assert before.differences(snapshot(migrated_db)) == []
+    assert migrated_db.scalar("SELECT count(*) FROM messages") == 100_000
+
+
+# --- --reset, then a seed that is stopped -------------------------------------------------------
+
+
+@pytest.mark.parametrize("application", [False, True], ids=["seeds only", "beside the application's rows"])
+def test_a_reset_is_committed_before_the_seed_and_a_sigterm_during_the_seed_leaves_neither(
+    migrated_db, cli, application
+):
+    """README, `chatdb seed`: "`--reset` is a transaction of its own, committed before the
+    seed starts: stopped during the seed, the earlier seeds are gone and the new one is not
+    there", and SIGTERM exits 143. With the application's rows, the reset deletes the
+    seeded users row by row and the seed loads beside them; without, it truncates and the
+    seed takes the empty tables over."""
+    seed(cli, migrated_db, *SMALL, "--seed", "7")
+    seed(cli, migrated_db, *SMALL, "--seed", "9")
+    if application:
+        migrated_db.execute(REAL_USER)
+    real = migrated_db.scalar(REAL_ROWS)
+    before = snapshot(migrated_db)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
+    process = subprocess.Popen(
+        [
+            *(str(CHATDB), "seed", "--reset", "--yes"),
+            *("--messages", "400000", "--conversations", "20000", "--users", "4000"),
+            *("--database-url", migrated_db.cli_url),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        migrated_db.wait_for_query('COPY "messages"')
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    for table, column in (("users", "id"), ("conversations", "user_id"), ("messages", "user_id")):
+        assert migrated_db.scalar(f"SELECT count(*) FROM {table} WHERE {column} LIKE 'seed-%'") == 0, table
+    assert migrated_db.scalar(REAL_ROWS) == real
+    assert migrated_db.scalar("SELECT count(*) FROM conversations") == (2 if application else 0)
+    assert before.differences(snapshot(migrated_db)) == []
