@@ -15,9 +15,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from chatdb import db as db_module
 from chatdb import lifecycle, patterns, schema
@@ -333,11 +335,16 @@ def test_restore_of_an_id_two_users_share_restores_each_with_its_own_messages(cl
 # --- exactly the predicted rows ------------------------------------------------------------------
 
 
-def purge_exactly_as_predicted(db, jobs: int) -> tuple[lifecycle.RunResult, dict[str, set]]:
-    """Purge populate()'s state in batches of 7 with ``jobs`` jobs, and check that it
-    deleted exactly the rows SQL predicts, hot and archived, and counted them: a check
-    this file and the Citus tests share. Returns the result and the predicted rows."""
+def purge_exactly_as_predicted(
+    db, jobs: int, prepare: Callable[[object], None] | None = None
+) -> tuple[lifecycle.RunResult, dict[str, set]]:
+    """Purge populate()'s state (changed by ``prepare(db)``, if given) in batches of 7
+    with ``jobs`` jobs, and check that it deleted exactly the rows SQL predicts, hot and
+    archived, and counted them: a check this file and the Citus tests share. Returns the
+    result and the predicted rows."""
     populate(db)
+    if prepare is not None:
+        prepare(db)
     users_before = checksum(db, "users")
     before = state(db)
     engine = engine_for(db)
@@ -420,9 +427,13 @@ def test_dry_run_counts_equal_the_real_runs_and_change_nothing(cli, migrated_db)
     assert archived["done"]["conversations"] > 0
 
 
-def test_archive_moves_exactly_the_idle_conversations_whole(migrated_db):
-    db = migrated_db
+def archive_exactly_as_predicted(db, prepare: Callable[[object], None] | None = None) -> dict[str, set]:
+    """Archive populate()'s state (changed by ``prepare(db)``, if given) in batches of 9,
+    and check that it moved exactly the idle conversations SQL predicts, whole, every
+    column unchanged, and counted them. Returns the predicted rows."""
     populate(db)
+    if prepare is not None:
+        prepare(db)
     engine = engine_for(db)
     try:
         plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
@@ -454,6 +465,53 @@ def test_archive_moves_exactly_the_idle_conversations_whole(migrated_db):
         )
         == 0
     )
+    return moving
+
+
+def test_archive_moves_exactly_the_idle_conversations_whole(migrated_db):
+    archive_exactly_as_predicted(migrated_db)
+
+
+def flag_some_archived(db) -> None:
+    """The application's own ``status = 'archived'`` on a share of the conversations, in
+    the hot and the archive tables, idle and recent alike."""
+    db.execute("UPDATE conversations SET status = 'archived' WHERE abs(hashtext(id::text)) % 3 = 0")
+    db.execute("UPDATE conversations_archive SET status = 'archived' WHERE abs(hashtext(id::text)) % 2 = 0")
+
+
+def statuses(db) -> dict:
+    """Each conversation's status, hot or archived."""
+    return dict(
+        rows(
+            db, "SELECT id, status FROM conversations UNION ALL SELECT id, status FROM conversations_archive"
+        )
+    )
+
+
+@pytest.mark.parametrize("command", ["archive", "purge"])
+def test_the_applications_archived_status_is_neither_read_nor_changed(migrated_db, command):
+    """README: ``status = 'archived'`` (the application's UI flag) is neither read nor
+    changed. With the flag on idle and recent conversations, hot and archived, each
+    command takes exactly what it takes without it (the predicted-set checks, which never
+    look at status), and every conversation left, where it is now, has the status it had."""
+    db = migrated_db
+    before: dict = {}
+
+    def flag(db) -> None:
+        flag_some_archived(db)
+        before.update(statuses(db))
+
+    if command == "archive":
+        taken = archive_exactly_as_predicted(db, prepare=flag)["conversations"]
+    else:
+        _, gone = purge_exactly_as_predicted(db, 2, prepare=flag)
+        taken = gone["conversations"] | gone["conversations_archive"]
+    flagged = {i for i, status in before.items() if status == "archived"}
+    # The flag is on both sides of the cutoff, and off on both sides too.
+    assert taken & flagged and taken - flagged
+    assert (before.keys() - taken) & flagged and (before.keys() - taken) - flagged
+    left = before if command == "archive" else {i: s for i, s in before.items() if i not in taken}
+    assert statuses(db) == left
 
 
 @pytest.mark.parametrize("command", ["archive", "purge"])
@@ -517,6 +575,38 @@ def test_a_row_that_moves_on_disk_during_the_run_is_still_taken_in_its_newest_ve
         assert ids(db, "SELECT id FROM conversations WHERE id = :i", i=mover) == set()
 
 
+def create_pause_at(db) -> None:
+    """``pause_at(t, target)``, true, and when ``t`` is ``target`` only once advisory lock
+    4242 is free: added to a batch's window condition (``phases(window=...)``), it holds
+    the batch's statement on that row after its snapshot and before its lock, while the
+    test holds the lock (``wait_until_paused``). The wait is not the batch's lock wait:
+    its lock_timeout is set aside for it, and put back."""
+    db.execute(
+        """
+        CREATE FUNCTION pause_at(t tid, target tid) RETURNS boolean LANGUAGE plpgsql AS $$
+        DECLARE
+            batch_lock_timeout text := current_setting('lock_timeout');
+        BEGIN
+            IF t = target THEN
+                PERFORM set_config('lock_timeout', '0', true);
+                PERFORM pg_advisory_lock_shared(4242);
+                PERFORM pg_advisory_unlock_shared(4242);
+                PERFORM set_config('lock_timeout', batch_lock_timeout, true);
+            END IF;
+            RETURN true;
+        END $$
+        """
+    )
+
+
+def wait_until_paused(db, run: threading.Thread) -> None:
+    """Wait until a statement waits in ``pause_at`` (for advisory lock 4242)."""
+    deadline = time.monotonic() + 30
+    while not db.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
+        assert time.monotonic() < deadline and run.is_alive()
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("change", ["rename", "message without the bump"])
 @pytest.mark.parametrize("track_counts", ["on", "off"])
 def test_a_conversation_changed_while_the_purge_statement_runs_goes_whole(migrated_db, track_counts, change):
@@ -529,18 +619,7 @@ def test_a_conversation_changed_while_the_purge_statement_runs_goes_whole(migrat
     window condition, through purge's ``phases``) while the change commits."""
     db = migrated_db
     populate(db)
-    db.execute(
-        """
-        CREATE FUNCTION pause_at(t tid, target tid) RETURNS boolean LANGUAGE plpgsql AS $$
-        BEGIN
-            IF t = target THEN
-                PERFORM pg_advisory_lock_shared(4242);
-                PERFORM pg_advisory_unlock_shared(4242);
-            END IF;
-            RETURN true;
-        END $$
-        """
-    )
+    create_pause_at(db)
     # The first idle conversation on disk, taken by the run's first batch.
     with db.engine.connect() as connection:
         target, where = connection.execute(
@@ -575,10 +654,7 @@ def test_a_conversation_changed_while_the_purge_statement_runs_goes_whole(migrat
             target=lambda: outcome.append(lifecycle.purge(engine, plan, options, phases=paused))
         )
         run.start()
-        deadline = time.monotonic() + 30
-        while not db.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
-            assert time.monotonic() < deadline and run.is_alive()
-            time.sleep(0.02)
+        wait_until_paused(db, run)
         if change == "rename":
             db.execute("UPDATE conversations SET title = 'renamed mid-statement' WHERE id = :i", i=target)
             moved_to = db.scalar("SELECT ctid::text FROM conversations WHERE id = :i", i=target)
@@ -926,6 +1002,326 @@ def test_rows_that_stay_locked_stop_the_run_with_its_summary_and_exit_1(cli, mig
     shown = cli("purge", "--older-than", "90d", "--yes", "--database-url", db.cli_url)
     assert shown.exit_code == 0, shown.output  # nothing holds it now: the rest goes
     assert db.scalar("SELECT count(*) FROM conversations WHERE id = :i", i=locked_id) == 0
+
+
+def archivable_ids(db, cutoff) -> list:
+    """The conversations ``archive`` takes at ``cutoff``, in the order they lie on disk."""
+    sql = "SELECT id FROM conversations WHERE updated_at < :c AND deleted_at IS NULL ORDER BY ctid"
+    return [row[0] for row in rows(db, sql, c=cutoff)]
+
+
+def archived_exactly(db, before: dict[str, set], moved: set, added: dict) -> None:
+    """The archive moved exactly the conversations ``moved`` (and nothing else) from the
+    state ``before``, each whole, with the messages they had; the others stayed hot with
+    theirs and the messages ``added`` to them meanwhile (message id: conversation id).
+    Nothing is split between the hot and the archive tables."""
+    moved_messages = {m for m, c in rows(db, "SELECT id, conversation_id FROM snap_messages") if c in moved}
+    after = state(db)
+    assert after["conversations"] == before["conversations"] - moved
+    assert after["conversations_archive"] == before["conversations_archive"] | moved
+    assert after["messages"] == (before["messages"] | added.keys()) - moved_messages
+    assert after["messages_archive"] == before["messages_archive"] | moved_messages
+    assert not added.keys() & moved_messages
+    for hot, cold in (("messages", "conversations_archive"), ("messages_archive", "conversations")):
+        on = "(c.id, c.user_id) = (m.conversation_id, m.user_id)"
+        assert db.scalar(f"SELECT count(*) FROM {hot} m JOIN {cold} c ON {on}") == 0, hot
+
+
+def test_a_conversation_written_to_during_the_archive_is_never_archived(migrated_db):
+    """README, "Safe beside the application", for ``archive``, which picks its rows by
+    statements of its own (``pick_in_window``). A writer adds messages the application's
+    way (``patterns.add_message``: the message and the bump of updated_at, one
+    transaction) to idle conversations while the archive runs, from the end of the table
+    while the archive goes from its start. One more conversation gets its message while a
+    batch's statement is held on it (``pause_at``), after the statement's snapshot and
+    before its lock: only the re-check under the lock keeps that one out. Every
+    conversation written to stays hot with all its messages, nothing is split between
+    the hot and the archive tables, and the archive holds exactly the others."""
+    db = migrated_db
+    populate(db, conversations=1500)
+    create_pause_at(db)
+    snapshot(db)
+    before = state(db)
+    owners = dict(rows(db, "SELECT id, user_id FROM conversations"))
+    engine = engine_for(db)
+    plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
+    idle = archivable_ids(db, plan.cutoff)
+    assert set(idle) == predicted_archive(db, plan.cutoff)["conversations"]
+    # Held in the first third of the table, which the archive reaches before the writer.
+    held = idle[len(idle) // 3]
+    where = db.scalar("SELECT ctid::text FROM conversations WHERE id = :i", i=held)
+    added: dict = {}  # message id: conversation id, committed
+    refused: list = []
+    stop = threading.Event()
+
+    def write(connection, conversation_id) -> None:
+        message = patterns.add_message(
+            connection, conversation_id, owners[conversation_id], "user", "still here?"
+        )
+        added[message] = conversation_id
+
+    def writer() -> None:
+        with db.engine.connect() as connection:
+            for conversation_id in reversed(idle):
+                if stop.is_set():
+                    break
+                if conversation_id == held:
+                    continue
+                try:
+                    write(connection, conversation_id)
+                except DBAPIError as exc:  # archived first: the message's foreign key fails
+                    refused.append(getattr(exc.orig, "sqlstate", None))
+                time.sleep(0.002)
+
+    holder = db.engine.connect()
+    holder.execute(text("SELECT pg_advisory_lock(4242)"))
+    outcome: list = []
+    paused = lifecycle.archive_phases(plan, window=lifecycle.WINDOW + f" AND pause_at(ctid, '{where}')")
+    run = threading.Thread(
+        target=lambda: outcome.append(lifecycle.archive(engine, plan, lifecycle.RunOptions(), phases=paused))
+    )
+    writing = threading.Thread(target=writer)
+    try:
+        run.start()
+        writing.start()
+        wait_until_paused(db, run)
+        with db.engine.connect() as connection:
+            write(connection, held)
+        holder.execute(text("SELECT pg_advisory_unlock(4242)"))
+        run.join(60)
+    finally:
+        stop.set()
+        holder.close()
+        writing.join(60)
+        engine.dispose()
+    assert outcome, "the archive did not finish"
+    result = outcome[0]
+    written = set(added.values())
+    assert held in written
+    assert len(written) > 1, "the writer never wrote while the archive ran"
+    assert set(refused) <= {"23503"}, refused  # the application saw no other error
+    moved = set(idle) - written
+    archived_exactly(db, before, moved, added)
+    assert moved and result.done.conversations == len(moved)
+    assert (result.complete, result.stopped_by) == (True, None)
+
+
+@pytest.mark.parametrize("hold", ["FOR UPDATE", "a message being added"])
+def test_an_idle_conversation_the_application_holds_is_visited_again_by_the_same_archive(migrated_db, hold):
+    """README: rows skipped because the application held them are visited again before
+    the run ends. The first idle conversation on disk, which the run's pass comes to
+    first, is held by another session until the pass has taken every other one: locked
+    FOR UPDATE and then let go unchanged, it is archived by the same run; given a message
+    (the application's two statements, the bump once the pass is by), it stays hot with
+    all its messages. Either way the run ends complete, having moved all the others."""
+    db = migrated_db
+    populate(db)
+    snapshot(db)
+    before = state(db)
+    engine = engine_for(db)
+    plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
+    idle = archivable_ids(db, plan.cutoff)
+    first = idle[0]
+    owner = db.scalar("SELECT user_id FROM conversations WHERE id = :i", i=first)
+    added: dict = {}
+    holder = db.engine.connect()
+    holder.begin()
+    if hold == "FOR UPDATE":
+        holder.execute(text("SELECT 1 FROM conversations WHERE id = :i FOR UPDATE"), {"i": first})
+    else:
+        add, bump = patterns.add_message_statements(first, owner, "user", "typing...")
+        added[holder.execute(add).scalar_one()] = first
+    outcome: list = []
+    run = threading.Thread(
+        target=lambda: outcome.append(lifecycle.archive(engine, plan, lifecycle.RunOptions(jobs=1)))
+    )
+    try:
+        run.start()
+        deadline = time.monotonic() + 60
+        while (
+            db.scalar(
+                "SELECT count(*) FROM conversations WHERE updated_at < :c AND deleted_at IS NULL",
+                c=plan.cutoff,
+            )
+            > 1
+        ):
+            assert run.is_alive() and time.monotonic() < deadline, "the archive stopped short"
+            time.sleep(0.02)
+        assert run.is_alive()  # the pass is behind the held conversation; the run sweeps
+        if hold == "FOR UPDATE":
+            holder.rollback()
+        else:
+            holder.execute(bump)
+            holder.commit()
+        run.join(60)
+    finally:
+        holder.close()
+        engine.dispose()
+    assert outcome, "the archive did not finish"
+    result = outcome[0]
+    moved = set(idle) if hold == "FOR UPDATE" else set(idle) - {first}
+    archived_exactly(db, before, moved, added)
+    assert (result.complete, result.stopped_by) == (True, None)
+    assert result.done.conversations == len(moved)
+
+
+def test_every_batch_runs_with_its_timeouts_local_to_its_transaction(migrated_db):
+    """README: every batch sets lock_timeout (500 ms) and statement_timeout, local to its
+    transaction. Triggers on the four tables record the settings in force wherever a
+    row of them is written, in archive, restore and purge batches alike; afterwards
+    the run's sessions, back in the pool, have the server's defaults again."""
+    db = migrated_db
+    populate(db)
+    defaults = tuple(
+        rows(db, "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")[0]
+    )
+    db.execute("CREATE TABLE settings_seen (xid bigint, pid int, lock_timeout text, statement_timeout text)")
+    db.execute(
+        """
+        CREATE FUNCTION settings_seen() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO settings_seen VALUES (txid_current(), pg_backend_pid(),
+                current_setting('lock_timeout'), current_setting('statement_timeout'));
+            RETURN NULL;
+        END $$
+        """
+    )
+    for table in ("conversations", "messages", "conversations_archive", "messages_archive"):
+        db.execute(
+            f"CREATE TRIGGER settings_seen AFTER INSERT OR DELETE ON {table}"
+            " FOR EACH ROW EXECUTE FUNCTION settings_seen()"
+        )
+    user = db.scalar("SELECT user_id FROM conversations_archive GROUP BY 1 ORDER BY count(*) DESC LIMIT 1")
+    engine = engine_for(db)
+    try:
+        options = lifecycle.RunOptions(batch_size=20)
+        runs = [
+            lifecycle.archive(
+                engine, lifecycle.plan_archive(engine, lifecycle.parse_duration("60d")), options
+            ),
+            lifecycle.restore(engine, lifecycle.plan_restore(engine, user_id=user), options),
+            lifecycle.purge(
+                engine,
+                lifecycle.plan_purge(
+                    engine, lifecycle.parse_duration("90d"), lifecycle.parse_duration("30d")
+                ),
+                options,
+            ),
+        ]
+        # Every session the runs left in the pool, at once.
+        pooled = [engine.connect() for _ in range(engine.pool.checkedin())]
+        try:
+            after = {
+                tuple(
+                    connection.execute(
+                        text(
+                            "SELECT pg_backend_pid(), current_setting('lock_timeout'),"
+                            " current_setting('statement_timeout')"
+                        )
+                    ).one()
+                )
+                for connection in pooled
+            }
+        finally:
+            for connection in pooled:
+                connection.close()
+    finally:
+        engine.dispose()
+    seen = rows(db, "SELECT xid, pid, lock_timeout, statement_timeout FROM settings_seen")
+    assert all(run.batches for run in runs) and all(run.complete for run in runs)
+    # Every committed batch wrote rows, each with the batch's settings in force.
+    assert len({xid for xid, _, _, _ in seen}) == sum(run.batches for run in runs)
+    assert {(lock, statement) for _, _, lock, statement in seen} == {("500ms", "1min")}
+    assert defaults != ("500ms", "1min")
+    # The sessions that ran the batches have the defaults again.
+    assert {pid for _, pid, _, _ in seen} <= {pid for pid, _, _ in after}
+    assert {(lock, statement) for _, lock, statement in after} == {defaults}
+
+
+def test_an_application_that_changes_a_message_then_its_conversation_waits_and_goes_on(migrated_db):
+    """README: an application transaction that changes a message and then its
+    conversation can meet a batch in a deadlock; the batch's 500 ms lock_timeout ends its
+    wait before the default deadlock_timeout (1 s) would pick a side, so the
+    application's transaction waits and then goes on.
+
+    The application (A) changes a message of the first idle conversation on disk. The
+    run's first batch (B) locks that conversation, copies it to the archive, and is held
+    there (a trigger on conversations_archive) until A, changing the conversation, waits
+    for B; B then moves the conversation's messages and waits for the one A holds: a
+    deadlock, which B's lock timeout ends, 500 ms on. B rolls back and is retried; A's
+    statement goes on and A commits, and the conversation, written to, stays hot. The
+    order of the waits is fixed by the trigger, not by timing: B starts waiting a few
+    milliseconds after A, well inside the 500 ms between B's lock timeout and A's
+    deadlock check. (A batch that reached the message more than 500 ms after A began to
+    wait would lose that race: A's deadlock check would end A's transaction.)"""
+    db = migrated_db
+    populate(db)
+    assert db.scalar("SHOW deadlock_timeout") == "1s"  # PostgreSQL's default
+    snapshot(db)
+    before = state(db)
+    engine = engine_for(db)
+    plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
+    idle = archivable_ids(db, plan.cutoff)
+    first = idle[0]
+    owner, message = rows(
+        db, "SELECT user_id, id FROM messages WHERE conversation_id = :i ORDER BY id LIMIT 1", i=first
+    )[0]
+    application = db.engine.connect()
+    db.execute("CREATE TABLE application_session (pid int)")
+    db.execute(
+        "INSERT INTO application_session VALUES (:p)",
+        p=application.execute(text("SELECT pg_backend_pid()")).scalar(),
+    )
+    application.commit()
+    db.execute("CREATE SEQUENCE batches_held")
+    db.execute(
+        """
+        CREATE FUNCTION held_until_the_application_waits() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('batches_held') = 1 THEN
+                WHILE NOT EXISTS (SELECT FROM application_session
+                                  WHERE pg_blocking_pids(pid) @> ARRAY[pg_backend_pid()]) LOOP
+                    PERFORM pg_sleep(0.001);
+                END LOOP;
+            END IF;
+            RETURN NULL;
+        END $$
+        """
+    )
+    db.execute(
+        "CREATE TRIGGER held_until_the_application_waits AFTER INSERT ON conversations_archive"
+        " FOR EACH STATEMENT EXECUTE FUNCTION held_until_the_application_waits()"
+    )
+    outcome: list = []
+    run = threading.Thread(
+        target=lambda: outcome.append(lifecycle.archive(engine, plan, lifecycle.RunOptions(jobs=1)))
+    )
+    try:
+        application.execute(
+            text("UPDATE messages SET content = 'edited' WHERE id = :m AND user_id = :u"),
+            {"m": message, "u": owner},
+        )
+        run.start()
+        deadline = time.monotonic() + 60
+        while not db.scalar("SELECT is_called FROM batches_held"):  # B holds the conversation
+            assert run.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        # Waits for B, which then waits for A: the deadlock, ended by B's lock timeout.
+        application.execute(
+            text("UPDATE conversations SET updated_at = now() WHERE id = :i AND user_id = :u"),
+            {"i": first, "u": owner},
+        )
+        application.commit()
+        run.join(60)
+    finally:
+        application.close()
+        engine.dispose()
+    assert outcome, "the archive did not finish"
+    result = outcome[0]
+    assert result.retries >= 1  # the batch gave way
+    assert db.scalar("SELECT content FROM messages WHERE id = :m", m=message) == "edited"
+    archived_exactly(db, before, set(idle) - {first}, {})
+    assert (result.complete, result.stopped_by) == (True, None)
 
 
 # --- stopping --------------------------------------------------------------------------------------
