@@ -38,3 +38,17 @@ def test_a_cleanup_that_fails_after_a_signal_still_exits_as_the_signal(signal, c
 def test_an_error_without_a_signal_is_still_an_error(capsys):
     assert _exit_code(RuntimeError("boom"), None) == 1
     assert "internal error: RuntimeError: boom" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_internal_error_shows_its_traceback_only_with_chatdb_debug(debug, capsys, monkeypatch):
+    """README: errors are one line, never a traceback; CHATDB_DEBUG=1 shows one for an
+    internal error."""
+    if debug:
+        monkeypatch.setenv("CHATDB_DEBUG", "1")
+    else:
+        monkeypatch.delenv("CHATDB_DEBUG", raising=False)
+    assert _exit_code(RuntimeError("boom"), None) == 1
+    err = capsys.readouterr().err
+    assert ("Traceback (most recent call last)" in err) is debug, err
+    assert "internal error: RuntimeError: boom" in err
