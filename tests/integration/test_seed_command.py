@@ -536,20 +536,27 @@ def test_a_users_column_the_seed_cannot_fill_is_refused(empty_db, cli):
     assert empty_db.scalar("SELECT count(*) FROM users") == 0
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interruption_leaves_nothing(migrated_db, signum, code):
-    before = snapshot(migrated_db)
+def large_seed(db, *args: str) -> subprocess.Popen:
+    """``chatdb seed ARGS`` of 400,000 messages, started: long enough to stop during its
+    COPY of the messages (``db.wait_for_query('COPY "messages"')``)."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [
-            *(str(CHATDB), "seed", "--messages", "400000", "--conversations", "20000", "--users", "4000"),
-            *("--database-url", migrated_db.cli_url),
+            *(str(CHATDB), "seed", *args),
+            *("--messages", "400000", "--conversations", "20000", "--users", "4000"),
+            *("--database-url", db.cli_url),
         ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interruption_leaves_nothing(migrated_db, signum, code):
+    before = snapshot(migrated_db)
+    process = large_seed(migrated_db)
     migrated_db.wait_for_query('COPY "messages"')
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
@@ -578,17 +585,7 @@ def test_seeding_leaves_schema_metadata_unchanged(migrated_db, cli):
 
 
 def test_a_connection_lost_during_the_copy_is_one_error_line(migrated_db):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
-    process = subprocess.Popen(
-        [
-            *(str(CHATDB), "seed", "--messages", "400000", "--conversations", "20000", "--users", "4000"),
-            *("--database-url", migrated_db.cli_url),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = large_seed(migrated_db)
     migrated_db.wait_for_query('COPY "messages"')
     terminated = migrated_db.scalar(
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -723,18 +720,7 @@ def test_a_reset_is_committed_before_the_seed_and_a_sigterm_during_the_seed_leav
         migrated_db.execute(REAL_USER)
     real = migrated_db.scalar(REAL_ROWS)
     before = snapshot(migrated_db)
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CHATDB_DATABASE_URL")}
-    process = subprocess.Popen(
-        [
-            *(str(CHATDB), "seed", "--reset", "--yes"),
-            *("--messages", "400000", "--conversations", "20000", "--users", "4000"),
-            *("--database-url", migrated_db.cli_url),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = large_seed(migrated_db, "--reset", "--yes")
     try:
         migrated_db.wait_for_query('COPY "messages"')
         process.send_signal(signal.SIGTERM)
