@@ -223,8 +223,9 @@ def distribute(engine: Engine, *, lock_timeout: str) -> Distribution:
     and add each table of ``schema.CITUS_LOCAL_TABLES`` that is not in Citus's metadata yet
     to it (``citus_add_local_table_to_metadata``), in one transaction. Citus distributes a
     table only when every foreign key between it and a local table is gone, so the keys
-    between these tables are dropped first and added back (checked) once all are
-    distributed. Returns what it changed; nothing when all was done already.
+    between these tables are dropped first (those there are: a table an operator made
+    local again with ``undistribute_table`` lost its key before) and added back (checked)
+    once all are distributed. Returns what it changed; nothing when all was done already.
 
     A table distributed otherwise (by another column, or not co-located) is a StateError:
     chatdb's router queries need all of a user's rows on one node."""
@@ -243,9 +244,8 @@ def distribute(engine: Engine, *, lock_timeout: str) -> Distribution:
                 connection.execute(text(CREATE_REFERENCE_USERS))
             keys = _owner_keys() if todo else []
             for key in keys:
-                connection.execute(
-                    text(f"ALTER TABLE {quote(key.table.name)} DROP CONSTRAINT {quote(str(key.name))}")
-                )
+                owner, constraint = quote(key.table.name), quote(str(key.name))
+                connection.execute(text(f"ALTER TABLE {owner} DROP CONSTRAINT IF EXISTS {constraint}"))
             for name in todo:
                 connection.execute(
                     text("SELECT create_distributed_table(:table, :column, colocate_with => :with)"),

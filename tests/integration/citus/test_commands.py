@@ -5,6 +5,8 @@ to be that, never a lock."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy.exc import DBAPIError
@@ -13,6 +15,12 @@ from chatdb import citus
 from chatdb.schema import DISTRIBUTED_TABLES
 
 SIZES = ("--users", "10", "--conversations", "80", "--messages", "900")
+#: What ``chatdb purge`` says when its count of the archive's messages joins two tables that
+#: are not co-located.
+REFUSED = (
+    "Citus cannot run this on the distributed tables: the query contains a join that requires"
+    " repartitioning HINT: Set citus.enable_repartition_joins to on to enable repartitioning"
+)
 
 
 def run(cli, *args: str):
@@ -61,6 +69,35 @@ def test_a_statement_citus_refuses_is_a_distribution_error(citus_migrated_db):
         " table's partition column."
     )
     assert "not a lock" in (error.hint or "")
+
+
+def test_a_statement_citus_refuses_reaches_the_user_as_one_error_line_and_exit_1(citus_migrated_db):
+    """The whole way to the user: an operator took messages_archive out of the tables'
+    co-location group (Citus's ``update_distributed_table_colocation``, which moves no
+    data), and ``chatdb purge --dry-run`` counts the archive's messages through their
+    conversations, a join Citus now refuses. chatdb says that, in one line with Citus's
+    own message and exit 1: not a lock, not the data, no traceback (``doctor``'s outlook
+    of the retention meets the same refusal)."""
+    db = citus_migrated_db
+    db.execute("SELECT update_distributed_table_colocation('messages_archive', colocate_with => 'none')")
+    command = [sys.executable, "-m", "chatdb", "purge", "--older-than", "90d", "--dry-run"]
+    shown = subprocess.run(
+        [*command, "--database-url", db.cli_url], capture_output=True, text=True, timeout=300
+    )
+    assert shown.returncode == 1, shown.stdout + shown.stderr
+    assert "Traceback" not in shown.stdout + shown.stderr
+    assert shown.stdout == ""
+    assert shown.stderr.splitlines() == [
+        f"error: {REFUSED}",
+        "hint: a limit of how the tables are distributed, not a lock or the data:"
+        ' see README.md, "Running on Citus"',
+    ]
+    as_json = subprocess.run(
+        [*command, "--json", "--database-url", db.cli_url], capture_output=True, text=True, timeout=300
+    )
+    assert as_json.returncode == 1, as_json.stdout + as_json.stderr
+    payload = json.loads(as_json.stdout)
+    assert (payload["ok"], payload["exit_code"], payload["error"]) == (False, 1, REFUSED)
 
 
 def test_bench_cleans_up_on_the_cluster(citus_migrated_db, cli):

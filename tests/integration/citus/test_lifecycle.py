@@ -1,8 +1,9 @@
 """archive, archive restore and purge on the cluster: the same guarantees as on one server
 (tests/integration/test_lifecycle.py), with every batch confined to one shard
 (``chatdb.lifecycle.distributed``): exact sets against an SQL oracle, rows the
-application holds skipped and then taken, SIGKILL and a rerun, checksums of archive and
-restore, and the export file with each conversation exactly once."""
+application holds skipped and then taken (purge and restore), SIGKILL and a rerun
+(archive, restore and purge), checksums of archive and restore, and the export file with
+each conversation exactly once."""
 
 from __future__ import annotations
 
@@ -223,6 +224,97 @@ def test_sigkill_during_purge_then_a_rerun_ends_as_the_oracle_says(citus_migrate
     for table in before:
         assert after[table] == before[table] - gone[table], table
     assert all(gone.values())
+
+
+#: Conversations both hot and archived, and messages on the other side from their
+#: conversation: none, ever.
+SPLIT = (
+    "SELECT (SELECT count(*) FROM conversations c JOIN conversations_archive a"
+    "   ON a.user_id = c.user_id AND a.id = c.id)"
+    " + (SELECT count(*) FROM messages_archive m JOIN conversations c"
+    "   ON c.user_id = m.user_id AND c.id = m.conversation_id)"
+    " + (SELECT count(*) FROM messages m JOIN conversations_archive a"
+    "   ON a.user_id = m.user_id AND a.id = m.conversation_id)"
+)
+
+
+def test_sigkill_during_restore_leaves_each_conversation_once_and_a_rerun_finishes(citus_migrated_db, cli):
+    db = citus_migrated_db
+    populate(db, conversations=800, users=40)
+    run_json(cli, db, "archive", "--older-than", "60d")
+    before = (checksum(db, UNION), checksum(db, MUNION))
+    chosen = sorted(ids(db, "SELECT id FROM conversations_archive"), key=str)
+    arguments = [arg for i in chosen for arg in ("--conversation", str(i))]
+    process = _start(db, "archive", "restore", *arguments, "--batch-size", "2")
+    _wait_for_batches(db, process)
+    process.kill()
+    process.wait()
+    killed = db.scalar("SELECT id FROM chatdb_runs WHERE outcome = 'running'")
+    assert killed is not None
+    # Each conversation once, hot or archived, with its messages beside it; the run was
+    # killed half-way.
+    assert (checksum(db, UNION), checksum(db, MUNION)) == before
+    assert db.scalar(SPLIT) == 0
+    restored = ids(db, "SELECT id FROM conversations WHERE id = ANY(:i)", i=chosen)
+    assert restored and len(restored) < len(chosen)
+
+    out = run_json(cli, db, "archive", "restore", *arguments)
+    assert out["took_over"] == [killed]
+    assert (out["outcome"], out["complete"]) == ("succeeded", True)
+    assert {uuid.UUID(i) for i in out["already_hot"]} == restored
+    assert out["done"]["conversations"] == len(chosen) - len(restored)
+    assert db.scalar("SELECT count(*) FROM conversations_archive") == 0
+    assert db.scalar("SELECT count(*) FROM messages_archive") == 0
+    assert (checksum(db, UNION), checksum(db, MUNION)) == before
+    assert db.scalar(SPLIT) == 0
+    runs = db.engine.connect().execute(text("SELECT outcome FROM chatdb_runs ORDER BY id")).scalars().all()
+    assert runs == ["succeeded", "interrupted", "succeeded"]
+
+
+def test_archived_rows_the_application_holds_are_skipped_then_restored(citus_migrated_db, cli):
+    """The application holds the first of a user's archived conversations (in the order
+    the restore takes them): the restore's batches pass over it and restore the rest, and
+    a later sweep restores it, with its messages, once it is let go."""
+    db = citus_migrated_db
+    populate(db)
+    run_json(cli, db, "archive", "--older-than", "60d")
+    user = db.scalar(
+        "SELECT user_id FROM conversations_archive GROUP BY user_id ORDER BY count(*) DESC, user_id LIMIT 1"
+    )
+    archived = db.scalar("SELECT count(*) FROM conversations_archive WHERE user_id = :u", u=user)
+    messages = db.scalar("SELECT count(*) FROM messages_archive WHERE user_id = :u", u=user)
+    held = db.scalar("SELECT id FROM conversations_archive WHERE user_id = :u ORDER BY id LIMIT 1", u=user)
+    held_messages = db.scalar("SELECT count(*) FROM messages_archive WHERE conversation_id = :i", i=held)
+    assert archived > 5 and held_messages > 0
+    holder = db.engine.connect()
+    holder.begin()
+    holder.execute(
+        text("SELECT 1 FROM conversations_archive WHERE user_id = :u AND id = :i FOR UPDATE"),
+        {"u": user, "i": held},
+    )
+    process = _start(db, "archive", "restore", "--user", user, "--batch-size", "2", "--json")
+    try:
+        deadline = time.monotonic() + 60
+        while db.scalar("SELECT count(*) FROM conversations_archive WHERE user_id = :u", u=user) > 1:
+            assert time.monotonic() < deadline, "the restore made no progress"
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        # Everything else is back; the held conversation waits in the archive, whole.
+        assert ids(db, "SELECT id FROM conversations_archive WHERE user_id = :u", u=user) == {held}
+        assert db.scalar("SELECT count(*) FROM conversations WHERE id = :i", i=held) == 0
+        assert db.scalar("SELECT count(*) FROM messages_archive WHERE user_id = :u", u=user) == held_messages
+    finally:
+        holder.rollback()
+        holder.close()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    out = json.loads(stdout)
+    assert (out["ok"], out["complete"]) == (True, True)
+    assert out["done"] == {"conversations": archived, "messages": messages}
+    assert db.scalar("SELECT count(*) FROM conversations WHERE id = :i", i=held) == 1
+    assert db.scalar("SELECT count(*) FROM messages WHERE conversation_id = :i", i=held) == held_messages
+    assert db.scalar("SELECT count(*) FROM conversations_archive WHERE user_id = :u", u=user) == 0
+    assert db.scalar("SELECT count(*) FROM messages_archive WHERE user_id = :u", u=user) == 0
 
 
 class BatchStatements:

@@ -78,3 +78,91 @@ def test_an_index_only_on_a_shard_is_found(citus_migrated_db, cli):
     (finding,) = failed(payload)
     assert (finding["table"], finding["index"], finding["check"]) == ("messages", "stray", "shards")
     assert finding["detail"].startswith(f"on shard {shard} on localhost:")
+
+
+def distribution(payload) -> dict[str, tuple[str, str, str | None]]:
+    """The distribution check of each table: (status, detail, fix)."""
+    checks = [c for c in payload["checks"] if c["check"] == "distribution"]
+    return {c["table"]: (c["status"], c["detail"], c["fix"]) for c in checks}
+
+
+def test_a_table_out_of_the_co_location_group_fails_and_its_fix_puts_it_back(citus_migrated_db, cli):
+    """messages_archive taken out of the tables' co-location group (its shards stay where
+    they are): a user's rows are no longer known to be on one node, and Citus plans the
+    joins chatdb relies on (a message with its conversation) as if they were not."""
+    db = citus_migrated_db
+    db.execute("SELECT update_distributed_table_colocation('messages_archive', colocate_with => 'none')")
+    code, payload = verify(cli, db)
+    assert code == 1
+    found = distribution(payload)
+    fix = "SELECT update_distributed_table_colocation('messages_archive', colocate_with => 'conversations');"
+    assert found.pop("messages_archive") == (
+        "fail",
+        "not co-located with conversations: a user's rows are on several nodes",
+        fix,
+    )
+    assert found == {
+        table: ("ok", "distributed by user_id, co-located", None)
+        for table in ("conversations", "messages", "conversations_archive")
+    }
+    assert [(c["table"], c["check"]) for c in failed(payload)] == [("messages_archive", "distribution")]
+    db.execute(fix)
+    code, payload = verify(cli, db)
+    assert code == 0, failed(payload)
+
+
+def without_distribution(database, table: str = "messages_archive") -> None:
+    """Make ``table`` a plain table of the coordinator again: ``undistribute_table``, once
+    its foreign key to its conversations is gone (Citus keeps a foreign key between
+    distributed tables only, co-located)."""
+    database.execute(f"ALTER TABLE {table} DROP CONSTRAINT fk_{table}_conversation_owner")
+    database.execute(f"SELECT undistribute_table('{table}')")
+
+
+def test_a_table_not_distributed_fails_its_check_and_chatdb_migrate_distributes_it_again(
+    citus_migrated_db, cli
+):
+    db = citus_migrated_db
+    without_distribution(db)
+    code, payload = verify(cli, db)
+    assert code == 1
+    found = distribution(payload)
+    assert found.pop("messages_archive") == (
+        "fail",
+        "not distributed on this Citus cluster; chatdb distributes it by user_id",
+        "chatdb migrate",
+    )
+    assert found == {
+        table: ("ok", "distributed by user_id, co-located", None)
+        for table in ("conversations", "messages", "conversations_archive")
+    }
+    assert [(c["table"], c["check"]) for c in failed(payload)] == [("messages_archive", "distribution")]
+    # The fix it gives: chatdb migrate distributes the table again, with its foreign key.
+    migrated = cli("migrate", "--database-url", db.cli_url)
+    assert migrated.exit_code == 0, migrated.output
+    code, payload = verify(cli, db)
+    assert code == 0, failed(payload)
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'fk_messages_archive_conversation_owner'"
+        )
+        == 1
+    )
+
+
+def test_a_table_distributed_by_another_column_fails_its_distribution_check(citus_migrated_db, cli):
+    db = citus_migrated_db
+    without_distribution(db)
+    db.execute("SELECT create_distributed_table('messages_archive', 'id')")
+    code, payload = verify(cli, db)
+    assert code == 1
+    found = distribution(payload)
+    # (Its fix, chatdb migrate, refuses a table distributed by another column, saying so.)
+    assert found.pop("messages_archive")[:2] == (
+        "fail",
+        "distributed by id on this Citus cluster; chatdb distributes it by user_id",
+    )
+    assert found == {
+        table: ("ok", "distributed by user_id, co-located", None)
+        for table in ("conversations", "messages", "conversations_archive")
+    }
