@@ -441,18 +441,9 @@ def _waiting_for(engine, table: str) -> bool:
         return bool(connection.execute(text(query), {"table": table}).scalar())
 
 
+@pytest.mark.parametrize("busy", ["conversations", "messages"])
 @pytest.mark.parametrize(
-    ("start", "target", "busy"),
-    [
-        ("0002", "0003", "messages"),
-        ("0002", "0003", "conversations"),
-        ("0006", "0007", "conversations"),
-        ("0006", "0007", "messages"),
-        ("0003", "0002", "messages"),
-        ("0003", "0002", "conversations"),
-        ("0007", "0006", "conversations"),
-        ("0007", "0006", "messages"),
-    ],
+    ("start", "target"), [("0002", "0003"), ("0006", "0007"), ("0003", "0002"), ("0007", "0006")]
 )
 def test_while_a_migration_waits_for_one_table_the_application_uses_the_other(empty_db, start, target, busy):
     """A revision whose transaction changes both tables (0003's columns, 0007's key swap,
