@@ -56,3 +56,12 @@ class PrivilegeError(StateError):
 def one_line(exc: BaseException) -> str:
     """An error as one line: the driver's message for a database error, whitespace folded."""
     return " ".join(str(getattr(exc, "orig", exc)).split())
+
+
+def server_message(exc: BaseException) -> str:
+    """A database error's own message from the server, on one line, without the excerpt
+    of the statement (``LINE 1: ... ^``) that the driver adds to it; ``one_line`` when the
+    server gave none."""
+    diagnostic = getattr(getattr(exc, "orig", exc), "diag", None)
+    primary = getattr(diagnostic, "message_primary", None)
+    return " ".join(primary.split()) if primary else one_line(exc)

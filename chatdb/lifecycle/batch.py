@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from chatdb.errors import StateError, one_line
+from chatdb.errors import StateError, server_message
 from chatdb.lifecycle import statements
 from chatdb.lifecycle.audit import AuditRow
 from chatdb.lifecycle.export import ExportFile
@@ -35,13 +35,6 @@ _LOCKED_HINT = (
     "pg_stat_activity show which); run the command again later"
 )
 _GAVE_UP_HINTS: dict[str | None, str] = {"55P03": _LOCKED_HINT, "40P01": _LOCKED_HINT}
-
-
-def server_message(exc: DBAPIError) -> str:
-    """The server's own message of a database error, on one line, without the excerpt of
-    the statement (``LINE 1: ... ^``) that the driver adds to it."""
-    primary = getattr(getattr(exc.orig, "diag", None), "message_primary", None)
-    return " ".join(primary.split()) if primary else one_line(exc)
 
 
 class Batches:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from chatdb import db as db_module
@@ -106,6 +106,17 @@ def state(db) -> dict[str, set]:
         "conversations_archive": ids(db, "SELECT id FROM conversations_archive"),
         "messages_archive": ids(db, "SELECT id FROM messages_archive"),
     }
+
+
+def _archive_ahead(db) -> tuple[dict, Engine, lifecycle.Plan, list]:
+    """Before an archive of what is idle past 60 days: snapshots of the tables, their
+    state, an engine (the caller disposes of it), the plan, and the idle conversations in
+    the order the run comes to them."""
+    snapshot(db)
+    before = state(db)
+    engine = engine_for(db)
+    plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
+    return before, engine, plan, archivable_ids(db, plan.cutoff)
 
 
 def snapshot(db) -> None:
@@ -1040,12 +1051,8 @@ def test_a_conversation_written_to_during_the_archive_is_never_archived(migrated
     db = migrated_db
     populate(db, conversations=1500)
     create_pause_at(db)
-    snapshot(db)
-    before = state(db)
     owners = dict(rows(db, "SELECT id, user_id FROM conversations"))
-    engine = engine_for(db)
-    plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
-    idle = archivable_ids(db, plan.cutoff)
+    before, engine, plan, idle = _archive_ahead(db)
     assert set(idle) == predicted_archive(db, plan.cutoff)["conversations"]
     # Held in the first third of the table, which the archive reaches before the writer.
     held = idle[len(idle) // 3]
@@ -1116,11 +1123,7 @@ def test_an_idle_conversation_the_application_holds_is_visited_again_by_the_same
     all its messages. Either way the run ends complete, having moved all the others."""
     db = migrated_db
     populate(db)
-    snapshot(db)
-    before = state(db)
-    engine = engine_for(db)
-    plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
-    idle = archivable_ids(db, plan.cutoff)
+    before, engine, plan, idle = _archive_ahead(db)
     first = idle[0]
     owner = db.scalar("SELECT user_id FROM conversations WHERE id = :i", i=first)
     added: dict = {}
@@ -1257,11 +1260,7 @@ def test_an_application_that_changes_a_message_then_its_conversation_waits_and_g
     db = migrated_db
     populate(db)
     assert db.scalar("SHOW deadlock_timeout") == "1s"  # PostgreSQL's default
-    snapshot(db)
-    before = state(db)
-    engine = engine_for(db)
-    plan = lifecycle.plan_archive(engine, lifecycle.parse_duration("60d"))
-    idle = archivable_ids(db, plan.cutoff)
+    before, engine, plan, idle = _archive_ahead(db)
     first = idle[0]
     owner, message = rows(
         db, "SELECT user_id, id FROM messages WHERE conversation_id = :i ORDER BY id LIMIT 1", i=first
@@ -1337,6 +1336,18 @@ def _start(db, *args: str) -> subprocess.Popen:
     )
 
 
+def killed_in_the_middle(db, *args: str) -> int:
+    """Run ``chatdb ARGS``, SIGKILL it once it has committed batches, and return the id of
+    its run, still marked running."""
+    process = _start(db, *args)
+    _wait_for_batches(db, process)
+    process.kill()
+    process.wait()
+    killed = db.scalar("SELECT id FROM chatdb_runs WHERE outcome = 'running'")
+    assert killed is not None
+    return killed
+
+
 def _wait_for_batches(db, process, at_least: int = 3) -> None:
     deadline = time.monotonic() + 60
     while True:
@@ -1357,12 +1368,7 @@ def test_sigkill_in_the_middle_then_a_rerun_at_once_ends_exactly_as_predicted(cl
     populate(db, conversations=2000)
     snapshot(db)
     before = state(db)
-    process = _start(db, "purge", "--older-than", "90d", "--batch-size", "2")
-    _wait_for_batches(db, process)
-    process.kill()
-    process.wait()
-    killed = db.scalar("SELECT id FROM chatdb_runs WHERE outcome = 'running'")
-    assert killed is not None
+    killed = killed_in_the_middle(db, "purge", "--older-than", "90d", "--batch-size", "2")
     assert state(db)["conversations"] != before["conversations"]
     # Nothing half-deleted: every remaining message has its conversation.
     orphans = (
@@ -1395,10 +1401,7 @@ def test_sigkill_during_archive_loses_nothing_and_leaves_nothing_half_moved(cli,
     before = (checksum(db, union), checksum(db, munion))
     archived_earlier = ids(db, "SELECT id FROM conversations_archive")
     export = tmp_path / "a.jsonl"
-    process = _start(db, "archive", "--older-than", "60d", "--batch-size", "2", "--export", str(export))
-    _wait_for_batches(db, process)
-    process.kill()
-    process.wait()
+    killed_in_the_middle(db, "archive", "--older-than", "60d", "--batch-size", "2", "--export", str(export))
     assert (checksum(db, union), checksum(db, munion)) == before
     # Messages sit beside their conversation, hot or archived, never split.
     assert (

@@ -655,15 +655,21 @@ def seed_beside_the_application(db, url: str, *args: str) -> tuple[dict, set[tup
 LOAD = ("--users", "1000", "--conversations", "5000", "--messages", "100000")
 
 
+def assert_loaded_as_inserts(payload: dict, locks: set[tuple[str, str, bool]]) -> None:
+    """The seed loaded with every constraint in place (no fast path), taking no lock
+    stronger than an INSERT's, and never waited for the application."""
+    assert payload["fast_path"] is False
+    assert ("messages", "RowExclusiveLock", True) in locks  # sampled during the messages' COPY
+    assert {mode for _, mode, _ in locks} <= INSERT_LOCKS, sorted(locks)
+    assert all(granted for _, _, granted in locks), sorted(locks)
+
+
 def test_a_seed_into_tables_that_hold_rows_takes_no_lock_stronger_than_an_inserts(seeded):
     """README, `chatdb seed`: "Into tables that already hold rows it copies with every
     constraint in place and takes no lock stronger than an INSERT's"."""
     before = snapshot(seeded)
     payload, locks = seed_beside_the_application(seeded, seeded.cli_url, *LOAD, "--seed", "7")
-    assert payload["fast_path"] is False
-    assert ("messages", "RowExclusiveLock", True) in locks  # sampled during the messages' COPY
-    assert {mode for _, mode, _ in locks} <= INSERT_LOCKS, sorted(locks)
-    assert all(granted for _, _, granted in locks), sorted(locks)  # it never waited for the application
+    assert_loaded_as_inserts(payload, locks)
     assert before.differences(snapshot(seeded)) == []
     assert seeded.scalar("SELECT count(*) FROM messages WHERE user_id LIKE 'seed-7-%'") == 100_000
 
@@ -694,10 +700,7 @@ def test_a_role_that_owns_no_table_seeds_empty_tables_with_every_constraint_in_p
     before = snapshot(migrated_db)
     url = migrated_db.url.set(drivername="postgresql", username=loader).render_as_string(hide_password=False)
     payload, locks = seed_beside_the_application(migrated_db, url, *LOAD)
-    assert payload["fast_path"] is False
-    assert ("messages", "RowExclusiveLock", True) in locks  # sampled during the messages' COPY
-    assert {mode for _, mode, _ in locks} <= INSERT_LOCKS, sorted(locks)
-    assert all(granted for _, _, granted in locks), sorted(locks)  # it never waited for the application
+    assert_loaded_as_inserts(payload, locks)
     assert before.differences(snapshot(migrated_db)) == []
     assert migrated_db.scalar("SELECT count(*) FROM messages") == 100_000
 

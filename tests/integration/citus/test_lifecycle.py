@@ -18,10 +18,10 @@ from sqlalchemy import event, text
 from sqlalchemy.dialects import postgresql
 from test_lifecycle import (
     _start,
-    _wait_for_batches,
     checksum,
     engine_for,
     ids,
+    killed_in_the_middle,
     populate,
     predicted_archive,
     predicted_purge,
@@ -174,12 +174,9 @@ def test_sigkill_during_archive_then_a_rerun_loses_nothing_and_exports_each_once
     before = (checksum(db, UNION), checksum(db, MUNION))
     archived_earlier = ids(db, "SELECT id FROM conversations_archive")
     export = tmp_path / "a.jsonl"
-    process = _start(db, "archive", "--older-than", "60d", "--batch-size", "2", "--export", str(export))
-    _wait_for_batches(db, process)
-    process.kill()
-    process.wait()
-    killed = db.scalar("SELECT id FROM chatdb_runs WHERE outcome = 'running'")
-    assert killed is not None
+    killed = killed_in_the_middle(
+        db, "archive", "--older-than", "60d", "--batch-size", "2", "--export", str(export)
+    )
     assert (checksum(db, UNION), checksum(db, MUNION)) == before
     # Messages sit beside their conversation, hot or archived, never split.
     assert (
@@ -208,10 +205,7 @@ def test_sigkill_during_purge_then_a_rerun_ends_as_the_oracle_says(citus_migrate
     before = state(db)
     for table in before:
         db.execute(f"CREATE TABLE snap_{table} AS SELECT * FROM {table}")
-    process = _start(db, "purge", "--older-than", "90d", "--batch-size", "2")
-    _wait_for_batches(db, process)
-    process.kill()
-    process.wait()
+    killed_in_the_middle(db, "purge", "--older-than", "90d", "--batch-size", "2")
     assert state(db)["conversations"] != before["conversations"]
     orphans = (
         "SELECT count(*) FROM messages m LEFT JOIN conversations c"
@@ -245,12 +239,7 @@ def test_sigkill_during_restore_leaves_each_conversation_once_and_a_rerun_finish
     before = (checksum(db, UNION), checksum(db, MUNION))
     chosen = sorted(ids(db, "SELECT id FROM conversations_archive"), key=str)
     arguments = [arg for i in chosen for arg in ("--conversation", str(i))]
-    process = _start(db, "archive", "restore", *arguments, "--batch-size", "2")
-    _wait_for_batches(db, process)
-    process.kill()
-    process.wait()
-    killed = db.scalar("SELECT id FROM chatdb_runs WHERE outcome = 'running'")
-    assert killed is not None
+    killed = killed_in_the_middle(db, "archive", "restore", *arguments, "--batch-size", "2")
     # Each conversation once, hot or archived, with its messages beside it; the run was
     # killed half-way.
     assert (checksum(db, UNION), checksum(db, MUNION)) == before
