@@ -362,13 +362,13 @@ def _render_vacuum(vacuum: lifecycle.Vacuum) -> None:
     """Whether the run left tables needing VACUUM, and what --vacuum did."""
     if vacuum.vacuumed:
         out.print(f"VACUUM (ANALYZE) done on {', '.join(vacuum.vacuumed)}.")
+    left = vacuum.left()
     if vacuum.stopped_by:
         out.print(
             f"[yellow]VACUUM stopped ({vacuum.stopped_by}).[/yellow] Autovacuum will get to the tables"
             " left, or run `chatdb doctor` to see them."
         )
-    left = vacuum.left()
-    if left and not vacuum.stopped_by:
+    elif left:
         tables = ", ".join(f"{table} ({_n(rows, 'dead row')})" for table, rows in left.items())
         out.print(
             f"[yellow]Left tables needing VACUUM:[/yellow] {tables}. Autovacuum gets to them in time;"

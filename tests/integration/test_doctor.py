@@ -229,6 +229,7 @@ def test_a_signal_stops_the_vacuum_in_the_server_and_the_summary_says_so(seeded,
     assert process.returncode == code, stderr
     assert "Traceback" not in stderr
     assert f"VACUUM stopped ({'interrupted' if code == 130 else 'terminated'})" in stdout
+    assert "Left tables needing VACUUM" not in stdout  # the stop's own line says what to do
     assert "deleted" in stdout  # the run's own summary
     assert seeded.scalar("SELECT outcome FROM chatdb_runs") == "succeeded"
     assert seeded.scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'VACUUM%'") == 0
