@@ -197,7 +197,7 @@ def refuse_below_layout(connection: Connection, target: str, action: str, undone
         )
 
 
-def _owner_keys() -> list[ForeignKeyConstraint]:
+def owner_keys() -> list[ForeignKeyConstraint]:
     """The foreign keys between distributed tables (each from a child to its parent)."""
     names = {table.name for table in DISTRIBUTED_TABLES}
     return [
@@ -242,7 +242,7 @@ def distribute(engine: Engine, *, lock_timeout: str) -> Distribution:
         try:
             if layout.kind(users.name) != REFERENCE:
                 connection.execute(text(CREATE_REFERENCE_USERS))
-            keys = _owner_keys() if todo else []
+            keys = owner_keys() if todo else []
             for key in keys:
                 owner, constraint = quote(key.table.name), quote(str(key.name))
                 connection.execute(text(f"ALTER TABLE {owner} DROP CONSTRAINT IF EXISTS {constraint}"))
@@ -288,6 +288,24 @@ def _add_local_table(connection: Connection, table: Table) -> None:
         )
 
 
+def redistribute_sql(table: str) -> str:
+    """The statement that distributes ``table``, distributed by another column, by
+    ``user_id`` and co-located with the first distributed table: Citus moves its rows."""
+    return (
+        f"SELECT alter_distributed_table('{table}', distribution_column => '{DISTRIBUTION_COLUMN}', "
+        f"colocate_with => '{DISTRIBUTED_TABLES[0].name}');"
+    )
+
+
+def colocate_sql(table: str) -> str:
+    """The statement that puts ``table``, distributed by ``user_id``, back in the first
+    distributed table's co-location group (its shards are already where that group's are)."""
+    return (
+        f"SELECT update_distributed_table_colocation('{table}', "
+        f"colocate_with => '{DISTRIBUTED_TABLES[0].name}');"
+    )
+
+
 def _check_layout(layout: Cluster) -> None:
     group = None
     for table in DISTRIBUTED_TABLES:
@@ -297,12 +315,14 @@ def _check_layout(layout: Cluster) -> None:
         if entry.column != DISTRIBUTION_COLUMN:
             raise StateError(
                 f"{table.name} is distributed by {entry.column}; chatdb needs it distributed "
-                f"by {DISTRIBUTION_COLUMN}, co-located with {DISTRIBUTED_TABLES[0].name}"
+                f"by {DISTRIBUTION_COLUMN}, co-located with {DISTRIBUTED_TABLES[0].name}",
+                hint=f"run {redistribute_sql(table.name)} then chatdb migrate again",
             )
         if group is not None and entry.colocation != group:
             raise StateError(
                 f"{table.name} is not co-located with the other tables distributed by "
-                f"{DISTRIBUTION_COLUMN}; chatdb needs all of a user's rows on one node"
+                f"{DISTRIBUTION_COLUMN}; chatdb needs all of a user's rows on one node",
+                hint=f"run {colocate_sql(table.name)} then chatdb migrate again",
             )
         group = entry.colocation
 
@@ -487,7 +507,9 @@ def placements(connection: Connection, tables: list[str]) -> list[Placement]:
 # --- errors --------------------------------------------------------------------------------
 
 #: Messages by which Citus says a statement cannot run on how the tables are distributed.
-#: Citus gives most of them SQLSTATE 0A000 (feature_not_supported), some XX000.
+#: Citus gives most of them SQLSTATE 0A000 (feature_not_supported), some XX000, codes
+#: PostgreSQL's own errors share; only the words tell them apart. Citus's messages are not
+#: translated (it ships no message catalogs), so they read the same under any lc_messages.
 _DISTRIBUTION_PHRASES = (
     "distributed",
     "distribution column",

@@ -12,17 +12,21 @@ from sqlalchemy import Connection
 
 from chatdb import citus
 from chatdb.identifiers import quote
-from chatdb.index_facts import Declared
+from chatdb.index_facts import Declared, ForeignKey
 from chatdb.index_report import DISTRIBUTION, FAIL, OK, SHARDS, Check
-from chatdb.schema import DISTRIBUTED_TABLES, DISTRIBUTION_COLUMN
+from chatdb.schema import DISTRIBUTED_TABLES, DISTRIBUTION_COLUMN, add_constraint_sql
 
 
 def shard_checks(
-    connection: Connection, layout: citus.Cluster, oids: dict[str, int], declared: list[Declared]
+    connection: Connection,
+    layout: citus.Cluster,
+    oids: dict[str, int],
+    declared: list[Declared],
+    foreign_keys: list[ForeignKey],
 ) -> Iterator[Check]:
-    """Each table chatdb distributes is distributed by user_id and co-located, and every
-    shard placement has exactly the indexes of the coordinator's table (which the checks
-    above hold to chatdb/schema.py), each valid."""
+    """Each table chatdb distributes is distributed by user_id and co-located, with the
+    foreign keys between them, and every shard placement has exactly the indexes of the
+    coordinator's table (which the checks above hold to chatdb/schema.py), each valid."""
     group = None
     for table in (table.name for table in DISTRIBUTED_TABLES if table.name in oids):
         entry = layout.tables.get(table)
@@ -34,7 +38,7 @@ def shard_checks(
                 DISTRIBUTION,
                 FAIL,
                 f"{state} on this Citus cluster; chatdb distributes it by {DISTRIBUTION_COLUMN}",
-                "chatdb migrate",
+                citus.redistribute_sql(table) if entry and entry.column else "chatdb migrate",
             )
             continue
         if group is not None and entry.colocation != group:
@@ -44,8 +48,7 @@ def shard_checks(
                 DISTRIBUTION,
                 FAIL,
                 f"not co-located with {DISTRIBUTED_TABLES[0].name}: a user's rows are on several nodes",
-                f"SELECT update_distributed_table_colocation('{table}', colocate_with => "
-                f"'{DISTRIBUTED_TABLES[0].name}');",
+                citus.colocate_sql(table),
             )
             continue
         group = entry.colocation
@@ -60,6 +63,29 @@ def shard_checks(
         yield from _placement_checks(
             table, citus.index_definitions(connection, table), citus.shard_indexes(connection, table), fixes
         )
+    yield from _key_checks(oids, foreign_keys)
+
+
+def _key_checks(oids: dict[str, int], foreign_keys: list[ForeignKey]) -> Iterator[Check]:
+    """The foreign keys between the distributed tables. Citus keeps one only between
+    co-located tables, so whoever distributes a table otherwise, or makes it local again,
+    drops it first, and nothing puts it back when the table is distributed again."""
+    present = {(key.table, key.name) for key in foreign_keys}
+    for key in citus.owner_keys():
+        table, parent, name = key.table.name, key.referred_table.name, str(key.name)
+        if table not in oids or parent not in oids:
+            continue
+        if (table, name) in present:
+            yield Check(table, name, DISTRIBUTION, OK, f"foreign key to {parent}: present")
+        else:
+            yield Check(
+                table,
+                name,
+                DISTRIBUTION,
+                FAIL,
+                f"foreign key to {parent} is missing: nothing holds a message to its conversation",
+                f"{add_constraint_sql(key)};",
+            )
 
 
 def _placement_checks(

@@ -109,7 +109,7 @@ def verify_indexes(engine: Engine, *, allow_extra: bool = False) -> VerifyReport
         checks.extend(_table_checks(declared, oids, live, expected, unbuildable, allow_extra, foreign_keys))
         layout = citus.cluster(connection)
         if layout is not None:
-            checks.extend(shard_checks(connection, layout, oids, declared))
+            checks.extend(shard_checks(connection, layout, oids, declared, foreign_keys))
         connection.rollback()
         checks.extend(_query_checks(connection, declared, oids, live, expected, on_citus=layout is not None))
     return VerifyReport(state.current, state.head, checks, time.perf_counter() - started)

@@ -37,8 +37,13 @@ def on_worker(database, table: str, statement: str) -> str:
 def test_a_distributed_database_passes_every_check(citus_migrated_db, cli):
     code, payload = verify(cli, citus_migrated_db)
     assert code == 0, failed(payload)
-    distribution = {c["table"]: c["detail"] for c in payload["checks"] if c["check"] == "distribution"}
-    assert distribution == {table.name: "distributed by user_id, co-located" for table in DISTRIBUTED_TABLES}
+    assert {table: detail for table, (_, detail, _) in distribution(payload).items()} == {
+        table.name: "distributed by user_id, co-located" for table in DISTRIBUTED_TABLES
+    }
+    assert keys(payload) == {
+        "fk_messages_conversation_owner": ("ok", "foreign key to conversations: present", None),
+        ARCHIVE_KEY: ("ok", "foreign key to conversations_archive: present", None),
+    }
     shards = [c for c in payload["checks"] if c["check"] == "shards"]
     assert {c["table"] for c in shards} == {table.name for table in DISTRIBUTED_TABLES}
     assert all(c["detail"] == "on all 8 shard placements, as on the coordinator" for c in shards)
@@ -82,8 +87,18 @@ def test_an_index_only_on_a_shard_is_found(citus_migrated_db, cli):
 
 def distribution(payload) -> dict[str, tuple[str, str, str | None]]:
     """The distribution check of each table: (status, detail, fix)."""
-    checks = [c for c in payload["checks"] if c["check"] == "distribution"]
+    checks = [c for c in payload["checks"] if c["check"] == "distribution" and c["index"] is None]
     return {c["table"]: (c["status"], c["detail"], c["fix"]) for c in checks}
+
+
+def keys(payload) -> dict[str, tuple[str, str, str | None]]:
+    """The distribution check of each foreign key between the distributed tables, by its
+    name: (status, detail, fix)."""
+    checks = [c for c in payload["checks"] if c["check"] == "distribution" and c["index"] is not None]
+    return {c["index"]: (c["status"], c["detail"], c["fix"]) for c in checks}
+
+
+ARCHIVE_KEY = "fk_messages_archive_conversation_owner"
 
 
 def test_a_table_out_of_the_co_location_group_fails_and_its_fix_puts_it_back(citus_migrated_db, cli):
@@ -106,6 +121,11 @@ def test_a_table_out_of_the_co_location_group_fails_and_its_fix_puts_it_back(cit
         for table in ("conversations", "messages", "conversations_archive")
     }
     assert [(c["table"], c["check"]) for c in failed(payload)] == [("messages_archive", "distribution")]
+    # chatdb migrate refuses this layout, with the same fix.
+    refused = cli("migrate", "--database-url", db.cli_url)
+    assert refused.exit_code == 1
+    assert "messages_archive is not co-located with the other tables" in refused.stderr
+    assert f"run {fix} then chatdb migrate again" in " ".join(refused.stderr.split())
     db.execute(fix)
     code, payload = verify(cli, db)
     assert code == 0, failed(payload)
@@ -136,7 +156,16 @@ def test_a_table_not_distributed_fails_its_check_and_chatdb_migrate_distributes_
         table: ("ok", "distributed by user_id, co-located", None)
         for table in ("conversations", "messages", "conversations_archive")
     }
-    assert [(c["table"], c["check"]) for c in failed(payload)] == [("messages_archive", "distribution")]
+    assert keys(payload)[ARCHIVE_KEY] == (
+        "fail",
+        "foreign key to conversations_archive is missing: nothing holds a message to its conversation",
+        f"ALTER TABLE messages_archive ADD CONSTRAINT {ARCHIVE_KEY} FOREIGN KEY(conversation_id, user_id)"
+        " REFERENCES conversations_archive (id, user_id) ON DELETE CASCADE;",
+    )
+    assert [(c["table"], c["check"]) for c in failed(payload)] == [
+        ("messages_archive", "distribution"),
+        ("messages_archive", "distribution"),
+    ]
     # The fix it gives: chatdb migrate distributes the table again, with its foreign key.
     migrated = cli("migrate", "--database-url", db.cli_url)
     assert migrated.exit_code == 0, migrated.output
@@ -157,12 +186,31 @@ def test_a_table_distributed_by_another_column_fails_its_distribution_check(citu
     code, payload = verify(cli, db)
     assert code == 1
     found = distribution(payload)
-    # (Its fix, chatdb migrate, refuses a table distributed by another column, saying so.)
-    assert found.pop("messages_archive")[:2] == (
+    fix = (
+        "SELECT alter_distributed_table('messages_archive', distribution_column => 'user_id', "
+        "colocate_with => 'conversations');"
+    )
+    assert found.pop("messages_archive") == (
         "fail",
         "distributed by id on this Citus cluster; chatdb distributes it by user_id",
+        fix,
     )
     assert found == {
         table: ("ok", "distributed by user_id, co-located", None)
         for table in ("conversations", "messages", "conversations_archive")
     }
+    # Citus kept no foreign key to a table not co-located: its fix comes with it.
+    key_fix = keys(payload)[ARCHIVE_KEY][2]
+    assert keys(payload)[ARCHIVE_KEY][0] == "fail"
+    # chatdb migrate refuses this layout, with the same fix.
+    refused = cli("migrate", "--database-url", db.cli_url)
+    assert refused.exit_code == 1
+    assert "messages_archive is distributed by id; chatdb needs it distributed by user_id" in refused.stderr
+    assert f"run {fix} then chatdb migrate again" in " ".join(refused.stderr.split())
+    # The fixes, in the order given, leave nothing to report.
+    db.execute(fix)
+    db.execute(key_fix)
+    code, payload = verify(cli, db)
+    assert code == 0, failed(payload)
+    assert db.scalar("SELECT count(*) FROM pg_constraint WHERE conname = :name", name=ARCHIVE_KEY) == 1
+    assert cli("migrate", "--database-url", db.cli_url).exit_code == 0
