@@ -559,6 +559,65 @@ def test_a_concurrent_build_gives_up_after_lock_timeout_without_session_state(em
     assert migrations.upgrade(empty_db.engine).current == HEAD
 
 
+# The ALTER that adds 0003's role check NOT VALID sleeps before its transaction commits,
+# holding its lock on messages: long enough for another session to queue behind it.
+PAUSE_AFTER_NOT_VALID = """
+CREATE FUNCTION pause_after_not_valid() RETURNS event_trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_query() LIKE '%chk_message_role%NOT VALID%' THEN
+        PERFORM pg_sleep(1);
+    END IF;
+END $$;
+CREATE EVENT TRIGGER pause_after_not_valid ON ddl_command_end EXECUTE FUNCTION pause_after_not_valid();
+"""
+
+
+def test_a_validation_gives_up_after_lock_timeout_without_session_state(empty_db):
+    """VALIDATE CONSTRAINT runs outside the revision's transaction, so it is watched as a
+    concurrent build is. Another session queues for SHARE UPDATE EXCLUSIVE on messages
+    while the ALTER before it holds the table: it gets the lock at that ALTER's commit,
+    ahead of the validation, which then waits for it."""
+    if not empty_db.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        pytest.skip("pausing the ALTER takes an event trigger, which only a superuser may create")
+    migrations.upgrade(empty_db.engine, "0002")
+    empty_db.execute(PAUSE_AFTER_NOT_VALID)
+    holding, release = threading.Event(), threading.Event()
+
+    def queue_behind_the_alter() -> None:
+        deadline = time.monotonic() + 60
+        paused = "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE wait_event = 'PgSleep')"
+        while not empty_db.scalar(paused):
+            assert time.monotonic() < deadline, "the ALTER never paused"
+            time.sleep(0.01)
+        with empty_db.engine.connect() as blocker:
+            blocker.execute(text("LOCK TABLE messages IN SHARE UPDATE EXCLUSIVE MODE"))
+            holding.set()
+            release.wait(60)
+            blocker.rollback()
+
+    thread = threading.Thread(target=queue_behind_the_alter)
+    thread.start()
+    try:
+        with pytest.raises(StateError) as raised:
+            migrations.upgrade(empty_db.engine, lock_timeout="300ms")
+        assert holding.is_set()
+    finally:
+        release.set()
+        thread.join()
+    assert "ALTER TABLE messages VALIDATE CONSTRAINT chk_message_role" in raised.value.message
+    assert "300ms" in raised.value.message
+    assert "lock" in (raised.value.hint or "")
+    # The check was added, not validated; the revision is not recorded.
+    validated = "SELECT convalidated FROM pg_constraint WHERE conname = 'chk_message_role'"
+    assert empty_db.scalar(validated) is False
+    assert migrations.status(empty_db.engine).current.startswith("0002")
+    with empty_db.engine.connect() as connection:
+        assert connection.execute(text("SHOW lock_timeout")).scalar() == "0"
+    empty_db.execute("DROP EVENT TRIGGER pause_after_not_valid")
+    assert migrations.upgrade(empty_db.engine).current == HEAD
+    assert empty_db.scalar(validated) is True
+
+
 # --- timeouts ------------------------------------------------------------------------------
 
 # Every DDL statement the server runs is recorded with the timeouts it ran under, but

@@ -18,6 +18,7 @@ COMMANDS = {
     "purge dry run": ["purge", "--older-than", "90d", "--dry-run"],
     "archive dry run": ["archive", "--older-than", "90d", "--dry-run"],
     "status": ["status"],
+    "verify-indexes": ["verify-indexes"],
 }
 
 
