@@ -20,7 +20,7 @@ from conftest import _test_database
 from sqlalchemy import text
 from test_production import pooler  # noqa: F401  (the suite's PgBouncer, a fixture)
 
-from chatdb import db
+from chatdb import db, migrations
 from chatdb import seed as seed_module
 from chatdb.bench import pgbench, workload
 from chatdb.schema import VERSION_TABLE
@@ -445,10 +445,20 @@ def test_too_many_clients_names_the_server_limit(seeded_db, cli):
     assert "--clients 100000 is more than the server allows: max_connections is" in line and "in use" in line
 
 
-def test_a_database_below_head_is_refused(empty_db, cli):
+@pytest.mark.parametrize(
+    ("revision", "says"),
+    [
+        (None, "no chatdb schema"),
+        ("0003", "the database is at revision 0003_chatbot_extensions, behind head"),
+    ],
+)
+def test_a_database_below_head_is_refused(empty_db, cli, revision, says):
+    if revision is not None:
+        migrations.upgrade(empty_db.engine, revision)
     result = bench(cli, empty_db, "--clients", "2", "--rate", "10")
     assert result.exit_code == 1
-    assert "no chatdb schema" in one_error(result)
+    assert says in one_error(result)
+    assert "run `chatdb migrate` first" in result.stderr
 
 
 def test_a_database_without_messages_is_refused_for_reads(migrated_db, cli):
