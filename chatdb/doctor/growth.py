@@ -170,7 +170,7 @@ def growth(probe: Probe, recorded: bool) -> tuple[list[Finding], Growth | None]:
             )
         rows = ""
         if name is not None and latest.rows is not None:
-            rows = f", ~{latest.rows:,} rows"
+            rows = f", ~{latest.rows:,} {'row' if latest.rows == 1 else 'rows'}"
             if day is not None:
                 rows += f" ({'+' if day[1] >= 0 else '-'}{abs(day[1]):,.0f}/day)"
         found.append(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -200,6 +201,37 @@ def test_purge_and_archive_with_vacuum_leave_nothing_to_vacuum(seeded, cli):
     assert all(c["status"] == "ok" for c in found(payload, "vacuum", "dead rows")), found(payload, "vacuum")
     # --vacuum is recorded with the run's arguments.
     assert seeded.scalar("SELECT bool_and((arguments->>'vacuum')::bool) FROM chatdb_runs") is True
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_findings_are_a_table_on_a_wide_terminal_and_one_after_the_other_on_a_narrow_one(seeded, cli):
+    seeded.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
+    purge = cli("purge", "--older-than", "30d", "--database-url", seeded.cli_url)
+    assert purge.exit_code == 0, purge.output
+    shown = {}
+    for width in (60, 200):
+        result = cli(
+            "doctor", "--database-url", seeded.cli_url, env={"COLUMNS": str(width), "TTY_COMPATIBLE": "1"}
+        )
+        assert result.exit_code == 0, result.output
+        shown[width] = ANSI.sub("", result.stdout)
+    wide, narrow = shown[200], shown[60]
+    # Wide: one table, a row per finding, between its borders.
+    assert "┃" in wide
+    assert re.search(r"│ *messages *│ *dead rows *│ *warn *│", wide), wide
+    # Narrow: no table; each finding on a line of its own, then its detail, indented.
+    assert not set("┃│━─") & set(narrow), narrow
+    lines = narrow.splitlines()
+    at = lines.index("vacuum messages: dead rows warn (1,500 / 1,000)")
+    assert lines[at + 1].startswith("  1,500 dead rows (75% of the table) wait for VACUUM")
+    words = narrow.split()
+    assert all(len(line) <= max([60, *map(len, line.split())]) for line in lines), narrow
+    assert len(words) > 100
+    # Both end with the same fix, whole.
+    for text_ in (wide, narrow):
+        assert "\nVACUUM (ANALYZE) messages;" in text_
 
 
 PURGE_VACUUM = (sys.executable, "-m", "chatdb", "purge", "--older-than", "30d", "--vacuum")
