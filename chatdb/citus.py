@@ -306,6 +306,20 @@ def colocate_sql(table: str) -> str:
     )
 
 
+def require_layout(layout: Cluster) -> None:
+    """Refuse to run archive, restore or purge unless every table of
+    ``schema.DISTRIBUTED_TABLES`` is distributed by ``user_id`` and co-located: each batch
+    is one router task per statement only then (a user's rows on one node)."""
+    local = [table.name for table in DISTRIBUTED_TABLES if layout.kind(table.name) != DISTRIBUTED]
+    if local:
+        raise StateError(
+            f"{', '.join(local)} {'is' if len(local) == 1 else 'are'} not distributed on this Citus "
+            f"cluster while {DISTRIBUTED_TABLES[0].name} is; chatdb needs all of a user's rows on one node",
+            hint="run chatdb migrate, which distributes them",
+        )
+    _check_layout(layout)
+
+
 def _check_layout(layout: Cluster) -> None:
     group = None
     for table in DISTRIBUTED_TABLES:
@@ -316,13 +330,13 @@ def _check_layout(layout: Cluster) -> None:
             raise StateError(
                 f"{table.name} is distributed by {entry.column}; chatdb needs it distributed "
                 f"by {DISTRIBUTION_COLUMN}, co-located with {DISTRIBUTED_TABLES[0].name}",
-                hint=f"run {redistribute_sql(table.name)} then chatdb migrate again",
+                hint=f"run {redistribute_sql(table.name)} then the command again",
             )
         if group is not None and entry.colocation != group:
             raise StateError(
                 f"{table.name} is not co-located with the other tables distributed by "
                 f"{DISTRIBUTION_COLUMN}; chatdb needs all of a user's rows on one node",
-                hint=f"run {colocate_sql(table.name)} then chatdb migrate again",
+                hint=f"run {colocate_sql(table.name)} then the command again",
             )
         group = entry.colocation
 

@@ -79,13 +79,15 @@ PAST_USER = uuid.UUID(int=(1 << 128) - 1)
 
 def applies(engine: Engine) -> bool:
     """Whether chatdb's tables are distributed on this database (a Citus coordinator). A
-    StateError when they are but the audit table is not a Citus local table (a database
-    distributed by an earlier chatdb): each batch would commit on its worker in one
-    phase, apart from its audit row."""
+    StateError when they are but not all of them by user_id and co-located (a batch's
+    statements would each run on several nodes), or the audit table is not a Citus local
+    table (a database distributed by an earlier chatdb): each batch would commit on its
+    worker in one phase, apart from its audit row."""
     with engine.connect() as connection:
         layout = citus.cluster(connection)
     if layout is None or layout.kind(DISTRIBUTED_TABLES[0].name) != citus.DISTRIBUTED:
         return False
+    citus.require_layout(layout)
     apart = [table.name for table in CITUS_LOCAL_TABLES if layout.kind(table.name) != citus.CITUS_LOCAL]
     if apart:
         raise StateError(

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine, Select, any_, exists, func, literal, 
 
 from chatdb import migrations
 from chatdb.errors import StateError, UsageError
+from chatdb.lifecycle import distributed
 from chatdb.lifecycle.durations import Duration
 from chatdb.lifecycle.models import Plan, Tally
 from chatdb.lifecycle.statements import archivable, ids_param, purgeable, restorable
@@ -63,9 +64,16 @@ def purge_counts(connection: Connection, cutoff: Any, deleted_cutoff: Any) -> Ta
     return Tally(*found)
 
 
+def _require_ready(engine: Engine) -> None:
+    """Refuse to plan a run the run itself would refuse: a database below head, or, on
+    Citus, tables distributed otherwise than chatdb needs (``distributed.applies``)."""
+    migrations.require_head(engine)
+    distributed.applies(engine)
+
+
 def plan_archive(engine: Engine, older_than: Duration, *, count: bool = True) -> Plan:
     """The cutoff of an archive run and, with ``count``, what it would move now."""
-    migrations.require_head(engine)
+    _require_ready(engine)
     with engine.connect() as connection:
         at = cutoff(connection, older_than)
         counts = archive_counts(connection, at) if count else None
@@ -74,7 +82,7 @@ def plan_archive(engine: Engine, older_than: Duration, *, count: bool = True) ->
 
 def plan_purge(engine: Engine, older_than: Duration, deleted_grace: Duration, *, count: bool = True) -> Plan:
     """The cutoffs of a purge run and, with ``count``, what it would delete now."""
-    migrations.require_head(engine)
+    _require_ready(engine)
     with engine.connect() as connection:
         at = cutoff(connection, older_than)
         deleted_cutoff = cutoff(connection, deleted_grace)
@@ -90,7 +98,7 @@ def plan_restore(
     conversation is in neither, nothing is restored."""
     if bool(conversation_ids) == (user_id is not None):
         raise UsageError("give either --conversation (one or more) or --user")
-    migrations.require_head(engine)
+    _require_ready(engine)
     ids = tuple(dict.fromkeys(conversation_ids))
     hot: tuple[uuid.UUID, ...] = ()
     with engine.connect() as connection:

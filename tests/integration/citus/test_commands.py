@@ -15,11 +15,12 @@ from chatdb import citus
 from chatdb.schema import DISTRIBUTED_TABLES
 
 SIZES = ("--users", "10", "--conversations", "80", "--messages", "900")
-#: What ``chatdb purge`` says when its count of the archive's messages joins two tables that
-#: are not co-located.
+#: What archive and purge say when Citus refuses their batch's ``FOR UPDATE`` (a router
+#: query, which the database's settings forbid here).
 REFUSED = (
-    "Citus cannot run this on the distributed tables: the query contains a join that requires"
-    " repartitioning HINT: Set citus.enable_repartition_joins to on to enable repartitioning"
+    "Citus cannot run this on the distributed tables: could not run distributed query with"
+    " FOR UPDATE/SHARE commands HINT: Consider using an equality filter on the distributed"
+    " table's partition column."
 )
 
 
@@ -71,16 +72,15 @@ def test_a_statement_citus_refuses_is_a_distribution_error(citus_migrated_db):
     assert "not a lock" in (error.hint or "")
 
 
-def test_a_statement_citus_refuses_reaches_the_user_as_one_error_line_and_exit_1(citus_migrated_db):
-    """The whole way to the user: an operator took messages_archive out of the tables'
-    co-location group (Citus's ``update_distributed_table_colocation``, which moves no
-    data), and ``chatdb purge --dry-run`` counts the archive's messages through their
-    conversations, a join Citus now refuses. chatdb says that, in one line with Citus's
-    own message and exit 1: not a lock, not the data, no traceback (``doctor``'s outlook
-    of the retention meets the same refusal)."""
+def test_a_statement_citus_refuses_reaches_the_user_as_one_error_line_and_exit_1(citus_migrated_db, cli):
+    """The whole way to the user: an operator turned Citus's router execution off for the
+    database, so a batch's ``FOR UPDATE`` of one user's rows, planned over every shard, is
+    one Citus refuses. chatdb says that, in one line with Citus's own message and exit 1:
+    not a lock, not the data, no traceback; the run is recorded as failed, nothing moved."""
     db = citus_migrated_db
-    db.execute("SELECT update_distributed_table_colocation('messages_archive', colocate_with => 'none')")
-    command = [sys.executable, "-m", "chatdb", "purge", "--older-than", "90d", "--dry-run"]
+    assert run(cli, "seed", *SIZES, "--database-url", db.cli_url).exit_code == 0
+    db.execute(f"ALTER DATABASE {db.name} SET citus.enable_router_execution TO off")
+    command = [sys.executable, "-m", "chatdb", "archive", "--older-than", "60d", "--yes"]
     shown = subprocess.run(
         [*command, "--database-url", db.cli_url], capture_output=True, text=True, timeout=300
     )
@@ -98,6 +98,8 @@ def test_a_statement_citus_refuses_reaches_the_user_as_one_error_line_and_exit_1
     assert as_json.returncode == 1, as_json.stdout + as_json.stderr
     payload = json.loads(as_json.stdout)
     assert (payload["ok"], payload["exit_code"], payload["error"]) == (False, 1, REFUSED)
+    assert db.scalar("SELECT count(*) FROM conversations_archive") == 0
+    assert db.scalar("SELECT array_agg(DISTINCT outcome) FROM chatdb_runs") == ["failed"]
 
 
 def test_bench_cleans_up_on_the_cluster(citus_migrated_db, cli):

@@ -435,3 +435,53 @@ def test_a_message_changed_while_archive_takes_it_is_archived_as_changed(citus_m
     assert db.scalar("SELECT count(*) FROM conversations_archive WHERE id = :i", i=conversation) == 1
     total = db.scalar("SELECT count(*) FROM messages") + db.scalar("SELECT count(*) FROM messages_archive")
     assert total == messages_before
+
+
+#: Two ways an operator can leave the tables distributed otherwise than chatdb needs.
+LAYOUTS = {
+    "not co-located": (
+        ["SELECT update_distributed_table_colocation('messages_archive', colocate_with => 'none')"],
+        "messages_archive is not co-located with the other tables distributed by user_id",
+        "hint: run SELECT update_distributed_table_colocation('messages_archive', colocate_with =>"
+        " 'conversations'); then the command again",
+    ),
+    "not distributed": (
+        [
+            "ALTER TABLE messages_archive DROP CONSTRAINT fk_messages_archive_conversation_owner",
+            "SELECT undistribute_table('messages_archive')",
+        ],
+        "messages_archive is not distributed on this Citus cluster while conversations is",
+        "hint: run chatdb migrate, which distributes them",
+    ),
+}
+COMMANDS = {
+    "archive": ["archive", "--older-than", "60d", "--yes"],
+    "archive dry run": ["archive", "--older-than", "60d", "--dry-run"],
+    "restore": ["archive", "restore", "--user", "u1"],
+    "purge": ["purge", "--older-than", "90d", "--yes"],
+    "purge dry run": ["purge", "--older-than", "90d", "--dry-run"],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_layout_that_spreads_a_users_rows_is_refused_before_anything_runs(
+    citus_migrated_db, cli, layout, command
+):
+    """Each batch is one router task per statement only when the four tables are
+    distributed by user_id and co-located. Otherwise archive, restore and purge refuse,
+    dry runs too, before they take the guard, with the statement that fixes the layout."""
+    db = citus_migrated_db
+    populate(db)
+    statements, error, hint = LAYOUTS[layout]
+    for statement in statements:
+        db.execute(statement)
+    before = state(db)
+    result = cli(*COMMANDS[command], "--database-url", db.cli_url)
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"error: {error}"), result.stderr
+    assert lines[1] == hint
+    assert state(db) == before
+    assert db.scalar("SELECT count(*) FROM chatdb_runs") == 0

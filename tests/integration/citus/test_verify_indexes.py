@@ -125,7 +125,7 @@ def test_a_table_out_of_the_co_location_group_fails_and_its_fix_puts_it_back(cit
     refused = cli("migrate", "--database-url", db.cli_url)
     assert refused.exit_code == 1
     assert "messages_archive is not co-located with the other tables" in refused.stderr
-    assert f"run {fix} then chatdb migrate again" in " ".join(refused.stderr.split())
+    assert f"run {fix} then the command again" in " ".join(refused.stderr.split())
     db.execute(fix)
     code, payload = verify(cli, db)
     assert code == 0, failed(payload)
@@ -206,7 +206,7 @@ def test_a_table_distributed_by_another_column_fails_its_distribution_check(citu
     refused = cli("migrate", "--database-url", db.cli_url)
     assert refused.exit_code == 1
     assert "messages_archive is distributed by id; chatdb needs it distributed by user_id" in refused.stderr
-    assert f"run {fix} then chatdb migrate again" in " ".join(refused.stderr.split())
+    assert f"run {fix} then the command again" in " ".join(refused.stderr.split())
     # The fixes, in the order given, leave nothing to report.
     db.execute(fix)
     db.execute(key_fix)
