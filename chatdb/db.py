@@ -62,7 +62,8 @@ def parse_url(raw: str, source: str = "--database-url") -> URL:
     what is wrong with it, never by echoing it: its password may be anywhere in it."""
     raw = raw.strip()
     if not raw:
-        raise UsageError(f"the database URL from {source} is empty")
+        hint = None if source.startswith("--") else f"give it a URL, or unset {source} to use the next source"
+        raise UsageError(f"the database URL from {source} is empty", hint=hint)
     scheme = _SCHEME.match(raw)
     if scheme is None:
         if _KEYWORDS.match(raw):
@@ -160,7 +161,9 @@ def configured_database(cli_url: str | None) -> Database | None:
     if cli_url is not None:  # given, even empty: an empty option is a mistake, not a default
         return Database(parse_url(cli_url, "--database-url"), "--database-url")
     for source in ("CHATDB_DATABASE_URL", "DATABASE_URL"):
-        if value := os.environ.get(source):
+        # Set, even empty: an empty variable is a missing secret (a CI system gives one so),
+        # and falling through to the embedded server would check a throwaway database.
+        if (value := os.environ.get(source)) is not None:
             return Database(parse_url(value, source), source)
     return None
 

@@ -293,6 +293,21 @@ def test_bad_url_in_the_environment_exits_2(cli):
     assert "mysql" in error_line(result)
 
 
+@pytest.mark.parametrize("variable", ["CHATDB_DATABASE_URL", "DATABASE_URL"])
+def test_an_empty_url_in_the_environment_exits_2_and_never_falls_back(migrated_db, cli, variable):
+    """A CI system gives a missing secret as an empty variable: chatdb must not go on to
+    the next source (here DATABASE_URL, or the embedded server) and check a database
+    other than the one meant."""
+    env = {variable: ""}
+    if variable == "CHATDB_DATABASE_URL":
+        env["DATABASE_URL"] = migrated_db.cli_url
+    result = cli("verify-indexes", env=env)
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == f"error: the database URL from {variable} is empty"
+    assert f"unset {variable} to use the next source" in result.stderr
+    assert "embedded" not in result.stderr
+
+
 # --- 4. passwords are never printed ----------------------------------------------------------
 
 PASSWORDS = [SECRET, "s3cr3t/Pa55@x:y"]
