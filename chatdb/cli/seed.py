@@ -89,10 +89,7 @@ def seed(
             existing = seed_module.seeded_counts(engine)
             if existing.users:
                 if not as_json:
-                    err.print(
-                        f"--reset deletes {existing.users:,} seeded users with {existing.conversations:,} "
-                        f"conversations and {existing.messages:,} messages."
-                    )
+                    err.print(f"--reset deletes {_described(existing)}.")
                 confirm("Delete them?", yes=yes, off_terminal="refuse")
                 removed = seed_module.reset(engine)
         with _progress(request.rows) as progress:
@@ -103,10 +100,7 @@ def seed(
         )
         return
     if removed is not None:
-        out.print(
-            f"Reset: deleted {removed.users:,} seeded users, {removed.conversations:,} conversations, "
-            f"{removed.messages:,} messages."
-        )
+        out.print(f"Reset: deleted {_described(removed)}.")
     out.print(
         table(
             f"Seed {result.seed} loaded",
@@ -122,3 +116,16 @@ def seed(
             ],
         )
     )
+
+
+def _described(counts: seed_module.ResetResult) -> str:
+    """``N seeded users, C conversations, M messages``, and the archive's when it holds any."""
+    shown = (
+        f"{counts.users:,} seeded users, {counts.conversations:,} conversations, {counts.messages:,} messages"
+    )
+    if counts.archived_conversations or counts.archived_messages:
+        shown += (
+            f" (and from the archive {counts.archived_conversations:,} conversations,"
+            f" {counts.archived_messages:,} messages)"
+        )
+    return shown

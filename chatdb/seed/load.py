@@ -313,12 +313,15 @@ def seeded_counts(engine: Engine) -> ResetResult:
 
 
 def _seeded_counts(connection: Connection) -> ResetResult:
-    users, conversations_, messages_ = connection.execute(
+    seeded = SEEDED.format("user_id")
+    counts = connection.execute(
         text(
             f"SELECT (SELECT count(*) FROM users WHERE {SEEDED.format('id')}),"
-            f" (SELECT count(*) FROM conversations WHERE {SEEDED.format('user_id')}),"
-            f" (SELECT count(*) FROM messages WHERE {SEEDED.format('user_id')})"
+            f" (SELECT count(*) FROM conversations WHERE {seeded}),"
+            f" (SELECT count(*) FROM messages WHERE {seeded}),"
+            f" (SELECT count(*) FROM conversations_archive WHERE {seeded}),"
+            f" (SELECT count(*) FROM messages_archive WHERE {seeded})"
         ),
         seeded_params(),
     ).one()
-    return ResetResult(int(users), int(conversations_), int(messages_))
+    return ResetResult(*(int(count) for count in counts))

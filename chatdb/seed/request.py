@@ -89,6 +89,11 @@ class SeedResult:
 
 @dataclass(frozen=True)
 class ResetResult:
+    """The seeded users a reset deletes, and the rows of theirs it deletes with them by
+    cascade, in the hot tables and in the archive."""
+
     users: int
     conversations: int
     messages: int
+    archived_conversations: int
+    archived_messages: int

@@ -361,7 +361,13 @@ def test_reset_deletes_only_seeded_rows(migrated_db, cli):
     assert "--yes" in one_error(refused)
     assert migrated_db.scalar("SELECT count(*) FROM users WHERE id LIKE 'seed-%'") == 40
     payload = seed(cli, migrated_db, "--reset", "--yes", "--conversations", "30", "--messages", "200")
-    assert payload["reset"] == {"users": 40, "conversations": 60, "messages": 400}
+    assert payload["reset"] == {
+        "users": 40,
+        "conversations": 60,
+        "messages": 400,
+        "archived_conversations": 0,
+        "archived_messages": 0,
+    }
     assert migrated_db.scalar("SELECT count(*) FROM users WHERE id LIKE 'seed-9-%'") == 0
     assert migrated_db.scalar("SELECT count(*) FROM messages WHERE user_id LIKE 'seed-42-%'") == 200
     assert migrated_db.scalar(REAL_ROWS) == before
@@ -406,7 +412,7 @@ def test_reset_keeps_a_user_whose_id_only_starts_with_seed_dash(migrated_db, cli
             id=user_id,
         )
     payload = seed(cli, migrated_db, "--reset", "--yes", *SMALL)
-    assert payload["reset"] == {"users": 5, "conversations": 10, "messages": 50}
+    assert payload["reset"] == {**RESET_SMALL, "archived_conversations": 0, "archived_messages": 0}
     assert migrated_db.scalar("SELECT count(*) FROM users WHERE id !~ '^seed-[0-9]+-[0-9]{7,}$'") == 4
     assert migrated_db.scalar("SELECT count(*) FROM messages WHERE content = 'hello'") == 4
 
@@ -464,6 +470,48 @@ def test_reset_that_would_cascade_to_another_users_row_rolls_back(migrated_db, c
     assert migrated_db.scalar("SELECT count(*) FROM users WHERE id LIKE 'seed-%'") == 5
 
 
+RESET_SMALL = {"users": 5, "conversations": 10, "messages": 50}
+
+
+def _seeded_and_partly_archived(db, cli, *args: str) -> tuple[int, ...]:
+    """A seed, then an archive of its idle conversations: the rows in each chat table."""
+    seed(cli, db, "--users", "5", "--conversations", "40", "--messages", "300", "--days", "365", *args)
+    archived = cli("archive", "--older-than", "60d", "--yes", "--database-url", db.cli_url)
+    assert archived.exit_code == 0, archived.output
+    counts = tuple(
+        db.scalar(f"SELECT count(*) FROM {table}")
+        for table in ("conversations", "messages", "conversations_archive", "messages_archive")
+    )
+    assert all(counts), counts
+    return counts
+
+
+def test_reset_counts_the_archived_rows_it_deletes_too_before_it_asks_and_after(migrated_db, cli):
+    """The cascade reaches the seeded users' archived conversations and messages: the
+    question and the summary count them, as the JSON does."""
+    hot_c, hot_m, old_c, old_m = _seeded_and_partly_archived(migrated_db, cli)
+    counted = (
+        f"5 seeded users, {hot_c:,} conversations, {hot_m:,} messages"
+        f" (and from the archive {old_c:,} conversations, {old_m:,} messages)"
+    )
+    shown = cli("seed", "--reset", "--yes", *SMALL, "--database-url", migrated_db.cli_url)
+    assert shown.exit_code == 0, shown.output
+    assert f"--reset deletes {counted}." in " ".join(shown.stderr.split())
+    assert f"Reset: deleted {counted}." in " ".join(shown.stdout.split())
+    assert migrated_db.scalar("SELECT count(*) FROM conversations_archive") == 0
+    assert migrated_db.scalar("SELECT count(*) FROM messages_archive") == 0
+
+    hot_c, hot_m, old_c, old_m = _seeded_and_partly_archived(migrated_db, cli, "--seed", "8")
+    payload = seed(cli, migrated_db, "--reset", "--yes", *SMALL)
+    assert payload["reset"] == {
+        "users": 10,  # seed 42's (SMALL) and seed 8's
+        "conversations": hot_c,
+        "messages": hot_m,
+        "archived_conversations": old_c,
+        "archived_messages": old_m,
+    }
+
+
 def test_reset_deletes_row_by_row_when_an_application_table_references_conversations(migrated_db, cli):
     seed(cli, migrated_db, *SMALL)
     migrated_db.execute(
@@ -472,7 +520,7 @@ def test_reset_deletes_row_by_row_when_an_application_table_references_conversat
     )
     migrated_db.execute("INSERT INTO app_bookmarks SELECT id, user_id FROM conversations LIMIT 3")
     payload = seed(cli, migrated_db, "--reset", "--yes", *SMALL)
-    assert payload["reset"] == {"users": 5, "conversations": 10, "messages": 50}
+    assert payload["reset"] == {**RESET_SMALL, "archived_conversations": 0, "archived_messages": 0}
     assert migrated_db.scalar("SELECT count(*) FROM app_bookmarks") == 0  # the seeded rows' own
 
 
