@@ -61,8 +61,9 @@ def grants(
 
     if database is None:
         configured = db.configured_database(configured_url(ctx))
-        if configured is not None:  # the database chatdb connects to: the URL's path, or its dbname
-            named = configured.url.database or configured.url.query.get("dbname")
+        if configured is not None:  # the database chatdb connects to: its dbname, else the URL's path
+            # (libpq reads the query after the path: a dbname parameter wins)
+            named = configured.url.query.get("dbname") or configured.url.database
             database = named if isinstance(named, str) and named else None
     roles = privileges.grant_statements(
         app_role, ops_role, embedded.DATABASE_NAME if database is None else database, schema

@@ -82,3 +82,16 @@ def test_grants_default_database_is_the_one_chatdb_connects_to(cli):
         "postgresql://ops@db.example.com/?dbname=chat",
     )
     assert "ON DATABASE chat " in result.stdout, result.stdout
+
+
+def test_grants_names_the_dbname_parameter_over_the_path_as_libpq_connects(migrated_db, cli):
+    """A URL with both a path and a dbname parameter: libpq connects to the parameter's
+    database, and grants names that one."""
+    path, query = migrated_db.cli_url.split("?", 1)
+    url = f"{path.rsplit('/', 1)[0]}/postgres?{query}&dbname={migrated_db.name}"
+    status = cli("status", "--json", "--database-url", url)
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["database"] == migrated_db.name
+    result = cli("grants", "--app-role", "a", "--ops-role", "b", "--database-url", url)
+    assert result.exit_code == 0, result.output
+    assert f"ON DATABASE {migrated_db.name} TO a;" in result.stdout, result.stdout
