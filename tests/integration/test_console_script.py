@@ -128,6 +128,11 @@ def test_the_embedded_database_is_found_from_a_subfolder_and_a_new_one_is_announ
             ]
             assert json.loads(first.stdout)["revision"]["current"] is None
             assert chatdb("migrate", cwd=project).returncode == 0
+            # It has room for bench's default clients: bench goes past that check, to the
+            # refusal of a database without messages.
+            bench = chatdb("bench", "--rate", "10", "--duration", "1s", cwd=project)
+            assert bench.returncode == 1, bench.stderr
+            assert "holds no messages" in bench.stderr
 
             # From a subfolder: the same database, already migrated, and no new folder.
             second = chatdb("status", "--json", cwd=subfolder)
