@@ -49,24 +49,32 @@ class Growth:
     samples: int = 0
 
 
-def _series(probe: Probe) -> tuple[dt.datetime, dict[str | None, list[Sample]]]:
-    """The last sample of each day (UTC) of the last weeks, per table, oldest first."""
+#: Samples per table (None: the database as a whole).
+Series = dict[str | None, list[Sample]]
+
+
+def _series(probe: Probe) -> tuple[dt.datetime, Series, dict[str | None, dt.datetime]]:
+    """The last sample of each day (UTC) of the last weeks, per table, oldest first; and
+    when each table's first sample of those weeks was recorded."""
     now = probe.scalar("SELECT now()")
     rows = probe.rows(
-        "SELECT DISTINCT ON (table_name, day) table_name, recorded_at, total_bytes, row_estimate"
+        "SELECT DISTINCT ON (table_name, day) table_name, recorded_at, total_bytes, row_estimate,"
+        "  min(recorded_at) OVER (PARTITION BY table_name) AS first_at"
         " FROM (SELECT h.*, (h.recorded_at AT TIME ZONE 'UTC')::date AS day"
         f"  FROM {HISTORY} h WHERE h.recorded_at >= now() - make_interval(days => :days)) h"
         " ORDER BY table_name, day, recorded_at DESC",
         days=7 * CHART_WEEKS + 1,
     )
-    series: dict[str | None, list[Sample]] = {}
+    series: Series = {}
+    first: dict[str | None, dt.datetime] = {}
     for row in rows:
         series.setdefault(row.table_name, []).append(
             Sample(row.recorded_at, int(row.total_bytes), row.row_estimate)
         )
+        first[row.table_name] = row.first_at
     for samples in series.values():
         samples.sort(key=lambda sample: sample.at)
-    return now, series
+    return now, series, first
 
 
 def _change(samples: Sequence[Sample], days: float) -> tuple[float, float] | None:
@@ -132,7 +140,7 @@ def growth(probe: Probe, recorded: bool) -> tuple[list[Finding], Growth | None]:
                 detail=f"the database has no {HISTORY} table yet: run `chatdb migrate`",
             )
         ], None
-    now, series = _series(probe)
+    now, series, first_at = _series(probe)
     found = []
     note = (
         ""
@@ -163,10 +171,10 @@ def growth(probe: Probe, recorded: bool) -> tuple[list[Finding], Growth | None]:
         if week is not None:
             parts.append(f"{_rate(week[0])}/week")
         if not parts and name is DATABASE:
-            first = samples[0].at
+            since = duration((now - first_at[name]).total_seconds())
             parts.append(
-                f"not enough history yet for growth (samples since {duration((now - first).total_seconds())}"
-                " ago; each status and doctor run records one, and a day of them shows growth)"
+                f"not enough history yet for growth (samples since {since} ago; each status and"
+                " doctor run records one, and a day of them shows growth)"
             )
         rows = ""
         if name is not None and latest.rows is not None:

@@ -645,10 +645,23 @@ def test_growth_per_day_and_week_and_the_projected_date_from_controlled_sizes(mi
 
 
 def test_growth_needs_a_day_of_history(migrated_db, cli):
+    # An earlier sample of today (UTC): the detail says how long samples have been kept,
+    # from the first, not from the newest.
+    migrated_db.execute(
+        "INSERT INTO chatdb_size_history (recorded_at, command, table_name, row_estimate, total_bytes)"
+        " SELECT greatest(date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',"
+        "  now() - interval '30 minutes'), 'status', NULL, NULL, 1"
+    )
+    first_age = migrated_db.scalar(
+        "SELECT extract(epoch FROM now() - min(recorded_at)) FROM chatdb_size_history"
+    )
     _, payload = run(cli, migrated_db, "--size-limit", "10GB")
     database = one(payload, "growth", "growth", migrated_db.name)
     assert database["status"] == "ok" and database["value"] is None
     assert "not enough history yet" in database["detail"]
+    number, unit = re.search(r"samples since (\d+) (s|min) ago", database["detail"]).groups()
+    step = 60 if unit == "min" else 1
+    assert float(first_age) // step * step <= int(number) * step <= float(first_age) + 120
     assert one(payload, "growth", "growth", "messages")["detail"].endswith(" now, ~0 rows")  # said once
     limit = one(payload, "growth", "size limit")
     assert limit["status"] == "ok" and "not enough history to project" in limit["detail"]
