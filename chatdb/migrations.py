@@ -71,6 +71,9 @@ class MigrationStatus:
     head: str
     pending: list[Revision]
     known: bool  # False when the database is at a revision this chatdb does not know
+    #: With no revision recorded: chatdb's tables that exist all the same (made by an
+    #: earlier release, or by `migrate sql` without its version table), for `stamp`.
+    unstamped: tuple[str, ...] = ()
 
     @property
     def up_to_date(self) -> bool:
@@ -84,6 +87,7 @@ class MigrationStatus:
             "pending": [revision.id for revision in self.pending],
             "known": self.known,
             "up_to_date": self.up_to_date,
+            "unstamped": list(self.unstamped),
         }
 
 
@@ -184,7 +188,13 @@ def status(engine: Engine) -> MigrationStatus:
     scripts = revisions.load()
     if current is not None and current not in scripts.ids:
         return MigrationStatus(current, scripts.head, [], known=False)
-    return MigrationStatus(current, scripts.head, scripts.between(current, scripts.head), known=True)
+    unstamped: tuple[str, ...] = ()
+    if current is None:
+        with engine.connect() as connection:
+            unstamped = tuple(sorted(catalog.table_names(connection) & set(_OWNED)))
+    return MigrationStatus(
+        current, scripts.head, scripts.between(current, scripts.head), known=True, unstamped=unstamped
+    )
 
 
 def unknown_revision(current: str) -> StateError:
@@ -256,15 +266,12 @@ def upgrade(
         return MigrateResult(before.current, before.current, [], time.perf_counter() - started)
     if not before.known:
         raise unknown_revision(before.current or "")
-    if before.current is None:
-        with engine.connect() as connection:
-            existing = sorted(catalog.table_names(connection) & set(_OWNED))
-        if existing:
-            raise StateError(
-                f"chatdb's tables already exist ({', '.join(existing)}) but carry no chatdb "
-                "revision (created by an earlier application release?)",
-                hint="adopt them with `chatdb migrate stamp REV` once it shows they match REV",
-            )
+    if before.unstamped:
+        raise StateError(
+            f"chatdb's tables already exist ({', '.join(before.unstamped)}) but carry no chatdb "
+            "revision (created by an earlier application release?)",
+            hint="adopt them with `chatdb migrate stamp REV` once it shows they match REV",
+        )
     scripts = revisions.load()
     goal = scripts.resolve(target, before.current)
     if scripts.position(goal) < scripts.position(before.current):

@@ -214,7 +214,13 @@ def status(
             **({"error": problem.message} if problem else {}),
         )
     else:
-        out.print(f"current: {_show(state.current)}")
+        if state.unstamped:
+            out.print(
+                f"current: [yellow]none recorded, yet chatdb's tables exist[/yellow] "
+                f"({', '.join(state.unstamped)}); adopt them with `chatdb migrate stamp REV`"
+            )
+        else:
+            out.print(f"current: {_show(state.current)}")
         out.print(f"head:    {state.head}")
         if state.pending:
             out.print(

@@ -751,6 +751,7 @@ def test_migrate_status_at_head_and_behind(empty_db, cli):
         "pending": [],
         "known": True,
         "up_to_date": True,
+        "unstamped": [],
     }
     text_status = cli("migrate", "status", "--check", "--database-url", url)
     assert text_status.exit_code == 0

@@ -3,6 +3,7 @@ tables, and leaves the application's users table alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -245,7 +246,18 @@ def test_adopting_tables_an_application_release_created(empty_db, migrated_db, c
     empty_db.execute(SEED_001)
     refused = cli("migrate", "--database-url", empty_db.cli_url)
     assert refused.exit_code == 1
+    assert "chatdb's tables already exist (conversations, messages) but carry no chatdb" in refused.stderr
     assert "stamp" in refused.stderr
+    # migrate status says the same, never "base (empty)".
+    shown = cli("migrate", "status", "--database-url", empty_db.cli_url)
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.splitlines()[0] == (
+        "current: none recorded, yet chatdb's tables exist (conversations, messages); adopt them"
+        " with `chatdb migrate stamp REV`"
+    )
+    assert "empty" not in shown.stdout
+    payload = json.loads(cli("migrate", "status", "--json", "--database-url", empty_db.cli_url).stdout)
+    assert (payload["current"], payload["unstamped"]) == (None, ["conversations", "messages"])
 
     with pytest.raises(StateError, match="does not match revision 0003"):
         migrations.stamp(empty_db.engine, "0003")
