@@ -74,6 +74,7 @@ def parse_url(raw: str, source: str = "--database-url") -> URL:
             f"unsupported database URL scheme {scheme['scheme']!r} from {source}: "
             "use postgresql:// (or postgres://)"
         )
+    raw = raw[: scheme.end()] + _hosts_as_parameters(raw[scheme.end() :], source)
     _check_location(raw[scheme.end() :], source)
     try:
         url = make_url(raw)
@@ -120,10 +121,43 @@ def _check_location(rest: str, source: str) -> None:
     _check_port(port, source)
 
 
+#: One host of a multi-host address: ``host``, ``host:port``, ``[IPv6]`` or ``[IPv6]:port``.
+_ONE_HOST = re.compile(r"\[(?P<v6>[^\]]*)\](?::(?P<v6port>[^,]*))?|(?P<host>[^,:\[]*)(?::(?P<port>[^,]*))?")
+
+
+def _hosts_as_parameters(rest: str, source: str) -> str:
+    """libpq's multi-host address (``h1:p1,h2:p2/db``, for failover) in the form SQLAlchemy
+    reads and libpq takes the same way: ``/db?host=h1,h2&port=p1,p2``. ``rest`` follows
+    ``scheme://``; anything else is returned as it is."""
+    userinfo = _USERINFO.match(rest)
+    head = rest[: userinfo.end()] if userinfo else ""
+    location, _, query = rest[len(head) :].partition("?")
+    address, slash, path = location.partition("/")
+    if "," not in address or "@" in address:
+        return rest
+    hosts, ports = [], []
+    for entry in address.split(","):
+        one = _ONE_HOST.fullmatch(entry)
+        if one is None or not (one["v6"] or one["host"]):
+            raise _malformed(source, "a host of its list of hosts is empty or not host[:port]")
+        hosts.append(one["v6"] or one["host"])
+        port = one["v6port"] if one["v6"] else one["port"]
+        _check_port(port or "", source)
+        ports.append(port or "")
+    names = {key.lower() for key, _ in parse_qsl(query, keep_blank_values=True)}
+    if names & {"host", "port"}:
+        raise _malformed(source, "it lists hosts both before the database name and as host= or port=")
+    parameters = f"host={','.join(hosts)}"  # still percent-encoded, as the query's values are
+    if any(ports):
+        parameters += f"&port={','.join(ports)}"
+    return f"{head}{slash}{path}?{parameters}{'&' + query if query else ''}"
+
+
 def _check_port(port: str, source: str) -> None:
     if not port:
         return
     if not _ASCII_DIGITS.fullmatch(port):
+        # Not shown: in `postgresql://user:password/db` (no @host) the password is the port.
         raise _malformed(source, "a port is not a number")
     if not 1 <= int(port) <= 65535:
         raise _malformed(source, f"port {int(port)} is out of range (1 to 65535)")

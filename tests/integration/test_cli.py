@@ -293,6 +293,15 @@ def test_bad_url_in_the_environment_exits_2(cli):
     assert "mysql" in error_line(result)
 
 
+def test_several_hosts_before_the_database_name_fail_over_as_libpq_does(migrated_db, cli):
+    """libpq's multi-host address: the first host has no server, the second is the test's."""
+    hosts = ",".join(quote(host, safe="") for host in ("/nonexistent-chatdb", migrated_db.url.query["host"]))
+    url = f"postgresql://postgres@{hosts}/{migrated_db.name}"
+    result = cli("status", "--json", "--database-url", url)
+    assert result.exit_code == 0, result.output
+    assert json_payload(result, "status")["database"] == migrated_db.name
+
+
 @pytest.mark.parametrize("variable", ["CHATDB_DATABASE_URL", "DATABASE_URL"])
 def test_an_empty_url_in_the_environment_exits_2_and_never_falls_back(migrated_db, cli, variable):
     """A CI system gives a missing secret as an empty variable: chatdb must not go on to

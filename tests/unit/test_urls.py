@@ -28,6 +28,21 @@ def test_the_schemes_providers_print_are_read_for_psycopg(scheme):
 
 
 @pytest.mark.parametrize(
+    ("raw", "query"),
+    [
+        ("postgresql://ops@db1:5432,db2:5433/chat", {"host": "db1,db2", "port": "5432,5433"}),
+        ("postgresql://ops@db1,db2/chat?sslmode=require", {"host": "db1,db2", "sslmode": "require"}),
+        ("postgresql://ops@db1,db2:5433/chat", {"host": "db1,db2", "port": ",5433"}),
+        ("postgresql://ops@[::1]:5432,[::2]/chat", {"host": "::1,::2", "port": "5432,"}),
+    ],
+)
+def test_several_hosts_before_the_database_name_are_read_as_libpq_reads_them(raw, query):
+    url = db.parse_url(raw)
+    assert (url.username, url.host, url.port, url.database) == ("ops", None, None, "chat")
+    assert dict(url.query) == query
+
+
+@pytest.mark.parametrize(
     ("raw", "shown"),
     [
         (f"postgresql://ops:{ENCODED}@db.example.com/chat", "postgresql://ops:***@db.example.com/chat"),
@@ -114,6 +129,10 @@ def test_free_text_without_a_password_is_left_as_it_is(text):
         ("postgresql://ops:hunter2@[::1/chat", "an IPv6 address in [ ] is not closed"),
         ("postgresql://ops:hunter2@[::1]x/chat", "something other than :port follows"),
         ("postgresql://ops:hunter2@db/chat?host=a,b&port=1,2,3", "do not pair up"),
+        ("postgresql://ops:hunter2/chat", "a port is not a number"),  # the password is never shown
+        ("postgresql://ops:hunter2@db1:1,db2:x/chat", "a port is not a number"),
+        ("postgresql://ops:hunter2@db1,,db2/chat", "a host of its list of hosts is empty"),
+        ("postgresql://ops:hunter2@db1,db2/chat?host=db3", "both before the database name and as host="),
     ],
 )
 def test_a_url_that_cannot_be_used_is_refused_without_echoing_it(raw, says):
