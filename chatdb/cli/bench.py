@@ -145,7 +145,7 @@ def bench_command(
         rate=rate,
         min_capacity=min_capacity,
         max_rate=max_rate,
-        seconds=lifecycle.parse_duration(duration, "--duration").seconds,
+        seconds=lifecycle.parse_duration(duration, "--duration", such_as="60s or 5m").seconds,
         mix=budgets.parse_mix(mix),
         budgets=tuple(budgets.parse_budget(raw) for raw in budget or ()),
         while_command=_while(ctx, while_command) if while_command is not None else None,

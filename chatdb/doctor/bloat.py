@@ -173,7 +173,7 @@ def _deep(probe: Probe) -> tuple[list[Measure], str | None]:
         reserved = int(row.table_len) * (100 - fillfactor) // 100
         wasted = max(0, int(row.dead_tuple_len) + int(row.free_space) - reserved)
         probe.read_bytes += int(row.table_len)
-        found.append(Measure(name, None, int(row.table_len), wasted, "measured (pgstattuple)"))
+        found.append(Measure(name, None, int(row.table_len), wasted, "measured with pgstattuple"))
         indexes = probe.rows(
             "SELECT c.relname, c.oid, i.indisvalid,"
             f" coalesce((SELECT o.option_value::int FROM pg_options_to_table(c.reloptions) o"
@@ -198,7 +198,9 @@ def _deep(probe: Probe) -> tuple[list[Measure], str | None]:
             wasted = (leaves - ideal + int(stats.empty_pages) + int(stats.deleted_pages)) * block
             probe.read_bytes += int(stats.index_size)
             found.append(
-                Measure(name, index.relname, int(stats.index_size), max(0, wasted), "measured (pgstatindex)")
+                Measure(
+                    name, index.relname, int(stats.index_size), max(0, wasted), "measured with pgstatindex"
+                )
             )
     return found, None
 

@@ -27,11 +27,12 @@ class Duration:
         return self.text
 
 
-def parse_duration(raw: str, option: str = "duration") -> Duration:
+def parse_duration(raw: str, option: str = "duration", *, such_as: str = "90d or 1d12h") -> Duration:
     """``90d``, ``12h``, ``1d12h``, ``2w``: whole numbers with a unit (s, m, h, d, w).
-    Units are exact: a day is 86,400 seconds."""
+    Units are exact: a day is 86,400 seconds. ``such_as`` gives examples that fit the
+    option, for the error."""
     value = raw.strip().lower()
-    expected = "expected a whole number and a unit (s, m, h, d, w), such as 90d or 1d12h"
+    expected = f"expected a whole number and a unit (s, m, h, d, w), such as {such_as}"
     if not _DURATION.fullmatch(value):
         raise UsageError(f"invalid {option} {raw!r}: {expected}")
     seconds = 0

@@ -39,10 +39,11 @@ def check_export(path: Path) -> None:
         raise UsageError(f"--export {path}: the file name must end in .jsonl or .jsonl.gz")
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         folder = path.parent
         if not folder.is_dir():
-            raise UsageError(f"cannot write --export {path}: {folder} is not a folder") from None
+            problem = "is not a folder" if folder.exists() else "does not exist"
+            raise UsageError(f"cannot write --export {path}: {folder} {problem}") from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise UsageError(f"cannot write --export {path}: chatdb may not write in {folder}") from None
         return  # a new file

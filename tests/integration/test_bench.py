@@ -419,6 +419,7 @@ def test_through_pgbouncer_in_transaction_mode(seeded_db, pooler, cli):  # noqa:
         (["--mix", "history=1", "--budget", "insert.p95=5ms"], "the mix does not run insert"),
         (["--duration", "0s"], "invalid --duration '0s'"),
         (["--duration", "-5s"], "invalid --duration '-5s'"),
+        (["--duration", "90x"], "such as 60s or 5m"),
         (["--rate", "0"], "--rate must be a number of transactions per second above zero"),
         (["--rate", "-5"], "--rate must be a number of transactions per second above zero"),
         (["--min-capacity", "-1"], "--min-capacity must be"),

@@ -412,3 +412,35 @@ def test_a_run_stopped_by_max_runtime_does_not_vacuum_and_exits_0(cli, migrated_
     assert text_run.exit_code == 0, text_run.output
     assert re.search(r"1 batch in [\d.]+ s, longest transaction \d{4,} ms, 1 over 250 ms\.", text_run.stdout)
     assert "Stopped (max-runtime)" in text_run.stdout and "VACUUM (ANALYZE) done" not in text_run.stdout
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry run"])
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("archive.json", "the file name must end in .jsonl or .jsonl.gz"),
+        ("missing/archive.jsonl", "missing does not exist"),
+        ("plain-file/archive.jsonl", "plain-file is not a folder"),
+    ],
+)
+def test_an_export_file_chatdb_cannot_write_is_refused_before_anything_runs(
+    cli, migrated_db, tmp_path, target, says, dry_run
+):
+    populate(migrated_db)
+    (tmp_path / "plain-file").write_text("")
+    export = tmp_path / target
+    args = ("--dry-run",) if dry_run else ("--yes",)
+    result = cli(
+        "archive",
+        "--older-than",
+        "100d",
+        "--export",
+        str(export),
+        *args,
+        "--database-url",
+        migrated_db.cli_url,
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].endswith(says), result.stderr
+    assert migrated_db.scalar("SELECT count(*) FROM chatdb_runs") == 0
+    assert migrated_db.scalar("SELECT count(*) FROM conversations_archive") == 0
