@@ -252,6 +252,25 @@ def mask_text(message: str) -> str:
     return _TEXT_PASSWORD.sub(lambda m: m["head"] + "***", message)
 
 
+# One argument of a command line is one word however it was quoted: there a URL's
+# userinfo runs to the last "@" of the argument, a URL parameter named like a password to
+# the next "&", and an argument that starts with a word named like a password
+# (``PGPASSWORD=...``) is that word's value to its end, spaces and all.
+_ARGUMENT_USERINFO = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@]*:).*@", re.I | re.S)
+_ARGUMENT_PARAMETER = re.compile(r"(?P<head>[?&]\w*password\s*=)[^&]*", re.I)
+_ARGUMENT_ASSIGNMENT = re.compile(r"^(?P<head>\s*\w*password\s*=).*", re.I | re.S)
+
+
+def mask_argument(argument: str) -> str:
+    """One argument of a command line as chatdb shows it (``--while "purge --database-url
+    postgresql://ops:***@host/db"``): as mask_text, except that what is masked runs to the
+    ends of the argument rather than to the next space."""
+    argument = _ARGUMENT_USERINFO.sub(lambda m: m["head"] + "***@", argument)
+    argument = _ARGUMENT_PARAMETER.sub(lambda m: m["head"] + "***", argument)
+    argument = _ARGUMENT_ASSIGNMENT.sub(lambda m: m["head"] + "***", argument)
+    return mask_text(argument)
+
+
 def create(
     database: Database,
     *,

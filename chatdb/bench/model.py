@@ -55,9 +55,11 @@ class BenchRequest:
 
 @dataclass(frozen=True)
 class CommandOutcome:
-    """The --while command: how it ended and what it said."""
+    """The --while command: how it ended and what it said. Only what may be shown: its
+    arguments and its output with every password masked (the arguments it ran with, the
+    password included, are the request's)."""
 
-    argv: tuple[str, ...]
+    shown: tuple[str, ...]
     exit_code: int
     seconds: float
     stdout: str

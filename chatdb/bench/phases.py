@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL
 from chatdb.bench import pgbench, stats, workload
 from chatdb.bench.model import BenchRequest, CommandOutcome, Phase, Progress
 from chatdb.bench.workload import Budget, Keys
+from chatdb.db import mask_argument, mask_text
 from chatdb.errors import EXIT_USAGE, StateError, UsageError
 
 #: A transaction already this late when its turn comes is skipped, and counts as missed:
@@ -126,7 +127,8 @@ def during(ctx: Context, rate: float, argv: tuple[str, ...]) -> Phase:
     invocation = ctx.invocation(
         "during", rate=rate, seconds=MAX_WHILE_SECONDS, latency_limit_ms=ctx.latency_limit_ms, progress=True
     )
-    label = f"during `{' '.join(argv)}`"
+    shown = tuple(mask_argument(argument) for argument in argv)
+    label = f"during `{' '.join(shown)}`"
     running = pgbench.Running(invocation)
     child = None
     try:
@@ -169,7 +171,9 @@ def during(ctx: Context, rate: float, argv: tuple[str, ...]) -> Phase:
                 child.wait(60)
             except subprocess.TimeoutExpired:
                 child.kill()
-    outcome = CommandOutcome(argv, child.returncode, seconds, tail(out_path), tail(err_path))
+    outcome = CommandOutcome(
+        shown, child.returncode, seconds, mask_text(tail(out_path)), mask_text(tail(err_path))
+    )
     window = (started_wall * 1_000_000, ended_wall * 1_000_000)
     limit_us = ctx.latency_limit_ms * 1000
     transactions = [
@@ -219,7 +223,8 @@ def rehearse(url: URL, argv: tuple[str, ...]) -> None:
     )
     if done.returncode == EXIT_USAGE:
         said = [line[len("error: ") :] for line in done.stderr.splitlines() if line.startswith("error: ")]
-        raise UsageError(f"--while {shlex.join(argv)}: {said[0] if said else 'bad input'}")
+        shown = shlex.join(mask_argument(argument) for argument in argv)
+        raise UsageError(f"--while {shown}: {mask_text(said[0]) if said else 'bad input'}")
 
 
 def key_cost(ctx: Context, keys: Keys) -> float:

@@ -56,8 +56,8 @@ def junit(result: BenchResult) -> ElementTree.ElementTree:
         command = phase.command
         failure = None
         if command.exit_code != 0:
-            failure = f"`{' '.join(command.argv)}` exited {command.exit_code}: {_last_line(command.stderr)}"
-        cases.append(("chatdb.bench.while", f"`{' '.join(command.argv)}` succeeds", failure, False))
+            failure = f"`{' '.join(command.shown)}` exited {command.exit_code}: {_last_line(command.stderr)}"
+        cases.append(("chatdb.bench.while", f"`{' '.join(command.shown)}` succeeds", failure, False))
     if result.request.min_capacity is not None:
         wanted = result.request.min_capacity
         failure = None
@@ -142,7 +142,7 @@ def _phase_title(phase: Phase) -> str:
         return f"{phase.name}: {phase.rate_tps:g} tps for {phase.seconds:.0f} s"
     command = phase.command
     return (
-        f"during `{' '.join(command.argv)}`: {phase.rate_tps:g} tps for {command.seconds:.1f} s "
+        f"during `{' '.join(command.shown)}`: {phase.rate_tps:g} tps for {command.seconds:.1f} s "
         f"(the command exited {command.exit_code})"
     )
 

@@ -173,11 +173,14 @@ def bench_command(
 
 
 def _while(ctx: typer.Context, raw: str) -> tuple[str, ...]:
-    """The --while command: a chatdb command and its arguments, as a shell would split them."""
+    """The --while command: a chatdb command and its arguments, as a shell would split them.
+    A refusal shows it with every password masked."""
+    from chatdb.db import mask_argument, mask_text
+
     try:
         argv = shlex.split(raw)
     except ValueError as exc:
-        raise UsageError(f"invalid --while {raw!r}: {exc}") from None
+        raise UsageError(f"invalid --while {mask_text(raw)!r}: {exc}") from None
     if not argv:
         raise UsageError('--while needs a chatdb command, such as "purge --older-than 90d"')
     from chatdb.cli.root import COMMANDS
@@ -185,7 +188,8 @@ def _while(ctx: typer.Context, raw: str) -> tuple[str, ...]:
     known = {entry.name for entry in COMMANDS}
     if argv[0] in (COMMAND, "chatdb") or argv[0] not in known:
         choices = ", ".join(sorted(known - {COMMAND}))
-        raise UsageError(f"invalid --while {raw!r}: not a chatdb command to run beside bench ({choices})")
+        shown = shlex.join(mask_argument(argument) for argument in argv)
+        raise UsageError(f"invalid --while {shown!r}: not a chatdb command to run beside bench ({choices})")
     return tuple(argv)
 
 
@@ -265,7 +269,7 @@ def _json(result: model.BenchResult) -> dict[str, Any]:
         if phase.command is not None:
             c = phase.command
             command = {
-                "line": shlex.join(c.argv),
+                "line": shlex.join(c.shown),
                 "exit_code": c.exit_code,
                 "seconds": round(c.seconds, 3),
                 "stdout": c.stdout,

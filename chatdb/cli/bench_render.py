@@ -128,7 +128,7 @@ def _verdicts(p: stats.PatternFigures) -> str:
 
 
 def _comparison(alone: model.Phase, during: model.Phase) -> Table:
-    command = " ".join(during.command.argv) if during.command else "?"
+    command = " ".join(during.command.shown) if during.command else "?"
     rows = []
     for p in during.patterns:
         before = next(q for q in alone.patterns if q.pattern == p.pattern)
@@ -176,7 +176,7 @@ def _render_command(during: model.Phase) -> None:
     style = "green" if command.exit_code == 0 else "red"
     out.print(
         Text(
-            f"`{shlex.join(command.argv)}` ran for {command.seconds:.1f} s and exited {command.exit_code}",
+            f"`{shlex.join(command.shown)}` ran for {command.seconds:.1f} s and exited {command.exit_code}",
             style=style,
         )
     )

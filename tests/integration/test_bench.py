@@ -13,12 +13,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 from xml.etree import ElementTree
 
+import psycopg
 import pytest
 from conftest import _test_database
+from psycopg import sql
+from servers import free_port
 from sqlalchemy import text
 from test_production import pooler  # noqa: F401  (the suite's PgBouncer, a fixture)
+from test_secrets import password_server  # noqa: F401  (a server that asks for passwords, a fixture)
 
 from chatdb import db, migrations
 from chatdb import seed as seed_module
@@ -284,6 +289,95 @@ def test_a_while_archive_or_purge_with_bad_input_is_refused_before_anything_is_m
     assert result.stderr.startswith(f"error: --while {command}: {says}"), result.stderr
     assert result.stdout == ""  # nothing was measured
     assert seeded_db.scalar(BENCH_USERS) == 0
+
+
+#: A --while command's passwords: one in a URL's user info, with a space (a word of its own
+#: however it was quoted), one in an ``sslpassword`` parameter.
+WHILE_PASSWORD, WHILE_SSLPASSWORD = "Zx9 Qw8-Jv7", "Ss1-Other-Pw"
+
+
+def _no_password_in(what: str, shown: str) -> None:
+    for piece in (WHILE_PASSWORD, *WHILE_PASSWORD.split(), WHILE_SSLPASSWORD):
+        assert piece not in shown, f"{what}: {shown}"
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_while_command_is_shown_with_its_passwords_masked(seeded_db, cli, tmp_path, as_json):
+    """The command bench shows (the table, its outcome line, --json, the JUnit and HTML
+    reports) is the --while command with every password masked; what --log-dir keeps
+    holds none either. The command tries to connect to a port where nothing listens, and
+    says so with its URL masked (exit 3)."""
+    port = free_port()
+    url = f"postgresql://x:{WHILE_PASSWORD}@127.0.0.1:{port}/db?sslpassword={WHILE_SSLPASSWORD}"
+    command = f"purge --older-than 300d --connect-timeout 1 --database-url '{url}'"
+    masked = f"postgresql://x:***@127.0.0.1:{port}/db?sslpassword=***"
+    junit, html, logs = tmp_path / "bench.xml", tmp_path / "bench.html", tmp_path / "logs"
+    args = (*QUICK, "--rate", "30", "--while", command, *generous("history=1"))
+    args += ("--junit", str(junit), "--html", str(html), "--log-dir", str(logs))
+    result = bench(cli, seeded_db, *args, *(["--json"] if as_json else []))
+    assert result.exit_code == 1, result.output  # the command failed
+    _no_password_in("stdout", result.stdout)
+    _no_password_in("stderr", result.stderr)
+    for path in (junit, html, *sorted(logs.iterdir())):
+        _no_password_in(str(path), path.read_text(errors="replace"))
+    if as_json:
+        line = payload(result)["phases"][1]["command"]
+        assert line["line"] == f"purge --older-than 300d --connect-timeout 1 --database-url '{masked}'"
+        assert line["exit_code"] == 3 and f"cannot connect to {masked}" in line["stderr"], line
+    else:
+        assert f"--database-url '{masked}'` ran for" in result.stdout, result.stdout
+        assert f"cannot connect to {masked}" in result.stdout  # the command's own error line
+    assert f"--database-url {masked}` exited 3" in junit.read_text()
+    assert f"--database-url {masked}`:" in html.read_text()
+
+
+def test_a_while_command_runs_with_the_password_it_was_given(seeded_db, cli, password_server):  # noqa: F811
+    """What is masked is only what is shown: the command runs with its password, against a
+    server that asks for it (a masked one would fail to log in, exit 3)."""
+    with psycopg.connect(password_server["admin"], autocommit=True) as connection:
+        connection.execute(
+            sql.SQL("ALTER ROLE chatdb_secret PASSWORD {}").format(sql.Literal(WHILE_PASSWORD))
+        )
+    socket = quote(password_server["socket"], safe="")
+    url = f"postgresql://chatdb_secret:{quote(WHILE_PASSWORD, safe='')}@/chatdb_secrets?host={socket}"
+    args = (*QUICK, "--rate", "30", "--json", *generous("history=1"))
+    result = bench(cli, seeded_db, *args, "--while", f"status --json --database-url '{url}'")
+    _no_password_in("output", result.output)
+    command = payload(result)["phases"][1]["command"]
+    assert command["exit_code"] == 0, command
+    assert '"user": "chatdb_secret"' in command["stdout"], command
+    assert command["line"] == (
+        f"status --json --database-url 'postgresql://chatdb_secret:***@/chatdb_secrets?host={socket}'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "shown", "says"),
+    [
+        (  # the URL where purge takes no argument: refused by the dry run, which echoes it
+            f"purge --older-than 300d 'postgresql://x:{WHILE_SSLPASSWORD}@127.0.0.1:1/db'",
+            "--while purge --older-than 300d 'postgresql://x:***@127.0.0.1:1/db': ",
+            "unexpected extra argument",
+        ),
+        (
+            f"PGPASSWORD='{WHILE_PASSWORD}' purge --older-than 300d",
+            "invalid --while \"'PGPASSWORD=***' purge --older-than 300d\"",
+            "not a chatdb command",
+        ),
+        (
+            f"purge --older-than 300d --database-url 'postgresql://x:{WHILE_SSLPASSWORD}@127.0.0.1:1/db",
+            'invalid --while "purge --older-than 300d --database-url \'postgresql://x:***@127.0.0.1:1/db"',
+            "No closing quotation",
+        ),
+    ],
+    ids=["refused-by-dry-run", "not-a-command", "unclosed-quote"],
+)
+def test_a_refused_while_command_is_named_without_its_password(seeded_db, cli, command, shown, says):
+    result = bench(cli, seeded_db, "--clients", "2", "--duration", "60s", "--rate", "30", "--while", command)
+    assert result.exit_code == 2, result.output
+    _no_password_in("output", result.output)
+    error = one_error(result)
+    assert shown in error and says in error, error
 
 
 # --- bench's own rows ---------------------------------------------------------------------------

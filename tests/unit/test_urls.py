@@ -116,6 +116,30 @@ def test_free_text_without_a_password_is_left_as_it_is(text):
 
 
 @pytest.mark.parametrize(
+    ("argument", "masked"),
+    [
+        ("postgresql://ops:hunter2@db/chat", "postgresql://ops:***@db/chat"),
+        ("--database-url=postgres://ops:hun ter2@db/chat", "--database-url=postgres://ops:***@db/chat"),
+        ("postgresql://ops:a/b:c@db/chat", "postgresql://ops:***@db/chat"),
+        (
+            "postgresql://db/chat?sslmode=require&password=hun ter2&sslpassword=k ey",
+            "postgresql://db/chat?sslmode=require&password=***&sslpassword=***",
+        ),
+        ("PGPASSWORD=hun ter2", "PGPASSWORD=***"),
+        ("sslpassword=hunter2", "sslpassword=***"),
+        ("host=db password='hun ter2' dbname=chat", "host=db password=*** dbname=chat"),
+        ("purge", "purge"),
+        ("90d", "90d"),
+        ("postgresql://ops@db/chat", "postgresql://ops@db/chat"),
+    ],
+)
+def test_a_command_line_argument_is_masked_to_its_ends(argument, masked):
+    """An argument is one word however it was quoted: a password in it is masked whole,
+    spaces included."""
+    assert db.mask_argument(argument) == masked
+
+
+@pytest.mark.parametrize(
     ("raw", "says"),
     [
         ("", "is empty"),
