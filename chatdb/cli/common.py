@@ -60,12 +60,26 @@ def check_writable(path: Path, option: str) -> None:
         raise UsageError(f"cannot write {option} {path}: {why}")
 
 
+def without_secrets(text: str) -> str:
+    """An error as chatdb shows it. Errors quote what the user typed (a bad value, an
+    unexpected argument), which may be a URL with its password: each argument of the
+    command line is masked whole (it may hold spaces), then the text by its structure."""
+    from chatdb import db  # only for an error: --help does not load the data layer
+
+    for argument in sorted(set(sys.argv[1:]), key=len, reverse=True):
+        masked = db.mask_argument(argument)
+        if masked != argument:
+            text = text.replace(argument, masked)
+    return db.mask_text(text)
+
+
 def report_error(message: str, hint: str | None = None) -> None:
-    """One red line on stderr, and a hint line when there is one."""
+    """One red line on stderr, and a hint line when there is one, without a password."""
     # Messages quote the user's input, and Rich would read "[/x]" in it as markup.
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
+    shown = escape(without_secrets(message))
+    err.print(f"[red]error:[/red] {shown}", soft_wrap=True, markup=True, highlight=False)
     if hint:
-        err.print(f"hint: {hint}", soft_wrap=True, markup=False)
+        err.print(f"hint: {without_secrets(hint)}", soft_wrap=True, markup=False)
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -91,6 +105,9 @@ def to_jsonable(value: Any) -> Any:
 
 
 def print_json(command: str, ok: bool, **fields: Any) -> None:
+    for key in ("error", "hint"):  # as report_error shows them
+        if isinstance(fields.get(key), str):
+            fields[key] = without_secrets(fields[key])
     payload = {"command": command, "ok": ok, **to_jsonable(fields)}
     sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
     sys.stdout.flush()

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -244,6 +245,43 @@ def test_malformed_urls_exit_2_and_are_never_echoed(cli, password):
                 assert result.stdout == ""
             assert "someone" not in shown(result), case  # nothing of the URL is echoed
             assert_not_shown(result, password)
+
+
+@dataclass
+class Finished:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def chatdb(*args: str) -> Finished:
+    done = subprocess.run([sys.executable, "-m", "chatdb", *args], capture_output=True, text=True, timeout=60)
+    return Finished(done.returncode, done.stdout, done.stderr)
+
+
+# Spaces, a raw "@" and "#", quotes and a backslash: what could end a masked part early.
+@pytest.mark.parametrize("password", [PASSWORDS[6], PASSWORDS[-2], PASSWORDS[-1]])
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_url_given_where_no_argument_goes_is_never_echoed(password, as_json):
+    """A URL typed without --database-url, or after an option that takes something else:
+    the usage error names the argument, masked."""
+    url = f"postgresql://someone:{password}@db.example.com/appdb"
+    for args in (
+        ["purge", "--older-than", "3d", url],
+        ["status", "--connect-timeout", url],
+        ["archive", "--older-than", url],
+    ):
+        # The real program: Typer's usage errors are rendered by chatdb's entry point.
+        result = chatdb(*args, *(["--json"] if as_json else []))
+        assert result.exit_code == 2, (args, result.output)
+        line = error_line(result)
+        assert_not_shown(result, password)
+        if as_json:
+            assert json_error(result, args[0], 2) == line.removeprefix("error: ")
 
 
 # --- bad ports and parameters exit 2 with one line (item 4) --------------------------------
