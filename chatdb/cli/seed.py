@@ -36,7 +36,13 @@ def _progress(total: int) -> Iterator[seed_module.Progress | None]:
     """A progress bar with rows/s and ETA on stderr, only when stderr is a terminal."""
     with progress_bar(
         "{task.description:<13}",
-        lambda p: (p.MofNCompleteColumn(), p.TaskProgressColumn(), p.TextColumn("{task.fields[rate]}")),
+        # The count is of every row (users, conversations, messages); the description names
+        # the table being copied.
+        lambda p: (
+            p.TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"),
+            p.TaskProgressColumn(),
+            p.TextColumn("{task.fields[rate]}"),
+        ),
     ) as bar:
         if bar is None:
             yield None
