@@ -47,8 +47,8 @@ VacuumAfter = Annotated[
     bool,
     typer.Option(
         "--vacuum",
-        help="After the last batch, VACUUM (ANALYZE) the tables the run changed "
-        "(it blocks neither reads nor writes; Ctrl-C stops it).",
+        help="After the last batch, VACUUM (ANALYZE) the tables the run changed that the role "
+        "may vacuum, and name the others (it blocks neither reads nor writes; Ctrl-C stops it).",
     ),
 ]
 MaxRuntime = Annotated[
@@ -359,9 +359,12 @@ def _render(result: lifecycle.RunResult, verb: str, as_json: bool) -> None:
 
 
 def _render_vacuum(vacuum: lifecycle.Vacuum) -> None:
-    """Whether the run left tables needing VACUUM, and what --vacuum did."""
+    """Whether the run left tables needing VACUUM, and what --vacuum did: done on which
+    tables, and which it skipped because the role may not vacuum them."""
     if vacuum.vacuumed:
         out.print(f"VACUUM (ANALYZE) done on {', '.join(vacuum.vacuumed)}.")
+    for why, skipped in _grouped(vacuum.skipped).items():
+        out.print(f"[yellow]VACUUM (ANALYZE) skipped on {', '.join(skipped)}:[/yellow] {escape(why)}.")
     left = vacuum.left()
     if vacuum.stopped_by:
         out.print(
@@ -370,7 +373,19 @@ def _render_vacuum(vacuum: lifecycle.Vacuum) -> None:
         )
     elif left:
         tables = ", ".join(f"{table} ({_n(rows, 'dead row')})" for table, rows in left.items())
+        mine = [table for table in left if table not in vacuum.run_by]
+        fixes = [f"run {escape(vacuum.fix(mine))} or give --vacuum next time"] if mine else []
+        for who, theirs in _grouped({t: w for t, w in vacuum.run_by.items() if t in left}).items():
+            fixes.append(f"{escape(vacuum.fix(theirs))} must be run by {escape(who)}")
         out.print(
             f"[yellow]Left tables needing VACUUM:[/yellow] {tables}. Autovacuum gets to them in time;"
-            f" to do it now, run {escape(vacuum.fix())} or give --vacuum next time."
+            f" to do it now, {', and '.join(fixes)}."
         )
+
+
+def _grouped(by_table: dict[str, str]) -> dict[str, list[str]]:
+    """{table: value} as {value: [tables]}, in the tables' order."""
+    grouped: dict[str, list[str]] = {}
+    for name, value in by_table.items():
+        grouped.setdefault(value, []).append(name)
+    return grouped

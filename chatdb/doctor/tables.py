@@ -14,6 +14,7 @@ from chatdb.defaults import dead_limit
 from chatdb.doctor import shards
 from chatdb.doctor.model import FAIL, OK, SKIPPED, WARN, Finding, count, duration
 from chatdb.doctor.probe import Probe
+from chatdb.lifecycle.vacuuming import may_vacuum, run_by
 
 #: Which lifecycle commands delete rows from which table, and the count that says how many
 #: (chatdb_runs.counts): an archive moves rows out of the hot tables, a restore out of the
@@ -90,7 +91,8 @@ def vacuum(probe: Probe) -> list[Finding]:
     rows = probe.rows(
         "SELECT c.relname, s.n_live_tup, s.n_dead_tup, s.n_mod_since_analyze,"
         " s.last_vacuum, s.last_autovacuum, s.last_analyze, s.last_autoanalyze, c.reloptions,"
-        " now() AS now, current_setting('autovacuum')::bool AS autovacuum"
+        " now() AS now, current_setting('autovacuum')::bool AS autovacuum,"
+        f" pg_get_userbyid(c.relowner) AS owner, {may_vacuum(probe.version)} AS may_vacuum"
         " FROM pg_class c JOIN pg_stat_all_tables s ON s.relid = c.oid WHERE c.oid = ANY(:oids)",
         oids=probe.oids,
     )
@@ -118,6 +120,8 @@ def vacuum(probe: Probe) -> list[Finding]:
                 last_analyze=last_analyze,
                 last_autoanalyze=last_autoanalyze,
                 reloptions=row.reloptions,
+                owner=row.owner,
+                may_vacuum=row.may_vacuum,
                 now=row.now,
                 autovacuum=all(v["autovacuum"] for v in values),
             )
@@ -149,6 +153,9 @@ def _vacuum_of(
         last += "; autovacuum is off on this server"
     limit = dead_limit(live + dead, limits.dead_ratio, limits.dead_rows)
     table = probe.qualified(name)
+    # VACUUM and ANALYZE skip, with a WARNING, a table this role may not vacuum: its fix
+    # says who may run it.
+    by = "" if row.may_vacuum else f"to be run by {run_by(row.owner, probe.version)}"
     share = f"{dead / (live + dead):.0%}" if live + dead else "0%"
     if dead >= limit:
         detail = (
@@ -156,14 +163,17 @@ def _vacuum_of(
             + _run_since(name, runs, vacuumed)
             + where
         )
-        fix = f"VACUUM (ANALYZE) {table};  -- takes no lock that blocks reads or writes"
+        fix = f"VACUUM (ANALYZE) {table};  -- " + (f"{by}; it " if by else "")
+        fix += "takes no lock that blocks reads or writes"
         found.append(_vacuum(label, "dead rows", WARN, dead, limit, detail, fix, node))
     else:
         detail = f"{count(dead, 'dead row')} ({share}); {last}{where}"
         found.append(_vacuum(label, "dead rows", OK, dead, limit, detail, node=node))
     stale_limit = dead_limit(live, limits.dead_ratio, limits.dead_rows)
     # VACUUM (ANALYZE) analyzes too: one statement fixes both.
-    analyze = found[-1].fix if found[-1].status == WARN else f"ANALYZE {table};"
+    analyze = f"ANALYZE {table};" + (f"  -- {by}" if by else "")
+    if found[-1].status == WARN:
+        analyze = found[-1].fix or analyze
     if analyzed is None and live >= stale_limit:
         detail = f"never analyzed, with {count(live, 'row')}: the planner guesses its sizes{where}"
         found.append(_vacuum(label, "analyze", WARN, changed, stale_limit, detail, analyze, node))

@@ -45,7 +45,7 @@ def archive(
     finally:
         if writer is not None:
             writer.close()
-    result.vacuum.needed = dead_left(engine, result)
+    result.vacuum = dead_left(engine, result)
     return result
 
 
@@ -72,7 +72,7 @@ def purge(
     result = Runner(engine, plan, options, None).run(
         _phases(engine, plan, purge_phases) if phases is None else phases
     )
-    result.vacuum.needed = dead_left(engine, result)
+    result.vacuum = dead_left(engine, result)
     return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,18 +63,27 @@ class Plan:
 @dataclass
 class Vacuum:
     """The dead rows a run left (the rows it deleted from each table, where they are enough
-    for the table to need VACUUM, by doctor's rule), and what ``--vacuum`` did about them."""
+    for the table to need VACUUM, by doctor's rule), and what ``--vacuum`` did about them.
+
+    PostgreSQL vacuums a table only for its owner (or a member of the owning role), the
+    database's owner, a superuser or, from 17, a role with MAINTAIN on it, and skips any
+    other with a WARNING: such a table is never in ``vacuumed``."""
 
     needed: dict[str, int] = field(default_factory=dict)
+    #: The tables in ``needed`` that the role that ran it may not vacuum: who may.
+    run_by: dict[str, str] = field(default_factory=dict)
     vacuumed: list[str] = field(default_factory=list)
+    #: The tables ``--vacuum`` left because the role running it may not vacuum them: why.
+    skipped: dict[str, str] = field(default_factory=dict)
     stopped_by: str | None = None  # a signal stopped the VACUUM: "interrupted", "terminated"
 
     def left(self) -> dict[str, int]:
         """The tables that still need VACUUM, with the dead rows the run left in each."""
         return {table: rows for table, rows in self.needed.items() if table not in self.vacuumed}
 
-    def fix(self) -> str:
-        return " ".join(f"VACUUM (ANALYZE) {table};" for table in self.left())
+    def fix(self, tables: Iterable[str] | None = None) -> str:
+        """The statement that vacuums ``tables`` (those left, by default)."""
+        return " ".join(f"VACUUM (ANALYZE) {table};" for table in (self.left() if tables is None else tables))
 
 
 @dataclass

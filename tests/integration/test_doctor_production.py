@@ -13,6 +13,7 @@ import pytest
 import servers
 from conftest import scratch_folder
 from sqlalchemy import text
+from test_doctor import one, wait_for
 from test_production import leftover_session_state, need
 
 OPS = "chatdb_doctor_ops"
@@ -134,7 +135,30 @@ def test_doctor_and_purge_vacuum_through_pgbouncer_in_transaction_mode(migrated_
     payload = doctor(cli, url, "--size-limit", "1GB", "--older-than", "90d")
     assert payload["ok"] is True and payload["recorded"] is True
     assert not [c for c in payload["checks"] if c["status"] == "fail"]
+    # The operations role owns no table: --vacuum skips each one PostgreSQL would skip, and
+    # doctor's fix says who may run it.
+    migrated_db.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
+    purge = cli("purge", "--older-than", "60d", "--vacuum", "--json", "--database-url", url)
+    assert purge.exit_code == 0, purge.output
+    payload = json.loads(purge.stdout)
+    assert payload["vacuum"]["vacuumed"] == [], payload["vacuum"]
+    assert list(payload["vacuum"]["skipped"]) == ["conversations", "messages"], payload["vacuum"]
+    owner = migrated_db.scalar("SELECT tableowner FROM pg_tables WHERE tablename = 'messages'")
+    assert payload["vacuum"]["run_by"]["messages"].startswith(f"{owner} (the owner)"), payload["vacuum"]
+    wait_for(
+        migrated_db,
+        "n_dead_tup >= :n FROM pg_stat_all_tables WHERE relname = 'messages'",
+        n=payload["done"]["messages"],
+    )
+    dead = one(doctor(cli, url), "vacuum", "dead rows", "messages")
+    assert dead["status"] == "warn", dead
+    assert dead["fix"].startswith(f"VACUUM (ANALYZE) messages;  -- to be run by {owner} (the owner)"), dead
+    # The database's owner may vacuum every table in it.
+    migrated_db.execute(f'ALTER DATABASE "{migrated_db.name}" OWNER TO "{OPS}"')
     purge = cli("purge", "--older-than", "30d", "--vacuum", "--json", "--database-url", url)
     assert purge.exit_code == 0, purge.output
-    assert json.loads(purge.stdout)["vacuum"]["vacuumed"] == ["conversations", "messages"]
+    vacuum = json.loads(purge.stdout)["vacuum"]
+    assert vacuum["vacuumed"] == ["conversations", "messages"] and vacuum["skipped"] == {}, vacuum
+    dead = one(doctor(cli, url), "vacuum", "dead rows", "messages")
+    assert dead["status"] == "ok", dead
     assert leftover_session_state(pooler, migrated_db) == []

@@ -29,6 +29,7 @@ from chatdb.schema import VERSION_TABLE, metadata
 
 OPS = "chatdb_test_ops"
 APP = "chatdb_test_app"
+TABLE_OWNER = "chatdb_test_table_owner"  # owns a table the operations role may be a member of
 CHATDB = (sys.executable, "-m", "chatdb")
 SEED = ("--users", "40", "--conversations", "600", "--messages", "3000", "--days", "365")
 
@@ -86,14 +87,15 @@ def tls_server() -> Iterator[servers.DebianPostgres]:
 
 @pytest.fixture(scope="session")
 def roles(pg_server) -> Iterator[None]:
-    """The operations and application roles, with no privileges of their own."""
+    """The operations and application roles, with no privileges of their own, and a role
+    that may be given a table to own."""
     with pg_server.admin.connect() as connection:
-        for role in (OPS, APP):
+        for role in (OPS, APP, TABLE_OWNER):
             connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
-            connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+            connection.execute(text(f'CREATE ROLE "{role}" {"NOLOGIN" if role == TABLE_OWNER else "LOGIN"}'))
     yield
     with pg_server.admin.connect() as connection:
-        for role in (OPS, APP):
+        for role in (OPS, APP, TABLE_OWNER):
             connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
 
 
@@ -471,6 +473,107 @@ def test_the_operations_role_runs_the_operations_commands(migrated_db, roles, po
     )
     assert result.exit_code == 0, result.output
     assert migrated_db.scalar("SELECT count(*) FROM chatdb_runs WHERE db_user = :r", r=OPS) == 4
+
+
+_HOT_AND_ARCHIVE = ("conversations", "messages", "conversations_archive", "messages_archive")
+
+
+def vacuumed_by_hand(database) -> set[str]:
+    """The hot and archive tables with a manual VACUUM in the statistics (autovacuum's
+    are apart, in last_autovacuum)."""
+    return set(
+        database.scalar(
+            "SELECT coalesce(array_agg(relname::text), '{}') FROM pg_stat_all_tables"
+            " WHERE relid = ANY(CAST(:tables AS regclass[])) AND last_vacuum IS NOT NULL",
+            tables=list(_HOT_AND_ARCHIVE),
+        )
+    )
+
+
+def wait_for_vacuums(database, tables: set[str]) -> None:
+    """Until the statistics show a manual VACUUM of every one of ``tables``."""
+    deadline = time.monotonic() + 30
+    while not tables <= vacuumed_by_hand(database):
+        assert time.monotonic() < deadline, (tables, vacuumed_by_hand(database))
+        time.sleep(0.05)
+
+
+def changed(payload: dict) -> list[str]:
+    """The tables a run's --json says it deleted rows from or inserted rows into, in the
+    order --vacuum takes them."""
+    done = payload["done"]
+    rows = {
+        "conversations": done["conversations"],
+        "messages": done["messages"],
+        "conversations_archive": done["archive_conversations"],
+        "messages_archive": done["archive_messages"],
+    }
+    if payload["command"] == "archive":
+        rows |= {"conversations_archive": done["conversations"], "messages_archive": done["messages"]}
+    return [table for table in _HOT_AND_ARCHIVE if rows[table]]
+
+
+def test_vacuum_as_the_operations_role_reports_only_the_tables_postgresql_vacuumed(
+    migrated_db, roles, pg_server, cli
+):
+    """PostgreSQL vacuums a table only for its owner (or a member of the owning role), the
+    database's owner, a superuser, or from 17 a role with MAINTAIN on it; any other it
+    skips with a WARNING and no error. --vacuum as the operations role, which owns no
+    table, says so of each table and vacuums only those it may; the statistics agree."""
+    db = migrated_db
+    assert cli("seed", *SEED, "--database-url", db.cli_url).exit_code == 0
+    grant(cli, db)
+    ops = as_role(db, OPS)
+    owner = db.scalar("SELECT tableowner FROM pg_tables WHERE tablename = 'messages'")
+    maintain = db.scalar("SELECT current_setting('server_version_num')::int >= 170000")
+
+    # May vacuum none: the run says it skipped all four, and who may vacuum what it left.
+    archive = cli("archive", "--older-than", "90d", "--vacuum", "--database-url", ops)
+    assert archive.exit_code == 0, archive.output
+    said = " ".join(archive.stdout.split())
+    assert "VACUUM (ANALYZE) done" not in said, said
+    why = f"{OPS} may not vacuum a table owned by {owner} (only {owner} or a member of it,"
+    assert f"VACUUM (ANALYZE) skipped on {', '.join(_HOT_AND_ARCHIVE)}: {why}" in said, said
+    assert ("a role with MAINTAIN on the table may)" in said) == maintain, said
+    assert "Left tables needing VACUUM: messages (" in said, said
+    who = f"{owner} (the owner)" + (" or a role with MAINTAIN on the table" if maintain else "")
+    assert f"VACUUM (ANALYZE) messages; must be run by {who}." in said, said
+    assert "give --vacuum next time" not in said, said
+    assert vacuumed_by_hand(db) == set()
+
+    # May vacuum messages_archive as a member of its owner, and from 17
+    # conversations_archive with MAINTAIN on it: those are vacuumed, the rest skipped.
+    db.execute(f'ALTER TABLE messages_archive OWNER TO "{TABLE_OWNER}"')
+    may = {"messages_archive"}
+    if maintain:
+        db.execute(f'GRANT MAINTAIN ON TABLE conversations_archive TO "{OPS}"')
+        may.add("conversations_archive")
+    with pg_server.admin.connect() as connection:
+        connection.execute(text(f'GRANT "{TABLE_OWNER}" TO "{OPS}"'))
+    try:
+        purge = cli("purge", "--older-than", "200d", "--vacuum", "--json", "--database-url", ops)
+    finally:
+        with pg_server.admin.connect() as connection:
+            connection.execute(text(f'REVOKE "{TABLE_OWNER}" FROM "{OPS}"'))
+    assert purge.exit_code == 0, purge.output
+    payload = json.loads(purge.stdout)
+    tables = changed(payload)
+    assert "messages_archive" in tables and "conversations_archive" in tables, payload["done"]
+    vacuum = payload["vacuum"]
+    assert vacuum["vacuumed"] == [table for table in tables if table in may], vacuum
+    assert list(vacuum["skipped"]) == [table for table in tables if table not in may], vacuum
+    for table, reason in vacuum["skipped"].items():
+        assert reason.startswith(f"{OPS} may not vacuum a table owned by {owner} "), (table, reason)
+    wait_for_vacuums(db, set(vacuum["vacuumed"]))
+    assert vacuumed_by_hand(db) == set(vacuum["vacuumed"])
+
+    # The owner vacuums every table the run changed, as before.
+    run = cli("archive", "--older-than", "30d", "--vacuum", "--json", "--database-url", db.cli_url)
+    assert run.exit_code == 0, run.output
+    payload = json.loads(run.stdout)
+    assert payload["vacuum"]["vacuumed"] == changed(payload) == list(_HOT_AND_ARCHIVE), payload
+    assert payload["vacuum"]["skipped"] == {} and payload["vacuum"]["run_by"] == {}, payload["vacuum"]
+    wait_for_vacuums(db, set(_HOT_AND_ARCHIVE))
 
 
 def test_the_operations_role_cannot_seed_and_says_why(migrated_db, roles, cli):
