@@ -29,13 +29,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
 import pytest
-from conftest import scratch_folder
+from conftest import CliResult, scratch_folder
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from servers import free_port
@@ -247,20 +246,9 @@ def test_malformed_urls_exit_2_and_are_never_echoed(cli, password):
             assert_not_shown(result, password)
 
 
-@dataclass
-class Finished:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-
-def chatdb(*args: str) -> Finished:
+def chatdb(*args: str) -> CliResult:
     done = subprocess.run([sys.executable, "-m", "chatdb", *args], capture_output=True, text=True, timeout=60)
-    return Finished(done.returncode, done.stdout, done.stderr)
+    return CliResult(done.returncode, done.stdout, done.stderr)
 
 
 # Spaces, a raw "@" and "#", quotes and a backslash: what could end a masked part early.
