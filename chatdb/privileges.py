@@ -9,7 +9,9 @@ Two roles besides the tables' owner (the role that runs ``chatdb migrate``):
   sizes in ``chatdb_size_history``, and creates temporary tables (``verify-indexes``
   builds the declared indexes on empty temporary copies). It owns nothing, so ``migrate``
   and ``seed``, the development and staging tools that create, alter, or take over
-  tables, say which privilege it lacks. For ``doctor`` it is also a member of
+  tables, say which privilege it lacks. From PostgreSQL 17 it has ``MAINTAIN`` on the hot
+  and archive tables, so that ``--vacuum`` may vacuum what a run changed (up to 16 only a
+  table's owner may). For ``doctor`` it is also a member of
   ``pg_monitor`` (``pg_read_all_stats``: every session and statement;
   ``pg_stat_scan_tables``: pgstattuple), which only a superuser (or a managed service's
   admin role) may grant.
@@ -65,6 +67,28 @@ def validate_role(name: str, option: str, what: str = "role") -> str:
     return name
 
 
+def dollar_quoted(body: str, tag: str = "") -> str:
+    """``body`` as a dollar-quoted string constant, which PostgreSQL (and psql) read
+    without escapes: ``$tag$body$tag$``, the tag made longer (``tag_1``, ``tag_2``...)
+    until nothing in ``body`` can end the constant early."""
+    chosen, number = tag, 0
+    while (body + f"${chosen}$").find(f"${chosen}$") != len(body):
+        number += 1
+        chosen = f"{tag}_{number}"
+    return f"${chosen}${body}${chosen}$"
+
+
+def from_version(version: int, statement: str) -> str:
+    """``statement`` (without its ``;``) as a ``DO`` block that runs it on a server of
+    ``version`` (server_version_num) or later and does nothing on an earlier one: one line
+    that runs, as printed, on every version."""
+    body = (
+        f"BEGIN IF current_setting('server_version_num')::int >= {version} THEN "
+        f"EXECUTE {dollar_quoted(statement, 'grant')}; END IF; END"
+    )
+    return f"DO {dollar_quoted(body)};"
+
+
 def grant_statements(app_role: str, ops_role: str, database: str, schema: str = "public") -> list[RoleGrants]:
     """The GRANT statements for the application's role and the operations role. Run them
     as the owner of chatdb's tables."""
@@ -97,7 +121,9 @@ def grant_statements(app_role: str, ops_role: str, database: str, schema: str = 
             ops_role,
             "operations",
             "runs archive, purge, status, verify-indexes and doctor: reads and writes chatdb's tables, "
-            "records runs and sizes, creates temporary tables; owns nothing, so it cannot migrate or seed",
+            "records runs and sizes, creates temporary tables; from PostgreSQL 17 may VACUUM and ANALYZE "
+            "the hot and archive tables (MAINTAIN, the DO block), for archive and purge --vacuum; "
+            "owns nothing, so it cannot migrate or seed",
             [
                 f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {ops};",
                 f"GRANT USAGE ON SCHEMA {sch} TO {ops};",
@@ -105,6 +131,8 @@ def grant_statements(app_role: str, ops_role: str, database: str, schema: str = 
                 f"GRANT SELECT, INSERT, UPDATE ON TABLE {tables(chatdb_runs.name)} TO {ops};",
                 f"GRANT SELECT, INSERT, DELETE ON TABLE {tables(chatdb_size_history.name)} TO {ops};",
                 f"GRANT SELECT ON TABLE {tables(VERSION_TABLE, users.name)} TO {ops};",
+                # MAINTAIN is PostgreSQL 17's: an earlier server refuses the GRANT itself.
+                from_version(170000, f"GRANT MAINTAIN ON TABLE {chat}, {archive} TO {ops}"),
             ],
         ),
         RoleGrants(

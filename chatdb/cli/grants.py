@@ -49,9 +49,11 @@ def grants(
     and reads the archive. The operations role runs archive, purge, status,
     verify-indexes and doctor: it reads and writes chatdb's tables, records runs
     in chatdb_runs and sizes in chatdb_size_history, and creates temporary
-    tables; doctor also needs pg_monitor, which the last statement grants (as a
-    superuser). Neither owns a table, so neither can migrate or seed: those run
-    as the owner.
+    tables; on PostgreSQL 17 and later it may also vacuum the hot and archive
+    tables (MAINTAIN, which a DO block grants only there), for --vacuum; doctor
+    also needs pg_monitor, which the last statement grants (as a superuser).
+    Neither owns a table, so neither can migrate or seed: those run as the
+    owner.
 
     Example:
 

@@ -14,7 +14,7 @@ import servers
 from conftest import scratch_folder
 from sqlalchemy import text
 from test_doctor import one, wait_for
-from test_production import leftover_session_state, need
+from test_production import leftover_session_state, need, without_maintain
 
 OPS = "chatdb_doctor_ops"
 APP = "chatdb_doctor_app"
@@ -130,13 +130,14 @@ def test_status_and_doctor_as_a_role_that_may_not_record_still_report(migrated_d
 
 def test_doctor_and_purge_vacuum_through_pgbouncer_in_transaction_mode(migrated_db, roles, pooler, cli):
     grant(cli, migrated_db)
+    without_maintain(migrated_db, OPS)
     url = pooler.url(migrated_db.name, OPS)
     assert cli("seed", *SEED, "--database-url", migrated_db.cli_url).exit_code == 0
     payload = doctor(cli, url, "--size-limit", "1GB", "--older-than", "90d")
     assert payload["ok"] is True and payload["recorded"] is True
     assert not [c for c in payload["checks"] if c["status"] == "fail"]
-    # The operations role owns no table: --vacuum skips each one PostgreSQL would skip, and
-    # doctor's fix says who may run it.
+    # The operations role owns no table (and here has no MAINTAIN): --vacuum skips each one
+    # PostgreSQL would skip, and doctor's fix says who may run it.
     migrated_db.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
     purge = cli("purge", "--older-than", "60d", "--vacuum", "--json", "--database-url", url)
     assert purge.exit_code == 0, purge.output

@@ -14,6 +14,7 @@ from chatdb.schema import VERSION_TABLE, metadata
 
 #: The tables the statements name: chatdb's, users, and the version table.
 TABLES = (*metadata.tables, VERSION_TABLE)
+HOT_AND_ARCHIVE = ("conversations", "messages", "conversations_archive", "messages_archive")
 
 
 def statements(cli, **names: str) -> list[str]:
@@ -34,17 +35,34 @@ def statements(cli, **names: str) -> list[str]:
     return [s for grant in json.loads(result.stdout)["roles"] for s in grant["statements"]]
 
 
-@pytest.mark.parametrize("option", ["app_role", "schema"])
+@pytest.mark.parametrize("option", ["app_role", "ops_role", "schema"])
 @pytest.mark.parametrize(
-    "name", ["50%off", "lateral", "system_user", "collation", "tablesample", 'Chat"Bot', "chat-bot", "user"]
+    "name",
+    [
+        "50%off",
+        "lateral",
+        "system_user",
+        "collation",
+        "tablesample",
+        'Chat"Bot',
+        "chat-bot",
+        "user",
+        # in the dollar-quoted DO block that grants MAINTAIN from PostgreSQL 17
+        "it's",
+        "end$$",
+        "x$grant$",
+        "$grant",
+    ],
 )
 def test_grants_name_exactly_the_role_and_schema_given(pg_server, cli, option, name):
     """Create the role and schema the statements should name, run the statements (as a
-    superuser, rolled back): each must parse and name them."""
+    superuser, rolled back): each must parse and name them, and from PostgreSQL 17 the
+    operations role has MAINTAIN on the hot and archive tables."""
     names = {option: name}
     url = pg_server.url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(url) as connection:
-        for role in (names.get("app_role", "r2app"), "r2ops"):
+        ops = names.get("ops_role", "r2ops")
+        for role in (names.get("app_role", "r2app"), ops):
             connection.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
         schema = names.get("schema", "r2s")
         connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
@@ -57,6 +75,13 @@ def test_grants_name_exactly_the_role_and_schema_given(pg_server, cli, option, n
                 if "ON DATABASE" in statement:
                     continue  # r2db does not exist; the database case is the next test
                 connection.execute(statement)
+            if connection.info.server_version >= 170000:
+                maintain = connection.execute(
+                    "SELECT c.relname FROM pg_class c WHERE c.relnamespace = to_regnamespace(%s)"
+                    " AND has_table_privilege(%s, c.oid, 'MAINTAIN') ORDER BY c.relname",
+                    (sql.Identifier(schema).as_string(connection), ops),
+                ).fetchall()
+                assert [table for (table,) in maintain] == sorted(HOT_AND_ARCHIVE), maintain
         finally:
             connection.rollback()
 

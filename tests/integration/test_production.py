@@ -370,11 +370,13 @@ _OBJECTS = {
 _OBJECT = re.compile("|".join([*map(re.escape, _OBJECTS), r"`\w+`"]))
 
 
-def readme_privileges(row: str) -> dict[str, list[str]]:
-    """What the README's table of roles says the role of ``row`` (its first cell) may do,
-    all of it: ``{object: sorted privileges}``, the object "<the database>", "<the
-    schema>", a table, or "member of" (the roles it is a member of). Every clause of the
-    cell must be understood, and the last must be "nothing else"."""
+def readme_privileges(row: str, version: int) -> dict[str, list[str]]:
+    """What the README's table of roles says the role of ``row`` (its first cell) may do on
+    a server of ``version`` (server_version_num), all of it: ``{object: sorted
+    privileges}``, the object "<the database>", "<the schema>", a table, or "member of"
+    (the roles it is a member of). A clause that ends "(PostgreSQL N and later)" holds
+    from that major version. Every clause of the cell must be understood, and the last
+    must be "nothing else"."""
     (line,) = [line for line in README.splitlines() if line.startswith(f"| {row} |")]
     *clauses, last = line.split(" | ")[1].split("; ")
 
@@ -387,8 +389,10 @@ def readme_privileges(row: str) -> dict[str, list[str]]:
         if member := re.fullmatch(r"membership of `(\w+)`", clause):
             may.setdefault("member of", set()).add(member[1])
             continue
-        granted = re.fullmatch(r"`([A-Z, ]+)` on (.+)", clause)
+        granted = re.fullmatch(r"`([A-Z, ]+)` on (.+?)(?: \(PostgreSQL (\d+) and later\))?", clause)
         assert granted, clause
+        if granted[3] and version < int(granted[3]) * 10000:
+            continue
         for name in objects(granted[2]):
             may.setdefault(name, set()).update(granted[1].split(", "))
     none = re.fullmatch(r"nothing else(?: \(none on (.+)\))?", last)
@@ -446,11 +450,12 @@ def test_each_role_holds_exactly_what_the_readme_says_after_the_grants(migrated_
     migrated_db.execute(f'REVOKE ALL ON DATABASE "{migrated_db.name}" FROM PUBLIC')
     migrated_db.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
     grant(cli, migrated_db)
+    version = int(migrated_db.scalar("SELECT current_setting('server_version_num')"))
     for row, role in (
         ("the application's role (`--app-role`)", APP),
         ("the operations role (`--ops-role`)", OPS),
     ):
-        assert privileges_held(migrated_db, role) == readme_privileges(row), role
+        assert privileges_held(migrated_db, role) == readme_privileges(row, version), role
 
 
 def test_the_operations_role_runs_the_operations_commands(migrated_db, roles, pooler, cli):
@@ -513,16 +518,53 @@ def changed(payload: dict) -> list[str]:
     return [table for table in _HOT_AND_ARCHIVE if rows[table]]
 
 
+def without_maintain(database, role: str) -> None:
+    """Take back the MAINTAIN that `chatdb grants` gives ``role`` on the hot and archive
+    tables from PostgreSQL 17, as a DBA who leaves that statement out would: it then may
+    vacuum none of them, as up to 16."""
+    if database.scalar("SELECT current_setting('server_version_num')::int >= 170000"):
+        database.execute(f'REVOKE MAINTAIN ON TABLE {", ".join(_HOT_AND_ARCHIVE)} FROM "{role}"')
+
+
+def test_vacuum_as_the_operations_role_after_the_grants_vacuums_from_postgresql_17(migrated_db, roles, cli):
+    """README, "Least privilege": from PostgreSQL 17 `chatdb grants` gives the operations
+    role MAINTAIN on the hot and archive tables, so its --vacuum vacuums every table the
+    run changed (the statistics agree) and skips none; up to 16 the same statements run
+    and grant nothing more, and it skips them all."""
+    db = migrated_db
+    assert cli("seed", *SEED, "--database-url", db.cli_url).exit_code == 0
+    grant(cli, db)
+    ops = as_role(db, OPS)
+    maintain = db.scalar("SELECT current_setting('server_version_num')::int >= 170000")
+    archive = cli("archive", "--older-than", "90d", "--database-url", ops)
+    assert archive.exit_code == 0, archive.output
+    purge = cli("purge", "--older-than", "200d", "--vacuum", "--json", "--database-url", ops)
+    assert purge.exit_code == 0, purge.output
+    payload = json.loads(purge.stdout)
+    assert changed(payload) == list(_HOT_AND_ARCHIVE), payload["done"]
+    vacuum = payload["vacuum"]
+    if maintain:
+        assert vacuum["vacuumed"] == list(_HOT_AND_ARCHIVE), vacuum
+        assert vacuum["skipped"] == {} and vacuum["run_by"] == {}, vacuum
+        wait_for_vacuums(db, set(_HOT_AND_ARCHIVE))
+    else:
+        assert vacuum["vacuumed"] == [], vacuum
+        assert list(vacuum["skipped"]) == list(_HOT_AND_ARCHIVE), vacuum
+    assert vacuumed_by_hand(db) == set(vacuum["vacuumed"])
+
+
 def test_vacuum_as_the_operations_role_reports_only_the_tables_postgresql_vacuumed(
     migrated_db, roles, pg_server, cli
 ):
     """PostgreSQL vacuums a table only for its owner (or a member of the owning role), the
     database's owner, a superuser, or from 17 a role with MAINTAIN on it; any other it
     skips with a WARNING and no error. --vacuum as the operations role, which owns no
-    table, says so of each table and vacuums only those it may; the statistics agree."""
+    table (and here has no MAINTAIN), says so of each table and vacuums only those it
+    may; the statistics agree."""
     db = migrated_db
     assert cli("seed", *SEED, "--database-url", db.cli_url).exit_code == 0
     grant(cli, db)
+    without_maintain(db, OPS)
     ops = as_role(db, OPS)
     owner = db.scalar("SELECT tableowner FROM pg_tables WHERE tablename = 'messages'")
     maintain = db.scalar("SELECT current_setting('server_version_num')::int >= 170000")
@@ -634,7 +676,8 @@ def test_grants_quotes_role_names_and_refuses_bad_ones(cli):
     payload = json.loads(result.stdout)
     statements = [s for role in payload["roles"] for s in role["statements"]]
     assert 'TO "app""; DROP TABLE users; --";' in statements[0]
-    assert all(s.endswith(' TO "Ops Team";') for s in statements[4:])
+    to_ops = (' TO "Ops Team";', ' TO "Ops Team"$grant$; END IF; END$$;')  # the last, in a DO block
+    assert all(s.endswith(to_ops) for s in statements[4:])
     for bad in ("", "public", "pg_monitor", "x" * 64, "a\nb"):
         refused = cli("grants", "--app-role", bad, "--ops-role", "ops")
         assert refused.exit_code == 2, (bad, refused.output)
