@@ -424,6 +424,19 @@ def test_a_signal_as_chatdb_exits_after_the_run_changes_nothing():
         engine.dispose()
 
 
+def test_a_run_in_process_gets_its_signal_handlers_back(cli, migrated_db):
+    """Only the console script ignores signals to its exit once the run is over: a program
+    that runs the command in its own process (here Typer's runner) finds its handlers as
+    they were."""
+    db = migrated_db
+    populate(db)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    result = cli("archive", "--older-than", "100d", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outcome"] == "succeeded"
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
 # --- item: archive restore ---------------------------------------------------------------------------
 
 
