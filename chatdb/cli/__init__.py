@@ -28,8 +28,10 @@ def main() -> None:
     if sys.argv[1:] == ["--version"]:
         print_version()
         raise SystemExit(0)
+    from chatdb.cli.boundary import ends_with_command
     from chatdb.cli.root import run
 
+    ends_with_command()
     raise SystemExit(run())
 
 

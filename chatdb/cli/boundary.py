@@ -41,6 +41,37 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise TerminatedRead()
 
 
+class _Process:
+    """What the error boundary knows of the process its command runs in."""
+
+    #: The process ends with its command: the console script (``chatdb.cli.main``), not
+    #: a program that runs commands in it (Typer's test runner, an embedding).
+    ends_with_command = False
+    #: Ctrl-C and SIGTERM are ignored up to the process's exit (``ignore_signals_to_the_end``).
+    ignoring = False
+
+
+def ends_with_command() -> None:
+    """The process ends with the command it runs (the console script says so)."""
+    _Process.ends_with_command = True
+
+
+def ignore_signals_to_the_end() -> bool:
+    """The command's outcome is final (a lifecycle run has recorded it in its audit row):
+    in a process that ends with the command, Ctrl-C and SIGTERM are ignored from now to
+    its exit, and nothing restores them. What comes after the summary (Typer unwinding,
+    the embedded server's hook at exit, which rewrites its list of clients, the
+    interpreter's exit) runs with no signal able to end the process with another exit
+    code. False, and nothing changed, in a process that goes on after the command: the
+    handlers the command found are put back."""
+    if not _Process.ends_with_command or threading.current_thread() is not threading.main_thread():
+        return False
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    _Process.ignoring = True
+    return True
+
+
 @contextmanager
 def error_boundary(ctx: ClickContext) -> Iterator[None]:
     """Domain errors become one red line and their exit code; Ctrl-C exits 130 and SIGTERM
@@ -76,7 +107,7 @@ def error_boundary(ctx: ClickContext) -> Iterator[None]:
     except Exception as exc:
         raise _unexpected(exc, json_command) from None
     finally:
-        if in_main_thread:
+        if in_main_thread and not _Process.ignoring:
             signal.signal(signal.SIGTERM, previous)
 
 

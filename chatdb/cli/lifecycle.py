@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from chatdb.cli.boundary import Terminated, TerminatedRead
+from chatdb.cli.boundary import Terminated, TerminatedRead, ignore_signals_to_the_end
 from chatdb.cli.common import confirm, disposing, err, out, print_json, progress_bar, stdin_is_terminal, table
 from chatdb.cli.connect import open_engine
 from chatdb.cli.options import option
@@ -79,15 +79,18 @@ class Signals:
     Before the run (planning, counting, the question) they stop at once: a read in flight
     is cancelled in the server. During the run the first asks it to stop after the batch
     in flight, and a second stops at once (that batch rolls back, unless its COMMIT was on
-    its way). Once the run's outcome is committed to its audit row, the run is over: a
-    signal changes nothing, neither the summary nor the exit code, which are the run's."""
+    its way); a first one that comes after the last batch still stops the run, whose
+    outcome is then ``interrupted``. From the moment the run records its outcome in its
+    audit row (``recording``), the run is over: a signal changes nothing, neither the
+    summary nor the exit code, which are the run's, up to the process's exit (but for
+    --vacuum's VACUUM, which a signal stops)."""
 
     def __init__(self) -> None:
-        self.stage = "before"  # "before", "running" or "over"
+        self.stage = "before"  # "before", "running", "recording", "vacuum" or "over"
         self.requested: str | None = None
 
     def handle(self, signum: int, frame: object) -> None:
-        if self.stage == "over":
+        if self.stage in ("recording", "over"):
             return
         if self.stage in ("before", "vacuum"):  # a read or VACUUM in flight is cancelled in the server
             raise KeyboardInterrupt if signum == signal.SIGINT else TerminatedRead()
@@ -99,12 +102,23 @@ class Signals:
     def stop_requested(self) -> str | None:
         return self.requested
 
+    def recording(self) -> str | None:
+        """The run is about to record its outcome: the stop asked for until now, if any.
+        A signal handled from here on changes nothing. (Handlers run in the main thread,
+        between two of its steps, as this does: a signal is handled either before the
+        stage changes, and its stop is returned, or after, and ignored.)"""
+        self.stage = "recording"
+        return self.requested
+
     def run_over(self) -> None:
         self.stage = "over"
 
 
 @contextmanager
 def signals() -> Iterator[Signals]:
+    """Signals handled as ``Signals`` says while the command runs. Once its run is over,
+    they stay ignored to the process's exit (``ignore_signals_to_the_end``); otherwise the
+    handlers found are put back."""
     state = Signals()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
@@ -112,8 +126,9 @@ def signals() -> Iterator[Signals]:
     try:
         yield state
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if state.stage != "over" or not ignore_signals_to_the_end():
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @contextmanager
@@ -265,13 +280,14 @@ def _execute(
             should_stop=signals.stop_requested,
             progress=progress,
             arguments=arguments,
+            recording=signals.recording,
             recorded=signals.run_over,
         )
         signals.stage = "running"
         try:
             result = run(options)
         except BaseException:
-            if signals.stage == "running":  # it ended before recording its outcome
+            if signals.stage in ("running", "recording"):  # it ended without recording its outcome
                 signals.stage = "before"
             raise
     signals.run_over()  # also when its outcome could not be recorded

@@ -121,6 +121,10 @@ class RunOptions:
     should_stop: Callable[[], str | None] = lambda: None
     progress: Callable[[Tally], None] | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
+    #: Called as the run is about to record its outcome, after its last batch: returns a
+    #: stop asked for until then ("interrupted", "terminated"), which stops the run; a
+    #: stop asked for later changes nothing.
+    recording: Callable[[], str | None] = lambda: None
     #: Called once the run's outcome is committed to its audit row: the run is over.
     recorded: Callable[[], None] = lambda: None
 

@@ -60,6 +60,7 @@ class Runner:
                         if not workers.drain(phase):
                             break
                     workers.finish()
+                    self._settle()
                 except BaseException as exc:
                     result.complete = False
                     self._close(connection, "failed" if isinstance(exc, Exception) else "interrupted", exc)
@@ -85,6 +86,21 @@ class Runner:
             reason = "max-runtime"
         return reason
 
+    def _settle(self) -> None:
+        """The run's outcome, decided as it is about to be recorded: a stop asked for
+        after the last check of the workers (a signal while the run found that nothing was
+        left) stops the run as it would have after the batch in flight, and one asked for
+        from now on changes nothing (``options.recording``). What is left is counted first,
+        when the run stopped early, while a second signal can still stop that count."""
+        result = self.state.result
+        if not result.complete:
+            result.remaining = remaining(self.engine, self.plan)
+        reason = self.options.recording()
+        if reason is not None and result.stopped_by is None:
+            result.stopped_by = reason
+            result.complete = False
+            result.remaining = remaining(self.engine, self.plan)
+
     def _close(self, connection: Connection, outcome: str, exc: BaseException | None) -> None:
         result = self.state.result
         if result.run_id is None:
@@ -92,8 +108,6 @@ class Runner:
         error = None
         if exc is not None:
             error = exc.message if isinstance(exc, StateError) else one_line(exc) or type(exc).__name__
-        if exc is None and not result.complete:
-            result.remaining = remaining(self.engine, self.plan)
         extra: dict[str, Any] = {"complete": result.complete}
         if result.stopped_by:
             extra["stopped_by"] = result.stopped_by

@@ -1,9 +1,10 @@
 """`chatdb archive`, `archive restore` and `purge` as a user meets them: numbers in other
-scripts' digits are bad input, a signal that comes once the run has recorded its outcome
-changes nothing, restore says what it restored (and refuses a user who does not exist),
-the summaries' words agree with their counts, off a terminal the plan is not counted, a
-lock conflict that outlasts the retries ends the run in one line, and a run stopped by
---max-runtime does not vacuum."""
+scripts' digits are bad input, a signal that comes after the last batch but before the
+run records its outcome stops it, and one that comes once the run records its outcome
+changes nothing (up to the process's exit), restore says what it restored (and refuses a
+user who does not exist), the summaries' words agree with their counts, off a terminal
+the plan is not counted, a lock conflict that outlasts the retries ends the run in one
+line, and a run stopped by --max-runtime does not vacuum."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from conftest import TestDatabase as Database
+from sqlalchemy import create_engine, text
 
 from chatdb import lifecycle
 from chatdb.errors import UsageError
@@ -200,6 +202,239 @@ def test_a_signal_after_the_outcome_is_recorded_changes_nothing(migrated_db, sig
     else:
         assert "Run " in output and "deleted" in output, output
     assert db.scalar("SELECT outcome FROM chatdb_runs") == "succeeded"
+
+
+# --- item: a signal just before or just after the run records its outcome --------------------------
+
+#: The advisory lock that holds a run where a test wants it (see ``_held_at``).
+HOLD = 4343
+
+
+def _held_at(db, what: str) -> None:
+    """Hold a run at the point ``what``, while a session of the test holds the advisory
+    lock HOLD: "recording" holds the UPDATE that records the run's outcome (a trigger on
+    chatdb_runs waits for the lock, whatever lock_timeout the run set); "commit" holds an
+    archive batch at its COMMIT (a deferred trigger on conversations_archive)."""
+    db.execute(
+        "CREATE FUNCTION held() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN PERFORM set_config('lock_timeout', '0', true);"
+        f" PERFORM pg_advisory_xact_lock_shared({HOLD}); RETURN NEW; END $$"
+    )
+    if what == "recording":
+        db.execute(
+            "CREATE TRIGGER held BEFORE UPDATE OF outcome ON chatdb_runs FOR EACH ROW"
+            " WHEN (OLD.outcome = 'running' AND NEW.outcome <> 'running') EXECUTE FUNCTION held()"
+        )
+    else:
+        db.execute(
+            "CREATE CONSTRAINT TRIGGER held AFTER INSERT ON conversations_archive"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION held()"
+        )
+
+
+def _waiting(db, process: subprocess.Popen, condition: str) -> None:
+    """Wait until a session of this database waits for a lock as ``condition`` (on
+    pg_locks) says. (The server's other databases, copies of one template, have tables of
+    the same oids, and other tests take advisory locks there.)"""
+    deadline = time.monotonic() + 60
+    while not db.scalar(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        f" AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND {condition}"
+    ):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"nothing waited for a lock ({condition})"
+        time.sleep(0.02)
+
+
+def _acknowledged(process: subprocess.Popen) -> None:
+    """Read stderr until the run says it will stop: its handler has run."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "stopping after the current batch" in line:
+            return
+    raise AssertionError("the signal was not acknowledged")
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_after_the_last_batch_before_the_outcome_is_recorded_stops_the_run(
+    migrated_db, signum, code
+):
+    """The run's one batch commits, and the run is held as it checks that nothing is left
+    (a session of the test holds conversations ACCESS EXCLUSIVE). A signal then comes
+    before the outcome is recorded: the run stops as after any batch, its audit row says
+    `interrupted`, its summary is printed whole and it exits 143 or 130 (it recorded
+    `succeeded` and exited 0, though it had said it was stopping)."""
+    db = migrated_db
+    populate(db)
+    _held_at(db, "commit")
+    holder = db.engine.connect()
+    holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": HOLD})
+    table = db.engine.connect()
+    process = chatdb(db, "archive", "--older-than", "100d", "--jobs", "1", "--json")
+    try:
+        _waiting(db, process, f"locktype = 'advisory' AND objid = {HOLD}")  # the batch, at COMMIT
+        # Queued behind the batch: once the batch commits, the run's next read of
+        # conversations waits for this session.
+        locking = threading.Thread(
+            target=table.execute, args=(text("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE"),)
+        )
+        locking.start()
+        _waiting(db, process, "relation = 'conversations'::regclass AND mode = 'AccessExclusiveLock'")
+        holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": HOLD})
+        locking.join(60)
+        _waiting(db, process, "relation = 'conversations'::regclass AND mode = 'AccessShareLock'")
+        assert db.scalar("SELECT counts->>'conversations' FROM chatdb_runs") == str(IDLE)
+        process.send_signal(signum)
+        _acknowledged(process)
+        table.rollback()
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        table.close()
+        holder.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    summary = json.loads(stdout)
+    assert (summary["ok"], summary["outcome"], summary["stopped_by"], summary["complete"]) == (
+        False, "interrupted", "terminated" if signum == signal.SIGTERM else "interrupted", False,
+    )  # fmt: skip
+    assert summary["done"]["conversations"] == IDLE
+    assert summary["remaining"]["conversations"] == 0
+    assert db.scalar("SELECT outcome FROM chatdb_runs") == "interrupted"
+
+
+def test_a_signal_while_the_run_records_its_outcome_changes_nothing(migrated_db):
+    """The run has done its work and is held in the UPDATE that records `succeeded`. A
+    SIGTERM then changes nothing: no word of stopping, the summary whole, exit 0 (it said
+    it was stopping after the current batch, and went on)."""
+    db = migrated_db
+    populate(db)
+    _held_at(db, "recording")
+    holder = db.engine.connect()
+    holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": HOLD})
+    process = chatdb(db, "archive", "--older-than", "100d", "--jobs", "1", "--json")
+    try:
+        _waiting(db, process, f"locktype = 'advisory' AND objid = {HOLD}")
+        process.send_signal(signal.SIGTERM)
+        holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": HOLD})
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        holder.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "stopping" not in stderr and "Traceback" not in stderr
+    summary = json.loads(stdout)
+    assert (summary["ok"], summary["outcome"], summary["complete"]) == (True, "succeeded", True)
+    assert summary["done"]["conversations"] == IDLE
+    assert db.scalar("SELECT outcome FROM chatdb_runs") == "succeeded"
+
+
+def _lock_file_open(pid: int, lock_file: Path) -> bool:
+    """Whether the process has ``lock_file`` open (it is taking that file's lock)."""
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        try:
+            if Path(os.readlink(descriptor)) == lock_file.resolve():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/fd").is_dir(), reason="needs Linux's /proc/PID/fd")
+def test_a_signal_as_chatdb_exits_after_the_run_changes_nothing():
+    """On the embedded database, chatdb's last step is the embedded server's hook at exit,
+    which takes a file lock and rewrites the list of the server's clients. A SIGTERM that
+    comes there, after the summary, changes nothing: exit 0, the summary whole, the list
+    intact (chatdb was killed there, exit 143, and a kill in the middle of the rewrite
+    left an empty list that every later command failed to read)."""
+    import fasteners
+
+    home = Path(os.environ["CHATDB_HOME"])  # conftest's: its teardown stops the server
+    # Where the embedded server's lock file goes: a runtime folder as XDG wants it (the
+    # user's own, mode 0700), else it is /tmp's, shared with every other run.
+    runtime = home.parent / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "CHATDB_DATABASE_URL", "PGPASSWORD", "PGSERVICE")
+    }
+    env |= {"XDG_RUNTIME_DIR": str(runtime), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "chatdb"]
+    migrate = subprocess.run([*command, "migrate"], env=env, capture_output=True, text=True, timeout=180)
+    assert migrate.returncode == 0, migrate.stderr
+    url = subprocess.run([*command, "embedded", "url"], env=env, capture_output=True, text=True, timeout=60)
+    assert url.returncode == 0, url.stderr
+    engine = create_engine(url.stdout.strip().replace("postgresql://", "postgresql+psycopg://", 1))
+    db = Database("chatdb", engine.url, engine)
+    lock_file = runtime / "python_PostgresServer" / ".lockfile"
+    clients = home / "pgdata" / ".handle_pids.json"
+    exit_lock = fasteners.InterProcessLock(str(lock_file))
+    process: subprocess.Popen | None = None
+    try:
+        populate(db)
+        _held_at(db, "recording")
+        holder = engine.connect()
+        holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": HOLD})
+        process = subprocess.Popen(
+            [*command, "archive", "--older-than", "100d", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _waiting(db, process, f"locktype = 'advisory' AND objid = {HOLD}")
+            # The run started the embedded server's handle long ago; its exit will wait
+            # for this lock.
+            assert exit_lock.acquire(timeout=60)
+            holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": HOLD})
+            deadline = time.monotonic() + 60
+            while not _lock_file_open(process.pid, lock_file):
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "chatdb never reached the server's hook at exit"
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+        finally:
+            if exit_lock.acquired:
+                exit_lock.release()
+            holder.close()
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert "Traceback" not in stderr
+        summary = json.loads(stdout)
+        assert (summary["ok"], summary["outcome"]) == (True, "succeeded")
+        assert summary["done"]["conversations"] == IDLE
+        assert db.scalar("SELECT outcome FROM chatdb_runs") == "succeeded"
+        assert isinstance(json.loads(clients.read_text()), list)
+        after = subprocess.run(
+            [*command, "status", "--json"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert after.returncode == 0, after.stderr
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        engine.dispose()
+
+
+def test_a_run_in_process_gets_its_signal_handlers_back(cli, migrated_db):
+    """Only the console script ignores signals to its exit once the run is over: a program
+    that runs the command in its own process (here Typer's runner) finds its handlers as
+    they were."""
+    db = migrated_db
+    populate(db)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    result = cli("archive", "--older-than", "100d", "--json", "--database-url", db.cli_url)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outcome"] == "succeeded"
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
 # --- item: archive restore ---------------------------------------------------------------------------
