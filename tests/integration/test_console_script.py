@@ -141,6 +141,12 @@ def test_the_embedded_database_is_found_from_a_subfolder_and_a_new_one_is_announ
                 f"chatdb: no database URL configured; using the embedded PostgreSQL in {home}"
             ]
             assert json.loads(second.stdout)["revision"]["current"] == HEAD
+            # The wheel's list of clients, left empty by a client killed while rewriting it,
+            # does not stop the next command.
+            (home / "pgdata" / ".handle_pids.json").write_text("")
+            third = chatdb("status", "--json", cwd=subfolder)
+            assert third.returncode == 0, third.stderr
+            assert json.loads((home / "pgdata" / ".handle_pids.json").read_text()) == []
             url = chatdb("embedded", "url", cwd=subfolder)
             assert (url.returncode, url.stderr) == (0, ""), url.stderr
             assert str(home / "pgdata").replace("/", "%2F") in url.stdout
