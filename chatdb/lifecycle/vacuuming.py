@@ -136,9 +136,10 @@ def vacuum(engine: Engine, result: RunResult) -> None:
             session.close()
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         quote = connection.dialect.identifier_preparer.quote
-        for table in _changed(result):
-            denied = _not_permitted(connection, [table])
-            if denied:
+        changed = list(_changed(result))
+        denied = _not_permitted(connection, changed)  # one query for all of them
+        for table in changed:
+            if table in denied:
                 result.vacuum.skipped[table] = denied[table][0]
                 continue
             connection.execute(text(f"VACUUM (ANALYZE) {quote(table)}"))
